@@ -1,0 +1,37 @@
+"""attnflow: self-attention dynamics of transformers at scale, in JAX.
+
+Public API; see the README for an overview. Models (what the dynamics are) live in
+:mod:`attnflow.model`, integration (how they are evolved) in :mod:`attnflow.evolve`.
+"""
+
+__version__ = "0.1.0"
+
+from . import evolve as evolve, model as model
+from .evolve import (
+    CONVERGED as CONVERGED,
+    MAX_STEPS as MAX_STEPS,
+    NONFINITE as NONFINITE,
+    RK4 as RK4,
+    SOLVER_FAILED as SOLVER_FAILED,
+    STATUS_NAMES as STATUS_NAMES,
+    Adaptive as Adaptive,
+    Euler as Euler,
+    Iterate as Iterate,
+    Solution as Solution,
+    sample as sample,
+    simulate as simulate,
+    simulate_chunks as simulate_chunks,
+    sweep as sweep,
+)
+from .model import (
+    Attention as Attention,
+    FlatFlow as FlatFlow,
+    Heads as Heads,
+    L2Norm as L2Norm,
+    LayerMap as LayerMap,
+    LayerNorm as LayerNorm,
+    LayerStack as LayerStack,
+    NoNorm as NoNorm,
+    SelfAttention as SelfAttention,
+    SphereFlow as SphereFlow,
+)

@@ -1,0 +1,100 @@
+"""Attention kernels and masks: scores (n, n) -> attention matrix (n, n).
+
+Formulas: MODEL.md section 2. Row i of the result holds the weights a_ij token i gives token j.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .._types import Array, AttnMatrix, Bool, Scores
+
+KINDS = ("softmax", "unnormalized", "uniform", "relu", "sinkhorn")
+MASKS = ("full", "causal", "window")
+
+
+def parse_mask(spec: str) -> tuple[str, int | None]:
+    """Parse ``"full"``, ``"causal"`` or ``"window:W"`` into ``(mask, window)``."""
+    spec = str(spec).strip()
+    if spec in ("full", "causal"):
+        return spec, None
+    if spec.startswith("window:"):
+        w = spec.split(":", 1)[1]
+        if not w.isdigit() or int(w) < 1:
+            raise ValueError(f"mask 'window:W' needs an integer W >= 1, got {spec!r}")
+        return "window", int(w)
+    raise ValueError(f"unknown mask {spec!r}; expected 'full', 'causal' or 'window:W'")
+
+
+def allowed_set(n: int, mask: str, window: int | None = None) -> Bool[Array, "n n"]:
+    """The allowed set N(i) as a boolean (n, n) matrix: ``allowed[i, j]`` iff j in N(i)."""
+    i = jnp.arange(n)[:, None]
+    j = jnp.arange(n)[None, :]
+    if mask == "full":
+        return jnp.ones((n, n), dtype=bool)
+    if mask == "causal":
+        return j <= i
+    if mask == "window":
+        return (j <= i) & (i - j < window)
+    raise ValueError(f"unknown mask {mask!r}")
+
+
+def _safe_div(num, den):
+    ok = den > 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
+
+
+class Attention(eqx.Module):
+    """An attention kernel with a mask.
+
+    **Arguments:**
+
+    - `kind`: one of ``softmax``, ``unnormalized`` (exp(s)/n), ``uniform`` (1/|N(i)|, the multi-agent
+      Oja flow), ``relu`` (max(s, 0)/n) or ``sinkhorn`` (doubly stochastic scaling of exp(s)).
+    - `mask`: ``full``, ``causal`` or ``window`` (|i - j| < window and j <= i).
+    - `window`: the window width W, for ``mask="window"``.
+    - `sinkhorn_iters`: k, the number of row normalisations (k = 1 is softmax).
+    - `relu_normalize`: divide relu weights by their row sum instead of n.
+    """
+
+    kind: str = eqx.field(static=True, default="softmax")
+    mask: str = eqx.field(static=True, default="full")
+    window: int | None = eqx.field(static=True, default=None)
+    sinkhorn_iters: int = eqx.field(static=True, default=3)
+    relu_normalize: bool = eqx.field(static=True, default=False)
+
+    def __check_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown attention kind {self.kind!r}; expected one of {', '.join(KINDS)}")
+        if self.mask not in MASKS:
+            raise ValueError(f"unknown mask {self.mask!r}; expected one of {', '.join(MASKS)}")
+        if self.mask == "window" and (self.window is None or self.window < 1):
+            raise ValueError(f"mask='window' needs window >= 1, got {self.window!r}")
+        if self.sinkhorn_iters < 1:
+            raise ValueError(f"sinkhorn_iters must be >= 1, got {self.sinkhorn_iters}")
+
+    def __call__(self, scores: Scores) -> AttnMatrix:
+        """Attention matrix from the scores s_ij = beta <q_i, k_j>."""
+        n = scores.shape[-1]
+        allowed = allowed_set(n, self.mask, self.window)
+        dtype = scores.dtype
+        if self.kind == "softmax":
+            return jax.nn.softmax(jnp.where(allowed, scores, -jnp.inf), axis=-1)
+        if self.kind == "unnormalized":
+            return jnp.where(allowed, jnp.exp(jnp.where(allowed, scores, 0.0)), 0.0) / n
+        if self.kind == "uniform":
+            a = allowed.astype(dtype)
+            return a / jnp.sum(a, axis=-1, keepdims=True)
+        if self.kind == "relu":
+            r = jnp.where(allowed, jnp.maximum(scores, 0.0), 0.0)
+            if self.relu_normalize:
+                return _safe_div(r, jnp.sum(r, axis=-1, keepdims=True))
+            return r / n
+        # sinkhorn, in the log domain: (k - 1) row+column sweeps, then a final row normalisation.
+        logk = jnp.where(allowed, scores, -jnp.inf)
+        for _ in range(self.sinkhorn_iters - 1):
+            logk = logk - jax.nn.logsumexp(logk, axis=-1, keepdims=True)
+            logk = logk - jax.nn.logsumexp(logk, axis=-2, keepdims=True)
+        return jax.nn.softmax(logk, axis=-1)

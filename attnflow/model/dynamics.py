@@ -1,0 +1,206 @@
+"""What the dynamics are, for one configuration X (n, d) (MODEL.md section 3).
+
+Two families, each an equinox Module:
+
+- flows (continuous time): a vector field ``vf(t, X)`` and a projection back onto the state space;
+- maps (discrete time): a step ``step(k, X)`` where k is the layer index.
+
+How they are integrated lives in :mod:`attnflow.evolve`.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._types import Array, Float, Int, Tokens
+from .heads import SelfAttention, _as_float_array
+from .norms import AbstractNorm, L2Norm, normalize_rows
+
+
+def tangent_project(X: Tokens, U: Tokens) -> Tokens:
+    """P(x_i) u_i = u_i - <x_i, u_i> x_i / |x_i|^2, row by row."""
+    xx = jnp.sum(X * X, axis=-1, keepdims=True)
+    xu = jnp.sum(X * U, axis=-1, keepdims=True)
+    return U - (xu / jnp.where(xx > 0, xx, 1.0)) * X
+
+
+class AbstractDynamics(eqx.Module):
+    """Base of every model attnflow evolves."""
+
+    time: ClassVar[str]
+    """``"continuous"`` or ``"discrete"``."""
+
+    @abc.abstractmethod
+    def with_params(self, *, beta=None, alpha=None) -> "AbstractDynamics":
+        """A copy with new beta and/or alpha values (arrays keep sweeps compiled once)."""
+
+
+class AbstractFlow(AbstractDynamics):
+    """dX/dt = vf(t, X)."""
+
+    time: ClassVar[str] = "continuous"
+    attn: eqx.AbstractVar[SelfAttention]
+
+    @abc.abstractmethod
+    def vf(self, t, X: Tokens) -> Tokens: ...
+
+    @abc.abstractmethod
+    def project(self, X: Tokens) -> Tokens:
+        """Map a state back onto the state space after a solver step."""
+
+    def with_params(self, *, beta=None, alpha=None):
+        if alpha is not None:
+            raise ValueError("alpha is a step size of the discrete layer map; a flow has none")
+        if beta is None:
+            return self
+        return eqx.tree_at(lambda m: m.attn.beta, self, _as_float_array(beta))
+
+
+class SphereFlow(AbstractFlow):
+    """dx_i/dt = P(x_i) u_i on the product of unit spheres."""
+
+    attn: SelfAttention
+
+    def vf(self, t, X: Tokens) -> Tokens:
+        return tangent_project(X, self.attn(X))
+
+    def project(self, X: Tokens) -> Tokens:
+        return normalize_rows(X)
+
+
+class FlatFlow(AbstractFlow):
+    """dx_i/dt = u_i, no projection."""
+
+    attn: SelfAttention
+
+    def vf(self, t, X: Tokens) -> Tokens:
+        return self.attn(X)
+
+    def project(self, X: Tokens) -> Tokens:
+        return X
+
+
+class AbstractMap(AbstractDynamics):
+    """x(k+1) = step(k, x(k))."""
+
+    time: ClassVar[str] = "discrete"
+
+    @abc.abstractmethod
+    def step(self, k: Int[Array, ""], X: Tokens) -> Tokens: ...
+
+    @property
+    def num_layers(self) -> int | None:
+        """Number of distinct layers for a non-autonomous map; None when autonomous."""
+        return None
+
+
+class LayerMap(AbstractMap):
+    """The discrete layer map x_i <- N(x_i + alpha u_i) [PM eq. (3), (8)].
+
+    **Arguments:**
+
+    - `attn`: the :class:`SelfAttention` producing the drift u.
+    - `alpha`: the step size (array; alpha = 1 for real transformers).
+    - `norm`: the normalisation N (:class:`L2Norm`, :class:`LayerNorm`, :class:`NoNorm`).
+    """
+
+    attn: SelfAttention
+    alpha: Float[Array, ""] = eqx.field(default=1.0, converter=_as_float_array)
+    norm: AbstractNorm = eqx.field(default_factory=L2Norm)
+
+    def __check_init__(self):
+        if not isinstance(self.alpha, jax.core.Tracer):
+            a = np.asarray(self.alpha)
+            if a.ndim == 0 and not (np.isfinite(a) and a > 0):
+                raise ValueError(f"alpha must be a finite number > 0, got {float(a)}")
+
+    def step(self, k, X: Tokens) -> Tokens:
+        return self.norm(X + self.alpha.astype(X.dtype) * self.attn(X)).astype(X.dtype)
+
+    def with_params(self, *, beta=None, alpha=None):
+        out = self
+        if beta is not None:
+            out = eqx.tree_at(lambda m: m.attn.beta, out, _as_float_array(beta))
+        if alpha is not None:
+            out = eqx.tree_at(lambda m: m.alpha, out, _as_float_array(alpha))
+        return out
+
+
+def _signature(layer: eqx.Module):
+    arrays, static = eqx.partition(layer, eqx.is_array)
+    shapes = tuple((a.shape, a.dtype) for a in jax.tree.leaves(arrays))
+    return jax.tree.structure(static), shapes
+
+
+class LayerStack(AbstractMap):
+    """A non-autonomous map: layer k applies its own map F_k (BERT, GPT-2, GPT-Neo).
+
+    Layers of the same structure are stacked into one group (their arrays gain a leading axis), so
+    a deep stack compiles to one ``lax.switch`` over the distinct layer kinds, not one branch per layer.
+    Build it with :meth:`LayerStack.from_layers`. Shared-weight models (ALBERT) are a single
+    :class:`LayerMap` iterated, or ``from_layers([layer] * L)``.
+    """
+
+    groups: tuple[AbstractMap, ...]
+    group_of: Int[Array, " L"]
+    index_in_group: Int[Array, " L"]
+
+    @classmethod
+    def from_layers(cls, layers) -> "LayerStack":
+        layers = list(layers)
+        if not layers:
+            raise ValueError("a LayerStack needs at least one layer")
+        keys, members = [], []
+        group_of, index_in = [], []
+        for layer in layers:
+            if not isinstance(layer, AbstractMap):
+                raise TypeError(f"every layer must be a discrete map, got {type(layer).__name__}")
+            sig = _signature(layer)
+            if sig not in keys:
+                keys.append(sig)
+                members.append([])
+            g = keys.index(sig)
+            group_of.append(g)
+            index_in.append(len(members[g]))
+            members[g].append(layer)
+        groups = tuple(
+            jax.tree.map(lambda *xs: jnp.stack(xs), *m) if len(m) > 1 else jax.tree.map(lambda x: x[None], m[0])
+            for m in members
+        )
+        return cls(groups=groups, group_of=jnp.asarray(group_of), index_in_group=jnp.asarray(index_in))
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.group_of.shape[0])
+
+    def layer(self, k: int) -> AbstractMap:
+        """The map of layer k (a Python int)."""
+        g, j = int(self.group_of[k]), int(self.index_in_group[k])
+        return jax.tree.map(lambda a: a[j], self.groups[g])
+
+    def step(self, k, X: Tokens) -> Tokens:
+        g = self.group_of[k]
+        j = self.index_in_group[k]
+        branches = [
+            (lambda X, j, G=G: jax.tree.map(lambda a: a[j], G).step(k, X)) for G in self.groups
+        ]
+        if len(branches) == 1:
+            return branches[0](X, j)
+        return jax.lax.switch(g, branches, X, j)
+
+    def with_params(self, *, beta=None, alpha=None):
+        def set_group(G):
+            out = G
+            if beta is not None:
+                out = eqx.tree_at(lambda m: m.attn.beta, out, jnp.broadcast_to(_as_float_array(beta), G.attn.beta.shape))
+            if alpha is not None:
+                out = eqx.tree_at(lambda m: m.alpha, out, jnp.broadcast_to(_as_float_array(alpha), G.alpha.shape))
+            return out
+
+        return eqx.tree_at(lambda s: s.groups, self, tuple(set_group(G) for G in self.groups))

@@ -1,0 +1,153 @@
+"""Stacked per-head weights and the self-attention drift u_i = sum_h W_h sum_j a^h_ij x_j.
+
+Formulas: MODEL.md sections 1-2. Matrices act on column vectors; tokens are rows of X.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._types import Array, Float, Tokens
+from .attention import Attention
+
+
+def _as_float_array(x):
+    """A floating array that is never weakly typed, so jit caches do not split on Python floats."""
+    if isinstance(x, jax.core.Tracer):
+        return x
+    x = jnp.asarray(x)
+    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.result_type(float)
+    return jnp.array(x, dtype=dtype)
+
+
+def _opt(x):
+    return None if x is None else _as_float_array(x)
+
+
+class Heads(eqx.Module):
+    """Weights of H attention heads of width d_h acting on R^d.
+
+    **Arguments:**
+
+    - `Q`, `K`, `V`: ``(H, d_h, d)`` query, key and value matrices.
+    - `O`: ``(H, d, d_h)`` output matrices; W_h = O_h V_h.
+    - `bq`, `bk`, `bv`: optional ``(H, d_h)`` biases; `bo`: optional ``(d,)`` output bias
+      (real transformers; MODEL.md's equations have none).
+    """
+
+    Q: Float[Array, "h dh d"] = eqx.field(converter=_as_float_array)
+    K: Float[Array, "h dh d"] = eqx.field(converter=_as_float_array)
+    V: Float[Array, "h dh d"] = eqx.field(converter=_as_float_array)
+    O: Float[Array, "h d dh"] = eqx.field(converter=_as_float_array)
+    bq: Float[Array, "h dh"] | None = eqx.field(default=None, converter=_opt)
+    bk: Float[Array, "h dh"] | None = eqx.field(default=None, converter=_opt)
+    bv: Float[Array, "h dh"] | None = eqx.field(default=None, converter=_opt)
+    bo: Float[Array, " d"] | None = eqx.field(default=None, converter=_opt)
+
+    def __check_init__(self):
+        if self.Q.ndim != 3:
+            raise ValueError(f"Q must have shape (heads, dh, d), got {self.Q.shape}")
+        h, dh, d = self.Q.shape
+        want = {"Q": (h, dh, d), "K": (h, dh, d), "V": (h, dh, d), "O": (h, d, dh)}
+        for name, shape in want.items():
+            got = getattr(self, name).shape
+            if got != shape:
+                raise ValueError(f"{name} must have shape {shape} (heads, dh, d = {h}, {dh}, {d}), got {got}")
+        for name, shape in {"bq": (h, dh), "bk": (h, dh), "bv": (h, dh), "bo": (d,)}.items():
+            b = getattr(self, name)
+            if b is not None and b.shape != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {b.shape}")
+
+    @classmethod
+    def single(cls, V, Q=None, K=None) -> "Heads":
+        """One head with O = I and d_h = d (so W = V). Q and K default to the identity."""
+        V = _as_float_array(V)
+        if V.ndim != 2 or V.shape[0] != V.shape[1]:
+            raise ValueError(f"V must be a square (d, d) matrix, got shape {V.shape}")
+        d = V.shape[0]
+        eye = jnp.eye(d, dtype=V.dtype)
+        Q = eye if Q is None else _as_float_array(Q)
+        K = eye if K is None else _as_float_array(K)
+        return cls(Q=Q[None], K=K[None], V=V[None], O=eye[None])
+
+    @property
+    def num_heads(self) -> int:
+        return self.Q.shape[0]
+
+    @property
+    def head_dim(self) -> int:
+        return self.Q.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.Q.shape[2]
+
+    def head_matrices(self) -> Float[Array, "h d d"]:
+        """W_h = O_h V_h."""
+        return jnp.einsum("hde,hef->hdf", self.O, self.V)
+
+    def layer_matrix(self) -> Float[Array, "d d"]:
+        """W = sum_h O_h V_h."""
+        return jnp.sum(self.head_matrices(), axis=0)
+
+    def score_matrices(self) -> Float[Array, "h d d"]:
+        """M_h = Q_h^T K_h, so <Q_h x, K_h y> = x^T M_h y."""
+        return jnp.einsum("hed,hef->hdf", self.Q, self.K)
+
+    def astype(self, dtype) -> "Heads":
+        return jax.tree.map(lambda a: a.astype(dtype), self)
+
+
+class SelfAttention(eqx.Module):
+    """Multi-head self-attention with inverse temperature beta: X (n, d) -> drift U (n, d).
+
+    **Arguments:**
+
+    - `heads`: the weights, a :class:`Heads`.
+    - `attention`: the kernel and mask, an :class:`Attention`.
+    - `beta`: inverse temperature, a scalar array (swept values stay arrays: no recompilation).
+    """
+
+    heads: Heads
+    attention: Attention = eqx.field(default_factory=Attention)
+    beta: Float[Array, ""] = eqx.field(default=1.0, converter=_as_float_array)
+
+    def __check_init__(self):
+        b = np.asarray(self.beta) if not isinstance(self.beta, jax.core.Tracer) else None
+        if b is not None and (b.ndim == 0) and not (np.isfinite(b) and b > 0):
+            raise ValueError(f"beta must be a finite number > 0, got {float(b)}")
+
+    def scores(self, X: Tokens) -> Float[Array, "h n n"]:
+        """s^h_ij = beta <Q_h x_i + bq_h, K_h x_j + bk_h>."""
+        hd = self.heads
+        q = jnp.einsum("hed,nd->hne", hd.Q, X)
+        k = jnp.einsum("hed,nd->hne", hd.K, X)
+        if hd.bq is not None:
+            q = q + hd.bq[:, None, :]
+        if hd.bk is not None:
+            k = k + hd.bk[:, None, :]
+        return self.beta.astype(X.dtype) * jnp.einsum("hie,hje->hij", q, k)
+
+    def weights(self, X: Tokens) -> Float[Array, "h n n"]:
+        """Attention matrices a^h_ij, one per head."""
+        return jax.vmap(self.attention)(self.scores(X))
+
+    def head_outputs(self, X: Tokens) -> Float[Array, "h n d"]:
+        """f^h_i = O_h sum_j a^h_ij (V_h x_j + bv_h); the drift is their sum (plus bo)."""
+        hd = self.heads
+        a = self.weights(X)
+        v = jnp.einsum("hed,nd->hne", hd.V, X)
+        if hd.bv is not None:
+            v = v + hd.bv[:, None, :]
+        z = jnp.einsum("hij,hje->hie", a, v)
+        return jnp.einsum("hde,hie->hid", hd.O, z)
+
+    def __call__(self, X: Tokens) -> Tokens:
+        """The drift u_i = sum_h f^h_i (+ bo)."""
+        u = jnp.sum(self.head_outputs(X), axis=0)
+        if self.heads.bo is not None:
+            u = u + self.heads.bo
+        return u.astype(X.dtype)
