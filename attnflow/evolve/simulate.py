@@ -131,14 +131,13 @@ def _adaptive_one(dyn, solver: Adaptive, x0, dt_save, plan: _Plan):
         t1=ts[-1],
         dt0=solver.dt0,
         y0=x0,
-        saveat=diffrax.SaveAt(ts=ts, t1=True),
+        saveat=diffrax.SaveAt(subs=[diffrax.SubSaveAt(ts=ts), diffrax.SubSaveAt(t1=True)]),
         stepsize_controller=diffrax.PIDController(rtol=solver.rtol, atol=solver.atol),
         max_steps=solver.max_steps,
         event=event,
         throw=False,
     )
-    ys = sol.ys
-    final = ys[-1]
+    saved, final = sol.ys[0], sol.ys[1][-1]
     finite = jnp.all(jnp.isfinite(final))
     status = jnp.where(
         sol.result == diffrax.RESULTS.event_occurred,
@@ -149,7 +148,6 @@ def _adaptive_one(dyn, solver: Adaptive, x0, dt_save, plan: _Plan):
     final = dyn.project(jnp.where(finite, final, x0))
     traj = None
     if plan.save:
-        saved = ys[:-1]
         ok = jnp.all(jnp.isfinite(saved), axis=(1, 2))[:, None, None]
         traj = jax.vmap(dyn.project)(jnp.where(ok, saved, final))
     return final, traj, status, sol.stats["num_steps"].astype(jnp.int32)
