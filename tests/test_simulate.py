@@ -86,8 +86,13 @@ def test_adaptive_matches_rk4():
     r = af.simulate(dyn, X0, t1=3.0, dt=1e-3, saves=3)
     np.testing.assert_allclose(a.trajectory, r.trajectory, atol=1e-8)
     assert np.all(np.asarray(a.status) == MAX_STEPS) and np.all(np.asarray(a.steps) > 0)
-    conv = af.simulate(dyn, X0, t1=500.0, solver=af.Adaptive(), tol=1e-6)
+    conv = af.simulate(dyn, X0, t1=500.0, solver=af.Adaptive(), tol=1e-6, saves=5)
     assert np.all(np.asarray(conv.status) == CONVERGED)
+    np.testing.assert_allclose(conv.trajectory[-1], conv.final)  # saves after the event repeat the final state
+    # adaptive solves chunk and sweep like the fixed-step ones
+    sw = af.sweep(dyn, X0, beta=[0.5, 1.0], t1=3.0, solver=af.Adaptive(rtol=1e-10, atol=1e-12), chunk_size=2)
+    np.testing.assert_allclose(sw.final[1], a.final, atol=1e-8)
+    np.testing.assert_allclose(sw.final[0], af.simulate(dyn.with_params(beta=0.5), X0, t1=3.0, solver=af.Adaptive(rtol=1e-10, atol=1e-12)).final, atol=1e-10)
 
 
 def reduced_rhs(rho, n, beta, w, m):
