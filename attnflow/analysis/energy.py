@@ -40,6 +40,7 @@ __all__ = [
     "diagnose",
     "MonotonicityCondition",
     "monotonicity_condition",
+    "head_weight_ratio",
     "find_energy_decrease",
 ]
 
@@ -198,13 +199,14 @@ class EnergyTrace(eqx.Module):
     - `rate`, `head_rate`: ``(s, b)``, ``(s, b, H)`` exact dE/dt, dE_h/dt (flows; NaN for maps).
     - `terms_flat`, `terms_radial`: ``(s, b, H, H)`` the decomposition of :class:`EnergyRates` (flows; NaN for maps).
     - `entropy_rate`: ``(s, b)`` exact d(mean entropy)/dt (flows; NaN for maps).
-    - `monotone`: ``(b,)`` E non-decreasing along the saved states (to `tol` relative) and, for flows, no
-      exact rate below -tol*|E|.
+    - `monotone`: ``(b,)`` E finite and non-decreasing along the saved states (to `tol` relative) and, for
+      flows, no exact rate below -tol*|E|.
     - `first_violation`: ``(b,)`` index of the first saved state where E dropped (or the rate was
       negative); -1 when monotone.
     - `breaking_head`: ``(b,)`` the head whose energy decreased most at that point; -1 when monotone.
     - `cause`: ``(b,)`` 0 none, 1 the head's own gradient part, 2 cross-head flat terms, 3 radial shadow
-      terms, 4 a discrete step (maps: no rates): whichever part of the breaking head's rate is most negative.
+      terms, 4 a discrete step (maps: no rates): whichever part of the breaking head's rate is most negative;
+      5 the energy overflowed (e.g. the flat flow's finite-time blow-up), nothing is certified.
     - `relative_drop`: ``(b,)`` max_k (max_{k' <= k} E_k' - E_k) / |E| over the saved states.
     - `head_monotone`: ``(b, H)`` each E_h non-decreasing along the saved states.
     """
@@ -226,7 +228,23 @@ class EnergyTrace(eqx.Module):
     relative_drop: Float[Array, " b"]
     head_monotone: Array
 
-    CAUSES = ("none", "own gradient part", "cross-head terms", "radial shadow terms", "discrete step")
+    CAUSES = ("none", "own gradient part", "cross-head terms", "radial shadow terms", "discrete step", "non-finite energy")
+
+    def explain_head(self, member: int = 0, head: int = 0) -> str:
+        """One line on head `head`'s own energy E_h: monotone or not, and (flows) which part of dE_h/dt is most
+        negative at the saved state where dE_h/dt is smallest."""
+        dEh = np.diff(self.head_energy[:, member, head])
+        ok = bool(self.head_monotone[member, head])
+        if np.all(np.isnan(self.head_rate[:, member, head])):
+            return f"member {member}, head {head}: E_h {'non-decreasing' if ok else 'decreases'} (min step change {dEh.min():.3e})"
+        k = int(np.nanargmin(self.head_rate[:, member, head]))
+        own, cross, shadow = _parts(self.terms_flat[k, member], self.terms_radial[k, member], head)
+        part = self.CAUSES[1 + int(np.argmin([own, cross, shadow]))]
+        return (
+            f"member {member}, head {head}: E_h {'non-decreasing' if ok else 'decreases'}; min dE_h/dt = "
+            f"{self.head_rate[k, member, head]:.4g} at t = {self.ts[k]:.4g} = own gradient part {own:.4g} + cross-head "
+            f"{cross:.4g} + radial shadow {shadow:.4g} (most negative: {part})"
+        )
 
     def explain(self, member: int = 0) -> str:
         """One line saying whether member's energy is monotone and, if not, when and why not."""
@@ -235,10 +253,20 @@ class EnergyTrace(eqx.Module):
         k = int(self.first_violation[member])
         h = int(self.breaking_head[member])
         c = self.CAUSES[int(self.cause[member])]
+        if int(self.cause[member]) == 5:
+            return f"member {member}: E is not finite from saved state {k} (t = {float(self.ts[k]):.4g}); nothing certified"
         return (
             f"member {member}: E decreases (relative drop {float(self.relative_drop[member]):.3e}); first at saved state {k} "
             f"(t = {float(self.ts[k]):.4g}); head {h} loses most energy there, driven by its {c}"
         )
+
+
+def _parts(tflat, trad, h):
+    """(own gradient part, cross-head flat terms, radial shadow cross terms) of dE_h/dt from (H, H) blocks."""
+    own = tflat[h, h] + trad[h, h]
+    cross = tflat[h].sum() - tflat[h, h]
+    shadow = trad[h].sum() - trad[h, h]
+    return own, cross, shadow
 
 
 def _state_stats(dyn, X):
@@ -285,18 +313,21 @@ def energy_trace(dynamics: AbstractDynamics, trajectory, ts=None, *, tol: float 
     Eh, S, rate, hrate, tflat, trad, dS = (np.asarray(a) for a in _trace_stats(dynamics, traj))
     E = Eh.sum(-1)
     scale = np.maximum(np.abs(E).max(axis=0), np.finfo(E.dtype).tiny)  # (b,)
-    dE = np.diff(E, axis=0) / scale  # (s-1, b)
-    bad = np.concatenate([np.zeros((1, E.shape[1]), bool), dE < -tol], axis=0)  # flags the later state
-    flow = isinstance(dynamics, AbstractFlow)
-    if flow:
-        bad |= rate / scale < -tol
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dE = np.diff(E, axis=0) / scale  # (s-1, b)
+        bad = np.concatenate([np.zeros((1, E.shape[1]), bool), dE < -tol], axis=0)  # flags the later state
+        bad |= ~np.isfinite(E)  # a non-finite energy certifies nothing
+        flow = isinstance(dynamics, AbstractFlow)
+        if flow:
+            bad |= rate / scale < -tol
     monotone = ~bad.any(axis=0)
     first = np.where(monotone, -1, np.argmax(bad, axis=0))
-    running = np.maximum.accumulate(E, axis=0)
-    rel_drop = ((running - E) / scale).max(axis=0)
-    hscale = np.maximum(np.abs(Eh).max(axis=0), np.finfo(E.dtype).tiny)  # (b, H)
-    dEh = np.diff(Eh, axis=0) / hscale
-    head_monotone = ~(dEh < -tol).any(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        running = np.maximum.accumulate(E, axis=0)
+        rel_drop = ((running - E) / scale).max(axis=0)
+        hscale = np.maximum(np.abs(Eh).max(axis=0), np.finfo(E.dtype).tiny)  # (b, H)
+        dEh = np.diff(Eh, axis=0) / hscale
+        head_monotone = ~(dEh < -tol).any(axis=0) & np.all(np.isfinite(Eh), axis=0)
     b = E.shape[1]
     breaking = np.full(b, -1)
     cause = np.zeros(b, dtype=int)
@@ -304,20 +335,17 @@ def energy_trace(dynamics: AbstractDynamics, trajectory, ts=None, *, tol: float 
         k = first[m]
         if k < 0:
             continue
+        if not np.isfinite(E[k, m]):
+            cause[m] = 5
+            continue
         if flow and rate[k, m] / scale[m] < -tol:
             h = int(np.argmin(hrate[k, m]))
-            own = tflat[k, m, h, h] + trad[k, m, h, h]
-            cross = tflat[k, m, h].sum() - tflat[k, m, h, h]
-            shadow = trad[k, m, h].sum() - trad[k, m, h, h]
-            cause[m] = 1 + int(np.argmin([own, cross, shadow]))
+            cause[m] = 1 + int(np.argmin(_parts(tflat[k, m], trad[k, m], h)))
         else:
             h = int(np.argmin(Eh[k, m] - Eh[k - 1, m])) if k > 0 else int(np.argmin(hrate[k, m]))
             if flow:
                 kk = k - 1 if k > 0 else k
-                own = tflat[kk, m, h, h] + trad[kk, m, h, h]
-                cross = tflat[kk, m, h].sum() - tflat[kk, m, h, h]
-                shadow = trad[kk, m, h].sum() - trad[kk, m, h, h]
-                cause[m] = 1 + int(np.argmin([own, cross, shadow]))
+                cause[m] = 1 + int(np.argmin(_parts(tflat[kk, m], trad[kk, m], h)))
             else:
                 cause[m] = 4
         breaking[m] = h
@@ -394,7 +422,18 @@ def _proj_range(M, rtol):
     return U[:, :r]
 
 
-def monotonicity_condition(model, *, tol: float = 1e-9, radius: float = 1.0) -> MonotonicityCondition:
+def head_weight_ratio(model, X: Tokens) -> Float[Array, ""]:
+    """max_i max_{h,g} c^g_i / c^h_i at one state: the measured per-token weight disparity between heads
+    (Z^g_i / Z^h_i for softmax, 1 for the unnormalized kernel). Pass the maximum over visited states as
+    ``weight_ratio=`` to :func:`monotonicity_condition` for a sharper margin than the worst case."""
+    attn = _attn_of(model)
+    if attn.attention.kind != "softmax":
+        return jnp.ones((), X.dtype)
+    logZ = jax.nn.logsumexp(attn.scores(X), axis=-1)  # (H, n)
+    return jnp.exp(jnp.max(jnp.max(logZ, axis=0) - jnp.min(logZ, axis=0)))
+
+
+def monotonicity_condition(model, *, tol: float = 1e-9, radius: float = 1.0, weight_ratio: float | None = None) -> MonotonicityCondition:
     r"""Check the sufficient condition for E (and each E_h) to be non-decreasing, from the weights alone.
 
     **Derivation.** Write s^h_ij = beta x_i^T M_h x_j and f^h_i = W_h sum_j a^h_ij x_j (head h's output).
@@ -437,7 +476,8 @@ def monotonicity_condition(model, *, tol: float = 1e-9, radius: float = 1.0) -> 
     ``per_head_sphere``: H = 1 only (radial shadows).
 
     **Arguments:** `model` a :class:`SelfAttention` or a flow/map holding one; `tol` relative tolerance of
-    the exact clauses; `radius` the token norm bound R used by the softmax margin (1 on the sphere).
+    the exact clauses; `radius` the token norm bound R used by the softmax margin (1 on the sphere);
+    `weight_ratio` a measured bound on c^g_i/c^h_i (see :func:`head_weight_ratio`) replacing the worst case kappa.
 
     **Returns:** a :class:`MonotonicityCondition`.
     """
@@ -463,6 +503,8 @@ def monotonicity_condition(model, *, tol: float = 1e-9, radius: float = 1.0) -> 
     max_mu = float(mu.max()) if H > 1 else 0.0
     if kind == "unnormalized":
         kappa = np.ones((H, H))
+    elif weight_ratio is not None:
+        kappa = np.full((H, H), float(weight_ratio))
     else:
         kappa = np.exp(beta * radius**2 * (norms[:, None] + norms[None, :]))
     margin = 1.0 - max((sum(mu[h, g] * (1 + kappa[g, h]) / 2 for g in range(H) if g != h) for h in range(H)), default=0.0)
