@@ -120,16 +120,25 @@ class SelfAttention(eqx.Module):
         if b is not None and (b.ndim == 0) and not (np.isfinite(b) and b > 0):
             raise ValueError(f"beta must be a finite number > 0, got {float(b)}")
 
+    def _small_d(self) -> bool:
+        """Contract through the d x d matrices M_h, W_h (cheaper when d <= 2 d_h) rather than the
+        d_h-dimensional projections. Decided from static shapes, so it costs nothing at run time."""
+        return self.heads.dim <= 2 * self.heads.head_dim
+
     def scores(self, X: Tokens) -> Float[Array, "h n n"]:
         """s^h_ij = beta <Q_h x_i + bq_h, K_h x_j + bk_h>."""
         hd = self.heads
+        beta = self.beta.astype(X.dtype)
+        if self._small_d() and hd.bq is None and hd.bk is None:
+            XM = jnp.einsum("nd,hde->hne", X, hd.score_matrices().astype(X.dtype))
+            return beta * jnp.einsum("hne,me->hnm", XM, X)
         q = jnp.einsum("hed,nd->hne", hd.Q, X)
         k = jnp.einsum("hed,nd->hne", hd.K, X)
         if hd.bq is not None:
             q = q + hd.bq[:, None, :]
         if hd.bk is not None:
             k = k + hd.bk[:, None, :]
-        return self.beta.astype(X.dtype) * jnp.einsum("hie,hje->hij", q, k)
+        return beta * jnp.einsum("hie,hje->hij", q, k)
 
     def weights(self, X: Tokens) -> Float[Array, "h n n"]:
         """Attention matrices a^h_ij, one per head."""
@@ -139,6 +148,9 @@ class SelfAttention(eqx.Module):
         """f^h_i = O_h sum_j a^h_ij (V_h x_j + bv_h); the drift is their sum (plus bo)."""
         hd = self.heads
         a = self.weights(X)
+        if self._small_d() and hd.bv is None:
+            z = jnp.einsum("hij,jd->hid", a, X)
+            return jnp.einsum("hed,hid->hie", hd.head_matrices().astype(X.dtype), z)
         v = jnp.einsum("hed,nd->hne", hd.V, X)
         if hd.bv is not None:
             v = v + hd.bv[:, None, :]
