@@ -1,6 +1,7 @@
 """Energies, rates, radial shadows, entropy and the monotonicity condition, against NumPy loops,
 finite differences and hand-derived identities (float64; one float32 dtype check)."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -185,9 +186,13 @@ def _random_ball_states(key, num, n, d):
     return X * jax.random.uniform(k2, (num, n, 1), minval=0.3, maxval=1.0)
 
 
+@eqx.filter_jit
+def _rates(flow, X):
+    return jax.vmap(lambda x: (lambda r: (r.total, r.per_head))(en.energy_rates(flow, x)))(X)
+
+
 def _min_rates(flow, X):
-    tot, ph = jax.vmap(lambda x: (lambda r: (r.total, r.per_head))(en.energy_rates(flow, x)))(X)
-    return np.asarray(tot), np.asarray(ph)
+    return tuple(np.asarray(a) for a in _rates(flow, X))
 
 
 def test_condition_orthogonal_heads_flat_per_head_and_sphere_counterexample():

@@ -60,6 +60,7 @@ def _attn_of(model) -> SelfAttention:
 # energies, gradients, shadows (one configuration)
 
 
+@eqx.filter_jit
 def head_energies(model, X: Tokens) -> Float[Array, " h"]:
     """Per-head energies E_h = 1/(2 beta n^2) sum_{i,j} exp(s^h_ij) (all pairs; masks play no part).
 
@@ -75,16 +76,19 @@ def head_energies(model, X: Tokens) -> Float[Array, " h"]:
     return jnp.exp(jax.nn.logsumexp(s, axis=(1, 2))) / (2 * beta * n * n)
 
 
+@eqx.filter_jit
 def energy(model, X: Tokens) -> Float[Array, ""]:
     """Total energy E = sum_h E_h of one configuration ``(n, d)``."""
     return jnp.sum(head_energies(model, X))
 
 
+@eqx.filter_jit
 def energy_gradients(model, X: Tokens) -> Float[Array, "h n d"]:
     """Euclidean gradients grad_X E_h of every per-head energy, by reverse-mode autodiff."""
     return jax.jacrev(lambda Y: head_energies(model, Y))(X)
 
 
+@eqx.filter_jit
 def radial_shadows(model, X: Tokens) -> Float[Array, "h n"]:
     """Radial shadows r^h_i = <x_i, f^h_i>: head h's output projected on token i's direction
     (times |x_i|; on the sphere |x_i| = 1). ``(H, n)``."""
@@ -117,6 +121,7 @@ class EnergyRates(eqx.Module):
     shadows: Float[Array, "h n"]
 
 
+@eqx.filter_jit
 def energy_rates(flow: AbstractFlow, X: Tokens) -> EnergyRates:
     """dE/dt, dE_h/dt and their head-by-head decomposition at one state ``X (n, d)`` of a flow.
 
@@ -163,6 +168,7 @@ def energy_rates(flow: AbstractFlow, X: Tokens) -> EnergyRates:
 # attention entropy
 
 
+@eqx.filter_jit
 def attention_entropy(model, X: Tokens) -> Float[Array, "h n"]:
     """Attention entropies S^h_i = -sum_j a^h_ij log a^h_ij, per head and token ``(H, n)``.
 
@@ -174,6 +180,7 @@ def attention_entropy(model, X: Tokens) -> Float[Array, "h n"]:
     return -jnp.sum(jnp.where(pos, a * jnp.log(jnp.where(pos, a, 1.0)), 0.0), axis=-1)
 
 
+@eqx.filter_jit
 def entropy_rate(flow: AbstractFlow, X: Tokens) -> Float[Array, "h n"]:
     """Exact entropy production dS^h_i/dt = <grad S^h_i, vf> at one state: a forward-mode jvp along the
     vector field (not a finite difference). ``(H, n)``."""
@@ -422,6 +429,7 @@ def _proj_range(M, rtol):
     return U[:, :r]
 
 
+@eqx.filter_jit
 def head_weight_ratio(model, X: Tokens) -> Float[Array, ""]:
     """max_i max_{h,g} c^g_i / c^h_i at one state: the measured per-token weight disparity between heads
     (Z^g_i / Z^h_i for softmax, 1 for the unnormalized kernel). Pass the maximum over visited states as
@@ -533,7 +541,7 @@ def monotonicity_condition(model, *, tol: float = 1e-9, radius: float = 1.0, wei
 def _rates_batch(flow, X):
     def one(x):
         r = energy_rates(flow, x)
-        return r.total, r.per_head, energy(flow.attn, x)
+        return r.total, r.per_head, head_energies(flow.attn, x)
 
     return jax.vmap(one)(X)
 
@@ -551,9 +559,8 @@ def find_energy_decrease(flow: AbstractFlow, key: Array, *, tokens: int, num: in
 
     d = flow.attn.heads.dim
     X = sphere(key, (num, tokens, d), dtype=flow.attn.heads.Q.dtype)
-    tot, ph, E = (np.asarray(a) for a in _rates_batch(flow, X))
-    Eh = np.asarray(jax.vmap(lambda x: head_energies(flow.attn, x))(X))
-    rel = tot / E
+    tot, ph, Eh = (np.asarray(a) for a in _rates_batch(flow, X))
+    rel = tot / Eh.sum(-1)
     k = int(np.argmin(rel))
     hrel = ph / Eh
     kh, h = np.unravel_index(int(np.argmin(hrel)), hrel.shape)
