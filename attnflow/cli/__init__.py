@@ -12,7 +12,7 @@ import sys
 
 from ._common import UsageError
 
-COMMANDS = ("simulate", "demo")
+COMMANDS = ("simulate", "demo", "energy")
 
 
 def build_parser() -> argparse.ArgumentParser:
