@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import attnflow as af
 from attnflow.analysis import energy as en
@@ -101,6 +101,7 @@ def test_gradient_structure_closed_forms():
         assert float(r.terms_radial[h, g]) == pytest.approx(shadow, rel=1e-11)
 
 
+@settings(max_examples=10)
 @given(heads=st.integers(1, 4), seed=st.integers(0, 2**31 - 1), flat=st.booleans())
 def test_property_unnormalized_symmetric_energy_nondecreasing(heads, seed, flat):
     """W_h = M_h symmetric, unnormalized kernel, 1-4 heads: E non-decreasing (rates and saved states)."""
@@ -116,6 +117,7 @@ def test_property_unnormalized_symmetric_energy_nondecreasing(heads, seed, flat)
     assert np.all(tr.rate >= -1e-12 * np.abs(tr.energy))
 
 
+@settings(max_examples=10)
 @given(seed=st.integers(0, 2**31 - 1), beta=st.floats(0.2, 3.0), flat=st.booleans())
 def test_property_softmax_one_head_energy_nondecreasing(seed, beta, flat):
     rng = np.random.default_rng(seed)

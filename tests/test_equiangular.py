@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 from scipy.integrate import quad, solve_ivp
 
 import attnflow as af
@@ -50,7 +50,7 @@ def test_reduced_rhs_matches_numpy():
 
 
 def test_clustering_time_against_quadrature_and_simulation():
-    n, d, rho0, eps, w, m = 4, 4, 0.0, 1e-3, [1.0], [1.0]
+    n, d, rho0, eps, w, m = 4, 4, 0.0, 1e-2, [1.0], [1.0]
     betas = np.array([0.5, 2.0])
     T = np.asarray(eq.clustering_time(eps, rho0, n=n, beta=betas, w=w, m=m))
     for b, t in zip(betas, T):
@@ -58,7 +58,8 @@ def test_clustering_time_against_quadrature_and_simulation():
         assert t == pytest.approx(ref, rel=1e-9)
     # the full simulation crosses rho = 1 - eps at T (linear interpolation between saves of spacing 0.01)
     X0 = af.sample.equiangular(n, d, rho0, key=jax.random.PRNGKey(0))
-    sol = af.sweep(full_flow(w, m, d, 1.0), X0[None], beta=betas, t1=8.0, dt=5e-3, saves=800)
+    assert T.max() < 4.0
+    sol = af.sweep(full_flow(w, m, d, 1.0), X0[None], beta=betas, t1=4.0, dt=5e-3, saves=400)
     for p, t in enumerate(T):
         r = eq.equiangular_rho(sol.trajectory[p, :, 0])
         k = int(np.argmax(r >= 1 - eps))
@@ -126,6 +127,7 @@ def test_critical_beta_heterogeneous_and_regimes():
         eq.critical_beta(n=2, rho0=0.0, m=[1.0])
 
 
+@settings(max_examples=8)
 @given(
     m1=st.floats(0.2, 3.0), m2=st.floats(0.2, 3.0), w1=st.floats(0.2, 2.0), w2=st.floats(0.2, 2.0), beta=st.floats(0.3, 3.0)
 )
