@@ -324,3 +324,20 @@ def test_validation_errors():
         en.diagnose(af.SphereFlow(attn), np.eye(3)[None], t1=1.0, dt=0.1)
     with pytest.raises(ValueError, match="trajectory"):
         en.energy_trace(af.SphereFlow(attn), np.zeros((3, 3)))
+
+
+def test_coarse_solver_drop_is_reported_as_integration_error():
+    """A stiff unnormalized pair (|M_2| = 4.6, beta = 1.5): RK4 with dt = 1e-3 drops E by ~70% between saves
+    although the exact rate is >= 0 at both ends; dt = 1e-4 is monotone, as the theorem requires."""
+    M1 = np.array([[-0.5190133298294971, 0.20966643065838195, -0.1596397207421396],
+                   [0.20966643065838195, 0.20442021540537625, 0.40816496240731726],
+                   [-0.1596397207421396, 0.40816496240731726, 0.5939459107122969]])
+    M2 = np.array([[0.7197279364283922, 2.3714729705593394, 0.00562179145979347],
+                   [2.3714729705593394, 3.15090813353985, 0.4772955826849046],
+                   [0.00562179145979347, 0.4772955826849046, 0.9944856278202228]])
+    flow = af.SphereFlow(af.SelfAttention(sym_heads([M1, M2]), af.Attention("unnormalized"), 1.5))
+    x0 = af.sample.sphere(jax.random.PRNGKey(2), (16, 7, 3))[:1]
+    coarse = en.diagnose(flow, x0, t1=0.2, dt=1e-3, saves=4)
+    assert not coarse.monotone[0] and coarse.cause[0] == 6 and "reduce dt" in coarse.explain(0)
+    fine = en.diagnose(flow, x0, t1=0.2, dt=1e-4, saves=4)
+    assert fine.monotone[0]

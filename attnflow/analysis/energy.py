@@ -213,7 +213,9 @@ class EnergyTrace(eqx.Module):
     - `breaking_head`: ``(b,)`` the head whose energy decreased most at that point; -1 when monotone.
     - `cause`: ``(b,)`` 0 none, 1 the head's own gradient part, 2 cross-head flat terms, 3 radial shadow
       terms, 4 a discrete step (maps: no rates): whichever part of the breaking head's rate is most negative;
-      5 the energy overflowed (e.g. the flat flow's finite-time blow-up), nothing is certified.
+      5 the energy overflowed (e.g. the flat flow's finite-time blow-up), nothing is certified; 6 E dropped
+      between two saved states although the exact rate is >= 0 at both: most likely the solver's step is too
+      coarse (the drop is then a numerical artefact; re-run with a smaller dt).
     - `relative_drop`: ``(b,)`` max_k (max_{k' <= k} E_k' - E_k) / |E| over the saved states.
     - `head_monotone`: ``(b, H)`` each E_h non-decreasing along the saved states.
     """
@@ -235,7 +237,15 @@ class EnergyTrace(eqx.Module):
     relative_drop: Float[Array, " b"]
     head_monotone: Array
 
-    CAUSES = ("none", "own gradient part", "cross-head terms", "radial shadow terms", "discrete step", "non-finite energy")
+    CAUSES = (
+        "none",
+        "own gradient part",
+        "cross-head terms",
+        "radial shadow terms",
+        "discrete step",
+        "non-finite energy",
+        "integration error (exact rates >= 0 at both saved states: reduce dt)",
+    )
 
     def explain_head(self, member: int = 0, head: int = 0) -> str:
         """One line on head `head`'s own energy E_h: monotone or not, and (flows) which part of dE_h/dt is most
@@ -262,6 +272,11 @@ class EnergyTrace(eqx.Module):
         c = self.CAUSES[int(self.cause[member])]
         if int(self.cause[member]) == 5:
             return f"member {member}: E is not finite from saved state {k} (t = {float(self.ts[k]):.4g}); nothing certified"
+        if int(self.cause[member]) == 6:
+            return (
+                f"member {member}: E drops by {float(self.relative_drop[member]):.3e} (relative) before saved state {k} "
+                f"(t = {float(self.ts[k]):.4g}) although the exact dE/dt is >= 0 at both ends: {c}"
+            )
         return (
             f"member {member}: E decreases (relative drop {float(self.relative_drop[member]):.3e}); first at saved state {k} "
             f"(t = {float(self.ts[k]):.4g}); head {h} loses most energy there, driven by its {c}"
@@ -350,7 +365,9 @@ def energy_trace(dynamics: AbstractDynamics, trajectory, ts=None, *, tol: float 
             cause[m] = 1 + int(np.argmin(_parts(tflat[k, m], trad[k, m], h)))
         else:
             h = int(np.argmin(Eh[k, m] - Eh[k - 1, m])) if k > 0 else int(np.argmin(hrate[k, m]))
-            if flow:
+            if flow and k > 0 and rate[k - 1, m] / scale[m] >= -tol:
+                cause[m] = 6
+            elif flow:
                 kk = k - 1 if k > 0 else k
                 cause[m] = 1 + int(np.argmin(_parts(tflat[kk, m], trad[kk, m], h)))
             else:
