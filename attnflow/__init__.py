@@ -35,3 +35,18 @@ from .model import (
     SelfAttention as SelfAttention,
     SphereFlow as SphereFlow,
 )
+from .analysis import energy as energy, equiangular as equiangular
+from .analysis.energy import (
+    EnergyRates as EnergyRates,
+    EnergyTrace as EnergyTrace,
+    MonotonicityCondition as MonotonicityCondition,
+    attention_entropy as attention_entropy,
+    diagnose as diagnose,
+    energy_rates as energy_rates,
+    energy_trace as energy_trace,
+    entropy_rate as entropy_rate,
+    find_energy_decrease as find_energy_decrease,
+    head_energies as head_energies,
+    monotonicity_condition as monotonicity_condition,
+    radial_shadows as radial_shadows,
+)
