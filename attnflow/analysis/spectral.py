@@ -1,0 +1,259 @@
+"""Spectra of layer, head and score matrices: eigenpairs, gaps, subspaces, cumulative products.
+
+Formulas: MODEL.md sections 1, 6 and 8. Matrices act on column vectors (y = W x).
+
+**Where it runs.** General (non-symmetric) eigendecompositions run on the host with
+``numpy.linalg.eig`` (LAPACK ``geev``): the inputs are at most a few thousand wide, there are at
+most a few dozen of them, and ``jnp.linalg.eig`` is CPU-only in JAX anyway (GPU_NOTES.md measured
+the GPU ``eigvals`` path as ~8x slower than NumPy). Everything here takes and returns NumPy arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+ORDERS = ("real", "modulus")
+
+
+def _check_order(order: str) -> str:
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS} (explicitly chosen), got {order!r}")
+    return order
+
+
+def _key(values: np.ndarray, order: str) -> np.ndarray:
+    return values.real if order == "real" else np.abs(values)
+
+
+def _square(W, name="W") -> np.ndarray:
+    W = np.asarray(W)
+    if W.ndim != 2 or W.shape[0] != W.shape[1]:
+        raise ValueError(f"{name} must be a square (d, d) matrix, got shape {W.shape}")
+    if not np.all(np.isfinite(W)):
+        raise ValueError(f"{name} has non-finite entries")
+    return W
+
+
+@dataclasses.dataclass(frozen=True)
+class Eigen:
+    """Eigenpairs of a real square matrix, sorted.
+
+    - `values`: ``(d,)`` complex eigenvalues, sorted by descending key (real part or modulus); within a
+      complex-conjugate pair the one with positive imaginary part comes first.
+    - `vectors`: ``(d, d)`` complex right eigenvectors, unit 2-norm, as columns (``W v_k = lambda_k v_k``).
+    - `order`: ``"real"`` or ``"modulus"``.
+    """
+
+    values: np.ndarray
+    vectors: np.ndarray
+    order: str
+
+    @property
+    def lambda1(self) -> complex:
+        return complex(self.values[0])
+
+    @property
+    def v1(self) -> np.ndarray:
+        return self.vectors[:, 0]
+
+    def is_real(self, k: int = 0, tol: float = 1e-10) -> bool:
+        """Whether eigenvalue k is real (relative tolerance)."""
+        lam = self.values[k]
+        return abs(lam.imag) <= tol * max(1.0, abs(lam))
+
+
+def eigenpairs(W, *, order: str) -> Eigen:
+    """Eigenpairs of W sorted by descending real part (``order="real"``) or modulus (``order="modulus"``).
+
+    **Arguments:**
+
+    - `W`: ``(d, d)`` real matrix.
+    - `order`: ``"real"`` or ``"modulus"`` (no default: the choice changes the principal eigenvalue).
+
+    **Returns:** an :class:`Eigen`. Real eigenvectors are returned with zero imaginary part and a sign
+    fixed so their largest-magnitude entry is positive.
+    """
+    _check_order(order)
+    W = _square(W)
+    vals, vecs = np.linalg.eig(W)
+    # Snap numerically real eigenvalues to the real axis and make their vectors real.
+    scale = max(1.0, float(np.max(np.abs(vals)))) if vals.size else 1.0
+    real = np.abs(vals.imag) <= 1e-12 * scale * W.shape[0]
+    vals = np.where(real, vals.real + 0j, vals)
+    vecs = vecs.astype(complex)
+    for k in np.flatnonzero(real):
+        v = vecs[:, k]
+        # rotate the phase so the vector is real (geev already returns real ones for real eigenvalues)
+        j = int(np.argmax(np.abs(v)))
+        v = v * (abs(v[j]) / v[j])
+        v = v.real / np.linalg.norm(v.real)
+        vecs[:, k] = v
+    vecs = vecs / np.linalg.norm(vecs, axis=0, keepdims=True)
+    idx = np.lexsort((-vals.imag, -_key(vals, order)))
+    return Eigen(values=vals[idx], vectors=vecs[:, idx], order=order)
+
+
+def orthonormal_basis(vectors, tol: float = 1e-10) -> np.ndarray:
+    """An orthonormal basis (columns) of the real span of the given (possibly complex) vectors.
+
+    A complex vector v contributes Re v and Im v. **Arguments:** `vectors`: ``(d, k)`` columns.
+    **Returns:** ``(d, r)`` with r the numerical rank.
+    """
+    V = np.asarray(vectors)
+    if V.ndim == 1:
+        V = V[:, None]
+    cols = [V.real]
+    if np.iscomplexobj(V):
+        cols.append(V.imag)
+    A = np.concatenate(cols, axis=1)
+    U, s, _ = np.linalg.svd(A, full_matrices=False)
+    r = int(np.sum(s > tol * max(1.0, s[0] if s.size else 0.0)))
+    return U[:, :r]
+
+
+def real_subspace(v) -> np.ndarray:
+    """span(Re v, Im v) as an orthonormal ``(d, 2)`` basis; ``(d, 1)`` for a real v ([PM] case 2)."""
+    return orthonormal_basis(np.asarray(v)[:, None])
+
+
+def spectral_gap(eig: Eigen) -> float:
+    """key(lambda_1) - key(lambda_next), key = real part or modulus as in ``eig.order``.
+
+    lambda_next is the first eigenvalue that is not the complex conjugate of lambda_1 (the
+    "obvious correction" of [PM] for a complex principal pair).
+    """
+    vals = eig.values
+    if vals.size < 2:
+        return float("nan")
+    k = 1
+    if not eig.is_real(0) and vals.size > 1 and np.isclose(vals[1], np.conj(vals[0]), rtol=1e-9, atol=0):
+        k = 2
+    if k >= vals.size:
+        return float("nan")
+    key = _key(vals, eig.order)
+    return float(key[0] - key[k])
+
+
+def vector_correlation(a, b) -> float:
+    """|<a, b>| / (|a| |b|) with the Hermitian inner product (1: the same line)."""
+    a = np.asarray(a)
+    b = np.asarray(b)
+    return float(abs(np.vdot(a, b)) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def eigvec_correlations(eig: Eigen) -> np.ndarray:
+    """``(d, d)`` matrix of |<v_i, v_j>| between the unit eigenvectors (ALBERT's near-collinear v_1, v_2)."""
+    return np.abs(eig.vectors.conj().T @ eig.vectors)
+
+
+def principal_subspace(eig: Eigen, *, tie: float | None = None) -> np.ndarray:
+    """Orthonormal basis of the subspace the tokens should align with ([PM] cases 1-3).
+
+    - case 1 (real, dominant): span(v_1), ``(d, 1)``;
+    - case 2 (complex pair): span(Re v_1, Im v_1), ``(d, 2)``;
+    - case 3 (near tie): when ``tie`` is given and the relative gap (key_1 - key_next) / |key_1| is
+      below it, span(v_1, v_next) (plus imaginary parts).
+    """
+    vals = eig.values
+    nxt = 2 if (not eig.is_real(0) and vals.size > 2 and np.isclose(vals[1], np.conj(vals[0]))) else 1
+    cols = [eig.vectors[:, 0]]
+    if tie is not None and nxt < vals.size:
+        key = _key(vals, eig.order)
+        rel = (key[0] - key[nxt]) / max(abs(key[0]), 1e-300)
+        if rel < tie:
+            cols.append(eig.vectors[:, nxt])
+    return orthonormal_basis(np.stack(cols, axis=1))
+
+
+def eigen_bases(eig: Eigen) -> np.ndarray:
+    """One orthonormal basis per eigen-direction, padded to width 2: ``(m, d, 2)``.
+
+    A real eigenvalue gives span(v_k) (second column zero); a complex-conjugate pair gives one
+    2D basis span(Re v_k, Im v_k), counted once. Used for the all-eigenvector baselines of MODEL.md 8.
+    """
+    d = eig.vectors.shape[0]
+    out = []
+    k = 0
+    vals = eig.values
+    while k < vals.size:
+        B = np.zeros((d, 2))
+        if eig.is_real(k):
+            B[:, 0] = eig.vectors[:, k].real
+            k += 1
+        else:
+            Q = real_subspace(eig.vectors[:, k])
+            B[:, : Q.shape[1]] = Q
+            # skip the conjugate partner, wherever it is in the order (normally next)
+            k += 2 if (k + 1 < vals.size and np.isclose(vals[k + 1], np.conj(vals[k]))) else 1
+        out.append(B)
+    return np.stack(out)
+
+
+def subspace_correlation(X, basis) -> np.ndarray:
+    """|P x| / |x| per token, P the orthogonal projector on span(basis) (|cos(x, v)| for one vector).
+
+    **Arguments:** `X`: ``(..., d)`` tokens; `basis`: ``(d, k)`` orthonormal columns.
+    **Returns:** ``(...)``.
+    """
+    X = np.asarray(X)
+    proj = X @ np.asarray(basis)
+    return np.linalg.norm(proj, axis=-1) / np.linalg.norm(X, axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadSpectra:
+    """Per-head spectra of W_h = O_h V_h computed from the small matrices V_h O_h.
+
+    - `values`: ``(H, dh)`` the nonzero part of spec(W_h) (the other d - dh eigenvalues are 0),
+      each row sorted like :func:`eigenpairs`.
+    - `vectors`: ``(H, d, dh)`` unit eigenvectors of W_h, v = O_h y with V_h O_h y = lambda y.
+    """
+
+    values: np.ndarray
+    vectors: np.ndarray
+    order: str
+
+
+def head_spectra(heads, *, order: str) -> HeadSpectra:
+    """Per-head spectra the cheap way: eig of V_h O_h (dh x dh) instead of O_h V_h (d x d).
+
+    If V_h O_h y = lambda y with lambda != 0 then O_h V_h (O_h y) = lambda (O_h y), so the eigenvectors
+    of W_h are mapped back with O_h. Cost H * O(dh^3) instead of H * O(d^3).
+
+    **Arguments:** `heads`: a :class:`attnflow.Heads`; `order`: ``"real"`` or ``"modulus"``.
+    """
+    _check_order(order)
+    V = np.asarray(heads.V, dtype=float)
+    O = np.asarray(heads.O, dtype=float)
+    vals, vecs = [], []
+    for Vh, Oh in zip(V, O):
+        e = eigenpairs(Vh @ Oh, order=order)
+        v = Oh @ e.vectors
+        nrm = np.linalg.norm(v, axis=0, keepdims=True)
+        vals.append(e.values)
+        vecs.append(v / np.where(nrm > 0, nrm, 1.0))
+    return HeadSpectra(values=np.stack(vals), vectors=np.stack(vecs), order=order)
+
+
+def cumulative_principal(Ws, *, order: str) -> list[Eigen]:
+    """Eigenpairs of the cumulative products P_l = W_l ... W_1, l = 1..L ([PM] Fig. 8).
+
+    Each product is rescaled by its Frobenius norm before the next factor (eigenvectors and the
+    order of eigenvalues are unchanged; overflow is avoided in deep stacks).
+
+    **Arguments:** `Ws`: sequence of ``(d, d)`` layer matrices, first layer first; `order` as in
+    :func:`eigenpairs`. **Returns:** a list of L :class:`Eigen`.
+    """
+    _check_order(order)
+    P = None
+    out = []
+    for l, W in enumerate(Ws):
+        W = _square(W, f"W[{l}]").astype(float)
+        P = W if P is None else W @ P
+        P = P / max(np.linalg.norm(P), 1e-300)
+        out.append(eigenpairs(P, order=order))
+    if not out:
+        raise ValueError("cumulative_principal needs at least one matrix")
+    return out

@@ -1,0 +1,141 @@
+"""Spectral module vs numpy.linalg.eig and closed forms (float64; tolerances 1e-10 unless stated)."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from attnflow import Heads
+from attnflow.analysis import spectral as sp
+
+
+def _rot(theta):
+    return np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+
+
+def _similar(D, seed):
+    rng = np.random.default_rng(seed)
+    S = rng.normal(size=D.shape)
+    return S @ D @ np.linalg.inv(S), S
+
+
+@given(st.integers(0, 10_000), st.integers(2, 9), st.sampled_from(sp.ORDERS))
+@settings(max_examples=25, deadline=None)
+def test_eigenpairs_match_numpy(seed, d, order):
+    W = np.random.default_rng(seed).normal(size=(d, d))
+    e = sp.eigenpairs(W, order=order)
+    ref = np.linalg.eigvals(W)
+    # same multiset of eigenvalues
+    for lam in ref:
+        assert np.min(np.abs(e.values - lam)) < 1e-9 * max(1, abs(lam))
+    # sorted by descending key
+    key = e.values.real if order == "real" else np.abs(e.values)
+    assert np.all(np.diff(key) <= 1e-12)
+    # W v = lambda v, unit norm
+    assert np.allclose(W @ e.vectors, e.vectors * e.values, atol=1e-9)
+    assert np.allclose(np.linalg.norm(e.vectors, axis=0), 1.0)
+
+
+def test_order_changes_principal():
+    # eigenvalues 2, -3, 1: by real part lambda1 = 2, by modulus lambda1 = -3
+    W, S = _similar(np.diag([2.0, -3.0, 1.0]), 0)
+    assert sp.eigenpairs(W, order="real").lambda1 == pytest.approx(2.0)
+    assert sp.eigenpairs(W, order="modulus").lambda1 == pytest.approx(-3.0)
+    v = sp.eigenpairs(W, order="modulus").v1
+    assert sp.vector_correlation(v, S[:, 1]) == pytest.approx(1.0, abs=1e-10)
+    with pytest.raises(ValueError, match="order"):
+        sp.eigenpairs(W, order="abs")
+
+
+def test_complex_pair_subspace_and_gap():
+    D = np.zeros((4, 4))
+    D[:2, :2] = 3.0 * _rot(0.7)  # 3 e^{+-0.7 i}: real part 3 cos 0.7
+    D[2, 2], D[3, 3] = 1.5, -0.5
+    W, S = _similar(D, 1)
+    for order, key1 in (("real", 3 * np.cos(0.7)), ("modulus", 3.0)):
+        e = sp.eigenpairs(W, order=order)
+        assert not e.is_real(0)
+        assert e.values[0].imag > 0 and np.isclose(e.values[1], np.conj(e.values[0]))
+        # gap skips the conjugate partner: key1 - 1.5
+        assert sp.spectral_gap(e) == pytest.approx(key1 - 1.5, abs=1e-10)
+        B = sp.real_subspace(e.v1)
+        assert B.shape == (4, 2) and np.allclose(B.T @ B, np.eye(2))
+        # the real invariant plane is span(S[:, 0], S[:, 1])
+        Q, _ = np.linalg.qr(S[:, :2])
+        assert np.allclose(B @ B.T, Q @ Q.T, atol=1e-9)
+        assert np.allclose(sp.principal_subspace(e) @ sp.principal_subspace(e).T, Q @ Q.T, atol=1e-9)
+        bases = sp.eigen_bases(e)
+        assert bases.shape == (3, 4, 2)  # pair counted once, two real eigenvalues
+
+
+def test_repeated_moduli_and_near_tie():
+    # eigenvalues 2, -2, 1.999 (repeated modulus 2), 0.1
+    W, S = _similar(np.diag([2.0, -2.0, 1.999, 0.1]), 2)
+    e = sp.eigenpairs(W, order="modulus")
+    assert np.allclose(np.abs(e.values[:2]), 2.0)
+    assert sp.spectral_gap(e) == pytest.approx(0.0, abs=1e-9)
+    ref = np.linalg.eigvals(W)
+    assert np.allclose(np.sort_complex(ref), np.sort_complex(e.values), atol=1e-9)
+    er = sp.eigenpairs(W, order="real")
+    assert er.lambda1 == pytest.approx(2.0)
+    assert sp.spectral_gap(er) == pytest.approx(0.001, abs=1e-9)
+    # near tie: span(v1, v2) with the tie tolerance, v1 alone without
+    assert sp.principal_subspace(er).shape == (4, 1)
+    B = sp.principal_subspace(er, tie=0.01)
+    Q, _ = np.linalg.qr(S[:, [0, 2]])
+    assert B.shape == (4, 2) and np.allclose(B @ B.T, Q @ Q.T, atol=1e-8)
+
+
+def test_correlations_and_subspace_projection():
+    rng = np.random.default_rng(3)
+    W = rng.normal(size=(5, 5))
+    e = sp.eigenpairs(W, order="real")
+    C = sp.eigvec_correlations(e)
+    assert np.allclose(np.diag(C), 1.0)
+    for i in range(5):
+        for j in range(5):
+            ref = abs(np.sum(np.conj(e.vectors[:, i]) * e.vectors[:, j]))
+            assert C[i, j] == pytest.approx(ref, abs=1e-12)
+    X = rng.normal(size=(7, 5))
+    v = rng.normal(size=5)
+    v /= np.linalg.norm(v)
+    c = sp.subspace_correlation(X, v[:, None])
+    assert np.allclose(c, np.abs(X @ v) / np.linalg.norm(X, axis=1))
+    B = np.linalg.qr(rng.normal(size=(5, 2)))[0]
+    P = B @ B.T
+    assert np.allclose(sp.subspace_correlation(X, B), np.linalg.norm(X @ P, axis=1) / np.linalg.norm(X, axis=1))
+
+
+@pytest.mark.parametrize("order", sp.ORDERS)
+def test_head_spectra_cheap_equals_full(order):
+    rng = np.random.default_rng(4)
+    H, dh, d = 3, 2, 7
+    heads = Heads(Q=rng.normal(size=(H, dh, d)), K=rng.normal(size=(H, dh, d)), V=rng.normal(size=(H, dh, d)), O=rng.normal(size=(H, d, dh)))
+    hs = sp.head_spectra(heads, order=order)
+    assert hs.values.shape == (H, dh) and hs.vectors.shape == (H, d, dh)
+    Wh = np.einsum("hde,hef->hdf", np.asarray(heads.O), np.asarray(heads.V))
+    for h in range(H):
+        full = np.linalg.eigvals(Wh[h])
+        big = full[np.argsort(-np.abs(full))[:dh]]  # the dh nonzero ones
+        assert np.allclose(np.sort_complex(big), np.sort_complex(hs.values[h]), atol=1e-9)
+        assert np.allclose(Wh[h] @ hs.vectors[h], hs.vectors[h] * hs.values[h], atol=1e-9)
+
+
+def test_cumulative_principal():
+    rng = np.random.default_rng(5)
+    Ws = [rng.normal(size=(4, 4)) for _ in range(4)]
+    out = sp.cumulative_principal(Ws, order="modulus")
+    P = np.eye(4)
+    for l, W in enumerate(Ws):
+        P = W @ P
+        vals, vecs = np.linalg.eig(P)
+        k = np.argmax(np.abs(vals))
+        assert abs(out[l].lambda1) == pytest.approx(abs(vals[k]) / np.linalg.norm(P), rel=1e-8)
+        if abs(abs(vals[k]) - np.sort(np.abs(vals))[-2]) > 1e-6 * abs(vals[k]) and abs(vals[k].imag) < 1e-12:
+            assert sp.vector_correlation(out[l].v1, vecs[:, k]) == pytest.approx(1.0, abs=1e-8)
+
+
+def test_validation():
+    with pytest.raises(ValueError, match="square"):
+        sp.eigenpairs(np.ones((2, 3)), order="real")
+    with pytest.raises(ValueError, match="non-finite"):
+        sp.eigenpairs(np.array([[np.nan, 0], [0, 1.0]]), order="real")
