@@ -1,0 +1,100 @@
+"""Build tiny random-weight Hugging Face checkpoints and reference attention outputs for tests/test_hf.py.
+
+Needs torch (CPU) and transformers; the tests themselves do not. Run from the repository root:
+
+    python scripts/make_hf_fixtures.py            # writes tests/fixtures/hf/<family>/
+
+For each family (ALBERT, BERT, GPT-2, GPT-Neo) it saves ``config.json`` + ``model.safetensors`` and
+``reference.npz`` with, for every layer l, the input hidden states ``x_l`` (n, d) seen by that layer's
+attention module and its output ``y_l`` = O (sum_j a_ij (V x_j + bv)) + bo (HF's own module, eager
+attention, no dropout, no FFN, no LayerNorm), captured with forward hooks during one model forward.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+import torch
+import transformers as tf
+
+ROOT = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "hf"
+N_TOKENS = 7
+
+
+def _configs():
+    common = dict(initializer_range=0.35)
+    return {
+        "bert": tf.BertConfig(vocab_size=11, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=24, max_position_embeddings=16, type_vocab_size=2, **common),
+        "albert": tf.AlbertConfig(vocab_size=11, embedding_size=8, hidden_size=16, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=24, max_position_embeddings=16, **common),
+        "gpt2": tf.GPT2Config(vocab_size=11, n_embd=16, n_layer=2, n_head=4, n_positions=16, n_inner=24, **common),
+        "gpt_neo": tf.GPTNeoConfig(vocab_size=11, hidden_size=16, num_layers=2, num_heads=2, max_position_embeddings=16,
+                                   attention_types=[[["global", "local"], 1]], window_size=3, intermediate_size=24,
+                                   **common),
+    }
+
+
+def _attention_hooks(family, model):
+    """(module whose input is the attention input x, module whose output is O(...) + bo) per layer."""
+    if family == "bert":
+        return [(l.attention.self, l.attention.output.dense) for l in model.encoder.layer]
+    if family == "albert":
+        lay = model.encoder.albert_layer_groups[0].albert_layers[0]
+        return [(lay.attention, lay.attention.dense)]
+    if family == "gpt2":
+        return [(b.attn, b.attn) for b in model.h]
+    if family == "gpt_neo":
+        return [(b.attn.attention, b.attn.attention) for b in model.h]
+    raise ValueError(family)
+
+
+def build(family, config, seed=0):
+    torch.manual_seed(seed)
+    config._attn_implementation = "eager"
+    model = tf.AutoModel.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():  # non-zero biases and LayerNorm affine parts, so the tests can see them
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "LayerNorm.weight" in name or ".ln_" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    out = ROOT / family
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    xs, ys = [], []
+    hooks = []
+    for inp_mod, out_mod in _attention_hooks(family, model):
+        hooks.append(inp_mod.register_forward_hook(
+            lambda m, args, kwargs, o: xs.append((kwargs.get("hidden_states", args[0] if args else None)).detach()),
+            with_kwargs=True))
+        hooks.append(out_mod.register_forward_hook(
+            lambda m, args, o: ys.append((o[0] if isinstance(o, tuple) else o).detach())))
+    gen = torch.Generator().manual_seed(seed + 1)
+    emb = torch.randn(1, N_TOKENS, model.get_input_embeddings().weight.shape[1], generator=gen)
+    with torch.no_grad():
+        model(inputs_embeds=emb)
+    for h in hooks:
+        h.remove()
+    ref = {}
+    for l, (x, y) in enumerate(zip(xs, ys)):
+        ref[f"x_{l}"] = x[0].numpy().astype(np.float32)
+        ref[f"y_{l}"] = y[0].numpy().astype(np.float32)
+    np.savez(out / "reference.npz", **ref)
+    meta = {"family": family, "layers_captured": len(xs), "tokens": N_TOKENS, "torch": torch.__version__,
+            "transformers": tf.__version__}
+    (out / "reference.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return out
+
+
+def main(argv=None):
+    families = (argv or sys.argv[1:]) or list(_configs())
+    cfgs = _configs()
+    for fam in families:
+        p = build(fam, cfgs[fam])
+        print(fam, "->", p, sorted(f.name for f in p.iterdir()))
+
+
+if __name__ == "__main__":
+    main()
