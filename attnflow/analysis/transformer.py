@@ -201,8 +201,9 @@ class PMResult:
 def _corr_all(X, bases):
     """|P_k x| / |x| for every basis k: X (N, d), bases (m, d, 2) -> (m, N)."""
     nx = np.linalg.norm(X, axis=-1)
-    proj = np.einsum("nd,mdk->mnk", X, bases)
-    return np.linalg.norm(proj, axis=-1) / nx[None]
+    m, d, k = bases.shape
+    proj = (X @ bases.transpose(1, 0, 2).reshape(d, m * k)).reshape(-1, m, k)
+    return (np.linalg.norm(proj, axis=-1) / nx[:, None]).T
 
 
 def layer_metrics(trajectory, Ws, *, order: str, tie: float | None = None, keep: int = 5) -> LayerMetrics:

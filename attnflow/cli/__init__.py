@@ -12,7 +12,7 @@ import sys
 
 from ._common import UsageError
 
-COMMANDS = ("simulate", "demo", "energy")
+COMMANDS = ("simulate", "demo", "energy", "transformer")
 
 
 def build_parser() -> argparse.ArgumentParser:
