@@ -385,17 +385,32 @@ def steer_experiment(model, u, gamma: float, *, key, tokens: int = 10, samples: 
     return SteeringResult(steering=st, final_cos=float(cos.mean()), final_cos_min=float(cos.min()), result=res)
 
 
-def find_steering_gain(model, u, *, key, target: float = 0.99, gammas=None, **kw):
-    """The smallest gamma on a grid whose mean final |cos(x, u)| exceeds `target`.
+def find_steering_gain(model, u, *, key, target: float = 0.99, gammas=None, refine: int = 5, **kw):
+    """The smallest gamma on a grid whose mean final |cos(x, u)| exceeds `target`, then `refine`
+    geometric bisection steps inside the bracketing grid interval (assumes the curve is monotone there).
 
-    **Returns:** ``(gamma or None, [(gamma, final_cos), ...])``.
+    **Returns:** ``(gamma or None, [(gamma, final_cos), ...])`` (the trace lists every gamma tried, sorted).
     """
     if gammas is None:
-        gammas = [0.0, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
+        gammas = [0.0, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
     trace = []
+
+    def f(g):
+        c = steer_experiment(model, u, float(g), key=key, **kw).final_cos
+        trace.append((float(g), c))
+        return c
+
+    lo = None
     for g in gammas:
-        r = steer_experiment(model, u, float(g), key=key, **kw)
-        trace.append((float(g), r.final_cos))
-        if r.final_cos > target:
-            return float(g), trace
-    return None, trace
+        if f(g) > target:
+            hi = float(g)
+            if lo is not None and lo > 0:
+                for _ in range(refine):
+                    mid = math.sqrt(lo * hi)
+                    if f(mid) > target:
+                        hi = mid
+                    else:
+                        lo = mid
+            return hi, sorted(trace)
+        lo = float(g)
+    return None, sorted(trace)
