@@ -46,6 +46,14 @@ def run(args) -> int:
         raise UsageError(f"--tokens and --samples must be >= 1, got {args.tokens}, {args.samples}")
     if args.extra_layers < 0:
         raise UsageError(f"--extra-layers must be >= 0, got {args.extra_layers}")
+    steer_gamma = None
+    if args.steer is not None and args.steer != "auto":
+        try:
+            steer_gamma = float(args.steer)
+        except ValueError:
+            raise UsageError(f"--steer must be a number >= 0 or 'auto', got {args.steer!r}") from None
+        if not (np.isfinite(steer_gamma) and steer_gamma >= 0):
+            raise UsageError(f"--steer must be a finite number >= 0, got {args.steer!r}")
     try:
         model = load_hf(resolve(args.model))
     except CheckpointError as e:
@@ -66,13 +74,7 @@ def run(args) -> int:
         if args.steer == "auto":
             gamma, trace = T.find_steering_gain(model, u, key=key, **kw)
         else:
-            try:
-                gamma = float(args.steer)
-            except ValueError:
-                raise UsageError(f"--steer must be a number >= 0 or 'auto', got {args.steer!r}") from None
-            if not gamma >= 0:
-                raise UsageError(f"--steer must be >= 0, got {gamma}")
-            trace = None
+            gamma, trace = steer_gamma, None
         steer = {"gamma": gamma, "trace": trace}
         if gamma is not None:
             sr = T.steer_experiment(model, u, gamma, key=key, **kw)
