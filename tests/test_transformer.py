@@ -210,3 +210,12 @@ def test_minilm_real_weights():
     assert len(r.metrics.c) == 6 and np.all(np.isfinite(r.metrics.delta))
     u = np.asarray(jax.random.normal(jax.random.key(1), (m.d,)))
     assert T.steer_experiment(m, u, 5000.0, key=jax.random.key(0), tokens=10, samples=100).final_cos > 0.99
+
+
+def test_fold_layernorm_full_block_is_exact():
+    """Pre-norm block with the original LayerNorm: folded and raw weights give the same step."""
+    g2 = load_hf(FIX / "gpt2")
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(5, 16)))
+    a = T.build_stack(g2, ffn=True, layernorm=True, biases=True).step(jnp.asarray(1), x)
+    b = T.build_stack(g2, ffn=True, layernorm=True, biases=True, fold_layernorm=True).step(jnp.asarray(1), x)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

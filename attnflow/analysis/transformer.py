@@ -136,15 +136,15 @@ def build_stack(model, *, biases: bool = False, fold_layernorm: bool = False, ff
         if not ffn and not layernorm:
             maps.append(LayerMap(attn, alpha=alpha, norm=L2Norm()))
             continue
-        f = FFN(*(jnp.asarray(a) for a in lay.ffn), act=lay.act if lay.act in _ACTS else "gelu") if ffn else None
-        if lay.act not in _ACTS and ffn:
+        if ffn and lay.act not in _ACTS:
             raise ValueError(f"unsupported FFN activation {lay.act!r} (supported: {', '.join(_ACTS)})")
+        f = FFN(*(jnp.asarray(a) for a in lay.ffn), act=lay.act) if ffn else None
         none = NoNorm()
         if not layernorm:
             maps.append(TransformerBlock(attn, none, L2Norm(), none, L2Norm(), f, alpha=alpha))
         elif model.pre_norm:
-            n_in = none if fold_layernorm else _ln(lay.ln_in, model.eps)
-            n_in = LayerNorm(eps=model.eps) if fold_layernorm else n_in
+            # folded heads already contain ln_1's affine part: feed them the standardised token
+            n_in = LayerNorm(eps=model.eps) if fold_layernorm else _ln(lay.ln_in, model.eps)
             maps.append(TransformerBlock(attn, n_in, none, _ln(lay.ln_attn, model.eps), none, f, alpha=alpha))
         else:
             maps.append(TransformerBlock(attn, none, _ln(lay.ln_attn, model.eps), none,
