@@ -28,7 +28,7 @@ def test_eigenpairs_match_numpy(seed, d, order):
     for lam in ref:
         assert np.min(np.abs(e.values - lam)) < 1e-9 * max(1, abs(lam))
     # sorted by descending key
-    key = e.values.real if order == "real" else np.abs(e.values)
+    key = {"real": e.values.real, "modulus": np.abs(e.values), "skip": np.abs(1 + e.values)}[order]
     assert np.all(np.diff(key) <= 1e-12)
     # W v = lambda v, unit norm
     assert np.allclose(W @ e.vectors, e.vectors * e.values, atol=1e-9)
@@ -139,3 +139,12 @@ def test_validation():
         sp.eigenpairs(np.ones((2, 3)), order="real")
     with pytest.raises(ValueError, match="non-finite"):
         sp.eigenpairs(np.array([[np.nan, 0], [0, 1.0]]), order="real")
+
+
+def test_skip_order():
+    # eigenvalues -1.9 (largest modulus), 1.2 (largest real part, largest |1 + lambda|), -0.5
+    W, _ = _similar(np.diag([-1.9, 1.2, -0.5]), 6)
+    assert sp.eigenpairs(W, order="modulus").lambda1 == pytest.approx(-1.9)
+    e = sp.eigenpairs(W, order="skip")
+    assert e.lambda1 == pytest.approx(1.2)
+    assert sp.spectral_gap(e) == pytest.approx(2.2 - 0.9)

@@ -14,7 +14,10 @@ import dataclasses
 
 import numpy as np
 
-ORDERS = ("real", "modulus")
+ORDERS = ("real", "modulus", "skip")
+"""``real``: descending Re lambda; ``modulus``: descending |lambda|; ``skip``: descending |1 + lambda|, the
+amplification of eigen-direction k by one layer x + W x with the skip connection (alpha = 1) under
+uniform attention, i.e. the power method on I + W."""
 
 
 def _check_order(order: str) -> str:
@@ -24,7 +27,11 @@ def _check_order(order: str) -> str:
 
 
 def _key(values: np.ndarray, order: str) -> np.ndarray:
-    return values.real if order == "real" else np.abs(values)
+    if order == "real":
+        return values.real
+    if order == "skip":
+        return np.abs(1.0 + values)
+    return np.abs(values)
 
 
 def _square(W, name="W") -> np.ndarray:
@@ -70,7 +77,8 @@ def eigenpairs(W, *, order: str) -> Eigen:
     **Arguments:**
 
     - `W`: ``(d, d)`` real matrix.
-    - `order`: ``"real"`` or ``"modulus"`` (no default: the choice changes the principal eigenvalue).
+    - `order`: ``"real"``, ``"modulus"`` or ``"skip"`` (|1 + lambda|, see :data:`ORDERS`); no default: the
+      choice changes the principal eigenvalue.
 
     **Returns:** an :class:`Eigen`. Real eigenvectors are returned with zero imaginary part and a sign
     fixed so their largest-magnitude entry is positive.

@@ -20,7 +20,8 @@ def add_parser(sub):
     p.add_argument("--tokens", type=int, default=10, help="tokens per prompt n (default 10)")
     p.add_argument("--samples", type=int, default=100, help="random prompts S (default 100)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--order", choices=("real", "modulus"), default="real", help="principal eigenvalue: largest real part (default) or modulus")
+    p.add_argument("--order", choices=("real", "modulus", "skip"), default="real",
+                   help="principal eigenvalue: largest real part (default), modulus, or |1 + lambda| (skip connection)")
     p.add_argument("--tie", type=float, default=None, help="relative gap below which span(v1, v2) is used")
     p.add_argument("--biases", action="store_true", help="keep the attention biases (the [PM] model has none)")
     p.add_argument("--fold-layernorm", action="store_true", help="fold the LayerNorm feeding each attention into Q, K, V")
