@@ -33,7 +33,7 @@ def test_out_figures_and_steer(tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "steering: gamma" in text
-    for f in ("alignment.png", "eigenvalues.png", "cumulative.png", "steering.png", "pm.json", "pm.npz"):
+    for f in ("alignment.png", "alignment_steered.png", "eigenvalues.png", "cumulative.png", "steering.png", "pm.json", "pm.npz"):
         assert (out / f).stat().st_size > 0, f
     doc = json.loads((out / "pm.json").read_text())
     assert len(doc["layers"]) == 4 and doc["steering"]["final_cos"] > 0.99

@@ -69,7 +69,7 @@ def run(args) -> int:
     info(f"{model.name}: {model.family}, d={model.d}, heads={model.num_heads}, layers={model.num_layers}", quiet=args.json)
     res = T.power_method_experiment(model, key=key, tie=args.tie, **kw)
     doc = res.to_json()
-    steer = None
+    steer = sr = None
     if args.steer is not None:
         u = np.asarray(jax.random.normal(ukey, (model.d,)))
         if args.steer == "auto":
@@ -77,6 +77,7 @@ def run(args) -> int:
         else:
             gamma, trace = steer_gamma, None
         steer = {"gamma": gamma, "trace": trace}
+        sr = None
         if gamma is not None:
             sr = T.steer_experiment(model, u, gamma, key=key, **kw)
             steer.update(final_cos=sr.final_cos, final_cos_min=sr.final_cos_min,
@@ -95,6 +96,9 @@ def run(args) -> int:
         P.cumulative(res, out / "cumulative.png")
         if steer and steer.get("trace"):
             P.steering_curve(steer["trace"], out / "steering.png")
+        if steer and sr is not None:
+            P.alignment(sr.result, out / "alignment_steered.png",
+                        title=f"{model.name}: last layer steered (gamma = {steer['gamma']:.4g}), alignment with v1(l)")
     if args.json:
         emit_json(doc)
     else:
