@@ -1,0 +1,195 @@
+"""Stability of equilibria by autodiff (MODEL.md section 5).
+
+The state lives on (S^{d-1})^n. The autodiff Jacobian of the map or vector field in R^{nd} is the
+*extrinsic* Jacobian J; stability is decided by the *intrinsic* one, J_int = B^T J B, with B the
+block-diagonal orthonormal basis of the tangent spaces (d x (d-1) per token). Discrete: stable iff the
+spectral radius of J_int < 1; continuous: stable iff max Re eig(J_int) < 0. Eigenvalues within `tol` of
+the boundary are *neutral* (symmetry directions, e.g. rotations when W, M are multiples of I): they are
+counted and reported, never hidden.
+
+Where things run: Jacobians are computed by ``jax.jacfwd`` inside one jit, vmapped over states (and
+parameter values), on the default device. General eigenvalues are computed on the host with NumPy:
+JAX's ``jnp.linalg.eig`` has no GPU kernel (it runs on the CPU), and GPU_NOTES.md measured
+``eigvals`` on GPU 8x slower than NumPy on 2 CPU cores for 10^4 20 x 20 matrices.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._types import Array, Float, Tokens
+from ..model.dynamics import AbstractDynamics, AbstractFlow, AbstractMap
+from .equilibria import eigenpairs, residual
+
+STABLE, UNSTABLE, NEUTRAL = 0, 1, 2
+VERDICTS = ("stable", "unstable", "neutral")
+
+
+def tangent_basis(X: Tokens) -> Float[Array, "n d d-1"]:
+    """Orthonormal bases of the tangent spaces x_i^perp, one ``(d, d-1)`` block per token."""
+
+    def one(x):
+        d = x.shape[0]
+        x = x / jnp.linalg.norm(x)
+        # Householder reflection taking e_j to x, with e_j the axis least aligned with x (stable).
+        j = jnp.argmin(jnp.abs(x))
+        e = jnp.zeros(d, x.dtype).at[j].set(1.0)
+        w = e - x
+        H = jnp.eye(d, dtype=x.dtype) - 2 * jnp.outer(w, w) / jnp.dot(w, w)
+        cols = jnp.delete(H, j, axis=1, assume_unique_indices=True)  # H e_k for k != j: orthonormal, _|_ x
+        return cols
+
+    return jax.vmap(one)(X)
+
+
+def _flat(dyn):
+    if isinstance(dyn, AbstractFlow):
+        return lambda X: dyn.vf(0.0, X)
+    if isinstance(dyn, AbstractMap):
+        return lambda X: dyn.step(0, X)
+    raise TypeError(f"expected a flow or a map, got {type(dyn).__name__}")
+
+
+def extrinsic_jacobian(dyn: AbstractDynamics, X: Tokens) -> Float[Array, "nd nd"]:
+    """Jacobian of the map / vector field at X, in R^{nd} (row-major token ordering)."""
+    n, d = X.shape
+    f = _flat(dyn)
+    return jax.jacfwd(lambda z: f(z.reshape(n, d)).ravel())(X.ravel())
+
+
+def intrinsic_jacobian(dyn: AbstractDynamics, X: Tokens) -> Float[Array, "m m"]:
+    """J_int = B^T J B on the tangent space of (S^{d-1})^n, m = n(d - 1)."""
+    n, d = X.shape
+    Bt = tangent_basis(X)  # (n, d, d-1)
+    J = extrinsic_jacobian(dyn, X).reshape(n, d, n, d)
+    return jnp.einsum("iak,iajb,jbl->ikjl", Bt, J, Bt).reshape(n * (d - 1), n * (d - 1))
+
+
+@eqx.filter_jit
+def _jacobians(dyn, Xs, params):
+    def one(d, X):
+        return intrinsic_jacobian(d, X), extrinsic_jacobian(d, X), jnp.max(jnp.abs(residual(d, X)))
+
+    batch = lambda d: jax.vmap(lambda X: one(d, X))(Xs)  # noqa: E731
+    if params is None:
+        return batch(dyn)
+    return jax.vmap(lambda p: batch(dyn.with_params(**p)))(params)
+
+
+def jacobians(dyn: AbstractDynamics, states, *, beta=None, alpha=None):
+    """Intrinsic and extrinsic Jacobians and equilibrium residuals of many states in one jitted call.
+
+    `states` is ``(b, n, d)``; with `beta` and/or `alpha` arrays of length p, every output gains a leading
+    axis p. Returns ``(J_int (.., b, m, m), J_ext (.., b, nd, nd), residual (.., b))``.
+    """
+    Xs = jnp.asarray(states)
+    if Xs.ndim == 2:
+        Xs = Xs[None]
+    params = {}
+    if beta is not None:
+        params["beta"] = jnp.atleast_1d(jnp.asarray(beta, dtype=Xs.dtype))
+    if alpha is not None:
+        params["alpha"] = jnp.atleast_1d(jnp.asarray(alpha, dtype=Xs.dtype))
+    return _jacobians(dyn, Xs, params or None)
+
+
+class Stability(eqx.Module):
+    """Per-state stability data (NumPy arrays, leading batch axes as the input states).
+
+    - `eigenvalues`: intrinsic eigenvalues, complex, sorted by decreasing ``measure`` contribution.
+    - `measure`: spectral radius (maps) or maximal real part (flows).
+    - `verdict`: 0 stable, 1 unstable, 2 neutral (marginal directions only, no unstable one).
+    - `neutral`: number of eigenvalues within `tol` of the boundary (symmetry directions).
+    - `unstable`: number of eigenvalues beyond the boundary.
+    - `residual`: max |residual| (how close the state is to an equilibrium).
+    - `discrete`: True for maps.
+    """
+
+    eigenvalues: np.ndarray
+    measure: np.ndarray
+    verdict: np.ndarray
+    neutral: np.ndarray
+    unstable: np.ndarray
+    residual: np.ndarray
+    discrete: bool = eqx.field(static=True)
+
+    @property
+    def stable(self) -> np.ndarray:
+        return self.verdict == STABLE
+
+
+def classify_spectrum(eigs: np.ndarray, discrete: bool, tol: float = 1e-8):
+    """(measure, verdict, n_neutral, n_unstable) of an array of eigenvalue sets ``(..., m)``."""
+    eigs = np.asarray(eigs)
+    g = np.abs(eigs) - 1.0 if discrete else eigs.real  # growth exponent: > 0 unstable
+    measure = np.abs(eigs).max(-1) if discrete else eigs.real.max(-1)
+    neutral = (np.abs(g) <= tol).sum(-1)
+    unstable = (g > tol).sum(-1)
+    verdict = np.where(unstable > 0, UNSTABLE, np.where(neutral > 0, NEUTRAL, STABLE))
+    return measure, verdict, neutral, unstable
+
+
+def analyse(dyn: AbstractDynamics, states, *, tol: float = 1e-8, beta=None, alpha=None) -> Stability:
+    """Stability of equilibria: autodiff intrinsic Jacobians (one jit), eigenvalues on the host."""
+    Jint, _, res = jacobians(dyn, states, beta=beta, alpha=alpha)
+    eigs = np.linalg.eigvals(np.asarray(Jint))
+    discrete = isinstance(dyn, AbstractMap)
+    key = -np.abs(eigs) if discrete else -eigs.real
+    eigs = np.take_along_axis(eigs, np.argsort(key, axis=-1, kind="stable"), axis=-1)
+    measure, verdict, neutral, unstable = classify_spectrum(eigs, discrete, tol)
+    return Stability(eigs, measure, verdict, neutral, unstable, np.asarray(res), discrete)
+
+
+def consensus_closed_form(model, k: int, n: int, *, alpha: float | None = None) -> np.ndarray:
+    """Intrinsic eigenvalues at consensus on v_k (MODEL.md section 5), any number of heads.
+
+    Discrete layer map (l2, step alpha): 1/(1 + alpha lambda_k) with multiplicity (n-1)(d-1), and
+    (1 + alpha lambda_j)/(1 + alpha lambda_k) for j != k. Continuous flow (``alpha=None``): -lambda_k
+    with multiplicity (n-1)(d-1), and lambda_j - lambda_k. Holds when the attention rows sum to one
+    (softmax, uniform, sinkhorn), so the attention terms vanish at consensus. Sorted like :func:`analyse`.
+    """
+    lam, _ = eigenpairs(model)
+    d = len(lam)
+    lk = lam[k].real
+    others = np.delete(lam, k)
+    if alpha is None:
+        eigs = np.concatenate([np.full((n - 1) * (d - 1), -lk), others - lk])
+        key = -eigs.real
+    else:
+        if 1 + alpha * lk <= 0:
+            raise ValueError(f"the closed form needs 1 + alpha lambda_k > 0, got {1 + alpha * lk}")
+        eigs = np.concatenate([np.full((n - 1) * (d - 1), 1 / (1 + alpha * lk)), (1 + alpha * others) / (1 + alpha * lk)])
+        key = -np.abs(eigs)
+    return eigs[np.argsort(key, kind="stable")].astype(complex)
+
+
+def step_size_threshold(model) -> float:
+    """The largest alpha for which consensus on v_1 is stable for the discrete map (MODEL.md section 5):
+    |1 + alpha lambda_j| < 1 + alpha lambda_1 for all j; inf when no lambda_j < -lambda_1."""
+    lam, _ = eigenpairs(model)
+    l1 = lam[0].real
+    bad = [lj.real for lj in lam[1:] if abs(lj.imag) < 1e-12 and lj.real < -l1]
+    return float(min(2.0 / (-lj - l1) for lj in bad)) if bad else float("inf")
+
+
+def dwell_time(stab: Stability, distance) -> np.ndarray:
+    """Estimated time (flows) or steps (maps) for a perturbation of size `distance` along the most unstable
+    direction to grow to O(1): log(1/distance)/log(rho) (maps) or log(1/distance)/max Re (flows); inf if
+    the state is not unstable. A state that *looks* converged but is unstable is a metastable saddle."""
+    growth = np.log(np.maximum(stab.measure, 1e-300)) if stab.discrete else stab.measure
+    with np.errstate(divide="ignore"):
+        t = np.log(1.0 / np.asarray(distance)) / growth
+    return np.where(stab.verdict == UNSTABLE, t, np.inf)
+
+
+def saddle_flags(dyn: AbstractDynamics, states, *, tol: float = 1e-8, distance: float | None = None):
+    """For (apparently converged) final states: which are saddles (an unstable direction), and their dwell
+    time, estimated from a perturbation of size `distance` (default: the state's own residual, floored at
+    machine epsilon). Returns ``(is_saddle, dwell, Stability)``."""
+    stab = analyse(dyn, states, tol=tol)
+    eps = np.finfo(np.asarray(states).dtype).eps
+    dist = np.maximum(stab.residual, eps) if distance is None else distance
+    return stab.verdict == UNSTABLE, dwell_time(stab, dist), stab
