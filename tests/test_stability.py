@@ -1,0 +1,151 @@
+"""Equilibria and stability against MODEL.md's closed forms, finite differences and simulations."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attnflow as af
+from attnflow.analysis import continuation as co, equilibria as eq, stability as st
+from attnflow.cli import main
+
+TOL64 = 1e-10
+
+
+def model_with_W(rng, W, H, kind="softmax", beta=0.7):
+    d = W.shape[0]
+    if H == 1:
+        heads = af.Heads.single(W, Q=rng.normal(size=(d, d)), K=rng.normal(size=(d, d)))
+    else:
+        Vs = rng.normal(size=(H, d, d))
+        Os = np.stack([W @ np.linalg.inv(Vs[h]) / H for h in range(H)])
+        heads = af.Heads(Q=rng.normal(size=(H, d, d)), K=rng.normal(size=(H, d, d)), V=Vs, O=Os)
+    return af.SelfAttention(heads, af.Attention(kind), beta)
+
+
+@pytest.mark.parametrize("H", [1, 2, 4])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("time", ["discrete", "continuous"])
+def test_consensus_spectra_match_closed_forms(H, symmetric, time):
+    rng = np.random.default_rng(H + 10 * symmetric)
+    d, n = 3, 4
+    S = np.linalg.qr(rng.normal(size=(d, d)))[0] if symmetric else rng.normal(size=(d, d))
+    W = S @ np.diag([1.0, 0.4, -0.3]) @ np.linalg.inv(S)
+    attn = model_with_W(rng, W, H)
+    np.testing.assert_allclose(attn.heads.layer_matrix(), W, atol=1e-12)
+    dyn, alpha = (af.LayerMap(attn, 0.3), 0.3) if time == "discrete" else (af.SphereFlow(attn), None)
+    X = jnp.stack([eq.consensus(dyn, k, n, s) for k in range(d) for s in (1, -1)])
+    stab = st.analyse(dyn, X)
+    for i, (k, s) in enumerate([(k, s) for k in range(d) for s in (1, -1)]):
+        cf = st.consensus_closed_form(dyn, k, n, alpha=alpha)
+        np.testing.assert_allclose(np.sort_complex(stab.eigenvalues[i]), np.sort_complex(cf), atol=TOL64)
+        assert stab.residual[i] < 1e-14
+        # consensus on v_1 (index 0) is the only stable consensus
+        assert bool(stab.stable[i]) == (k == 0)
+
+
+def test_jacobian_matches_finite_differences():
+    rng = np.random.default_rng(3)
+    attn = model_with_W(rng, rng.normal(size=(3, 3)), 2)
+    X = af.sample.sphere(jax.random.PRNGKey(0), (5, 3))
+    for dyn in (af.LayerMap(attn, 0.2), af.SphereFlow(attn)):
+        J = np.asarray(st.extrinsic_jacobian(dyn, X))
+        f = (lambda Z: dyn.step(0, Z)) if isinstance(dyn, af.LayerMap) else (lambda Z: dyn.vf(0.0, Z))
+        h, x = 1e-6, np.asarray(X).ravel()
+        fd = np.stack([(np.asarray(f(jnp.asarray(x + h * e).reshape(5, 3))) - np.asarray(f(jnp.asarray(x - h * e).reshape(5, 3)))).ravel() / (2 * h) for e in np.eye(15)], axis=1)
+        np.testing.assert_allclose(J, fd, atol=1e-8)
+        # intrinsic Jacobian = the tangent restriction: B^T J B with orthonormal tangent bases
+        B = np.asarray(st.tangent_basis(X))
+        np.testing.assert_allclose(np.einsum("nda,nd->na", B, np.asarray(X)), 0, atol=1e-14)
+        np.testing.assert_allclose(np.einsum("nda,ndb->nab", B, B), np.broadcast_to(np.eye(2), (5, 2, 2)), atol=1e-14)
+
+
+def test_polygonal_equilibria_are_unstable():
+    dyn = af.SphereFlow(af.SelfAttention(af.Heads.single(np.diag([1.0, 0.5, -0.3])), af.Attention("uniform")))
+    for n in (3, 4, 6):
+        stab = st.analyse(dyn, eq.polygonal(n, 3, jax.random.PRNGKey(n))[None])
+        assert stab.residual[0] < 1e-14 and stab.verdict[0] == st.UNSTABLE
+
+
+def test_stable_bipartite_small_perturbation_returns_large_escapes():
+    """[PM Thm 3]: a locally stable bipartite consensus (single head, symmetric V, M = V, beta = 1)."""
+    V = np.diag([1.0, 0.5, -0.3])
+    dyn = af.LayerMap(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0), 0.1)
+    n = 6
+    Xb = eq.bipartite(dyn, 0, 3, n)
+    assert bool(st.analyse(dyn, Xb[None]).stable[0])
+    small = af.sample.perturb_ball(jax.random.PRNGKey(1), Xb, 0.05, 16)
+    sol = af.simulate(dyn, small, steps=3000)
+    np.testing.assert_allclose(np.abs(np.asarray(sol.final) @ np.array([1.0, 0, 0])), 1.0, atol=1e-6)
+    assert np.all(np.max(np.abs(np.asarray(sol.final) - np.asarray(Xb)), axis=(1, 2)) < 1e-6)
+    large = af.sample.perturb_ball(jax.random.PRNGKey(2), Xb, 3.0, 32)
+    fin = np.asarray(af.simulate(dyn, large, steps=3000).final)
+    c = fin @ np.array([1.0, 0, 0])
+    consensus = np.all(c > 1 - 1e-6, axis=1) | np.all(c < -1 + 1e-6, axis=1)
+    assert consensus.any()  # some large perturbations escape to consensus on +-v_1
+
+
+def test_step_size_condition_bites_where_predicted():
+    V = np.diag([1.0, 0.2, -3.0])
+    thr = st.step_size_threshold(V)
+    assert thr == pytest.approx(2 / (3.0 - 1.0))
+    attn = af.SelfAttention(af.Heads.single(V), af.Attention("softmax"), 1.0)
+    X = eq.consensus(V, 0, 4)[None]
+    for alpha, stable in [(0.95 * thr, True), (1.05 * thr, False)]:
+        assert bool(st.analyse(af.LayerMap(attn, alpha), X).stable[0]) == stable
+    branch = co.continue_equilibrium(af.LayerMap(attn, 0.2), X[0], param="alpha", values=np.linspace(0.2, 1.6, 8))
+    assert len(branch.changes) == 1 and branch.changes[0] == pytest.approx(thr, abs=1e-7)
+    # batched over parameter values in one call
+    s = st.jacobians(af.LayerMap(attn, 0.2), X, alpha=[0.5, 1.5])[0]
+    assert s.shape == (2, 1, 8, 8)
+
+
+def test_refine_recovers_constructed_equilibria():
+    V = np.diag([1.0, 0.5, -0.3])
+    dyn = af.LayerMap(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 2.0), 0.1)
+    for X in (eq.bipartite(dyn, 0, 2, 5), eq.consensus(dyn, 1, 5, -1), eq.bipartite(dyn, 2, 1, 5)):
+        noisy = X + 1e-2 * jax.random.normal(jax.random.PRNGKey(0), X.shape)
+        r = eq.refine(dyn, noisy)
+        assert bool(r.success) and np.max(np.abs(np.asarray(r.state) - np.asarray(X))) < 1e-10
+
+
+def test_clustering_equilibrium_not_eigenvector_aligned():
+    """Documented example: single softmax head, V = diag(1, .5, -.3), M = V, beta = 2, n = 4, flow: two-point
+    clusterings exist whose points are not on eigenvector axes."""
+    V = np.diag([1.0, 0.5, -0.3])
+    dyn = af.SphereFlow(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 2.0))
+    found = eq.find_clusterings(dyn, jax.random.PRNGKey(1), 4, starts=8)
+    assert found
+    for X in found:
+        assert eq.alignment(dyn, X)[0] == -1
+        assert np.max(np.abs(np.asarray(eq.residual(dyn, jnp.asarray(X))))) < 1e-10
+        assert len(np.unique(np.round(X, 6), axis=0)) == 2
+
+
+def test_saddle_flag_and_dwell():
+    V = np.diag([1.0, 0.5, -0.3])
+    dyn = af.LayerMap(af.SelfAttention(af.Heads.single(V), af.Attention("softmax"), 1.0), 0.1)
+    X = jnp.stack([eq.consensus(V, 0, 4), eq.consensus(V, 1, 4)])
+    saddle, dwell, stab = st.saddle_flags(dyn, X, distance=1e-8)
+    assert list(saddle) == [False, True]
+    assert np.isinf(dwell[0]) and dwell[1] == pytest.approx(np.log(1e8) / np.log(stab.measure[1]))
+
+
+def test_cli_stability_json_and_errors(tmp_path, capsys):
+    cfg = tmp_path / "s.toml"
+    cfg.write_text('[model]\nd = 3\nV = [[1.0, 0, 0], [0, 0.2, 0], [0, 0, -3.0]]\n[dynamics]\nalpha = 0.1\ntokens = 3\ndtype = "float64"\n'
+                   '[stability]\ncontinuation = {param = "alpha", start = 0.2, stop = 1.6, num = 4}\n')
+    assert main(["stability", str(cfg), "--json", "--out", str(tmp_path / "o")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    eqs = out["equilibria"]
+    assert {"kind", "eigenvector", "sign", "split", "stable", "spectral_radius", "eigenvalues"} <= set(eqs[0])
+    assert [e["stable"] for e in eqs if e["kind"] == "consensus"] == [True, True, False, False, False, False]
+    assert len(eqs[0]["eigenvalues"]) == 3 * 2 and len(eqs[0]["eigenvalues"][0]) == 2
+    assert out["continuation"]["changes"][0] == pytest.approx(1.0, abs=1e-7)
+    assert (tmp_path / "o" / "spectra.png").exists() and (tmp_path / "o" / "continuation.png").exists()
+    bad = tmp_path / "b.toml"
+    bad.write_text(cfg.read_text() + "bogus = 1\n")
+    assert main(["stability", str(bad)]) == 2
+    assert "unknown key" in capsys.readouterr().err
