@@ -1,0 +1,294 @@
+"""Basins of attraction: Monte Carlo fractions with Wilson intervals, local basin radius, critical shocks,
+continuation in beta/alpha. Chunked, streaming to a run directory, resumable, shardable.
+
+Every chunk i draws its initial states from ``jax.random.fold_in(key, i)``, so results do not depend on
+how the chunks are scheduled: resumed, sharded over devices, or split over processes
+(``process_index``/``process_count``; one process per host with ``jax.distributed.initialize`` — launch
+``python -c "import jax; jax.distributed.initialize(coordinator_address='HOST:PORT', num_processes=P,
+process_id=I); ..."`` on each host, each calling :func:`basin_fractions` with ``process_index=I,
+process_count=P`` and the same shared run directory, then one :func:`basin_fractions` call with
+``resume=True`` merges the chunks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._types import Array, Tokens
+from ..evolve import sample
+from ..evolve.simulate import CONVERGED, simulate
+from ..model.dynamics import AbstractDynamics, AbstractFlow
+from .classify import NOT_CONVERGED, classify, describe, label_rows
+
+
+def wilson(k, N, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion k/N."""
+    if N == 0:
+        return (0.0, 1.0)
+    p = k / N
+    den = 1 + z * z / N
+    c = (p + z * z / (2 * N)) / den
+    h = z * math.sqrt(p * (1 - p) / N + z * z / (4 * N * N)) / den
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+@dataclasses.dataclass
+class BasinResult:
+    """Basin fractions: one dict per attractor (label, kind, eigenvector, sign, split, count, fraction,
+    ci95, steps statistics), sorted by count, plus totals and the per-sample rows."""
+
+    samples: int
+    unconverged: int
+    attractors: list[dict]
+    rows: np.ndarray
+    steps: np.ndarray
+    finals: np.ndarray | None = None
+
+    def to_json(self) -> dict:
+        keep = ("label", "kind", "eigenvector", "sign", "split", "fraction", "ci95", "count", "steps_mean", "steps_median", "steps_max")
+        return {"samples": self.samples, "unconverged": self.unconverged, "attractors": [{k: a[k] for k in keep} for a in self.attractors]}
+
+
+def summarize(rows: np.ndarray, steps: np.ndarray, n: int) -> tuple[list[dict], int]:
+    """Group per-sample attractor rows into attractors with fractions and intervals."""
+    N = len(rows)
+    uniq, inv, counts = np.unique(rows, axis=0, return_inverse=True, return_counts=True)
+    inv = np.asarray(inv).ravel()
+    out = []
+    for j in np.argsort(-counts, kind="stable"):
+        sel = inv == j
+        info = describe(uniq[j], n)
+        s = steps[sel]
+        out.append({**info, "count": int(counts[j]), "fraction": counts[j] / N, "ci95": list(wilson(int(counts[j]), N)),
+                    "steps_mean": float(s.mean()), "steps_median": float(np.median(s)), "steps_max": int(s.max()), "row": uniq[j]})
+    unconverged = int(np.sum(rows[:, 0] == NOT_CONVERGED))
+    return out, unconverged
+
+
+def uniform_sampler(tokens: int, d: int, dtype=None) -> Callable:
+    """Initial states uniform on the sphere."""
+    return lambda key, num: sample.sphere(key, (num, tokens, d), dtype=dtype)
+
+
+def around_sampler(X, radius: float) -> Callable:
+    """Initial states at tangent distance `radius` from X (uniform direction)."""
+    return lambda key, num: sample.perturb_ball(key, X, radius, num)
+
+
+def basin_fractions(
+    dyn: AbstractDynamics,
+    key: Array,
+    samples: int,
+    *,
+    tokens: int | None = None,
+    sampler: Callable | None = None,
+    chunk_size: int = 10_000,
+    tol: float = 1e-7,
+    cluster_tol: float = 1e-3,
+    steps: int | None = None,
+    t1: float | None = None,
+    dt: float | None = None,
+    solver=None,
+    run_dir=None,
+    manifest: dict | None = None,
+    resume: bool = False,
+    progress: bool = False,
+    ci_width: float | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    keep_finals: bool = False,
+    dtype=None,
+) -> BasinResult:
+    """Monte Carlo basin fractions of the attractors of ``dyn``.
+
+    **Arguments:**
+
+    - `dyn`, `key`, `samples`: the model, a PRNG key and the number of initial states.
+    - `tokens` n (with the default uniform sampler), or `sampler(key, num) -> (num, n, d)`.
+    - `chunk_size`: states per chunk (memory is bounded by the chunk); chunk i uses ``fold_in(key, i)``.
+    - `tol`: per-member convergence tolerance of :func:`attnflow.simulate`; members that do not converge are
+      counted as "not converged". `cluster_tol`: the classifier's tolerance.
+    - `steps` (maps) or `t1`, `dt`, `solver` (flows): the simulation budget.
+    - `run_dir`: stream per-chunk Parquet tables and a manifest there; `resume` continues an existing run.
+    - `ci_width`: adaptive mode: keep adding chunks (beyond `samples`, up to 100 x `samples`) until every 95%
+      interval is narrower than this.
+    - `process_index`, `process_count`: this process computes chunks i with i % count == index.
+    """
+    from ..io.results import RunDir
+
+    d = _dim(dyn)
+    if sampler is None:
+        if tokens is None:
+            raise ValueError("basin_fractions needs tokens= (or a sampler)")
+        sampler = uniform_sampler(tokens, d, dtype)
+    if samples < 1 or chunk_size < 1:
+        raise ValueError(f"samples and chunk_size must be >= 1, got {samples}, {chunk_size}")
+    kw = dict(tol=tol)
+    if isinstance(dyn, AbstractFlow):
+        kw.update(t1=t1, dt=dt, solver=solver)
+    else:
+        kw.update(steps=steps)
+    rd = None
+    if run_dir is not None:
+        ident = {"samples": samples, "chunk_size": chunk_size, "key": np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key).tolist(), "tol": tol,
+                 "config": (manifest or {}).get("config")}
+        rd = RunDir(run_dir, {"identity": ident, **(manifest or {})}, resume=resume)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=samples, unit="samples", desc="basins", smoothing=0.1)
+    parts, finals = {}, []
+    n_chunks = math.ceil(samples / chunk_size)
+    i = 0
+    while True:
+        if i >= n_chunks:
+            if ci_width is None or i * chunk_size >= 100 * samples:
+                break
+            allrows = np.concatenate([parts[j][0] for j in sorted(parts)])
+            atts, _ = summarize(allrows, np.concatenate([parts[j][1] for j in sorted(parts)]), allrows.shape[1])
+            if all(a["ci95"][1] - a["ci95"][0] < ci_width for a in atts):
+                break
+        num = chunk_size if (i < n_chunks - 1 or ci_width is not None and i >= n_chunks) else samples - chunk_size * (n_chunks - 1)
+        if i % process_count != process_index and not (rd is not None and rd.done(i)):
+            i += 1
+            continue
+        if rd is not None and rd.done(i):
+            c = rd.read_chunk(i)
+            parts[i] = (c["rows"], c["steps"])
+        else:
+            x0 = sampler(jax.random.fold_in(key, i), chunk_size)  # full-size chunk: one compiled shape
+            sol = simulate(dyn, x0, **kw)
+            labels = classify(dyn, sol.final, sol.status, tol=cluster_tol)
+            rows = label_rows(labels)[:num]
+            st = np.asarray(sol.steps)[:num]
+            parts[i] = (rows, st)
+            if rd is not None:
+                rd.write_chunk(i, {"rows": rows, "steps": st, "status": np.asarray(sol.status)[:num]})
+            if keep_finals:
+                finals.append(np.asarray(sol.final)[:num])
+        if bar is not None:
+            bar.update(num)
+        i += 1
+    if bar is not None:
+        bar.close()
+    mine = sorted(parts)
+    rows = np.concatenate([parts[j][0] for j in mine])
+    steps_ = np.concatenate([parts[j][1] for j in mine])
+    atts, unconverged = summarize(rows, steps_, _tokens_from_rows(rows))
+    res = BasinResult(len(rows), unconverged, atts, rows, steps_, np.concatenate(finals) if finals else None)
+    if rd is not None:
+        rd.write_json("summary.json", res.to_json())
+    return res
+
+
+def _dim(dyn) -> int:
+    attn = getattr(dyn, "attn", None)
+    if attn is None:
+        raise TypeError(f"cannot infer d from {type(dyn).__name__}")
+    return attn.heads.dim
+
+
+def _tokens_from_rows(rows) -> int:
+    return (rows.shape[1] - 4) // 2
+
+
+def recovery_probability(dyn, X_eq: Tokens, radius: float, key: Array, *, samples: int = 256, tol: float = 1e-7,
+                         recover_tol: float = 1e-4, **sim) -> float:
+    """Fraction of perturbations at tangent distance `radius` whose final state returns to X_eq."""
+    x0 = sample.perturb_ball(key, jnp.asarray(X_eq), radius, samples)
+    sol = simulate(dyn, x0, tol=tol, **sim)
+    dist = np.max(np.abs(np.asarray(sol.final) - np.asarray(X_eq)[None]), axis=(1, 2))
+    return float(np.mean((dist < recover_tol) & (np.asarray(sol.status) == CONVERGED)))
+
+
+def local_basin_radius(dyn, X_eq: Tokens, key: Array, *, q: float = 0.9, r_max: float = 3.0, iters: int = 12,
+                       samples: int = 256, **sim) -> dict:
+    """Largest radius r (bisection in [0, r_max]) at which perturbations of X_eq recover with probability >= q."""
+    lo, hi = 0.0, float(r_max)
+    probs = {}
+    p_hi = recovery_probability(dyn, X_eq, hi, jax.random.fold_in(key, 0), samples=samples, **sim)
+    probs[hi] = p_hi
+    if p_hi >= q:
+        return {"radius": hi, "q": q, "probabilities": probs, "bracket": [hi, hi]}
+    for it in range(1, iters + 1):
+        mid = 0.5 * (lo + hi)
+        p = recovery_probability(dyn, X_eq, mid, jax.random.fold_in(key, it), samples=samples, **sim)
+        probs[mid] = p
+        lo, hi = (mid, hi) if p >= q else (lo, mid)
+    return {"radius": lo, "q": q, "probabilities": dict(sorted(probs.items())), "bracket": [lo, hi]}
+
+
+def critical_shock(dyn, X_eq: Tokens, key: Array, *, steps: int = 200, candidates: int = 256, r_max: float = 3.0,
+                   iters: int = 200, learning_rate: float = 0.02, escape: float = 0.5) -> dict:
+    """Smallest perturbation that leaves the basin of X_eq (a discrete map), by optimisation with optax.
+
+    Monte Carlo candidates at growing radii give a first escaping perturbation; then Adam minimises
+    ``|delta|^2 + 10 relu(escape - dist(F^steps(X_eq + delta), X_eq))`` over the tangent perturbation delta,
+    differentiating through ``steps`` iterations of the map. Every accepted iterate is checked to still escape
+    (final distance >= `escape`) by simulation; the smallest such |delta| is returned.
+    """
+    import optax
+
+    from ..model.norms import normalize_rows
+
+    X = jnp.asarray(X_eq)
+
+    def final_dist(delta):
+        Y = normalize_rows(X + delta)
+        Y = jax.lax.fori_loop(0, steps, lambda k, Z: dyn.step(k, Z), Y)
+        return jnp.sqrt(jnp.sum((Y - X) ** 2))
+
+    best = None
+    for j, r in enumerate(np.linspace(r_max / 16, r_max, 16)):
+        x0 = sample.perturb_ball(jax.random.fold_in(key, j), X, float(r), candidates)
+        dists = jax.vmap(lambda Y: final_dist(Y - X))(x0)
+        esc = np.flatnonzero(np.asarray(dists) >= escape)
+        if len(esc):
+            best = x0[esc[0]] - X
+            break
+    if best is None:
+        return {"radius": None, "delta": None, "message": f"no escape found up to radius {r_max}"}
+    from ..model.dynamics import tangent_project
+
+    delta = tangent_project(X, best)
+    opt = optax.adam(learning_rate)
+    state = opt.init(delta)
+    loss = lambda dl: jnp.sum(dl * dl) + 10.0 * jax.nn.relu(escape - final_dist(dl))  # noqa: E731
+    step = jax.jit(lambda dl, s: _opt_step(loss, opt, dl, s, X))
+    best_norm = float(jnp.linalg.norm(delta))
+    best_delta = delta
+    for _ in range(iters):
+        delta, state = step(delta, state)
+        if float(final_dist(delta)) >= escape and float(jnp.linalg.norm(delta)) < best_norm:
+            best_norm, best_delta = float(jnp.linalg.norm(delta)), delta
+    return {"radius": best_norm, "delta": np.asarray(best_delta), "monte_carlo_radius": float(jnp.linalg.norm(tangent_project(X, best)))}
+
+
+def _opt_step(loss, opt, delta, state, X):
+    from ..model.dynamics import tangent_project
+
+    g = jax.grad(loss)(delta)
+    upd, state = opt.update(g, state)
+    return tangent_project(X, delta + upd), state
+
+
+def continuation(dyn, key: Array, samples: int, *, param: str, values, **kw) -> dict:
+    """Basin fractions over a grid of beta or alpha values; attractors matched across values by label."""
+    if param not in ("beta", "alpha"):
+        raise ValueError(f"param must be 'beta' or 'alpha', got {param!r}")
+    values = [float(v) for v in values]
+    results = [basin_fractions(dyn.with_params(**{param: v}), key, samples, **kw) for v in values]
+    labels = []
+    for r in results:
+        for a in r.attractors:
+            if a["label"] not in labels:
+                labels.append(a["label"])
+    table = {lab: [next((a["fraction"] for a in r.attractors if a["label"] == lab), 0.0) for r in results] for lab in labels}
+    return {"param": param, "values": values, "fractions": table, "results": results}
