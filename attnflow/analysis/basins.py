@@ -46,8 +46,8 @@ class BasinResult:
     samples: int
     unconverged: int
     attractors: list[dict]
-    rows: np.ndarray
-    steps: np.ndarray
+    rows: np.ndarray | None = None
+    steps: np.ndarray | None = None
     finals: np.ndarray | None = None
 
     def to_json(self) -> dict:
@@ -55,20 +55,39 @@ class BasinResult:
         return {"samples": self.samples, "unconverged": self.unconverged, "attractors": [{k: a[k] for k in keep} for a in self.attractors]}
 
 
-def summarize(rows: np.ndarray, steps: np.ndarray, n: int) -> tuple[list[dict], int]:
-    """Group per-sample attractor rows into attractors with fractions and intervals."""
-    N = len(rows)
-    uniq, inv, counts = np.unique(rows, axis=0, return_inverse=True, return_counts=True)
-    inv = np.asarray(inv).ravel()
-    out = []
-    for j in np.argsort(-counts, kind="stable"):
-        sel = inv == j
-        info = describe(uniq[j], n)
-        s = steps[sel]
-        out.append({**info, "count": int(counts[j]), "fraction": counts[j] / N, "ci95": list(wilson(int(counts[j]), N)),
-                    "steps_mean": float(s.mean()), "steps_median": float(np.median(s)), "steps_max": int(s.max()), "row": uniq[j]})
-    unconverged = int(np.sum(rows[:, 0] == NOT_CONVERGED))
-    return out, unconverged
+class _Tally:
+    """Streaming per-attractor counts and step statistics: memory grows with the number of attractors, not samples."""
+
+    def __init__(self):
+        self.table: dict[tuple, list] = {}
+        self.n = None
+        self.total = 0
+
+    def add(self, rows: np.ndarray, steps: np.ndarray) -> None:
+        self.n = _tokens_from_rows(rows)
+        self.total += len(rows)
+        uniq, inv = np.unique(rows, axis=0, return_inverse=True)
+        inv = np.asarray(inv).ravel()
+        for j, r in enumerate(uniq):
+            s = steps[inv == j].astype(np.int64)
+            e = self.table.setdefault(tuple(int(v) for v in r), [0, 0, 0, np.zeros(1, np.int64)])
+            e[0] += len(s)
+            e[1] += int(s.sum())
+            e[2] = max(e[2], int(s.max()))
+            h = np.bincount(s)
+            if len(h) > len(e[3]):
+                e[3] = np.pad(e[3], (0, len(h) - len(e[3])))
+            e[3][: len(h)] += h
+
+    def attractors(self) -> tuple[list[dict], int]:
+        out = []
+        for r, (c, ssum, smax, hist) in sorted(self.table.items(), key=lambda t: -t[1][0]):
+            med = float(np.searchsorted(np.cumsum(hist), (c + 1) / 2))
+            out.append({**describe(np.array(r), self.n), "count": c, "fraction": c / self.total,
+                        "ci95": list(wilson(c, self.total)), "steps_mean": ssum / c, "steps_median": med, "steps_max": smax,
+                        "row": np.array(r)})
+        unconverged = sum(e[0] for r, e in self.table.items() if r[0] == NOT_CONVERGED)
+        return out, unconverged
 
 
 def uniform_sampler(tokens: int, d: int, dtype=None) -> Callable:
@@ -119,6 +138,10 @@ def basin_fractions(
     - `ci_width`: adaptive mode: keep adding chunks (beyond `samples`, up to 100 x `samples`) until every 95%
       interval is narrower than this.
     - `process_index`, `process_count`: this process computes chunks i with i % count == index.
+    - `keep_finals`: also return the final states of the first ~2000 samples (for figures).
+
+    Per-attractor counts and step statistics are tallied chunk by chunk, so host memory is bounded by the chunk
+    and the number of attractors, not by `samples`.
     """
     from ..io.results import RunDir
 
@@ -144,15 +167,14 @@ def basin_fractions(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=samples, unit="samples", desc="basins", smoothing=0.1)
-    parts, finals = {}, []
+    tally, finals, kept_rows = _Tally(), [], []
     n_chunks = math.ceil(samples / chunk_size)
     i = 0
     while True:
         if i >= n_chunks:
             if ci_width is None or i * chunk_size >= 100 * samples:
                 break
-            allrows = np.concatenate([parts[j][0] for j in sorted(parts)])
-            atts, _ = summarize(allrows, np.concatenate([parts[j][1] for j in sorted(parts)]), allrows.shape[1])
+            atts, _ = tally.attractors()
             if all(a["ci95"][1] - a["ci95"][0] < ci_width for a in atts):
                 break
         num = chunk_size if (i < n_chunks - 1 or ci_width is not None and i >= n_chunks) else samples - chunk_size * (n_chunks - 1)
@@ -161,28 +183,27 @@ def basin_fractions(
             continue
         if rd is not None and rd.done(i):
             c = rd.read_chunk(i)
-            parts[i] = (c["rows"], c["steps"])
+            rows, st = c["rows"], c["steps"]
         else:
             x0 = sampler(jax.random.fold_in(key, i), chunk_size)  # full-size chunk: one compiled shape
             sol = simulate(dyn, x0, **kw)
             labels = classify(dyn, sol.final, sol.status, tol=cluster_tol)
             rows = label_rows(labels)[:num]
             st = np.asarray(sol.steps)[:num]
-            parts[i] = (rows, st)
             if rd is not None:
                 rd.write_chunk(i, {"rows": rows, "steps": st, "status": np.asarray(sol.status)[:num]})
-            if keep_finals:
+            if keep_finals and sum(len(f) for f in finals) < 2000:  # a sample for figures, not the study
                 finals.append(np.asarray(sol.final)[:num])
+                kept_rows.append(rows)
+        tally.add(rows, st)
         if bar is not None:
             bar.update(num)
         i += 1
     if bar is not None:
         bar.close()
-    mine = sorted(parts)
-    rows = np.concatenate([parts[j][0] for j in mine])
-    steps_ = np.concatenate([parts[j][1] for j in mine])
-    atts, unconverged = summarize(rows, steps_, _tokens_from_rows(rows))
-    res = BasinResult(len(rows), unconverged, atts, rows, steps_, np.concatenate(finals) if finals else None)
+    atts, unconverged = tally.attractors()
+    res = BasinResult(tally.total, unconverged, atts, np.concatenate(kept_rows) if kept_rows else None, None,
+                      np.concatenate(finals) if finals else None)
     if rd is not None:
         rd.write_json("summary.json", res.to_json())
     return res
