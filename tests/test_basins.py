@@ -36,6 +36,8 @@ def test_classifier_labels_constructed_states():
     assert L.eigenvector.tolist() == [0, 2, 1, -1] and L.sign.tolist()[:3] == [1, -1, 1]
     assert L.split.tolist()[2] == 2 and L.clusters.tolist() == [1, 1, 2, 2]
     assert cl.describe(cl.label_rows(cl.classify(dyn, states))[2], n)["label"] == "bipartite v1 2/6"
+    rows = cl.label_rows(cl.classify(dyn, states, status=np.array([0, 0, 1, 0])))
+    assert rows[0].tolist() == rows[3].tolist() == [cl.NOT_CONVERGED] + [0] * (rows.shape[1] - 1)  # one unconverged class
     poly = cl.classify(mapped(V3), eq.polygonal(4, 3)[None])
     assert int(poly.kind[0]) == cl.POLYGONAL
 

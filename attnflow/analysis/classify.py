@@ -103,12 +103,15 @@ def classify(model, final: Batch, status=None, *, tol: float = 1e-3, decimals: i
 
 def label_rows(labels: Labels) -> np.ndarray:
     """One integer row per state that identifies its attractor: (kind, eigenvector, sign, split, sizes...,
-    gram x 10^3...) with the invariant features zeroed for eigenvector-aligned states."""
+    gram x 10^3...) with the invariant features zeroed for eigenvector-aligned states and everything but the kind
+    zeroed for states that did not converge."""
     L = jax.tree.map(np.asarray, labels)
     aligned = L.eigenvector >= 0
     sizes = np.where(aligned[:, None], 0, L.sizes)
     gram = np.where(aligned[:, None], 0, np.round(L.gram * 1000)).astype(np.int64)
-    return np.column_stack([L.kind, L.eigenvector, L.sign, L.split, sizes, gram]).astype(np.int64)
+    rows = np.column_stack([L.kind, L.eigenvector, L.sign, L.split, sizes, gram]).astype(np.int64)
+    rows[L.kind == NOT_CONVERGED, 1:] = 0  # one "not converged" class, whatever the state looked like
+    return rows
 
 
 def describe(row, n: int) -> dict:
