@@ -157,6 +157,11 @@ def _run_impl(dyn, solver, x0, dt, sweep, plan: _Plan):
     global _TRACES
     _TRACES += 1
     one = _adaptive_one if plan.adaptive else _fixed_one
+    if sweep is None:  # fused Pallas kernel on a GPU for small-d softmax/l2 layer maps (kernels/lanes.py)
+        from .kernels import fused_applies, fused_run
+
+        if fused_applies(dyn, x0, plan):
+            return fused_run(dyn, x0, plan)
 
     def batch(d):
         return jax.vmap(lambda x: one(d, solver, x, dt, plan))(x0)
