@@ -25,12 +25,14 @@ def add_parser(sub):
 
 def _entry(kind, k, sign, split, stab, i, discrete):
     eigs = stab.eigenvalues[i]
-    e = {"kind": kind, "eigenvector": k, "sign": sign, "split": split, "stable": bool(stab.verdict[i] == 0),
-         "verdict": ["stable", "unstable", "neutral"][int(stab.verdict[i])], "neutral": int(stab.neutral[i]),
-         "residual": float(stab.residual[i])}
+    e = {"kind": kind, "eigenvector": k, "sign": sign, "split": split, "stable": bool(stab.verdict[i] == 0)}
     e["spectral_radius" if discrete else "max_real"] = float(stab.measure[i])
     e["eigenvalues"] = [[float(z.real), float(z.imag)] for z in eigs]
     return e
+
+
+def _verdict(stab, i):
+    return ["stable", "unstable", "neutral"][int(stab.verdict[i])]
 
 
 def run(args) -> int:
@@ -86,7 +88,7 @@ def run(args) -> int:
         raise UsageError(f"{cfg.path}: W has no real eigenvector and no states were given")
     stab = st.analyse(dyn, jnp.stack([jnp.asarray(X, dtype=states[0].dtype) for X in states]), tol=float(sec.get("tol", 1e-8)))
     entries = [_entry(kind, k, s, m, stab, i, discrete) for i, (kind, k, s, m) in enumerate(labels)]
-    result = {"model": str(cfg.path), "time": cfg.time, "tokens": n, "equilibria": entries}
+    result = {"equilibria": entries}  # exactly the documented shape; "continuation" only when requested
     branch = None
     if "continuation" in sec:
         c = sec["continuation"]
@@ -114,10 +116,10 @@ def run(args) -> int:
     if args.json:
         emit_json(result)
     else:
-        for e in entries:
+        for i, e in enumerate(entries):
             meas = e.get("spectral_radius", e.get("max_real"))
-            print(f"{e['kind']:>12s} v{e['eigenvector']:<2d} sign {e['sign']:+d} split {e['split']:<2d} {e['verdict']:9s} "
-                  f"{'rho' if discrete else 'max Re'} = {meas:.6g}")
+            print(f"{e['kind']:>12s} v{e['eigenvector']:<2d} sign {e['sign']:+d} split {e['split']:<2d} {_verdict(stab, i):9s} "
+                  f"{'rho' if discrete else 'max Re'} = {meas:.6g}  neutral {int(stab.neutral[i])}  residual {float(stab.residual[i]):.1e}")
         if branch is not None:
             print(f"continuation in {branch.param}: stability changes at {', '.join(f'{c:.6g}' for c in branch.changes) or 'none'}")
     return 0

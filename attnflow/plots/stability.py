@@ -24,6 +24,7 @@ def spectra(entries, path, *, discrete: bool, title: str = "") -> Path:
         if discrete:
             t = np.linspace(0, 2 * np.pi, 200)
             ax.plot(np.cos(t), np.sin(t), color="0.6", lw=0.8)
+            ax.set_aspect("equal", adjustable="datalim")
         else:
             ax.axvline(0, color="0.6", lw=0.8)
         ax.scatter(eigs.real, eigs.imag, s=18, color="tab:green" if stable else "tab:red")

@@ -1,0 +1,39 @@
+"""Continuation in alpha/beta: the step-size bifurcation of MODEL.md section 5 found by bisection."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attnflow as af
+from attnflow.analysis import continuation as co, equilibria as eq, stability as st
+
+
+def test_step_size_condition_bites_where_predicted():
+    V = np.diag([1.0, 0.2, -3.0])
+    thr = st.step_size_threshold(V)
+    assert thr == pytest.approx(2 / (3.0 - 1.0))
+    attn = af.SelfAttention(af.Heads.single(V), af.Attention("softmax"), 1.0)
+    X = eq.consensus(V, 0, 4)[None]
+    for alpha, stable in [(0.95 * thr, True), (1.05 * thr, False)]:
+        assert bool(st.analyse(af.LayerMap(attn, alpha), X).stable[0]) == stable
+    branch = co.continue_equilibrium(af.LayerMap(attn, 0.2), X[0], param="alpha", values=np.linspace(0.2, 1.6, 8))
+    assert len(branch.changes) == 1 and branch.changes[0] == pytest.approx(thr, abs=1e-7)
+    # batched over parameter values in one call
+    s = st.jacobians(af.LayerMap(attn, 0.2), X, alpha=[0.5, 1.5])[0]
+    assert s.shape == (2, 1, 8, 8)
+
+
+def test_beta_continuation_of_stable_consensus_and_bipartite():
+    """Consensus on v_1 stays stable for every beta (its spectrum does not depend on beta, MODEL.md section 5);
+    each continuation point is refined to an equilibrium."""
+    V = np.diag([1.0, 0.5, -0.3])
+    dyn = af.LayerMap(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0), 0.1)
+    betas = np.linspace(0.5, 3.0, 5)
+    b = co.continue_equilibrium(dyn, eq.consensus(dyn, 0, 4), param="beta", values=betas)
+    np.testing.assert_allclose(b.values, betas)
+    assert np.all(b.verdict == st.STABLE) and len(b.changes) == 0
+    np.testing.assert_allclose(b.measure, (1 + 0.1 * 0.5) / (1 + 0.1 * 1.0), atol=1e-10)  # common mode along v_2 dominates
+    assert np.all(b.residual < 1e-12)
+    with pytest.raises(ValueError):
+        co.continue_equilibrium(dyn, eq.consensus(dyn, 0, 4), param="gamma", values=betas)
