@@ -83,3 +83,16 @@ def test_saddle_flag_and_dwell():
     saddle, dwell, stab = st.saddle_flags(dyn, X, distance=1e-8)
     assert list(saddle) == [False, True]
     assert np.isinf(dwell[0]) and dwell[1] == pytest.approx(np.log(1e8) / np.log(stab.measure[1]))
+
+
+def test_dwell_estimate_matches_simulation():
+    """Saddle (consensus on v_2 of the map): the linear estimate log(1/eps)/log(rho) vs the simulated escape."""
+    V = np.diag([1.0, 0.5, -0.3])
+    dyn = af.LayerMap(af.SelfAttention(af.Heads.single(V), af.Attention("softmax"), 1.0), 0.1)
+    X = eq.consensus(V, 1, 4)
+    saddle, dwell, stab = st.saddle_flags(dyn, X[None], distance=1e-6)
+    assert saddle[0] and stab.measure[0] == pytest.approx(1.1 / 1.05, abs=1e-12)
+    measured = st.measured_dwell(dyn, X, distance=1e-6, steps=600)
+    assert 0.85 * dwell[0] < measured < 1.1 * dwell[0]
+    # a stable state never escapes
+    assert np.isinf(st.measured_dwell(dyn, eq.consensus(V, 0, 4), distance=1e-3, steps=200))

@@ -193,3 +193,35 @@ def saddle_flags(dyn: AbstractDynamics, states, *, tol: float = 1e-8, distance: 
     eps = np.finfo(np.asarray(states).dtype).eps
     dist = np.maximum(stab.residual, eps) if distance is None else distance
     return stab.verdict == UNSTABLE, dwell_time(stab, dist), stab
+
+
+def measured_dwell(dyn: AbstractDynamics, X: Tokens, *, distance: float, escape: float = 0.5, **simulate_kwargs) -> float:
+    """Measured dwell time near a saddle X: perturb X by `distance` along its most unstable intrinsic
+    eigendirection, evolve with :func:`attnflow.simulate` (pass ``steps=`` or ``t1=, dt=``; ``saves`` defaults
+    to one per step for maps), and return the first saved time at which some token is farther than `escape`
+    from X. ``inf`` if it never escapes within the run. Compare with :func:`dwell_time` (linear estimate).
+
+    **Arguments:** `dyn` the dynamics, `X` (n, d) an equilibrium, `distance` the initial perturbation size.
+    **Returns:** a float, steps (maps) or time (flows).
+    """
+    from ..evolve.simulate import simulate
+    from ..model.norms import normalize_rows
+
+    X = jnp.asarray(X)
+    n, d = X.shape
+    Jint = np.asarray(jacobians(dyn, X[None])[0][0])
+    w, vecs = np.linalg.eig(Jint)
+    g = np.abs(w) if isinstance(dyn, AbstractMap) else w.real
+    v = np.real(vecs[:, int(np.argmax(g))])
+    if not np.any(v):  # complex pair: take the imaginary part
+        v = np.imag(vecs[:, int(np.argmax(g))])
+    B = np.asarray(tangent_basis(X))
+    delta = np.einsum("iak,ik->ia", B, v.reshape(n, d - 1))
+    delta *= distance / np.max(np.linalg.norm(delta, axis=-1))
+    x0 = normalize_rows(X + jnp.asarray(delta, X.dtype))[None]
+    if isinstance(dyn, AbstractMap) and "saves" not in simulate_kwargs and "steps" in simulate_kwargs:
+        simulate_kwargs["saves"] = int(simulate_kwargs["steps"])
+    sol = simulate(dyn, x0, **simulate_kwargs)
+    dist = np.max(np.linalg.norm(np.asarray(sol.trajectory[:, 0]) - np.asarray(X), axis=-1), axis=-1)
+    out = np.flatnonzero(dist > escape)
+    return float(np.asarray(sol.ts)[out[0]]) if out.size else float("inf")
