@@ -144,22 +144,31 @@ class SelfAttention(eqx.Module):
         """Attention matrices a^h_ij, one per head."""
         return jax.vmap(self.attention)(self.scores(X))
 
-    def head_outputs(self, X: Tokens) -> Float[Array, "h n d"]:
-        """f^h_i = O_h sum_j a^h_ij (V_h x_j + bv_h); the drift is their sum (plus bo)."""
+    def _mixed(self, X: Tokens):
+        """Per-head attention-weighted inputs: (A_h X, True) for the W_h path, (A_h (V_h X + bv_h), False) otherwise."""
         hd = self.heads
         a = self.weights(X)
         if self._small_d() and hd.bv is None:
-            z = jnp.einsum("hij,jd->hid", a, X)
-            return jnp.einsum("hed,hid->hie", hd.head_matrices().astype(X.dtype), z)
+            return jnp.einsum("hij,jd->hid", a, X), True
         v = jnp.einsum("hed,nd->hne", hd.V, X)
         if hd.bv is not None:
             v = v + hd.bv[:, None, :]
-        z = jnp.einsum("hij,hje->hie", a, v)
-        return jnp.einsum("hde,hie->hid", hd.O, z)
+        return jnp.einsum("hij,hje->hie", a, v), False
+
+    def head_outputs(self, X: Tokens) -> Float[Array, "h n d"]:
+        """f^h_i = O_h sum_j a^h_ij (V_h x_j + bv_h); the drift is their sum (plus bo)."""
+        z, small = self._mixed(X)
+        if small:
+            return jnp.einsum("hed,hid->hie", self.heads.head_matrices().astype(X.dtype), z)
+        return jnp.einsum("hde,hie->hid", self.heads.O, z)
 
     def __call__(self, X: Tokens) -> Tokens:
-        """The drift u_i = sum_h f^h_i (+ bo)."""
-        u = jnp.sum(self.head_outputs(X), axis=0)
+        """The drift u_i = sum_h f^h_i (+ bo), contracted over heads without materialising each f^h."""
+        z, small = self._mixed(X)
+        if small:
+            u = jnp.einsum("hed,hid->ie", self.heads.head_matrices().astype(X.dtype), z)
+        else:
+            u = jnp.einsum("hde,hie->id", self.heads.O, z)
         if self.heads.bo is not None:
             u = u + self.heads.bo
         return u.astype(X.dtype)
