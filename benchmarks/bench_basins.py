@@ -43,12 +43,18 @@ def main():
     p.add_argument("--chunk", type=int, default=10_000)
     a = p.parse_args()
     rows = []
+    path = None
     for s in a.samples:
         out = subprocess.run([sys.executable, "-c", CHILD, str(s), str(a.chunk)], capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(r)
         print(f"{s:>9d} samples: {r['seconds']:8.1f} s, {r['samples_per_s']:9.0f} samples/s, "
               f"{r['samples_per_s'] * 10 * 1000:.3g} token-steps/s (upper bound: early stop), peak RSS {r['peak_rss_mb']:.0f} MB")
+        path = record(rows)  # after every size, so an interrupted run keeps what it measured
+    print(f"wrote {path}")
+
+
+def record(rows):
     dev = "gpu" if "cuda" in rows[0]["device"].lower() or "gpu" in rows[0]["device"].lower() else "cpu"
     rec = {"benchmark": "basins_end_to_end", "n": 10, "d": 3, "steps": 1000, "dtype": "float32", "tol": 1e-6, "results": rows,
            "peak_memory_grows": rows[-1]["peak_rss_mb"] > 1.2 * rows[0]["peak_rss_mb"] if len(rows) > 1 else None,
@@ -56,8 +62,7 @@ def main():
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     path = Path(__file__).parent / "results" / f"basins_{dev}.json"
     path.write_text(json.dumps(rec, indent=2) + "\n")
-    print(f"peak memory grows with samples: {rec['peak_memory_grows']}; wrote {path}")
-
+    return path
 
 if __name__ == "__main__":
     main()
