@@ -1,0 +1,1 @@
+"""attnflow benchmark suite: ``python -m benchmarks.run`` (or ``attnflow bench``)."""

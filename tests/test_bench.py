@@ -1,0 +1,53 @@
+"""The benchmark suite at a tiny size: JSON shape, peers checked against attnflow, CLI. No timing assertions."""
+
+import json
+
+import numpy as np
+import pytest
+
+from attnflow.cli import main
+from benchmarks import peers
+from benchmarks import run as suite
+
+KEYS = {"workload", "impl", "B", "steps", "token_steps_per_s"}
+
+
+def test_suite_json_shape(capsys, tmp_path):
+    rc = main(["bench", "--tiny", "--json", "--workloads", "toy", "--out", str(tmp_path), "--no-plot"])
+    assert rc == 0
+    recs = json.loads(capsys.readouterr().out)
+    assert isinstance(recs, list) and recs
+    for r in recs:
+        assert set(r) == KEYS
+        assert r["token_steps_per_s"] > 0 and np.isfinite(r["token_steps_per_s"])
+        assert isinstance(r["B"], int) and isinstance(r["steps"], int)
+    impls = {r["impl"] for r in recs}
+    assert {"attnflow", "numpy_loop", "numpy_batched", "jax_plain"} <= impls
+    if peers.torch_available():
+        assert {"torch", "torch_compile"} <= impls
+    assert {r["workload"] for r in recs} == {"toy"}
+    saved = json.loads((tmp_path / "suite_cpu_tiny.json").read_text())
+    for k in ("machine", "device", "jax", "numpy", "date", "matmul_flops_per_s"):
+        assert k in saved["info"]
+
+
+def test_unknown_workload_is_usage_error(capsys):
+    assert main(["bench", "--tiny", "--workloads", "nope", "--out", ""]) == 2
+    assert "unknown workload" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("H,dh,d", [(1, 3, 3), (2, 3, 3), (2, 2, 5)])
+def test_peers_agree_with_plain_loop_float64(H, dh, d):
+    """The batched NumPy, plain JAX and attnflow maps against the per-ensemble loop, in float64."""
+    w = suite.make_weights(H, dh, d, seed=3, beta=1.5, alpha=0.7)
+    w = {k: np.asarray(v, np.float64) for k, v in w.items()}
+    x = suite.initial(3, 5, d, seed=2).astype(np.float64)
+    ref = peers.numpy_loop(w)(x, 7)
+    np.testing.assert_allclose(peers.numpy_batched(w)(x, 7), ref, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(peers.jax_plain(w)(x, 7)), ref, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(suite.attnflow_impl(w, "map", None)(x, 7)), ref, atol=1e-12)
+
+
+def test_flop_count_toy():
+    # one head, d = dh = 3, n = 10: 4 projections 72, attention 2*10*3+30+2*10*3 = 150, residual+norm 17
+    assert suite.flops_per_token_step(1, 3, 3, 10) == 72 + 150 + 17
