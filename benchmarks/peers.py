@@ -7,6 +7,8 @@ or ``"rk4"`` (projected RK4 of the sphere flow with step ``dt``).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 
@@ -125,6 +127,8 @@ def torch_peer(w, kind="map", dt=None, compile=False):
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":  # 2 intra-op threads spin-wait badly on a loaded 2-core CPU (18x slower, measured)
+        torch.set_num_threads(int(os.environ.get("ATTNFLOW_BENCH_TORCH_THREADS", "1")))
     step = _torch_fns(w, kind, dt, device)
     if compile:
         step = torch.compile(step, dynamic=False)

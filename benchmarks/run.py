@@ -76,10 +76,10 @@ def sizes(backend, mode):
         }
     q = mode == "quick"
     return {
-        "toy": dict(Bs=[256, 2048, 8192] if q else [256, 2048, 16384, 65536], steps=100, slow_B=8),
-        "toy_mh": dict(Bs=[256, 2048] if q else [256, 2048, 16384], steps=100, slow_B=8),
+        "toy": dict(Bs=[256, 2048, 8192] if q else [256, 2048, 16384, 65536], steps=100, slow_B=8, np_B=2048),
+        "toy_mh": dict(Bs=[256, 2048] if q else [256, 2048, 16384], steps=100, slow_B=8, np_B=2048),
         "albert": dict(Bs=[8, 32] if q else [8, 32, 128], steps=24, slow_B=2),
-        "continuous": dict(Bs=[256, 2048] if q else [256, 2048, 16384], steps=50, slow_B=4),
+        "continuous": dict(Bs=[256, 2048] if q else [256, 2048, 16384], steps=50, slow_B=4, np_B=2048),
     }
 
 
@@ -203,7 +203,7 @@ def env_info():
         import torch
 
         info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
+        info["torch_threads"] = int(os.environ.get("ATTNFLOW_BENCH_TORCH_THREADS", "1"))
     except Exception:
         info["torch"] = None
     try:
@@ -232,7 +232,7 @@ def run_suite(mode="full", workloads=None, impls=None, log=print):
     for wl in names:
         H, dh, d, n, beta, alpha, kind = WORKLOADS[wl]
         dt = alpha if kind == "rk4" else None
-        w = make_weights(H, dh, d, seed=hash(wl) % 1000, beta=beta, alpha=alpha if kind == "map" else 1.0)
+        w = make_weights(H, dh, d, seed=sum(map(ord, wl)), beta=beta, alpha=alpha if kind == "map" else 1.0)
         s = sz[wl]
         steps = s["steps"]
         Bmax = max(s["Bs"])
@@ -268,7 +268,7 @@ def run_suite(mode="full", workloads=None, impls=None, log=print):
                 raise AssertionError(f"{wl}/{impl} disagrees with attnflow: max |diff| = {diff:.3g} > {tol}")
             if impl == "numpy_loop":
                 Bs = [s["slow_B"]]
-            elif impl in ("numpy_batched",) or (impl.startswith("torch") and backend != "gpu" and wl == "albert"):
+            elif impl == "numpy_batched" or (impl.startswith("torch") and backend != "gpu"):
                 Bs = [b for b in s["Bs"] if b <= s.get("np_B", Bmax)] or [min(s["Bs"])]
             else:
                 Bs = s["Bs"]

@@ -62,7 +62,7 @@ def test_float64_against_numpy_loop(H, n, d, dh):
     np.testing.assert_allclose(np.asarray(lane_layer_map(dyn, x0, 20)), ref, atol=1e-12)
 
 
-@pytest.mark.parametrize("H,n", [(1, 5), (3, 3)])
+@pytest.mark.parametrize("H,n", [(1, 4), (2, 3)])
 def test_float32_1000_steps_against_xla_path(H, n):
     """float32, 1000 steps: the fused kernel agrees with simulate's XLA path to float32 rounding.
 
