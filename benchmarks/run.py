@@ -320,6 +320,7 @@ def plot(records, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     wls = list(dict.fromkeys(r["workload"] for r in records))
     fig, axes = plt.subplots(1, len(wls), figsize=(4.2 * len(wls), 3.8), squeeze=False)
@@ -329,11 +330,13 @@ def plot(records, path):
             ax.plot([r["B"] for r in rs], [r["token_steps_per_s"] for r in rs], "o-", label=impl)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("batch size B (ensembles)")
         ax.set_ylabel("token-steps / s")
         ax.set_title(wl)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
