@@ -99,7 +99,7 @@ def test_bipartite_basin_small_near_threshold_large_when_decoupled():
     far smaller than that of consensus on v_1; at beta = 2 (antipodal tokens decoupled) it is large.
     Measured: radius 0.41 at beta = 0.553 (1.007 beta_c), 0.75 at 0.56, 1.42 at 0.6, >= 2 (the cap) at 2.0;
     consensus >= 2 throughout."""
-    kw = dict(q=0.9, samples=48, iters=6, steps=20000, r_max=2.0)
+    kw = dict(q=0.9, samples=32, iters=5, steps=20000, r_max=2.0)
     near = mapped(V3, K=V3, beta=0.553)
     rb = bs.local_basin_radius(near, eq.bipartite(near, 0, 3, 6), jax.random.PRNGKey(3), **kw)["radius"]
     rc = bs.local_basin_radius(near, eq.consensus(near, 0, 6), jax.random.PRNGKey(3), **kw)["radius"]
@@ -112,7 +112,7 @@ def test_bipartite_basin_small_near_threshold_large_when_decoupled():
 def test_critical_shock_escapes():
     dyn = mapped(V3, K=V3, beta=0.6)
     Xb = eq.bipartite(dyn, 0, 3, 6)
-    cs = bs.critical_shock(dyn, Xb, jax.random.PRNGKey(4), steps=300, iters=20, r_max=2.0)
+    cs = bs.critical_shock(dyn, Xb, jax.random.PRNGKey(4), steps=300, iters=20, r_max=2.0, candidates=32)
     assert cs["radius"] is not None and cs["radius"] <= cs["monte_carlo_radius"] + 1e-12
     # the returned shock really leaves: its end state is far from the bipartite point
     Y = af.simulate(dyn, af.model.normalize_rows(Xb + cs["delta"])[None], steps=3000).final[0]

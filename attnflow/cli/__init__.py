@@ -12,7 +12,7 @@ import sys
 
 from ._common import UsageError
 
-COMMANDS = ("simulate", "demo", "stability", "basins", "energy", "transformer")
+COMMANDS = ("simulate", "demo", "stability", "basins", "energy", "transformer", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
