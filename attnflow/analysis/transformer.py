@@ -31,7 +31,7 @@ import numpy as np
 
 from .._types import Array, Float, Tokens
 from ..evolve.simulate import simulate
-from ..model.dynamics import AbstractMap, LayerMap, LayerStack
+from ..model.dynamics import AbstractMap, LayerMap, LayerStack, set_attn_params
 from ..model.heads import Heads, SelfAttention, _as_float_array
 from ..model.norms import AbstractNorm, L2Norm, LayerNorm, NoNorm
 from . import spectral as sp
@@ -83,12 +83,7 @@ class TransformerBlock(AbstractMap):
         return h.astype(X.dtype)
 
     def with_params(self, *, beta=None, alpha=None):
-        out = self
-        if beta is not None:
-            out = eqx.tree_at(lambda m: m.attn.beta, out, _as_float_array(beta))
-        if alpha is not None:
-            out = eqx.tree_at(lambda m: m.alpha, out, _as_float_array(alpha))
-        return out
+        return set_attn_params(self, beta=beta, alpha=alpha)
 
 
 def _ln(pair, eps):

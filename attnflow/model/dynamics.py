@@ -30,6 +30,16 @@ def tangent_project(X: Tokens, U: Tokens) -> Tokens:
     return U - (xu / jnp.where(xx > 0, xx, 1.0)) * X
 
 
+def set_attn_params(module, *, beta=None, alpha=None):
+    """A copy of a layer with fields ``attn.beta`` and ``alpha`` replaced (arrays, so sweeps compile once)."""
+    out = module
+    if beta is not None:
+        out = eqx.tree_at(lambda m: m.attn.beta, out, _as_float_array(beta))
+    if alpha is not None:
+        out = eqx.tree_at(lambda m: m.alpha, out, _as_float_array(alpha))
+    return out
+
+
 class AbstractDynamics(eqx.Module):
     """Base of every model attnflow evolves."""
 
@@ -124,12 +134,7 @@ class LayerMap(AbstractMap):
         return self.norm(X + self.alpha.astype(X.dtype) * self.attn(X)).astype(X.dtype)
 
     def with_params(self, *, beta=None, alpha=None):
-        out = self
-        if beta is not None:
-            out = eqx.tree_at(lambda m: m.attn.beta, out, _as_float_array(beta))
-        if alpha is not None:
-            out = eqx.tree_at(lambda m: m.alpha, out, _as_float_array(alpha))
-        return out
+        return set_attn_params(self, beta=beta, alpha=alpha)
 
 
 def _signature(layer: eqx.Module):
