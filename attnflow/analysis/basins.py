@@ -2,12 +2,15 @@
 continuation in beta/alpha. Chunked, streaming to a run directory, resumable, shardable.
 
 Every chunk i draws its initial states from ``jax.random.fold_in(key, i)``, so results do not depend on
-how the chunks are scheduled: resumed, sharded over devices, or split over processes
-(``process_index``/``process_count``; one process per host with ``jax.distributed.initialize`` — launch
-``python -c "import jax; jax.distributed.initialize(coordinator_address='HOST:PORT', num_processes=P,
-process_id=I); ..."`` on each host, each calling :func:`basin_fractions` with ``process_index=I,
-process_count=P`` and the same shared run directory, then one :func:`basin_fractions` call with
-``resume=True`` merges the chunks).
+how the chunks are scheduled: resumed, sharded over the local devices, or split over processes.
+
+Multi-host runs use ``jax.distributed``: start one process per host (or per local process group) with
+``jax.distributed.initialize(coordinator_address="HOST:PORT", num_processes=P, process_id=I)`` -- or
+``attnflow basins CONFIG --out DIR --coordinator HOST:PORT --num-processes P --process-id I`` -- and call
+:func:`basin_fractions` with the same arguments in each. Process I computes the chunks i with i % P == I (each
+on its own local devices), the per-attractor tallies are all-gathered at the end, and every process returns the
+same global result; process 0 writes the summary. With a run directory it must be shared by all processes;
+``resume`` works as in one process.
 """
 
 from __future__ import annotations
@@ -79,6 +82,34 @@ class _Tally:
                 e[3] = np.pad(e[3], (0, len(h) - len(e[3])))
             e[3][: len(h)] += h
 
+    def merge(self, other: "_Tally") -> None:
+        """Add another tally (e.g. another process's) into this one."""
+        self.n = self.n if self.n is not None else other.n
+        self.total += other.total
+        for r, (c, ssum, smax, hist) in other.table.items():
+            e = self.table.setdefault(r, [0, 0, 0, np.zeros(1, np.int64)])
+            e[0] += c
+            e[1] += ssum
+            e[2] = max(e[2], smax)
+            if len(hist) > len(e[3]):
+                e[3] = np.pad(e[3], (0, len(hist) - len(e[3])))
+            e[3][: len(hist)] += hist
+
+    def to_bytes(self) -> bytes:
+        import json
+
+        return json.dumps({"n": self.n, "total": self.total,
+                           "table": [[list(r), c, s, m, h.tolist()] for r, (c, s, m, h) in self.table.items()]}).encode()
+
+    @classmethod
+    def from_bytes(cls, b: bytes) -> "_Tally":
+        import json
+
+        obj, t = json.loads(b.decode()), cls()
+        t.n, t.total = obj["n"], obj["total"]
+        t.table = {tuple(r): [c, s, m, np.asarray(h, np.int64)] for r, c, s, m, h in obj["table"]}
+        return t
+
     def attractors(self) -> tuple[list[dict], int]:
         out = []
         for r, (c, ssum, smax, hist) in sorted(self.table.items(), key=lambda t: -t[1][0]):
@@ -119,8 +150,8 @@ def basin_fractions(
     resume: bool = False,
     progress: bool = False,
     ci_width: float | None = None,
-    process_index: int = 0,
-    process_count: int = 1,
+    process_index: int | None = None,
+    process_count: int | None = None,
     keep_finals: bool = False,
     dtype=None,
 ) -> BasinResult:
@@ -137,13 +168,15 @@ def basin_fractions(
     - `run_dir`: stream per-chunk Parquet tables and a manifest there; `resume` continues an existing run.
     - `ci_width`: adaptive mode: keep adding chunks (beyond `samples`, up to 100 x `samples`) until every 95%
       interval is narrower than this.
-    - `process_index`, `process_count`: this process computes chunks i with i % count == index.
+    - `process_index`, `process_count`: this process computes chunks i with i % count == index (default: from
+      ``jax.distributed``, i.e. ``jax.process_index()``, ``jax.process_count()``). Under ``jax.distributed`` the
+      tallies of all processes are all-gathered, so every process returns the global result.
     - `keep_finals`: also return the final states of the first ~2000 samples (for figures).
 
     Per-attractor counts and step statistics are tallied chunk by chunk, so host memory is bounded by the chunk
     and the number of attractors, not by `samples`.
     """
-    from ..io.results import RunDir
+    from ..io.results import RunDir, RunDirError
 
     d = _dim(dyn)
     if sampler is None:
@@ -157,11 +190,36 @@ def basin_fractions(
         kw.update(t1=t1, dt=dt, solver=solver)
     else:
         kw.update(steps=steps)
+    distributed = jax.process_count() > 1
+    process_index = jax.process_index() if process_index is None else int(process_index)
+    process_count = jax.process_count() if process_count is None else int(process_count)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be in [0, process_count), got {process_index}, {process_count}")
+    if process_count > 1 and ci_width is not None:
+        raise ValueError("the adaptive mode (ci_width) runs in one process; pass samples instead")
     rd = None
     if run_dir is not None:
         ident = {"samples": samples, "chunk_size": chunk_size, "key": np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key).tolist(), "tol": tol,
                  "config": (manifest or {}).get("config")}
-        rd = RunDir(run_dir, {"identity": ident, **(manifest or {})}, resume=resume)
+        man = {"identity": ident, **(manifest or {}), "processes": process_count}
+        if distributed:  # process 0 creates (or checks) the run directory; the others join it afterwards
+            from jax.experimental import multihost_utils
+
+            err = None
+            if process_index == 0:
+                try:
+                    rd = RunDir(run_dir, man, resume=resume)
+                except Exception as e:  # tell the other processes before raising, so none waits forever
+                    err = e
+            ok = np.asarray(multihost_utils.process_allgather(np.array([err is None], np.int32))).ravel()
+            if err is not None:
+                raise err
+            if not ok.all():
+                raise RunDirError(f"process 0 could not open the run directory {run_dir} (see its error)")
+            if process_index != 0:
+                rd = RunDir(run_dir, man, resume=True)
+        else:
+            rd = RunDir(run_dir, man, resume=resume)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -178,7 +236,7 @@ def basin_fractions(
             if all(a["ci95"][1] - a["ci95"][0] < ci_width for a in atts):
                 break
         num = chunk_size if (i < n_chunks - 1 or ci_width is not None and i >= n_chunks) else samples - chunk_size * (n_chunks - 1)
-        if i % process_count != process_index and not (rd is not None and rd.done(i)):
+        if i % process_count != process_index:  # another process's chunk
             i += 1
             continue
         if rd is not None and rd.done(i):
@@ -201,12 +259,29 @@ def basin_fractions(
         i += 1
     if bar is not None:
         bar.close()
+    if distributed and process_count > 1:
+        tally = _allgather_tally(tally)
     atts, unconverged = tally.attractors()
     res = BasinResult(tally.total, unconverged, atts, np.concatenate(kept_rows) if kept_rows else None, None,
                       np.concatenate(finals) if finals else None)
-    if rd is not None:
+    if rd is not None and process_index == 0:
         rd.write_json("summary.json", res.to_json())
     return res
+
+
+def _allgather_tally(tally: _Tally) -> _Tally:
+    """Merge the tallies of all ``jax.distributed`` processes (serialised, padded, all-gathered); same order everywhere."""
+    from jax.experimental import multihost_utils
+
+    b = np.frombuffer(tally.to_bytes(), np.uint8)
+    lens = np.asarray(multihost_utils.process_allgather(np.array([len(b)], np.int32))).ravel()
+    buf = np.zeros(int(lens.max()), np.uint8)
+    buf[: len(b)] = b
+    allb = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(lens), -1)
+    out = _Tally()
+    for k, ln in enumerate(lens):
+        out.merge(_Tally.from_bytes(allb[k, : int(ln)].tobytes()))
+    return out
 
 
 def _dim(dyn) -> int:

@@ -50,3 +50,24 @@ def info(msg: str, *, quiet: bool = False) -> None:
     """Human-readable progress on stderr (stdout stays clean for --json)."""
     if not quiet:
         print(msg, file=sys.stderr, flush=True)
+
+
+class stdout_to_stderr:
+    """Send file descriptor 1 to stderr while active, so that native libraries (e.g. gloo under
+    ``jax.distributed``) that print on stdout cannot corrupt ``--json`` output."""
+
+    def __enter__(self):
+        import os
+
+        sys.stdout.flush()
+        self._saved = os.dup(1)
+        os.dup2(2, 1)
+        return self
+
+    def __exit__(self, *exc):
+        import os
+
+        sys.stdout.flush()
+        os.dup2(self._saved, 1)
+        os.close(self._saved)
+        return False

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from ._common import UsageError, emit_json, info, out_dir
+from ._common import UsageError, emit_json, info, out_dir, stdout_to_stderr
 
 KEYS = {"samples", "seed", "chunk_size", "tol", "cluster_tol", "ci_width", "sampler", "continuation", "local"}
 
@@ -26,10 +26,29 @@ def add_parser(sub):
     p.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished chunks")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("multi-host (jax.distributed)", "Start the same command once per process, with the same "
+                             "config (and, with --out, a directory all processes share); chunk i runs in process "
+                             "i %% P, the tallies are all-gathered, and process 0 prints and writes the result.")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator service")
+    g.add_argument("--num-processes", type=int, metavar="P")
+    g.add_argument("--process-id", type=int, metavar="I")
     return p
 
 
 def run(args) -> int:
+    if args.coordinator is not None or args.num_processes is not None or args.process_id is not None:
+        with stdout_to_stderr():  # gloo prints its connection messages on stdout
+            result = _run(args)
+    else:
+        result = _run(args)
+    if isinstance(result, dict):
+        emit_json(result)
+    elif isinstance(result, list):
+        print("\n".join(result))
+    return 0
+
+
+def _run(args):
     import jax
 
     from attnflow.analysis import basins as bs, equilibria as eq
@@ -38,6 +57,15 @@ def run(args) -> int:
 
     cfg = load_config(args.config)
     sec = cfg.section("basins")
+    dist = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in dist):
+        if any(v is None for v in dist):
+            raise UsageError("--coordinator, --num-processes and --process-id go together")
+        if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+            raise UsageError(f"--process-id must be in [0, --num-processes), got {args.process_id} of {args.num_processes}")
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+    lead = jax.process_index() == 0
     unknown = sorted(set(sec) - KEYS)
     if unknown:
         raise UsageError(f"{cfg.path}: unknown key(s) in [basins]: {', '.join(unknown)} (allowed: {', '.join(sorted(KEYS))})")
@@ -63,7 +91,7 @@ def run(args) -> int:
     sim.pop("tol", None)
     kw = dict(tokens=cfg.tokens, sampler=sampler, chunk_size=chunk, tol=float(sec.get("tol", cfg.tol or 1e-7)),
               cluster_tol=float(sec.get("cluster_tol", 1e-3)), dtype=cfg.dtype, **sim)
-    progress = (not args.no_progress) and sys.stderr.isatty() and not args.json
+    progress = (not args.no_progress) and sys.stderr.isatty() and not args.json and lead
     try:
         res = bs.basin_fractions(dyn, key, samples, run_dir=out, resume=args.resume, progress=progress,
                                  ci_width=sec.get("ci_width"), keep_finals=out is not None and cfg.d == 3,
@@ -86,6 +114,8 @@ def run(args) -> int:
         except (KeyError, ValueError) as e:
             raise UsageError(f"{cfg.path}: [basins] continuation needs param and values: {e}") from None
         result["continuation"] = {"param": cont["param"], "values": cont["values"], "fractions": cont["fractions"]}
+    if not lead:
+        return None  # every process holds the global result; process 0 reports it
     if out is not None:
         from attnflow.plots import basins as pb
 
@@ -99,11 +129,9 @@ def run(args) -> int:
             pb.sphere_by_label(res.finals, [describe(r, n)["label"] for r in res.rows[: len(res.finals)]], out / "sphere.png")
         (out / "result.json").write_text(__import__("json").dumps(result, indent=2, default=float))
     if args.json:
-        emit_json(result)
-    else:
-        info(f"{res.samples} samples, {res.unconverged} not converged", quiet=False)
-        for a in res.attractors:
-            print(f"{a['label']:32s} {a['fraction']:.4f}  [{a['ci95'][0]:.4f}, {a['ci95'][1]:.4f}]  n={a['count']}")
-        if "local" in result:
-            print(f"local basin radius (q={result['local']['q']}): {result['local']['radius']:.4g}")
-    return 0
+        return result
+    info(f"{res.samples} samples, {res.unconverged} not converged", quiet=False)
+    lines = [f"{a['label']:32s} {a['fraction']:.4f}  [{a['ci95'][0]:.4f}, {a['ci95'][1]:.4f}]  n={a['count']}" for a in res.attractors]
+    if "local" in result:
+        lines.append(f"local basin radius (q={result['local']['q']}): {result['local']['radius']:.4g}")
+    return lines
