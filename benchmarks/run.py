@@ -94,7 +94,6 @@ WORKLOADS = {
 
 # ----------------------------------------------------------------------------- attnflow
 def attnflow_impl(w, kind, dt, adaptive=False):
-    import jax
     import jax.numpy as jnp
 
     import attnflow as af

@@ -20,7 +20,6 @@ def allowed(n, mask="full", window=None):
 
 def attention_row(s, ok, kind, n, sinkhorn_iters=3, relu_normalize=False):
     """One row of attention weights from scores s (for every kind but sinkhorn)."""
-    a = np.zeros_like(s)
     if kind == "softmax":
         m = max(s[j] for j in range(len(s)) if ok[j])
         e = np.array([np.exp(s[j] - m) if ok[j] else 0.0 for j in range(len(s))])

@@ -1,7 +1,5 @@
 """Continuation in alpha/beta: the step-size bifurcation of MODEL.md section 5 found by bisection."""
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -1,6 +1,5 @@
 """Every notebook executes at smoke size (ATTNFLOW_SMOKE=1), and the committed .ipynb matches its source."""
 
-import os
 import sys
 from pathlib import Path
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from .._types import Array, Tokens
 from ..evolve import sample
-from ..evolve.simulate import CONVERGED, simulate
+from ..evolve.simulate import simulate
 from ..model.dynamics import AbstractDynamics, AbstractFlow
 from .classify import NOT_CONVERGED, classify, describe, label_rows
 

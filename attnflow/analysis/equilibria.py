@@ -34,15 +34,14 @@ def layer_matrix(model) -> np.ndarray:
 
 def eigenpairs(model) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (complex, ``(d,)``) and unit eigenvectors (columns, ``(d, d)``) of W, sorted by
-    descending real part (ties: descending imaginary part). Real eigenvectors are returned real."""
-    W = layer_matrix(model)
-    lam, V = np.linalg.eig(W)
-    order = np.lexsort((-lam.imag, -lam.real))
-    lam, V = lam[order], V[:, order]
-    V = V / np.linalg.norm(V, axis=0, keepdims=True)
-    if np.all(np.abs(lam.imag) < 1e-12):
-        lam = lam.real.astype(complex)
-        V = np.real_if_close(V, tol=1e6).real if np.all(np.abs(V.imag) < 1e-10) else V
+    descending real part (ties: descending imaginary part): :func:`attnflow.spectral.eigenpairs` with
+    ``order="real"`` (real eigenvectors sign-fixed: largest entry positive). Real eigenvectors are returned real."""
+    from .spectral import eigenpairs as _eig
+
+    e = _eig(np.asarray(layer_matrix(model), dtype=np.float64), order="real")
+    lam, V = e.values, e.vectors
+    if np.all(lam.imag == 0):
+        V = V.real
     return lam, V
 
 

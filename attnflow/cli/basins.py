@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 
 from ._common import UsageError, emit_json, info, out_dir, stdout_to_stderr
 

@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from . import save  # noqa: E402
+
 
 def fractions(attractors, path, *, title: str = "", top: int = 12) -> Path:
     """Horizontal bars of basin fractions with 95% Wilson intervals."""
@@ -25,11 +27,7 @@ def fractions(attractors, path, *, title: str = "", top: int = 12) -> Path:
     ax.set_xlim(0, 1)
     ax.grid(axis="x", alpha=0.3)
     ax.set_title(title or "basins of attraction")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def continuation(cont, path, *, title: str = "") -> Path:
@@ -43,11 +41,7 @@ def continuation(cont, path, *, title: str = "") -> Path:
     ax.set_ylim(0, 1)
     ax.set_title(title or f"basin fractions vs {cont['param']}")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def sphere_by_label(finals, labels, path, *, max_points: int = 400) -> Path:
@@ -63,8 +57,4 @@ def sphere_by_label(finals, labels, path, *, max_points: int = 400) -> Path:
         ax.scatter(*jit.T, s=6, label=lab, alpha=0.6)
     ax.set(xlabel="x1", ylabel="x2", zlabel="x3", title="final tokens by attractor (jittered)")
     ax.legend(fontsize=7, markerscale=2)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)

@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from . import save  # noqa: E402
+
 
 def _xlabel(ts):
     return "layer step k" if np.allclose(ts, np.round(ts)) and len(ts) > 1 and np.all(np.diff(ts) >= 1) else "time t"
@@ -44,11 +46,7 @@ def energy_entropy(trace, path: str | Path, *, member: int = 0, title: str = "")
     a2.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def head_contributions(trace, path: str | Path, *, member: int = 0, title: str = "") -> Path:
@@ -90,11 +88,7 @@ def head_contributions(trace, path: str | Path, *, member: int = 0, title: str =
         a2.legend(fontsize=7, ncol=1 if H < 3 else 2)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def clustering_time(
@@ -127,8 +121,4 @@ def clustering_time(
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
     ax.legend(handles, labels, fontsize=8, loc="upper left")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)

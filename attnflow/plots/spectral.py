@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from . import save  # noqa: E402
+
 
 def alignment(result, path: str | Path, *, title: str = "") -> Path:
     """c vs c-bar, Delta vs Delta-bar (mean +- std over tokens) and p vs p-bar across layers ([PM] Fig. 2(b))."""
@@ -34,10 +36,7 @@ def alignment(result, path: str | Path, *, title: str = "") -> Path:
         a.legend(fontsize=8)
     ax[2].set_xticks(L)
     fig.suptitle(title or f"{result.model}: alignment with v1(l), {result.samples} x {result.tokens} tokens", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save(fig, path)
 
 
 def eigenvalues(result, path: str | Path, *, title: str = "") -> Path:
@@ -56,10 +55,7 @@ def eigenvalues(result, path: str | Path, *, title: str = "") -> Path:
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
     fig.suptitle(title or f"{result.model}: leading eigenvalues of W_l (order: {result.order})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save(fig, path)
 
 
 def cumulative(result, path: str | Path, *, title: str = "") -> Path:
@@ -75,10 +71,7 @@ def cumulative(result, path: str | Path, *, title: str = "") -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title or f"{result.model}: cumulative products", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save(fig, path)
 
 
 def steering_curve(trace, path: str | Path, *, target: float = 0.99, title: str = "") -> Path:
@@ -97,7 +90,4 @@ def steering_curve(trace, path: str | Path, *, target: float = 0.99, title: str 
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     ax.set_title(title or "steering the last layer toward u", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save(fig, path)

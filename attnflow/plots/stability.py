@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from . import save  # noqa: E402
+
 
 def spectra(entries, path, *, discrete: bool, title: str = "") -> Path:
     """Eigenvalues of several equilibria. `entries`: list of (label, eigenvalues, stable)."""
@@ -33,11 +35,7 @@ def spectra(entries, path, *, discrete: bool, title: str = "") -> Path:
         ax.set_ylabel("Im")
         ax.grid(alpha=0.3)
     fig.suptitle(title or ("intrinsic spectra (unit circle = stability boundary)" if discrete else "intrinsic spectra (Re = 0 is the boundary)"))
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def continuation(branch, path, *, label: str = "") -> Path:
@@ -57,8 +55,4 @@ def continuation(branch, path, *, label: str = "") -> Path:
     ax.set_title(label or "continuation")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)

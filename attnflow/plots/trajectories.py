@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from . import save  # noqa: E402
+
 
 def _sphere_wireframe(ax):
     u, v = np.mgrid[0 : 2 * np.pi : 30j, 0 : np.pi : 15j]
@@ -44,11 +46,7 @@ def sphere_trajectories(trajectory, path: str | Path, *, title: str = "", member
         ax.set_title(f"member {b} (o start, * end)", fontsize=9)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def pairwise_cosines(trajectory, ts, path: str | Path, *, member: int = 0, title: str = "") -> Path:
@@ -68,8 +66,4 @@ def pairwise_cosines(trajectory, ts, path: str | Path, *, member: int = 0, title
     ax.set_ylim(-1.05, 1.05)
     ax.grid(alpha=0.3)
     ax.set_title(title or f"pairwise cosines, member {member} ({len(iu[0])} pairs)")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)

@@ -6,8 +6,8 @@
 # recomputing a finished chunk, and spreads each chunk over all local devices. Chunk i always draws its states from
 # `fold_in(key, i)`, so none of this changes the result.
 #
-# Sizes: `SAMPLES` below is 10^5 in the committed run (about 5 minutes on a 2-core CPU; 10^6 takes ten times as long
-# here and is what a GPU is for: set `ATTNFLOW_SAMPLES=1000000`); `ATTNFLOW_SMOKE=1` shrinks everything for CI.
+# Sizes: `SAMPLES` below is 10^6 in the committed run (about a quarter of an hour on a 2-core CPU; set
+# `ATTNFLOW_SAMPLES` to change it); `ATTNFLOW_SMOKE=1` shrinks everything for CI.
 
 # %%
 import json
@@ -27,7 +27,7 @@ import numpy as np
 import attnflow as af
 
 SMOKE = bool(os.environ.get("ATTNFLOW_SMOKE"))
-SAMPLES = 2_000 if SMOKE else int(os.environ.get("ATTNFLOW_SAMPLES", 100_000))
+SAMPLES = 2_000 if SMOKE else int(os.environ.get("ATTNFLOW_SAMPLES", 1_000_000))
 CHUNK = 500 if SMOKE else 10_000
 V = np.diag([1.0, 0.5, -0.3]).astype(np.float32)
 model = af.LayerMap(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0), alpha=0.1)
@@ -84,8 +84,44 @@ print(f"{multi['devices']} devices vs 1 device, {n_dev} samples: identical count
       [(a["label"], a["count"]) for a in multi["result"]["attractors"]] == [(a["label"], a["count"]) for a in single.to_json()["attractors"]])
 
 # %% [markdown]
-# Across hosts, each process calls `basin_fractions(..., process_index=i, process_count=P)` on a shared run directory
-# after `jax.distributed.initialize(...)` (see the docstring of `attnflow.basins`), and a final `resume=True` call merges.
+# ## Several processes (multi-host) with `jax.distributed`
+# On a cluster, start one process per host with the same command plus `--coordinator HOST:PORT --num-processes P
+# --process-id I` (or call `jax.distributed.initialize(...)` yourself before `basin_fractions`). Process I simulates
+# the chunks i with i % P == I on its own devices, the per-attractor tallies are all-gathered, and process 0 writes
+# the result. Here two local CPU processes share one run directory, and their result equals the one-process result
+# above.
+
+# %%
+import socket
+
+cfg = work / "basins.toml"
+cfg.write_text(textwrap.dedent(f"""
+    [model]
+    d = 3
+    V = [[1.0, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, -0.3]]
+    K = [[1.0, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, -0.3]]
+    [dynamics]
+    alpha = 0.1
+    tokens = 10
+    steps = 1000
+    [basins]
+    samples = {n_dev}
+    chunk_size = {CHUNK}
+    tol = 1e-6
+    seed = 0
+"""))
+with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+procs = [subprocess.Popen([sys.executable, "-m", "attnflow", "basins", str(cfg), "--out", str(work / "two"), "--json", "--no-progress",
+                           "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+outs = [p.communicate() for p in procs]
+assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+two = json.loads(outs[0][0])
+print("2 processes vs 1 process, identical counts:",
+      sorted((a["label"], a["count"]) for a in two["attractors"]) == sorted((a["label"], a["count"]) for a in single.to_json()["attractors"]))
+print("chunk files written:", sorted(p.name for p in (work / "two" / "chunks").glob("*.parquet")))
 
 # %% [markdown]
 # ## Benchmarks

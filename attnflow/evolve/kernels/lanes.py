@@ -17,7 +17,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ...model.attention import Attention
 from ...model.dynamics import LayerMap
