@@ -68,6 +68,7 @@ class _Plan:
     continuous: bool
     adaptive: bool
     unroll: int
+    shards: int = 1  # local devices the batch axis is split over
 
 
 def _fixed_one(dyn, solver, x0, dt, plan: _Plan):
@@ -162,6 +163,10 @@ def _run_impl(dyn, solver, x0, dt, sweep, plan: _Plan):
 
         if fused_applies(dyn, x0, plan):
             return fused_run(dyn, x0, plan)
+        from .kernels import lanes_applies, lanes_run
+
+        if lanes_applies(dyn, x0, plan, solver):  # small-d maps on CPU: batch as lanes, cache-sized tiles
+            return lanes_run(dyn, x0, plan, shards=plan.shards)
 
     def batch(d):
         return jax.vmap(lambda x: one(d, solver, x, dt, plan))(x0)
@@ -264,6 +269,7 @@ def simulate_chunks(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     C = math.ceil(C / ndev) * ndev
     sharding = None
+    plan = dataclasses.replace(plan, shards=ndev)
     if ndev > 1:
         mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("batch",))
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
