@@ -49,7 +49,7 @@ def main():
         r = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(r)
         print(f"{s:>9d} samples: {r['seconds']:8.1f} s, {r['samples_per_s']:9.0f} samples/s, "
-              f"{r['samples_per_s'] * 10 * 1000:.3g} token-steps/s (upper bound: early stop), peak RSS {r['peak_rss_mb']:.0f} MB")
+              f"{r['samples_per_s'] * 10 * 1000:.3g} token-steps/s at the 1000-step budget, peak RSS {r['peak_rss_mb']:.0f} MB")
         path = record(rows)  # after every size, so an interrupted run keeps what it measured
     print(f"wrote {path}")
 
