@@ -54,6 +54,7 @@ class BasinResult:
     finals: np.ndarray | None = None
 
     def to_json(self) -> dict:
+        """The JSON form printed by ``attnflow basins --json``: samples, unconverged, one dict per attractor."""
         keep = ("label", "kind", "eigenvector", "sign", "split", "fraction", "ci95", "count", "steps_mean", "steps_median", "steps_max")
         return {"samples": self.samples, "unconverged": self.unconverged, "attractors": [{k: a[k] for k in keep} for a in self.attractors]}
 

@@ -77,12 +77,14 @@ class TransformerBlock(AbstractMap):
     alpha: Float[Array, ""] = eqx.field(default=1.0, converter=_as_float_array)
 
     def step(self, k, X: Tokens) -> Tokens:
+        """One block: attention (and FFN, LayerNorm as configured) applied to X ``(n, d)``."""
         h = self.norm_attn(X + self.alpha.astype(X.dtype) * self.attn(self.norm_in(X)))
         if self.ffn is not None:
             h = self.norm_out(h + self.ffn(self.norm_ffn(h)))
         return h.astype(X.dtype)
 
     def with_params(self, *, beta=None, alpha=None):
+        """The same block with new beta and/or alpha."""
         return set_attn_params(self, beta=beta, alpha=alpha)
 
 
@@ -180,6 +182,7 @@ class PMResult:
     trajectory: np.ndarray  # (L+1, S, n, d)
 
     def to_json(self) -> dict:
+        """The JSON form printed by ``attnflow transformer --json``."""
         m = self.metrics
         layers = []
         for l in range(len(m.c)):

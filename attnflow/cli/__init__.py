@@ -16,6 +16,7 @@ COMMANDS = ("simulate", "demo", "stability", "basins", "energy", "transformer", 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``attnflow`` argument parser with one subcommand per entry of COMMANDS."""
     from .. import __version__
 
     p = argparse.ArgumentParser(
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run the ``attnflow`` command line; returns the exit status (2 on bad input, with one line on stderr)."""
     os.environ.setdefault("MPLBACKEND", "Agg")
     parser = build_parser()
     args = parser.parse_args(argv)

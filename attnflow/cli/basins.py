@@ -11,6 +11,7 @@ KEYS = {"samples", "seed", "chunk_size", "tol", "cluster_tol", "ci_width", "samp
 
 
 def add_parser(sub):
+    """Register this subcommand on the ``attnflow`` parser."""
     p = sub.add_parser(
         "basins",
         help="basin fractions of the attractors, with intervals; resumable",
@@ -35,6 +36,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    """Run this subcommand; returns the exit status."""
     if args.coordinator is not None or args.num_processes is not None or args.process_id is not None:
         with stdout_to_stderr():  # gloo prints its connection messages on stdout
             result = _run(args)

@@ -10,6 +10,7 @@ from ._common import UsageError
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
+    """Register this subcommand on the ``attnflow`` parser."""
     p = sub.add_parser("bench", help="benchmark attnflow against NumPy, PyTorch and plain JAX peers",
                        description="Run every workload (toy, toy_mh, albert, continuous) against every peer "
                        "available; print token-steps/s and ratios; write JSON and a plot to benchmarks/results/.")
@@ -36,6 +37,7 @@ def _suite():
 
 
 def run(args) -> int:
+    """Run this subcommand; returns the exit status."""
     suite = _suite()
     if args.out is None:
         args.out = os.path.join(os.path.dirname(os.path.abspath(suite.__file__)), "results")

@@ -8,6 +8,7 @@ from ._common import emit_json, info, out_dir
 
 
 def add_parser(sub):
+    """Register this subcommand on the ``attnflow`` parser."""
     p = sub.add_parser(
         "demo",
         help="run a small end-to-end basin study and write its figures",
@@ -38,6 +39,7 @@ def models(seed: int = 0):
 
 
 def run(args) -> int:
+    """Run this subcommand; returns the exit status."""
     import jax
     import jax.numpy as jnp
 

@@ -23,6 +23,7 @@ _KEYS = {"tol", "members", "eps", "rho0", "points", "beta_max", "w", "m"}
 
 
 def add_parser(sub):
+    """Register this subcommand on the ``attnflow`` parser."""
     p = sub.add_parser(
         "energy",
         help="energies, attention entropy and energy monotonicity along a simulation",
@@ -102,6 +103,7 @@ def _saves(cfg):
 
 
 def run(args) -> int:
+    """Run this subcommand; returns the exit status."""
     import attnflow as af
     from attnflow.analysis import energy as en
     from attnflow.analysis import equiangular as eq

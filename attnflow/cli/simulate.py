@@ -11,6 +11,7 @@ from ._common import emit_json, info, out_dir
 
 
 def add_parser(sub):
+    """Register this subcommand on the ``attnflow`` parser."""
     p = sub.add_parser(
         "simulate",
         help="simulate an ensemble from a TOML config",
@@ -42,6 +43,7 @@ def summarize(final) -> dict:
 
 
 def run(args) -> int:
+    """Run this subcommand; returns the exit status."""
     import attnflow as af
     from attnflow.io.config import load_config
 

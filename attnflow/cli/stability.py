@@ -8,6 +8,7 @@ from ._common import UsageError, emit_json, info, out_dir
 
 
 def add_parser(sub):
+    """Register this subcommand on the ``attnflow`` parser."""
     p = sub.add_parser(
         "stability",
         help="find and certify equilibria (consensus, bipartite, clustering) by autodiff",
@@ -36,6 +37,7 @@ def _verdict(stab, i):
 
 
 def run(args) -> int:
+    """Run this subcommand; returns the exit status."""
     import jax
     import jax.numpy as jnp
 

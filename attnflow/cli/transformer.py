@@ -8,6 +8,7 @@ from ._common import UsageError, emit_json, info, out_dir
 
 
 def add_parser(sub):
+    """Register this subcommand on the ``attnflow`` parser."""
     p = sub.add_parser(
         "transformer",
         help="[PM] experiment: token alignment with the layer matrices' principal eigenvectors",
@@ -38,6 +39,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    """Run this subcommand; returns the exit status."""
     import jax
 
     from attnflow.analysis import transformer as T

@@ -55,6 +55,7 @@ class Solution(eqx.Module):
     steps: Int[Array, " b"]
 
     def status_counts(self) -> dict[str, int]:
+        """Number of members per status name (``max_steps``, ``converged``, ``nonfinite``, ``solver_failed``)."""
         s = np.asarray(self.status).ravel()
         return {name: int(np.sum(s == code)) for code, name in enumerate(STATUS_NAMES)}
 

@@ -15,7 +15,8 @@ class AbstractSolver(eqx.Module):
     """A fixed-step solver: ``step(dynamics, k, t, X, dt) -> X_next``."""
 
     @abc.abstractmethod
-    def step(self, dyn: AbstractDynamics, k, t, X: Tokens, dt) -> Tokens: ...
+    def step(self, dyn: AbstractDynamics, k, t, X: Tokens, dt) -> Tokens:
+        """Advance X ``(n, d)`` from time t (step index k) by one step of size dt."""
 
     @abc.abstractmethod
     def check(self, dyn: AbstractDynamics) -> None:
@@ -26,9 +27,11 @@ class Iterate(AbstractSolver):
     """Apply a discrete map once per step."""
 
     def step(self, dyn, k, t, X, dt):
+        """Apply the map once: ``dyn.step(k, X)``."""
         return dyn.step(k, X)
 
     def check(self, dyn):
+        """Refuse flows: Iterate advances discrete maps only."""
         if not isinstance(dyn, AbstractMap):
             raise ValueError(f"Iterate advances discrete maps; got the flow {type(dyn).__name__}")
 
@@ -43,6 +46,7 @@ class Euler(_FlowSolver):
     """Projected explicit Euler: X <- project(X + dt f(t, X))."""
 
     def step(self, dyn, k, t, X, dt):
+        """One projected Euler step of the flow."""
         return dyn.project(X + dt * dyn.vf(t, X))
 
 
@@ -50,6 +54,7 @@ class RK4(_FlowSolver):
     """Classical fourth-order Runge-Kutta, projected back onto the state space after each step."""
 
     def step(self, dyn, k, t, X, dt):
+        """One projected classical Runge-Kutta step of the flow."""
         k1 = dyn.vf(t, X)
         k2 = dyn.vf(t + dt / 2, X + (dt / 2) * k1)
         k3 = dyn.vf(t + dt / 2, X + (dt / 2) * k2)
@@ -71,6 +76,7 @@ class Adaptive(eqx.Module):
     max_steps: int = eqx.field(static=True, default=100_000)
 
     def check(self, dyn):
+        """Refuse maps: the adaptive solver integrates flows only."""
         if not isinstance(dyn, AbstractFlow):
             raise ValueError(f"Adaptive integrates flows; got the map {type(dyn).__name__}")
 

@@ -109,6 +109,7 @@ class RunConfig:
         return sec
 
     def error(self, msg: str) -> ConfigError:
+        """A ConfigError naming this config file."""
         return ConfigError(f"{self.path}: {msg}")
 
     @property
@@ -119,6 +120,7 @@ class RunConfig:
         return Heads(**w)
 
     def attention_module(self):
+        """The :class:`Attention` the config describes (kind, mask, options)."""
         from ..model.attention import Attention
 
         return Attention(self.attention, self.mask, self.window, self.sinkhorn_iters, self.relu_normalize)

@@ -27,6 +27,7 @@ class RunDirError(ValueError):
 
 
 def versions() -> dict:
+    """Versions of attnflow, JAX, NumPy, Python, the platform and the devices, for manifests."""
     import jax
 
     from .. import __version__
@@ -58,23 +59,28 @@ class RunDir:
         self.chunks.mkdir(parents=True, exist_ok=True)
 
     def chunk_path(self, i: int) -> Path:
+        """Path of chunk i's Parquet table."""
         return self.chunks / f"{i:05d}.parquet"
 
     def done(self, i: int) -> bool:
+        """Whether chunk i is finished (its table exists)."""
         return self.chunk_path(i).exists()
 
     def write_chunk(self, i: int, columns: dict[str, np.ndarray]) -> None:
+        """Write chunk i's columns atomically (a temporary file, then a rename)."""
         table = pa.table({k: pa.array(np.asarray(v)) if np.asarray(v).ndim == 1 else pa.array(list(np.asarray(v))) for k, v in columns.items()})
         tmp = self.chunks / f".{i:05d}.parquet.tmp"
         pq.write_table(table, tmp)
         os.replace(tmp, self.chunk_path(i))  # atomic: a chunk file is complete or absent
 
     def read_chunk(self, i: int) -> dict[str, np.ndarray]:
+        """Read chunk i's columns back as NumPy arrays."""
         t = pq.read_table(self.chunk_path(i))
         return {c: np.stack(t.column(c).to_numpy(zero_copy_only=False)) if pa.types.is_list(t.schema.field(c).type) else t.column(c).to_numpy()
                 for c in t.column_names}
 
     def write_json(self, name: str, obj) -> Path:
+        """Write an object as JSON into the run directory."""
         p = self.path / name
         p.write_text(json.dumps(obj, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
         return p

@@ -75,6 +75,7 @@ def load_torch_bin(path) -> dict[str, np.ndarray]:
 
 
 def load_npz(path) -> dict[str, np.ndarray]:
+    """Load Q, K, V (and O) from an .npz file, with shape checks that name the file."""
     path = pathlib.Path(path)
     try:
         with np.load(path, allow_pickle=False) as z:

@@ -58,13 +58,15 @@ class AbstractFlow(AbstractDynamics):
     attn: eqx.AbstractVar[SelfAttention]
 
     @abc.abstractmethod
-    def vf(self, t, X: Tokens) -> Tokens: ...
+    def vf(self, t, X: Tokens) -> Tokens:
+        """The vector field dX/dt at time t, ``(n, d)``."""
 
     @abc.abstractmethod
     def project(self, X: Tokens) -> Tokens:
         """Map a state back onto the state space after a solver step."""
 
     def with_params(self, *, beta=None, alpha=None):
+        """The same flow with new beta."""
         if alpha is not None:
             raise ValueError("alpha is a step size of the discrete layer map; a flow has none")
         if beta is None:
@@ -78,9 +80,11 @@ class SphereFlow(AbstractFlow):
     attn: SelfAttention
 
     def vf(self, t, X: Tokens) -> Tokens:
+        """The tangent-projected drift P_x u of MODEL.md section 1."""
         return tangent_project(X, self.attn(X))
 
     def project(self, X: Tokens) -> Tokens:
+        """Rows back onto the unit sphere."""
         return normalize_rows(X)
 
 
@@ -90,9 +94,11 @@ class FlatFlow(AbstractFlow):
     attn: SelfAttention
 
     def vf(self, t, X: Tokens) -> Tokens:
+        """The unprojected drift u."""
         return self.attn(X)
 
     def project(self, X: Tokens) -> Tokens:
+        """The identity: no constraint."""
         return X
 
 
@@ -102,7 +108,8 @@ class AbstractMap(AbstractDynamics):
     time: ClassVar[str] = "discrete"
 
     @abc.abstractmethod
-    def step(self, k: Int[Array, ""], X: Tokens) -> Tokens: ...
+    def step(self, k: Int[Array, ""], X: Tokens) -> Tokens:
+        """Layer k applied to X ``(n, d)``."""
 
     @property
     def num_layers(self) -> int | None:
@@ -131,9 +138,11 @@ class LayerMap(AbstractMap):
                 raise ValueError(f"alpha must be a finite number > 0, got {float(a)}")
 
     def step(self, k, X: Tokens) -> Tokens:
+        """x_i <- N(x_i + alpha u_i)."""
         return self.norm(X + self.alpha.astype(X.dtype) * self.attn(X)).astype(X.dtype)
 
     def with_params(self, *, beta=None, alpha=None):
+        """The same map with new beta and/or alpha."""
         return set_attn_params(self, beta=beta, alpha=alpha)
 
 
@@ -190,6 +199,7 @@ class LayerStack(AbstractMap):
         return jax.tree.map(lambda a: a[j], self.groups[g])
 
     def step(self, k, X: Tokens) -> Tokens:
+        """Layer k of the stack applied to X (one lax.switch over the distinct layer kinds)."""
         g = self.group_of[k]
         j = self.index_in_group[k]
         branches = [
@@ -200,6 +210,7 @@ class LayerStack(AbstractMap):
         return jax.lax.switch(g, branches, X, j)
 
     def with_params(self, *, beta=None, alpha=None):
+        """The same stack with new beta and/or alpha in every layer."""
         def set_group(G):
             out = G
             if beta is not None:

@@ -98,6 +98,7 @@ class Heads(eqx.Module):
         return jnp.einsum("hed,hef->hdf", self.Q, self.K)
 
     def astype(self, dtype) -> "Heads":
+        """The same heads with every array cast to dtype."""
         return jax.tree.map(lambda a: a.astype(dtype), self)
 
 
