@@ -11,6 +11,7 @@ import pytest
 import attnflow as af
 from attnflow.evolve.kernels import lanes_applies, lanes_run
 from attnflow.evolve.simulate import CONVERGED, MAX_STEPS, NONFINITE, _fixed_one, _make_plan
+from attnflow.evolve.solvers import RK4, Adaptive, Euler
 from attnflow.model.norms import LayerNorm
 
 
@@ -71,7 +72,30 @@ def test_simulate_uses_lanes_for_small_maps_only():
     assert not lanes_applies(_dyn(0, 1, 16, 4, dtype=np.float32), big, plan, solver)
     flow = af.SphereFlow(dyn.attn)
     fplan, fsolver, _ = _make_plan(flow, x0, None, 1.0, 0.1, None, None, None, 1)
-    assert not lanes_applies(flow, x0, fplan, fsolver)
+    assert lanes_applies(flow, x0, fplan, fsolver) == (jax.default_backend() == "cpu")  # RK4
+    aplan, asolver, _ = _make_plan(flow, x0, None, 1.0, None, Adaptive(), None, None, 1)
+    assert not lanes_applies(flow, x0, aplan, asolver)
+    flat = af.FlatFlow(dyn.attn)
+    assert not lanes_applies(flat, x0, fplan, fsolver)
+
+
+@pytest.mark.parametrize("solver", [RK4(), Euler()], ids=["rk4", "euler"])
+@pytest.mark.parametrize("tol,saves", [(None, None), (1e-6, None), (1e-5, 5)])
+def test_lanes_sphere_flow_equals_vmapped_path_float64(solver, tol, saves):
+    dyn = _dyn(3, 2, 3, 3)
+    flow = af.SphereFlow(dyn.attn)
+    x0 = af.sample.sphere(jax.random.PRNGKey(4), (9, 7, 3), dtype=jnp.float64)
+    x0 = x0.at[2].set(jnp.inf)
+    plan, solv, dt = _make_plan(flow, x0, None, 20.0, 0.1, solver, saves, tol, 1)
+    dt = jnp.asarray(dt, x0.dtype)
+    ref = jax.vmap(lambda x: _fixed_one(flow, solv, x, dt, plan))(x0)
+    out = lanes_run(flow, x0, plan, dt=dt, solver=solv, tile=4)
+    np.testing.assert_array_equal(out[2], ref[2])
+    np.testing.assert_array_equal(out[3], ref[3])
+    ok = np.arange(9) != 2
+    np.testing.assert_allclose(np.asarray(out[0])[ok], np.asarray(ref[0])[ok], rtol=0, atol=1e-12)
+    if saves:
+        np.testing.assert_allclose(np.asarray(out[1])[ok], np.asarray(ref[1])[ok], rtol=0, atol=1e-12)
 
 
 def test_simulate_public_api_matches_numpy_reference_through_lanes():

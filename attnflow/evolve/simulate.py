@@ -166,8 +166,8 @@ def _run_impl(dyn, solver, x0, dt, sweep, plan: _Plan):
             return fused_run(dyn, x0, plan)
         from .kernels import lanes_applies, lanes_run
 
-        if lanes_applies(dyn, x0, plan, solver):  # small-d maps on CPU: batch as lanes, cache-sized tiles
-            return lanes_run(dyn, x0, plan, shards=plan.shards)
+        if lanes_applies(dyn, x0, plan, solver):  # small-d maps and flows on CPU: batch as lanes, cache-sized tiles
+            return lanes_run(dyn, x0, plan, dt=dt, solver=solver, shards=plan.shards)
 
     def batch(d):
         return jax.vmap(lambda x: one(d, solver, x, dt, plan))(x0)

@@ -26,10 +26,10 @@ _MAX_D = 8  # fully unrolled code grows like H n^2 d; above this the XLA path is
 _MAX_N = 32
 
 
-def _step(xs, M, W, beta, alpha):
-    """One layer map on lists: ``xs[a][i]`` is coordinate a of token i, a ``(B,)`` vector.
+def _drift(xs, M, W, beta):
+    """The drift u on lists: ``xs[a][i]`` is coordinate a of token i, a ``(B,)`` vector; returns ``u[a][i]``.
 
-    ``M``, ``W``: nested Python lists of scalars (H x d x d); ``beta``, ``alpha``: scalars.
+    ``M``, ``W``: nested Python lists of scalars (H x d x d); ``beta``: a scalar.
     """
     d, n = len(xs), len(xs[0])
     H = len(M)
@@ -51,14 +51,55 @@ def _step(xs, M, W, beta, alpha):
             for a in range(d):
                 f = sum(W[h][a][c] * z[c] for c in range(d))
                 u[a][i] = f if u[a][i] is None else u[a][i] + f
+    return u
+
+
+def _normalize(ys):
+    """Rows (tokens) scaled to unit norm on lists; zero rows stay zero."""
+    d, n = len(ys), len(ys[0])
     out = [[None] * n for _ in range(d)]
     for i in range(n):
-        y = [xs[a][i] + alpha * u[a][i] for a in range(d)]
-        r2 = sum(ya * ya for ya in y)
+        r2 = sum(ys[a][i] * ys[a][i] for a in range(d))
         inv = jnp.where(r2 > 0, jax.lax.rsqrt(jnp.where(r2 > 0, r2, 1.0)), 1.0)
         for a in range(d):
-            out[a][i] = y[a] * inv
+            out[a][i] = ys[a][i] * inv
     return out
+
+
+def _axpy(xs, c, us):
+    """xs + c us on lists."""
+    return [[x + c * u for x, u in zip(xr, ur)] for xr, ur in zip(xs, us)]
+
+
+def _step(xs, M, W, beta, alpha):
+    """One layer map x_i <- normalize(x_i + alpha u_i) on lists (see :func:`_drift`)."""
+    return _normalize(_axpy(xs, alpha, _drift(xs, M, W, beta)))
+
+
+def _sphere_vf(xs, M, W, beta):
+    """P(x_i) u_i = u_i - <x_i, u_i> x_i / |x_i|^2 on lists (the SphereFlow vector field)."""
+    d, n = len(xs), len(xs[0])
+    u = _drift(xs, M, W, beta)
+    out = [[None] * n for _ in range(d)]
+    for i in range(n):
+        xx = sum(xs[a][i] * xs[a][i] for a in range(d))
+        xu = sum(xs[a][i] * u[a][i] for a in range(d))
+        c = xu / jnp.where(xx > 0, xx, 1.0)
+        for a in range(d):
+            out[a][i] = u[a][i] - c * xs[a][i]
+    return out
+
+
+def _flow_step(xs, M, W, beta, dt, rk4: bool):
+    """One projected Euler or RK4 step of the sphere flow on lists (as attnflow.evolve.solvers)."""
+    k1 = _sphere_vf(xs, M, W, beta)
+    if not rk4:
+        return _normalize(_axpy(xs, dt, k1))
+    k2 = _sphere_vf(_axpy(xs, dt / 2, k1), M, W, beta)
+    k3 = _sphere_vf(_axpy(xs, dt / 2, k2), M, W, beta)
+    k4 = _sphere_vf(_axpy(xs, dt, k3), M, W, beta)
+    comb = [[a + 2 * b + 2 * c + e for a, b, c, e in zip(r1, r2, r3, r4)] for r1, r2, r3, r4 in zip(k1, k2, k3, k4)]
+    return _normalize(_axpy(xs, dt / 6, comb))
 
 
 def _weights(dyn: LayerMap):
@@ -203,21 +244,26 @@ def fused_run(dyn, x0, plan):
 # ----------------------------------------------------------------------------- tiled lanes path (CPU)
 TILE = 1024
 """Ensemble members per tile of the lanes path: a tile's (d, n, TILE) state and its intermediates stay in
-cache across all its steps (measured on a 2-core CPU, toy n = 10, d = 3: tiles of 1000-4000 run 1.7x faster
-than one tile of 20 000; see benchmarks/README.md)."""
+cache across all its steps, and with ``tol`` a tile stops when its own members have stopped (measured on a
+2-core CPU, toy n = 10, d = 3, B = 20 000: tiles of 512-4096 all within 10%; see benchmarks/README.md)."""
 
 
-def _small_map(dyn, x0) -> bool:
-    """The models the lanes arithmetic covers: a LayerMap with softmax attention, full mask, L2Norm, no
-    biases, scalar beta and alpha, d <= 8, n <= 32."""
-    if not isinstance(dyn, LayerMap) or not isinstance(dyn.norm, L2Norm):
+def _small_model(dyn, x0) -> bool:
+    """The models the lanes arithmetic covers: a LayerMap with L2Norm or a SphereFlow, with softmax attention,
+    full mask, no biases, scalar beta (and alpha), d <= 8, n <= 32."""
+    from ...model.dynamics import SphereFlow
+
+    if isinstance(dyn, LayerMap):
+        if not isinstance(dyn.norm, L2Norm) or jnp.ndim(dyn.alpha):
+            return False
+    elif type(dyn) is not SphereFlow:
         return False
     att, hd = dyn.attn.attention, dyn.attn.heads
     if not (isinstance(att, Attention) and att.kind == "softmax" and att.mask == "full"):
         return False
     if any(b is not None for b in (hd.bq, hd.bk, hd.bv, hd.bo)):
         return False
-    if jnp.ndim(dyn.attn.beta) or jnp.ndim(dyn.alpha):
+    if jnp.ndim(dyn.attn.beta):
         return False
     _, n, d = x0.shape
     return d <= _MAX_D and n <= _MAX_N
@@ -225,23 +271,27 @@ def _small_map(dyn, x0) -> bool:
 
 def lanes_applies(dyn, x0, plan, solver) -> bool:
     """Whether :func:`attnflow.simulate` runs ``dyn`` through :func:`lanes_run` (XLA, batch as lanes, tiled):
-    a small map (see ``_small_map``) iterated by :class:`~attnflow.evolve.solvers.Iterate`, on a CPU backend.
-    Any ``tol``, ``saves`` and dtype are supported; sweeps take the vmapped path. ``ATTNFLOW_LANES=0`` turns
-    it off, ``ATTNFLOW_LANES=1`` turns it on for any backend."""
-    from ..solvers import Iterate
+    a small model (see ``_small_model``): a LayerMap iterated by :class:`~attnflow.evolve.solvers.Iterate`,
+    or a SphereFlow integrated by :class:`~attnflow.evolve.solvers.Euler` or
+    :class:`~attnflow.evolve.solvers.RK4`, on a CPU backend. Any ``tol``, ``saves`` and dtype are supported;
+    sweeps and adaptive solves take the vmapped path. ``ATTNFLOW_LANES=0`` turns it off, ``ATTNFLOW_LANES=1``
+    turns it on for any backend."""
+    from ..solvers import RK4, Euler, Iterate
 
     env = os.environ.get("ATTNFLOW_LANES", "")
-    if env == "0" or not isinstance(solver, Iterate) or plan.continuous:
+    if env == "0" or plan.adaptive:
         return False
-    if not _small_map(dyn, x0):
+    ok = type(solver) is Iterate if isinstance(dyn, LayerMap) else type(solver) in (Euler, RK4)
+    if not ok or not _small_model(dyn, x0):
         return False
     return env == "1" or jax.default_backend() == "cpu"
 
 
-def _tile_run(x, M, W, beta, alpha, plan):
-    """Evolve one tile ``x`` of shape ``(d, n, T)`` with the exact per-member semantics of the vmapped path
-    (status codes, frozen members, step counts, ``tol`` on the max-abs change). Returns the final tile, the
-    saved states ``(n_seg, d, n, T)``, status ``(T,)`` and steps ``(T,)``."""
+def _tile_run(x, stepper, plan, dt):
+    """Evolve one tile ``x`` of shape ``(d, n, T)`` by ``stepper`` (lists -> lists) with the exact per-member
+    semantics of the vmapped path (status codes, frozen members, step counts, ``tol`` on the max-abs change,
+    divided by dt for flows). Returns the final tile, the saved states ``(n_seg, d, n, T)``, status ``(T,)``
+    and steps ``(T,)``."""
     from ..simulate import CONVERGED, MAX_STEPS, NONFINITE
 
     d, n, T = x.shape
@@ -250,11 +300,13 @@ def _tile_run(x, M, W, beta, alpha, plan):
     def advance(c):
         X, k, st, ns = c
         xs = [[X[a, i] for i in range(n)] for a in range(d)]
-        Y = jnp.stack([jnp.stack(r) for r in _step(xs, M, W, beta, alpha)])
+        Y = jnp.stack([jnp.stack(r) for r in stepper(xs)])
         finite = jnp.all(jnp.isfinite(Y), axis=(0, 1))
         new = jnp.where(finite, st, NONFINITE)
         if tol is not None:
             change = jnp.max(jnp.abs(Y - X), axis=(0, 1))
+            if plan.continuous:
+                change = change / dt
             new = jnp.where(finite & (change < tol), CONVERGED, new)
         run = st == MAX_STEPS
         return jnp.where(run & finite, Y, X), k + 1, jnp.where(run, new, st), ns + run.astype(ns.dtype)
@@ -273,7 +325,7 @@ def _tile_run(x, M, W, beta, alpha, plan):
     return X, saved, st, ns
 
 
-def _lanes_local(x0, Ms, Ws, beta, alpha, plan, tile):
+def _lanes_local(x0, Ms, Ws, beta, alpha, dt_, plan, tile, rk4):
     B, n, d = x0.shape
     dt = x0.dtype
     T = min(tile, B)
@@ -283,7 +335,12 @@ def _lanes_local(x0, Ms, Ws, beta, alpha, plan, tile):
         xt = jnp.concatenate([xt, jnp.broadcast_to(xt[:, :, :1], (d, n, nt * T - B))], axis=2)
     xt = jnp.moveaxis(xt.reshape(d, n, nt, T), 2, 0)  # (nt, d, n, T)
     M, W = _scalars(Ms.astype(dt)), _scalars(Ws.astype(dt))
-    X, saved, st, ns = jax.lax.map(lambda x: _tile_run(x, M, W, beta.astype(dt), alpha.astype(dt), plan), xt)
+    beta, h = beta.astype(dt), dt_.astype(dt)
+    if plan.continuous:
+        stepper = functools.partial(_flow_step, M=M, W=W, beta=beta, dt=h, rk4=rk4)
+    else:
+        stepper = functools.partial(_step, M=M, W=W, beta=beta, alpha=alpha.astype(dt))
+    X, saved, st, ns = jax.lax.map(lambda x: _tile_run(x, stepper, plan, h), xt)
     final = jnp.transpose(jnp.moveaxis(X, 0, 2).reshape(d, n, nt * T)[:, :, :B], (2, 1, 0))
     traj = None
     if plan.save:  # saved: (nt, n_seg, d, n, T) -> (B, n_seg + 1, n, d)
@@ -292,20 +349,24 @@ def _lanes_local(x0, Ms, Ws, beta, alpha, plan, tile):
     return final, traj, st.reshape(-1)[:B], ns.reshape(-1)[:B]
 
 
-def lanes_run(dyn: LayerMap, x0, plan, *, tile: int = TILE, shards: int = 1):
+def lanes_run(dyn, x0, plan, *, dt=1.0, solver=None, tile: int = TILE, shards: int = 1):
     """The ``(final, trajectory, status, steps)`` tuple of the vmapped path, computed in the lanes layout
     (see the module docstring) over tiles of ``tile`` members, one ``lax.map`` over tiles.
 
     Same semantics as the vmapped path, member by member; the arithmetic is ordered differently, so float32
     results agree to rounding (about 1e-5 after 1000 steps of a contracting map), not bit for bit. With
-    ``shards > 1`` the batch axis is split over the local devices with ``shard_map``."""
+    ``shards > 1`` the batch axis is split over the local devices with ``shard_map``. For a SphereFlow,
+    `dt` is the step and `solver` an Euler or RK4 instance."""
+    from ..solvers import RK4
+
     Ms, Ws = _weights(dyn)
-    beta, alpha = dyn.attn.beta, dyn.alpha
-    f = functools.partial(_lanes_local, plan=plan, tile=tile)
+    beta = dyn.attn.beta
+    alpha = dyn.alpha if isinstance(dyn, LayerMap) else jnp.zeros((), x0.dtype)
+    f = functools.partial(_lanes_local, plan=plan, tile=tile, rk4=isinstance(solver, RK4))
     if shards > 1:
         from jax.sharding import Mesh, PartitionSpec as P
 
         mesh = Mesh(jax.local_devices()[:shards], ("batch",))
         out_specs = (P("batch"), P("batch") if plan.save else None, P("batch"), P("batch"))
-        f = jax.shard_map(f, mesh=mesh, in_specs=(P("batch"), P(), P(), P(), P()), out_specs=out_specs, check_vma=False)
-    return f(x0, Ms, Ws, beta, alpha)
+        f = jax.shard_map(f, mesh=mesh, in_specs=(P("batch"), P(), P(), P(), P(), P()), out_specs=out_specs, check_vma=False)
+    return f(x0, Ms, Ws, beta, alpha, jnp.asarray(dt))
