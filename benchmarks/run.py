@@ -94,6 +94,11 @@ WORKLOADS = {
 
 # ----------------------------------------------------------------------------- attnflow
 def attnflow_impl(w, kind, dt, adaptive=False):
+    """The public ``simulate``. The suite times the steady state (after a warm-up call), so on CPU it asks for
+    the lanes path at every size (``ATTNFLOW_LANES=1`` unless set): ``simulate`` on its own takes it only for
+    calls with B x steps >= 1.2e5 n d, where the path's compile (3 s for toy) is repaid, and the vmapped path
+    below that. Set ATTNFLOW_LANES=0 to time the vmapped path."""
+    os.environ.setdefault("ATTNFLOW_LANES", "1")
     import jax.numpy as jnp
 
     import attnflow as af

@@ -58,21 +58,27 @@ def test_lanes_float32_agrees_over_1000_steps():
     np.testing.assert_allclose(np.linalg.norm(np.asarray(f), axis=-1), 1.0, atol=1e-5)
 
 
-def test_simulate_uses_lanes_for_small_maps_only():
-    x0 = af.sample.sphere(jax.random.PRNGKey(0), (4, 5, 3))
+def test_simulate_uses_lanes_for_small_models_and_large_calls_only():
+    from attnflow.evolve.kernels.lanes import MAX_COST, lanes_cost
+
+    cpu = jax.default_backend() == "cpu"
+    x0 = af.sample.sphere(jax.random.PRNGKey(0), (4000, 5, 3))
     dyn = _dyn(0, 1, 3, 3, dtype=np.float32)
-    plan, solver, _ = _make_plan(dyn, x0, 10, None, None, None, None, None, 1)
-    assert lanes_applies(dyn, x0, plan, solver) == (jax.default_backend() == "cpu")
+    big, solver, _ = _make_plan(dyn, x0, 1000, None, None, None, None, None, 1)
+    small, _, _ = _make_plan(dyn, x0, 10, None, None, None, None, None, 1)
+    assert lanes_applies(dyn, x0, big, solver) == cpu
+    assert not lanes_applies(dyn, x0, small, solver)  # 4 000 x 10 steps: the compile would not pay
     causal = af.LayerMap(af.SelfAttention(dyn.attn.heads, af.Attention("softmax", mask="causal"), 1.0), 0.1)
     relu = af.LayerMap(af.SelfAttention(dyn.attn.heads, af.Attention("relu"), 1.0), 0.1)
     ln = af.LayerMap(dyn.attn, 0.1, LayerNorm())
     for other in (causal, relu, ln):
-        assert not lanes_applies(other, x0, plan, solver)
-    big = af.sample.sphere(jax.random.PRNGKey(0), (4, 5, 16))
-    assert not lanes_applies(_dyn(0, 1, 16, 4, dtype=np.float32), big, plan, solver)
+        assert not lanes_applies(other, x0, big, solver)
+    wide = af.sample.sphere(jax.random.PRNGKey(0), (4000, 32, 8))  # H n^2 d = 8192 > MAX_COST: compile too long
+    wdyn = _dyn(0, 1, 8, 4, dtype=np.float32)
+    assert lanes_cost(wdyn, wide) > MAX_COST and not lanes_applies(wdyn, wide, big, solver)
     flow = af.SphereFlow(dyn.attn)
-    fplan, fsolver, _ = _make_plan(flow, x0, None, 1.0, 0.1, None, None, None, 1)
-    assert lanes_applies(flow, x0, fplan, fsolver) == (jax.default_backend() == "cpu")  # RK4
+    fplan, fsolver, _ = _make_plan(flow, x0, None, 100.0, 0.1, None, None, None, 1)
+    assert lanes_applies(flow, x0, fplan, fsolver) == cpu  # RK4, 1000 steps
     aplan, asolver, _ = _make_plan(flow, x0, None, 1.0, None, Adaptive(), None, None, 1)
     assert not lanes_applies(flow, x0, aplan, asolver)
     flat = af.FlatFlow(dyn.attn)
@@ -98,14 +104,47 @@ def test_lanes_sphere_flow_equals_vmapped_path_float64(solver, tol, saves):
         np.testing.assert_allclose(np.asarray(out[1])[ok], np.asarray(ref[1])[ok], rtol=0, atol=1e-12)
 
 
-def test_simulate_public_api_matches_numpy_reference_through_lanes():
-    """The public simulate (lanes on CPU) against a plain NumPy loop that shares no code with it."""
+def test_simulate_public_api_matches_numpy_reference_through_lanes(monkeypatch):
+    """The public simulate, forced onto the lanes path, against a plain NumPy loop that shares no code with it."""
     import references as ref
+
+    monkeypatch.setenv("ATTNFLOW_LANES", "1")  # a shape no other test uses, so this traces afresh
 
     dyn = _dyn(7, 2, 3, 3)
     x0 = af.sample.sphere(jax.random.PRNGKey(2), (5, 6, 3), dtype=jnp.float64)
-    sol = af.simulate(dyn, x0, steps=60)
+    sol = af.simulate(dyn, x0, steps=61)
     hd = dyn.attn.heads
     for b in range(5):
-        X = ref.layer_map(np.asarray(x0[b]), 60, np.asarray(hd.Q), np.asarray(hd.K), np.asarray(hd.V), np.asarray(hd.O), 1.5, 0.2)[-1]
+        X = ref.layer_map(np.asarray(x0[b]), 61, np.asarray(hd.Q), np.asarray(hd.K), np.asarray(hd.V), np.asarray(hd.O), 1.5, 0.2)[-1]
         np.testing.assert_allclose(np.asarray(sol.final[b]), X, rtol=0, atol=1e-10)
+
+
+SHARD = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["ATTNFLOW_LANES"] = "1"
+import jax
+jax.config.update("jax_enable_x64", True)
+import numpy as np, attnflow as af
+assert jax.local_device_count() == 4
+m = af.LayerMap(af.SelfAttention(af.Heads.single(np.diag([1.0, 0.4, -0.2]))), alpha=0.1)
+x0 = af.sample.sphere(jax.random.PRNGKey(5), (10, 5, 3))
+outs = [af.simulate(m, x0, steps=50, tol=1e-9, saves=5, **kw) for kw in ({}, {"chunk_size": 6}, {"shard": False})]
+np.savez(sys.argv[1], **{f"t{i}": np.asarray(o.trajectory) for i, o in enumerate(outs)}, **{f"s{i}": np.asarray(o.status) for i, o in enumerate(outs)})
+"""
+
+
+def test_lanes_sharded_over_four_cpu_devices_equals_one(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "s.py"
+    script.write_text(SHARD)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "ATTNFLOW_LANES": "1"}
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "o.npz")], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    z = np.load(tmp_path / "o.npz")
+    for i in (1, 2):
+        np.testing.assert_allclose(z[f"t{i}"], z["t0"], rtol=0, atol=1e-13)
+        np.testing.assert_array_equal(z[f"s{i}"], z["s0"])

@@ -269,22 +269,46 @@ def _small_model(dyn, x0) -> bool:
     return d <= _MAX_D and n <= _MAX_N
 
 
+MAX_COST = 1500
+"""Largest unrolled size H n^2 d x (stages: 1 for maps and Euler, 4 for RK4) the lanes path compiles. Its
+compile time grows with this size: on the 2-core CPU 3 s at 300 (n = 10, d = 3, one head), 9 s at 1200 (the
+same with RK4), 11-12 s at 1500 (five heads), 264 s at 24 000 (n = 20, five heads, RK4); the vmapped path
+compiles in 0.2-0.4 s."""
+
+MIN_WORK = 1.2e5
+"""The lanes path is taken when B x steps >= MIN_WORK x n x d: then the run time it saves (about 3x on the
+vmapped path's ~1.2e7 token-steps/s per head and stage) exceeds its compile time (about 0.01 s per unit of
+H n^2 d x stages). Smaller calls take the vmapped path, which compiles in well under a second."""
+
+
+def lanes_cost(dyn, x0, solver=None) -> int:
+    """The unrolled size H n^2 d x stages of the lanes program for this model and batch."""
+    from ..solvers import RK4
+
+    _, n, d = x0.shape
+    return dyn.attn.heads.num_heads * n * n * d * (4 if isinstance(solver, RK4) else 1)
+
+
 def lanes_applies(dyn, x0, plan, solver) -> bool:
     """Whether :func:`attnflow.simulate` runs ``dyn`` through :func:`lanes_run` (XLA, batch as lanes, tiled):
     a small model (see ``_small_model``): a LayerMap iterated by :class:`~attnflow.evolve.solvers.Iterate`,
     or a SphereFlow integrated by :class:`~attnflow.evolve.solvers.Euler` or
     :class:`~attnflow.evolve.solvers.RK4`, on a CPU backend. Any ``tol``, ``saves`` and dtype are supported;
-    sweeps and adaptive solves take the vmapped path. ``ATTNFLOW_LANES=0`` turns it off, ``ATTNFLOW_LANES=1``
-    turns it on for any backend."""
+    sweeps and adaptive solves take the vmapped path. The compiled size must be at most :data:`MAX_COST`, and
+    the call large enough to repay the compile (:data:`MIN_WORK`). ``ATTNFLOW_LANES=0`` turns it off;
+    ``ATTNFLOW_LANES=1`` turns it on for any backend and call size (still within :data:`MAX_COST`)."""
     from ..solvers import RK4, Euler, Iterate
 
     env = os.environ.get("ATTNFLOW_LANES", "")
     if env == "0" or plan.adaptive:
         return False
     ok = type(solver) is Iterate if isinstance(dyn, LayerMap) else type(solver) in (Euler, RK4)
-    if not ok or not _small_model(dyn, x0):
+    if not ok or not _small_model(dyn, x0) or lanes_cost(dyn, x0, solver) > MAX_COST:
         return False
-    return env == "1" or jax.default_backend() == "cpu"
+    if env == "1":
+        return True
+    B, n, d = x0.shape
+    return jax.default_backend() == "cpu" and B * plan.n_seg * plan.seg_len >= MIN_WORK * n * d
 
 
 def _tile_run(x, stepper, plan, dt):
