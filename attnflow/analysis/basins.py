@@ -74,27 +74,23 @@ class _Tally:
         inv = np.asarray(inv).ravel()
         for j, r in enumerate(uniq):
             s = steps[inv == j].astype(np.int64)
-            e = self.table.setdefault(tuple(int(v) for v in r), [0, 0, 0, np.zeros(1, np.int64)])
-            e[0] += len(s)
-            e[1] += int(s.sum())
-            e[2] = max(e[2], int(s.max()))
-            h = np.bincount(s)
-            if len(h) > len(e[3]):
-                e[3] = np.pad(e[3], (0, len(h) - len(e[3])))
-            e[3][: len(h)] += h
+            self._accumulate(tuple(int(v) for v in r), len(s), int(s.sum()), int(s.max()), np.bincount(s))
 
     def merge(self, other: "_Tally") -> None:
         """Add another tally (e.g. another process's) into this one."""
         self.n = self.n if self.n is not None else other.n
         self.total += other.total
         for r, (c, ssum, smax, hist) in other.table.items():
-            e = self.table.setdefault(r, [0, 0, 0, np.zeros(1, np.int64)])
-            e[0] += c
-            e[1] += ssum
-            e[2] = max(e[2], smax)
-            if len(hist) > len(e[3]):
-                e[3] = np.pad(e[3], (0, len(hist) - len(e[3])))
-            e[3][: len(hist)] += hist
+            self._accumulate(r, c, ssum, smax, hist)
+
+    def _accumulate(self, r: tuple, count: int, ssum: int, smax: int, hist: np.ndarray) -> None:
+        e = self.table.setdefault(r, [0, 0, 0, np.zeros(1, np.int64)])
+        e[0] += count
+        e[1] += ssum
+        e[2] = max(e[2], smax)
+        if len(hist) > len(e[3]):
+            e[3] = np.pad(e[3], (0, len(hist) - len(e[3])))
+        e[3][: len(hist)] += hist
 
     def to_bytes(self) -> bytes:
         import json

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
-
 
 from ._common import UsageError, emit_json, info, out_dir, stdout_to_stderr
 
@@ -37,10 +37,8 @@ def add_parser(sub):
 
 def run(args) -> int:
     """Run this subcommand; returns the exit status."""
-    if args.coordinator is not None or args.num_processes is not None or args.process_id is not None:
-        with stdout_to_stderr():  # gloo prints its connection messages on stdout
-            result = _run(args)
-    else:
+    distributed = any(v is not None for v in (args.coordinator, args.num_processes, args.process_id))
+    with stdout_to_stderr() if distributed else contextlib.nullcontext():  # gloo prints on stdout
         result = _run(args)
     if isinstance(result, dict):
         emit_json(result)

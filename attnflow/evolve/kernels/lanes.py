@@ -201,6 +201,27 @@ def fused_layer_map(dyn: LayerMap, x0, steps: int, *, block: int = 128, interpre
     return jnp.transpose(out[:, :B].reshape(d, n, B), (2, 1, 0))
 
 
+def _small_model(dyn, x0) -> bool:
+    """The models the lanes arithmetic covers: a LayerMap with L2Norm or a SphereFlow, with softmax attention,
+    full mask, no biases, scalar beta (and alpha), d <= 8, n <= 32."""
+    from ...model.dynamics import SphereFlow
+
+    if isinstance(dyn, LayerMap):
+        if not isinstance(dyn.norm, L2Norm) or jnp.ndim(dyn.alpha):
+            return False
+    elif type(dyn) is not SphereFlow:
+        return False
+    att, hd = dyn.attn.attention, dyn.attn.heads
+    if not (isinstance(att, Attention) and att.kind == "softmax" and att.mask == "full"):
+        return False
+    if any(b is not None for b in (hd.bq, hd.bk, hd.bv, hd.bo)):
+        return False
+    if jnp.ndim(dyn.attn.beta):
+        return False
+    _, n, d = x0.shape
+    return d <= _MAX_D and n <= _MAX_N
+
+
 def fused_applies(dyn, x0, plan) -> bool:
     """Whether :func:`attnflow.simulate` may run ``dyn`` through the fused kernel: a GPU backend, a
     :class:`LayerMap` with softmax attention, full mask, :class:`L2Norm`, no biases, d <= 8, n <= 32,
@@ -210,17 +231,9 @@ def fused_applies(dyn, x0, plan) -> bool:
     env = os.environ.get("ATTNFLOW_FUSED", "")
     if env == "0":
         return False
-    if not isinstance(dyn, LayerMap) or not isinstance(dyn.norm, L2Norm):
+    if not isinstance(dyn, LayerMap) or not _small_model(dyn, x0):
         return False
-    att, hd = dyn.attn.attention, dyn.attn.heads
-    if not (isinstance(att, Attention) and att.kind == "softmax" and att.mask == "full"):
-        return False
-    if any(b is not None for b in (hd.bq, hd.bk, hd.bv, hd.bo)):
-        return False
-    if jnp.ndim(dyn.attn.beta) or jnp.ndim(dyn.alpha):
-        return False
-    _, n, d = x0.shape
-    if d > _MAX_D or n > _MAX_N or x0.dtype != jnp.float32 and env != "1":
+    if x0.dtype != jnp.float32 and env != "1":
         return False
     if plan.continuous or plan.adaptive or plan.tol is not None or plan.save:
         return False
@@ -246,27 +259,6 @@ TILE = 1024
 """Ensemble members per tile of the lanes path: a tile's (d, n, TILE) state and its intermediates stay in
 cache across all its steps, and with ``tol`` a tile stops when its own members have stopped (measured on a
 2-core CPU, toy n = 10, d = 3, B = 20 000: tiles of 512-4096 all within 10%; see benchmarks/README.md)."""
-
-
-def _small_model(dyn, x0) -> bool:
-    """The models the lanes arithmetic covers: a LayerMap with L2Norm or a SphereFlow, with softmax attention,
-    full mask, no biases, scalar beta (and alpha), d <= 8, n <= 32."""
-    from ...model.dynamics import SphereFlow
-
-    if isinstance(dyn, LayerMap):
-        if not isinstance(dyn.norm, L2Norm) or jnp.ndim(dyn.alpha):
-            return False
-    elif type(dyn) is not SphereFlow:
-        return False
-    att, hd = dyn.attn.attention, dyn.attn.heads
-    if not (isinstance(att, Attention) and att.kind == "softmax" and att.mask == "full"):
-        return False
-    if any(b is not None for b in (hd.bq, hd.bk, hd.bv, hd.bo)):
-        return False
-    if jnp.ndim(dyn.attn.beta):
-        return False
-    _, n, d = x0.shape
-    return d <= _MAX_D and n <= _MAX_N
 
 
 MAX_COST = 1500
@@ -349,22 +341,22 @@ def _tile_run(x, stepper, plan, dt):
     return X, saved, st, ns
 
 
-def _lanes_local(x0, Ms, Ws, beta, alpha, dt_, plan, tile, rk4):
+def _lanes_local(x0, Ms, Ws, beta, alpha, dt, plan, tile, rk4):
     B, n, d = x0.shape
-    dt = x0.dtype
+    ft = x0.dtype
     T = min(tile, B)
     nt = -(-B // T)
     xt = jnp.transpose(x0, (2, 1, 0))  # (d, n, B)
     if nt * T != B:  # pad with copies of a valid member so nothing goes non-finite
         xt = jnp.concatenate([xt, jnp.broadcast_to(xt[:, :, :1], (d, n, nt * T - B))], axis=2)
     xt = jnp.moveaxis(xt.reshape(d, n, nt, T), 2, 0)  # (nt, d, n, T)
-    M, W = _scalars(Ms.astype(dt)), _scalars(Ws.astype(dt))
-    beta, h = beta.astype(dt), dt_.astype(dt)
+    M, W = _scalars(Ms.astype(ft)), _scalars(Ws.astype(ft))
+    beta, dt = beta.astype(ft), dt.astype(ft)
     if plan.continuous:
-        stepper = functools.partial(_flow_step, M=M, W=W, beta=beta, dt=h, rk4=rk4)
+        stepper = functools.partial(_flow_step, M=M, W=W, beta=beta, dt=dt, rk4=rk4)
     else:
-        stepper = functools.partial(_step, M=M, W=W, beta=beta, alpha=alpha.astype(dt))
-    X, saved, st, ns = jax.lax.map(lambda x: _tile_run(x, stepper, plan, h), xt)
+        stepper = functools.partial(_step, M=M, W=W, beta=beta, alpha=alpha.astype(ft))
+    X, saved, st, ns = jax.lax.map(lambda x: _tile_run(x, stepper, plan, dt), xt)
     final = jnp.transpose(jnp.moveaxis(X, 0, 2).reshape(d, n, nt * T)[:, :, :B], (2, 1, 0))
     traj = None
     if plan.save:  # saved: (nt, n_seg, d, n, T) -> (B, n_seg + 1, n, d)
