@@ -1,6 +1,11 @@
-"""The fused small-d layer map (attnflow.evolve.kernels) against the XLA path of simulate and a plain
-NumPy loop. On the CPU the Pallas kernel runs through the interpreter (interpret=True)."""
+"""The fused small-d kernel (attnflow.evolve.kernels) against the XLA path of simulate and a plain NumPy loop.
+On the CPU the Pallas kernel runs through the interpreter (interpret=True), and its GPU lowering (Pallas ->
+Triton IR for "cuda") is checked without a GPU.
 
+Tolerances: float64 1e-12 against the vmapped path and a NumPy loop (same arithmetic up to ordering);
+float32 1e-5 after 1000 steps of a contracting map (rounding)."""
+
+import functools
 import os
 
 import jax
@@ -9,10 +14,12 @@ import numpy as np
 import pytest
 
 import attnflow as af
-from attnflow.evolve.kernels import fused_applies, fused_layer_map, lane_layer_map
-from attnflow.evolve.simulate import _make_plan
+from attnflow.evolve.kernels import fused_applies, fused_layer_map, fused_run, lane_layer_map
+from attnflow.evolve.kernels.lanes import _fused_local, _pack
+from attnflow.evolve.simulate import CONVERGED, NONFINITE, _fixed_one, _make_plan
+from attnflow.evolve.solvers import RK4, Adaptive, Euler
 from attnflow.model.attention import Attention
-from attnflow.model.dynamics import LayerMap, SphereFlow
+from attnflow.model.dynamics import FlatFlow, LayerMap, SphereFlow
 from attnflow.model.heads import Heads, SelfAttention
 from attnflow.model.norms import LayerNorm, NoNorm
 
@@ -85,7 +92,7 @@ def test_float32_1000_steps_against_xla_path(H, n):
 
 
 def test_dispatch_through_simulate(monkeypatch):
-    """ATTNFLOW_FUSED=1 routes simulate through the kernel (interpreted here); results and status agree."""
+    """ATTNFLOW_FUSED=1 routes simulate through the kernel (interpreted here); results, status and steps agree."""
     key = jax.random.PRNGKey(5)
     dyn = _dyn(key, 1, 3, 3, 1.0, 0.3, jnp.float32)
     x0 = _x0(key, 4, 4, 3, jnp.float32)
@@ -94,7 +101,7 @@ def test_dispatch_through_simulate(monkeypatch):
     monkeypatch.setenv("ATTNFLOW_FUSED", "1")
     got = af.simulate(dyn, x0, steps=14)  # a new step count: a new trace, taken by the fused branch
     one = fused_layer_map(dyn, x0, 14, interpret=True)
-    np.testing.assert_array_equal(np.asarray(got.final), np.asarray(one))
+    np.testing.assert_allclose(np.asarray(got.final), np.asarray(one), rtol=0, atol=1e-6)  # equal on the CPU
     assert np.all(np.asarray(got.steps) == 14) and np.all(np.asarray(got.status) == 0)
     assert np.all(np.asarray(ref.steps) == 13)
 
@@ -110,7 +117,7 @@ def test_fused_applies_only_where_it_should(monkeypatch):
     assert fused_applies(dyn, x0, plan)
     saving = _make_plan(dyn, x0, 10, None, None, None, 5, None, 1)[0]
     tol = _make_plan(dyn, x0, 10, None, None, None, None, 1e-6, 1)[0]
-    assert not fused_applies(dyn, x0, saving) and not fused_applies(dyn, x0, tol)
+    assert fused_applies(dyn, x0, saving) and fused_applies(dyn, x0, tol)  # full semantics in the kernel
     attn = dyn.attn
     for other in (
         LayerMap(attn, alpha=0.3, norm=NoNorm()),
@@ -120,10 +127,91 @@ def test_fused_applies_only_where_it_should(monkeypatch):
     ):
         assert not fused_applies(other, x0, plan)
     flow = SphereFlow(attn)
-    fplan = _make_plan(flow, x0, None, 1.0, 0.1, None, None, None, 1)[0]
-    assert not fused_applies(flow, x0, fplan)
-    big = _x0(key, 2, 4, 16, jnp.float32)
-    dbig = _dyn(key, 1, 16, 4, 1.0, 0.3, jnp.float32)
+    fplan, fsolver, _ = _make_plan(flow, x0, None, 1.0, 0.1, None, None, None, 1)
+    assert fused_applies(flow, x0, fplan, fsolver)  # RK4
+    aplan, asolver, _ = _make_plan(flow, x0, None, 1.0, None, Adaptive(), None, None, 1)
+    assert not fused_applies(flow, x0, aplan, asolver)
+    assert not fused_applies(FlatFlow(attn), x0, fplan, fsolver)
+    big = _x0(key, 2, 32, 8, jnp.float32)  # H n^2 d = 8192 > MAX_COST
+    dbig = _dyn(key, 1, 8, 4, 1.0, 0.3, jnp.float32)
     assert not fused_applies(dbig, big, _make_plan(dbig, big, 10, None, None, None, None, None, 1)[0])
     monkeypatch.setenv("ATTNFLOW_FUSED", "0")
     assert not fused_applies(dyn, x0, plan)
+
+
+def _model(kind, H, n, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    hd = Heads(*(0.5 * rng.standard_normal(sh).astype(dtype) for sh in [(H, 3, 3)] * 3 + [(H, 3, 3)]))
+    att = SelfAttention(hd, Attention("softmax"), np.asarray(1.5, dtype))
+    if kind == "map":
+        return LayerMap(att, np.asarray(0.2, dtype)), None, dict(steps=200)
+    return SphereFlow(att), (RK4() if kind == "rk4" else Euler()), dict(t1=20.0, dt=0.1)
+
+
+@pytest.mark.parametrize("kind", ["map", "rk4", "euler"])
+@pytest.mark.parametrize("tol,saves", [(None, None), ("tol", None), ("tol", 5), (None, 4)])
+def test_fused_equals_vmapped_path_float64(kind, tol, saves):
+    """The kernel (interpreted) keeps the vmapped path's semantics member by member: same status codes and step
+    counts (tol early stop, frozen members, a non-finite member keeps its last finite state), states and saved
+    trajectories to 1e-12 in float64. 11 members in blocks of 4: a padded last block."""
+    dyn, solver, kw = _model(kind, 2, 5, np.float64)
+    tol = None if tol is None else (1e-8 if kind == "map" else 1e-3)  # the flows converge slowly in t1 = 20
+    x0 = _x0(jax.random.PRNGKey(1), 11, 5, 3, jnp.float64).at[3].set(jnp.nan)
+    plan, solver, dt = _make_plan(dyn, x0, kw.get("steps"), kw.get("t1"), kw.get("dt"), solver, saves, tol, 1)
+    dt = jnp.asarray(dt, x0.dtype)
+    ref = jax.vmap(lambda x: _fixed_one(dyn, solver, x, dt, plan))(x0)
+    out = fused_run(dyn, x0, plan, dt=dt, solver=solver, block=4)
+    np.testing.assert_array_equal(out[2], ref[2])
+    np.testing.assert_array_equal(out[3], ref[3])
+    st = np.asarray(out[2])
+    assert st[3] == NONFINITE
+    if tol is not None:
+        assert np.sum(st == CONVERGED) >= 5, st  # the early stop is exercised
+    ok = np.arange(11) != 3
+    np.testing.assert_allclose(np.asarray(out[0])[ok], np.asarray(ref[0])[ok], rtol=0, atol=1e-12)
+    if saves:
+        assert out[1].shape == ref[1].shape == (11, saves + 1, 5, 3)
+        np.testing.assert_allclose(np.asarray(out[1])[ok], np.asarray(ref[1])[ok], rtol=0, atol=1e-12)
+    else:
+        assert out[1] is None
+
+
+@pytest.mark.parametrize("kind", ["map", "rk4"])
+@pytest.mark.parametrize("H,dtype", [(1, np.float32), (5, np.float32), (2, np.float64)])
+@pytest.mark.parametrize("tol,saves", [(None, None), (1e-6, 5)])
+def test_fused_kernel_lowers_to_triton_for_cuda(kind, H, dtype, tol, saves):
+    """No GPU here, but the Pallas -> Triton lowering runs on the CPU: lowering for the "cuda" platform must give
+    a Triton custom call for every variant simulate dispatches (maps and flows, tol, saves, heads, dtypes).
+    (JAX's default Pallas GPU backend, Mosaic GPU, rejects this kernel; the kernel asks for Triton.) The last
+    stage, Triton -> PTX, happens in XLA on the GPU; if it fails there, simulate falls back to the XLA path
+    (next test)."""
+    dyn, solver, kw = _model(kind, H, 10, dtype)
+    x0 = jnp.ones((1000, 10, 3), dtype)
+    plan, solver, dt = _make_plan(dyn, x0, kw.get("steps"), kw.get("t1"), kw.get("dt"), solver, saves, tol, 1)
+    params = _pack(dyn, dtype, dyn.alpha if kind == "map" else dt)
+    f = functools.partial(_fused_local, kind=kind, plan=plan, block=128, interpret=False)
+    text = jax.jit(f).trace(x0, params).lower(lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in text and 'name = "_kernel"' in text
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the forced compile failure only happens off the GPU")
+def test_simulate_falls_back_to_xla_when_the_kernel_fails_to_compile(monkeypatch):
+    """A kernel that does not compile costs a warning, not a run: simulate takes the XLA path (here the Pallas
+    call is forced to compile for real on the CPU, which Pallas refuses), and every later call skips the kernel."""
+    from attnflow.evolve.kernels import lanes
+
+    monkeypatch.setattr(lanes, "FAILED", None)
+    monkeypatch.setattr(lanes, "_interpret", lambda: False)
+    key = jax.random.PRNGKey(8)
+    dyn = _dyn(key, 1, 3, 3, 1.0, 0.3, jnp.float32)
+    x0 = _x0(key, 6, 4, 3, jnp.float32)
+    monkeypatch.setenv("ATTNFLOW_FUSED", "0")
+    ref = af.simulate(dyn, x0, steps=17, tol=1e-6)
+    monkeypatch.setenv("ATTNFLOW_FUSED", "1")
+    with pytest.warns(RuntimeWarning, match="fused Pallas kernel failed to compile"):
+        got = af.simulate(dyn, x0, steps=17, tol=1e-6)
+    assert lanes.FAILED is not None
+    np.testing.assert_array_equal(np.asarray(got.final), np.asarray(ref.final))
+    np.testing.assert_array_equal(np.asarray(got.status), np.asarray(ref.status))
+    plan = _make_plan(dyn, x0, 17, None, None, None, None, None, 1)[0]
+    assert not fused_applies(dyn, x0, plan)  # remembered for the process

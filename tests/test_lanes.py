@@ -122,7 +122,6 @@ def test_simulate_public_api_matches_numpy_reference_through_lanes(monkeypatch):
 SHARD = """
 import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-os.environ["ATTNFLOW_LANES"] = "1"
 import jax
 jax.config.update("jax_enable_x64", True)
 import numpy as np, attnflow as af
@@ -134,14 +133,16 @@ np.savez(sys.argv[1], **{f"t{i}": np.asarray(o.trajectory) for i, o in enumerate
 """
 
 
-def test_lanes_sharded_over_four_cpu_devices_equals_one(tmp_path):
+@pytest.mark.parametrize("path", ["ATTNFLOW_LANES", "ATTNFLOW_FUSED"])
+def test_lanes_sharded_over_four_cpu_devices_equals_one(tmp_path, path):
+    """Both fast paths (the lanes path, the fused kernel interpreted) under shard_map on 4 forced CPU devices."""
     import os
     import subprocess
     import sys
 
     script = tmp_path / "s.py"
     script.write_text(SHARD)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "ATTNFLOW_LANES": "1"}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", path: "1"}
     r = subprocess.run([sys.executable, str(script), str(tmp_path / "o.npz")], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     z = np.load(tmp_path / "o.npz")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Iterator
 
 import diffrax
@@ -70,6 +71,7 @@ class _Plan:
     adaptive: bool
     unroll: int
     shards: int = 1  # local devices the batch axis is split over
+    path: str = "xla"  # "fused" (Pallas, GPU), "lanes" (tiled XLA, CPU) or "xla" (vmapped); see _choose_path
 
 
 def _fixed_one(dyn, solver, x0, dt, plan: _Plan):
@@ -158,16 +160,13 @@ def _adaptive_one(dyn, solver: Adaptive, x0, dt_save, plan: _Plan):
 def _run_impl(dyn, solver, x0, dt, sweep, plan: _Plan):
     global _TRACES
     _TRACES += 1
+    from .kernels import fused_run, lanes_run
+
+    if plan.path == "fused":  # Pallas kernel on a GPU for small-d softmax maps and flows (kernels/lanes.py)
+        return fused_run(dyn, x0, plan, dt=dt, solver=solver, shards=plan.shards)
+    if plan.path == "lanes":  # the same arithmetic in XLA on CPU: batch as lanes, cache-sized tiles
+        return lanes_run(dyn, x0, plan, dt=dt, solver=solver, shards=plan.shards)
     one = _adaptive_one if plan.adaptive else _fixed_one
-    if sweep is None:  # fused Pallas kernel on a GPU for small-d softmax/l2 layer maps (kernels/lanes.py)
-        from .kernels import fused_applies, fused_run
-
-        if fused_applies(dyn, x0, plan):
-            return fused_run(dyn, x0, plan)
-        from .kernels import lanes_applies, lanes_run
-
-        if lanes_applies(dyn, x0, plan, solver):  # small-d maps and flows on CPU: batch as lanes, cache-sized tiles
-            return lanes_run(dyn, x0, plan, dt=dt, solver=solver, shards=plan.shards)
 
     def batch(d):
         return jax.vmap(lambda x: one(d, solver, x, dt, plan))(x0)
@@ -177,7 +176,43 @@ def _run_impl(dyn, solver, x0, dt, sweep, plan: _Plan):
     return jax.vmap(lambda vals: batch(dyn.with_params(**vals)))(sweep)
 
 
-_run = eqx.filter_jit(_run_impl)
+_run_jit = eqx.filter_jit(_run_impl)
+
+
+def _choose_path(dyn, solver, x0, sweep, plan: _Plan) -> str:
+    """Which implementation runs this call (the fast paths keep the vmapped path's semantics exactly)."""
+    from .kernels import fused_applies, lanes_applies
+
+    if sweep is not None:
+        return "xla"
+    if fused_applies(dyn, x0, plan, solver):
+        return "fused"
+    if lanes_applies(dyn, x0, plan, solver):
+        return "lanes"
+    return "xla"
+
+
+def _run(dyn, solver, x0, dt, sweep, plan: _Plan):
+    """The one compiled entry point, on the path :func:`_choose_path` picks. If the fused GPU kernel fails to
+    compile (a Pallas/Triton version this code was not built against), warn once, remember it
+    (``kernels.lanes.FAILED``) and take the XLA path from then on: a run never fails for want of the kernel."""
+    from .kernels import lanes
+
+    plan = dataclasses.replace(plan, path=_choose_path(dyn, solver, x0, sweep, plan))
+    if plan.path != "fused":
+        return _run_jit(dyn, solver, x0, dt, sweep, plan)
+    try:
+        return _run_jit(dyn, solver, x0, dt, sweep, plan)
+    except Exception as e:  # noqa: BLE001 - any compile failure of the kernel; the XLA path is the fallback
+        lanes.FAILED = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:400]
+        warnings.warn(
+            f"attnflow: the fused Pallas kernel failed to compile ({lanes.FAILED}); using the XLA path for the "
+            "rest of this process (ATTNFLOW_FUSED=0 skips the kernel)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        plan = dataclasses.replace(plan, path=_choose_path(dyn, solver, x0, sweep, plan))
+        return _run_jit(dyn, solver, x0, dt, sweep, plan)
 
 
 def _make_plan(dyn, x0, steps, t1, dt, solver, saves, tol, unroll):

@@ -1,9 +1,11 @@
 """Fused kernels behind :func:`attnflow.simulate`; the XLA path is the fallback.
 
-- :mod:`.lanes`: the small-d discrete layer map (softmax, full mask, l2 norm, no biases) in a
-  batch-as-lanes layout, as a Pallas kernel (many steps per launch, state kept on chip) and as the
-  same arithmetic in plain XLA; :func:`lanes_run` runs that XLA arithmetic over cache-sized tiles with the
-  full per-member semantics of :func:`attnflow.simulate` (the default path on CPU for these models).
+- :mod:`.lanes`: small-d softmax models (l2 layer maps; sphere flows by Euler or RK4; full mask, no biases)
+  in a batch-as-lanes layout, two ways, both with the full per-member semantics of :func:`attnflow.simulate`
+  (status, ``tol``, saves, step counts): :func:`fused_run`, a Pallas (Triton) kernel that runs the whole
+  simulation in one launch with each member's state in registers (the default on GPU), and
+  :func:`lanes_run`, the same arithmetic in plain XLA over cache-sized tiles (the default on CPU for calls
+  large enough to repay its compile).
 """
 
 from .lanes import fused_applies as fused_applies

@@ -1,11 +1,15 @@
-"""The small-d layer map x_i <- normalize(x_i + alpha sum_h W_h sum_j softmax_j(beta x_i^T M_h x_j) x_j)
-with the batch as the lane (fastest) dimension.
+"""The small-d layer map x_i <- normalize(x_i + alpha sum_h W_h sum_j softmax_j(beta x_i^T M_h x_j) x_j),
+and the sphere flow with the same drift, with the batch as the lane (fastest) dimension.
 
 Layout: the state is held as d * n vectors of shape ``(B_tile,)``, one per (coordinate, token); every
 per-token operation is elementwise on these vectors, and the weights (M_h = Q_h^T K_h, W_h = O_h V_h,
 d x d each) are scalars. On a GPU each thread then owns one ensemble member and keeps its n d
 coordinates in registers across all steps: no shared memory, no cross-lane traffic, one launch for
-all steps. The ``(d, n, B)`` array in HBM is read once and written once.
+all steps. The ``(d, n, B)`` array in HBM is read once and written once (plus the saved states).
+
+Two runners keep :func:`attnflow.simulate`'s per-member semantics (status codes, ``tol``, saves, step
+counts): :func:`fused_run` (Pallas, lowered through Triton; the GPU path) and :func:`lanes_run` (plain XLA
+over cache-sized tiles; the CPU path).
 
 Flop and byte counts per token-step: benchmarks/README.md.
 """
@@ -143,17 +147,117 @@ def lane_layer_map(dyn: LayerMap, x0, steps: int, unroll: int = 1):
     return jnp.transpose(jnp.stack([jnp.stack(r) for r in ys]), (2, 1, 0))
 
 
-def _kernel(p_ref, x_ref, o_ref, *, H, d, n, steps, unroll):
-    # p_ref: (2 H d d + 2,) scalars: M then W then beta, alpha.
-    dd = d * d
+def _pack(dyn, ft, last):
+    """The kernel's scalar parameters in one vector: M (H d d), W (H d d), beta, then ``last`` (alpha or dt)."""
+    Ms, Ws = _weights(dyn)
+    return jnp.concatenate(
+        [Ms.astype(ft).ravel(), Ws.astype(ft).ravel(), jnp.stack([dyn.attn.beta.astype(ft), jnp.asarray(last).astype(ft)])]
+    )
+
+
+def _kernel(p_ref, x_ref, o_ref, st_ref, ns_ref, *saved_ref, H, d, n, kind, n_seg, seg_len, tol, unroll):
+    """One program: ``block`` members, the whole run. ``x_ref``/``o_ref``: ``(d n, block)`` (row a n + i is
+    coordinate a of token i); ``st_ref``/``ns_ref``: ``(1, block)`` status and step counts; ``saved_ref``:
+    ``(n_seg, d n, block)`` when the trajectory is saved. Same per-member semantics as the vmapped path:
+    stopped members are frozen, a non-finite step keeps the last finite state, and with ``tol`` the program
+    leaves a segment's step loop as soon as all of its members have stopped."""
+    from ..simulate import CONVERGED, MAX_STEPS, NONFINITE
+
+    dd, D = d * d, d * n
     M = [[[p_ref[h * dd + a * d + b] for b in range(d)] for a in range(d)] for h in range(H)]
     W = [[[p_ref[H * dd + h * dd + a * d + b] for b in range(d)] for a in range(d)] for h in range(H)]
-    beta, alpha = p_ref[2 * H * dd], p_ref[2 * H * dd + 1]
-    xs = [[x_ref[a * n + i, :] for i in range(n)] for a in range(d)]
-    ys = _loop(xs, M, W, beta, alpha, steps, unroll)
-    for a in range(d):
-        for i in range(n):
-            o_ref[a * n + i, :] = ys[a][i]
+    beta, last = p_ref[2 * H * dd], p_ref[2 * H * dd + 1]  # last: alpha (maps) or dt (flows)
+    if kind == "map":
+        stepper = functools.partial(_step, M=M, W=W, beta=beta, alpha=last)
+    else:
+        stepper = functools.partial(_flow_step, M=M, W=W, beta=beta, dt=last, rk4=kind == "rk4")
+
+    def rows(flat):
+        return [list(flat[a * n:(a + 1) * n]) for a in range(d)]
+
+    def advance(c):
+        X, k, st, ns = c
+        Y = tuple(v for row in stepper(rows(X)) for v in row)
+        finite = functools.reduce(jnp.logical_and, [jnp.isfinite(y) for y in Y])
+        new = jnp.where(finite, st, NONFINITE)
+        if tol is not None:
+            change = functools.reduce(jnp.maximum, [jnp.abs(y - x) for y, x in zip(Y, X)])
+            if kind != "map":
+                change = change / last
+            new = jnp.where(finite & (change < tol), CONVERGED, new)
+        run = st == MAX_STEPS
+        keep = run & finite
+        X = tuple(jnp.where(keep, y, x) for y, x in zip(Y, X))
+        return X, k + 1, jnp.where(run, new, st), ns + run.astype(ns.dtype)
+
+    def segment(s, c):
+        if tol is None:
+            c = jax.lax.fori_loop(0, seg_len, lambda _, c: advance(c), c, unroll=unroll)
+        else:
+            end = ((s + 1) * seg_len).astype(jnp.int32)
+            running = lambda c: (c[1] < end) & (jnp.max(jnp.where(c[2] == MAX_STEPS, 1, 0)) > 0)
+            c = jax.lax.while_loop(running, advance, c)
+            c = (c[0], end, c[2], c[3])
+        if saved_ref:
+            for r in range(D):
+                saved_ref[0][s, r, :] = c[0][r]
+        return c
+
+    X = tuple(x_ref[r, :] for r in range(D))
+    zeros = jnp.zeros(X[0].shape, jnp.int32)
+    c = (X, jnp.zeros((), jnp.int32), zeros + MAX_STEPS, zeros)
+    X, _, st, ns = jax.lax.fori_loop(0, n_seg, segment, c)
+    for r in range(D):
+        o_ref[r, :] = X[r]
+    st_ref[0, :] = st
+    ns_ref[0, :] = ns
+
+
+def _gpu_params() -> dict:
+    """Lower through Triton, whose one-thread-per-lane model this kernel is written for. (Recent JAX lowers
+    ``pallas_call`` to Mosaic GPU by default, which rejects this kernel: its copies of the (d n, block) state
+    are not multiples of a warpgroup.)"""
+    from jax.experimental.pallas import triton as pltriton
+
+    return {"compiler_params": pltriton.CompilerParams(num_warps=4, num_stages=1)}
+
+
+def _fused_local(x0, params, *, kind, plan, block, interpret, unroll=1):
+    """The Pallas call on a local batch ``x0`` ``(B, n, d)``: ``(final, trajectory, status, steps)``, batch first."""
+    from jax.experimental import pallas as pl
+
+    B, n, d = x0.shape
+    D, ft = d * n, x0.dtype
+    H = (params.shape[0] - 2) // (2 * d * d)
+    Bp = -(-B // block) * block
+    xt = jnp.transpose(x0, (2, 1, 0)).reshape(D, B)
+    if Bp != B:  # pad with copies of a valid member so nothing goes non-finite
+        xt = jnp.concatenate([xt, jnp.broadcast_to(xt[:, :1], (D, Bp - B))], axis=1)
+    kern = functools.partial(
+        _kernel, H=H, d=d, n=n, kind=kind, n_seg=plan.n_seg, seg_len=plan.seg_len, tol=plan.tol, unroll=int(unroll)
+    )
+    lanes = pl.BlockSpec((D, block), lambda g: (0, g))
+    row = pl.BlockSpec((1, block), lambda g: (0, g))
+    out_shape = [jax.ShapeDtypeStruct((D, Bp), ft), jax.ShapeDtypeStruct((1, Bp), jnp.int32), jax.ShapeDtypeStruct((1, Bp), jnp.int32)]
+    out_specs = [lanes, row, row]
+    if plan.save:
+        out_shape.append(jax.ShapeDtypeStruct((plan.n_seg, D, Bp), ft))
+        out_specs.append(pl.BlockSpec((plan.n_seg, D, block), lambda g: (0, 0, g)))
+    outs = pl.pallas_call(
+        kern,
+        out_shape=tuple(out_shape),
+        grid=(Bp // block,),
+        in_specs=[pl.BlockSpec(params.shape, lambda g: (0,)), lanes],
+        out_specs=tuple(out_specs),
+        interpret=interpret,
+        **({} if interpret else _gpu_params()),
+    )(params, xt)
+    final = jnp.transpose(outs[0][:, :B].reshape(d, n, B), (2, 1, 0))
+    traj = None
+    if plan.save:  # (n_seg, D, Bp) -> (B, n_seg + 1, n, d)
+        s = jnp.transpose(outs[3][:, :, :B].reshape(plan.n_seg, d, n, B), (3, 0, 2, 1))
+        traj = jnp.concatenate([x0[:, None], s], axis=1)
+    return final, traj, outs[1][0, :B], outs[2][0, :B]
 
 
 def fused_layer_map(dyn: LayerMap, x0, steps: int, *, block: int = 128, interpret: bool | None = None, unroll: int = 1):
@@ -169,36 +273,16 @@ def fused_layer_map(dyn: LayerMap, x0, steps: int, *, block: int = 128, interpre
     - `interpret`: run the kernel through the Pallas interpreter (default: when the backend is not a GPU).
     - `unroll`: unroll factor of the in-kernel step loop.
 
-    **Returns:** the final ``(B, n, d)`` state.
+    **Returns:** the final ``(B, n, d)`` state (a member whose step went non-finite keeps its last finite state,
+    as in :func:`attnflow.simulate`).
     """
-    from jax.experimental import pallas as pl
+    from ..simulate import _Plan
 
-    B, n, d = x0.shape
-    dt = x0.dtype
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    Ms, Ws = _weights(dyn)
-    H = Ms.shape[0]
-    params = jnp.concatenate(
-        [Ms.astype(dt).ravel(), Ws.astype(dt).ravel(), jnp.stack([dyn.attn.beta.astype(dt), dyn.alpha.astype(dt)])]
-    )
-    Bp = -(-B // block) * block
-    xt = jnp.transpose(x0, (2, 1, 0)).reshape(d * n, B)
-    if Bp != B:  # pad with copies of a valid member so nothing goes non-finite
-        xt = jnp.concatenate([xt, jnp.broadcast_to(xt[:, :1], (d * n, Bp - B))], axis=1)
-    kern = functools.partial(_kernel, H=H, d=d, n=n, steps=int(steps), unroll=int(unroll))
-    out = pl.pallas_call(
-        kern,
-        out_shape=jax.ShapeDtypeStruct((d * n, Bp), dt),
-        grid=(Bp // block,),
-        in_specs=[
-            pl.BlockSpec(params.shape, lambda g: (0,)),
-            pl.BlockSpec((d * n, block), lambda g: (0, g)),
-        ],
-        out_specs=pl.BlockSpec((d * n, block), lambda g: (0, g)),
-        interpret=interpret,
-    )(params, xt)
-    return jnp.transpose(out[:, :B].reshape(d, n, B), (2, 1, 0))
+    plan = _Plan(n_seg=1, seg_len=int(steps), save=False, tol=None, continuous=False, adaptive=False, unroll=1)
+    params = _pack(dyn, x0.dtype, dyn.alpha)
+    return _fused_local(x0, params, kind="map", plan=plan, block=block, interpret=interpret, unroll=unroll)[0]
 
 
 def _small_model(dyn, x0) -> bool:
@@ -222,36 +306,69 @@ def _small_model(dyn, x0) -> bool:
     return d <= _MAX_D and n <= _MAX_N
 
 
-def fused_applies(dyn, x0, plan) -> bool:
-    """Whether :func:`attnflow.simulate` may run ``dyn`` through the fused kernel: a GPU backend, a
-    :class:`LayerMap` with softmax attention, full mask, :class:`L2Norm`, no biases, d <= 8, n <= 32,
-    float32 states, a fixed number of steps with no ``tol``, no saved trajectory, no sweep.
-    Set ``ATTNFLOW_FUSED=0`` to force the XLA path, ``ATTNFLOW_FUSED=1`` to force the kernel (interpreted
-    off the GPU; for testing)."""
+FAILED: str | None = None
+"""Why the fused kernel failed to compile in this process (set by :func:`attnflow.simulate`, which then
+takes the XLA path for every later call), or None."""
+
+
+def _interpret() -> bool:
+    """Run Pallas through its interpreter: everywhere but on a GPU."""
+    return jax.default_backend() != "gpu"
+
+
+def fused_applies(dyn, x0, plan, solver=None) -> bool:
+    """Whether :func:`attnflow.simulate` runs ``dyn`` through the fused Pallas kernel (:func:`fused_run`):
+    a GPU backend and a small model (softmax attention, full mask, no biases, scalar beta, d <= 8, n <= 32):
+    a :class:`LayerMap` with :class:`L2Norm` iterated by :class:`~attnflow.evolve.solvers.Iterate`, or a
+    SphereFlow integrated by :class:`~attnflow.evolve.solvers.Euler` or :class:`~attnflow.evolve.solvers.RK4`,
+    with unrolled size H n^2 d x stages <= :data:`MAX_COST`. Any ``tol``, ``saves`` and float dtype; sweeps
+    and adaptive solves take the vmapped path. ``ATTNFLOW_FUSED=0`` turns it off; ``ATTNFLOW_FUSED=1``
+    turns it on for any backend (interpreted off the GPU: slow, for testing). Never after a failed
+    compile in this process (:data:`FAILED`)."""
+    from ..solvers import RK4, Euler, Iterate
+
     env = os.environ.get("ATTNFLOW_FUSED", "")
-    if env == "0":
+    if env == "0" or FAILED is not None or plan.adaptive:
         return False
-    if not isinstance(dyn, LayerMap) or not _small_model(dyn, x0):
-        return False
-    if x0.dtype != jnp.float32 and env != "1":
-        return False
-    if plan.continuous or plan.adaptive or plan.tol is not None or plan.save:
+    solver = Iterate() if solver is None and isinstance(dyn, LayerMap) else solver
+    ok = type(solver) is Iterate if isinstance(dyn, LayerMap) else type(solver) in (Euler, RK4)
+    if not ok or not _small_model(dyn, x0) or lanes_cost(dyn, x0, solver) > MAX_COST:
         return False
     return env == "1" or jax.default_backend() == "gpu"
 
 
-def fused_run(dyn, x0, plan):
-    """The ``(final, trajectory, status, steps)`` tuple of the XLA path, from the fused kernel.
+def _kind(dyn, solver) -> str:
+    from ..solvers import RK4
 
-    Status is ``MAX_STEPS`` for finite final states and ``NONFINITE`` otherwise (the kernel does not
-    keep the last finite state)."""
-    from ..simulate import MAX_STEPS, NONFINITE
+    return "map" if isinstance(dyn, LayerMap) else ("rk4" if isinstance(solver, RK4) else "euler")
 
-    steps = plan.n_seg * plan.seg_len
-    X = fused_layer_map(dyn, x0, steps)
-    ok = jnp.all(jnp.isfinite(X), axis=(1, 2))
-    status = jnp.where(ok, MAX_STEPS, NONFINITE).astype(jnp.int32)
-    return X, None, status, jnp.full(x0.shape[:1], steps, jnp.int32)
+
+def fused_run(dyn, x0, plan, *, dt=1.0, solver=None, block: int = 128, shards: int = 1):
+    """The ``(final, trajectory, status, steps)`` tuple of the vmapped path, member by member, from one launch
+    of the fused kernel: each program evolves ``block`` members with their state in registers for the whole
+    run (all segments, saves written as they come). With ``shards > 1`` the batch is split over the local
+    devices with ``shard_map``. For a SphereFlow, `dt` is the step and `solver` an Euler or RK4 instance."""
+    last = dyn.alpha if isinstance(dyn, LayerMap) else dt
+    params = _pack(dyn, x0.dtype, last)
+    f = functools.partial(_fused_local, kind=_kind(dyn, solver), plan=plan, block=block, interpret=_interpret())
+    return _shard(f, plan, shards)(x0, params)
+
+
+def _shard(f, plan, shards):
+    """``f(x0, *replicated)`` with the batch axis of ``x0`` and of its four outputs split over ``shards``
+    local devices (``f`` itself when ``shards == 1``)."""
+    if shards <= 1:
+        return f
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    mesh = Mesh(jax.local_devices()[:shards], ("batch",))
+    out_specs = (P("batch"), P("batch") if plan.save else None, P("batch"), P("batch"))
+
+    def g(x0, *rest):
+        in_specs = (P("batch"),) + (P(),) * len(rest)
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(x0, *rest)
+
+    return g
 
 
 # ----------------------------------------------------------------------------- tiled lanes path (CPU)
@@ -379,10 +496,4 @@ def lanes_run(dyn, x0, plan, *, dt=1.0, solver=None, tile: int = TILE, shards: i
     beta = dyn.attn.beta
     alpha = dyn.alpha if isinstance(dyn, LayerMap) else jnp.zeros((), x0.dtype)
     f = functools.partial(_lanes_local, plan=plan, tile=tile, rk4=isinstance(solver, RK4))
-    if shards > 1:
-        from jax.sharding import Mesh, PartitionSpec as P
-
-        mesh = Mesh(jax.local_devices()[:shards], ("batch",))
-        out_specs = (P("batch"), P("batch") if plan.save else None, P("batch"), P("batch"))
-        f = jax.shard_map(f, mesh=mesh, in_specs=(P("batch"), P(), P(), P(), P(), P()), out_specs=out_specs, check_vma=False)
-    return f(x0, Ms, Ws, beta, alpha, jnp.asarray(dt))
+    return _shard(f, plan, shards)(x0, Ms, Ws, beta, alpha, jnp.asarray(dt))
