@@ -11,6 +11,7 @@ CPU sizes otherwise (``--quick`` smaller still, ``--tiny`` for tests).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -93,12 +94,25 @@ WORKLOADS = {
 
 
 # ----------------------------------------------------------------------------- attnflow
+@contextlib.contextmanager
+def _lanes_default():
+    """``ATTNFLOW_LANES=1`` for the duration of a call, unless the user set it."""
+    if "ATTNFLOW_LANES" in os.environ:
+        yield
+        return
+    os.environ["ATTNFLOW_LANES"] = "1"
+    try:
+        yield
+    finally:
+        del os.environ["ATTNFLOW_LANES"]
+
+
 def attnflow_impl(w, kind, dt, adaptive=False):
     """The public ``simulate``. The suite times the steady state (after a warm-up call), so on CPU it asks for
     the lanes path at every size (``ATTNFLOW_LANES=1`` unless set): ``simulate`` on its own takes it only for
     calls with B x steps >= 1.2e5 n d, where the path's compile (3 s for toy) is repaid, and the vmapped path
-    below that. Set ATTNFLOW_LANES=0 to time the vmapped path."""
-    os.environ.setdefault("ATTNFLOW_LANES", "1")
+    below that. Set ATTNFLOW_LANES=0 to time the vmapped path. (Set around each call only, so that importing
+    the suite, e.g. in the tests, leaves the process's own dispatch alone.)"""
     import jax.numpy as jnp
 
     import attnflow as af
@@ -112,7 +126,8 @@ def attnflow_impl(w, kind, dt, adaptive=False):
         dyn = LayerMap(attn, alpha=jnp.float32(w["alpha"]))
 
         def run(X0, steps):
-            return af.simulate(dyn, jnp.asarray(X0), steps=steps).final.block_until_ready()
+            with _lanes_default():
+                return af.simulate(dyn, jnp.asarray(X0), steps=steps).final.block_until_ready()
 
     else:
         dyn = SphereFlow(attn)
@@ -121,7 +136,8 @@ def attnflow_impl(w, kind, dt, adaptive=False):
         def run(X0, steps):
             t1 = float(steps * dt)
             kw = dict(t1=t1, solver=solver) if adaptive else dict(t1=t1, dt=dt, solver=solver)
-            return af.simulate(dyn, jnp.asarray(X0), **kw).final.block_until_ready()
+            with _lanes_default():
+                return af.simulate(dyn, jnp.asarray(X0), **kw).final.block_until_ready()
 
     return run
 

@@ -51,3 +51,24 @@ def test_peers_agree_with_plain_loop_float64(H, dh, d):
 def test_flop_count_toy():
     # one head, d = dh = 3, n = 10: 4 projections 72, attention 2*10*3+30+2*10*3 = 150, residual+norm 17
     assert suite.flops_per_token_step(1, 3, 3, 10) == 72 + 150 + 17
+
+
+def test_fused_sass_step_loop_finds_the_innermost_largest_loop():
+    """benchmarks/fused_sass.py reads the step loop out of a SASS listing (the compile itself needs triton)."""
+    from benchmarks.fused_sass import predict, step_loop
+
+    def line(addr, ins):
+        return f"        /*{addr:04x}*/                   {ins} ;   /* 0x000000000000794d */"
+
+    body = [line(0x00, "MOV R1, c[0x0][0x28]")]
+    body += [line(0x10 + 16 * i, "FFMA R2, R3, R4, R2") for i in range(5)]  # outer loop 0x10..0x100
+    body += [line(0x60 + 16 * i, ins) for i, ins in enumerate(["FADD R5, R5, R6", "MUFU.EX2 R7, R8", "@!P1 FFMA.FTZ R2, R2, R3, R4"])]
+    body += [line(0x90, "@P0 BRA 0x60")]  # inner loop: 0x60..0x90, 4 instructions
+    body += [line(0xa0, "@P1 BRA 0x10")]
+    body += [line(0xb0, "EXIT")]
+    body.sort(key=lambda s: int(s.split("/*")[1].split("*/")[0], 16))
+    loop = step_loop("\n".join(body))
+    assert loop["instructions"] == 4
+    assert loop["by_opcode"] == {"FADD": 1, "MUFU": 1, "FFMA": 1, "BRA": 1}
+    p = predict(2437, 120, 10)["H100 SXM5"]
+    assert abs(p["issue_bound_token_steps_per_s"] - 132 * 1.98e9 * 128 / 2437 * 10) < 1e3

@@ -58,7 +58,8 @@ def test_lanes_float32_agrees_over_1000_steps():
     np.testing.assert_allclose(np.linalg.norm(np.asarray(f), axis=-1), 1.0, atol=1e-5)
 
 
-def test_simulate_uses_lanes_for_small_models_and_large_calls_only():
+def test_simulate_uses_lanes_for_small_models_and_large_calls_only(monkeypatch):
+    monkeypatch.delenv("ATTNFLOW_LANES", raising=False)
     from attnflow.evolve.kernels.lanes import MAX_COST, lanes_cost
 
     cpu = jax.default_backend() == "cpu"
