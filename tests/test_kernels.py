@@ -215,3 +215,37 @@ def test_simulate_falls_back_to_xla_when_the_kernel_fails_to_compile(monkeypatch
     np.testing.assert_array_equal(np.asarray(got.status), np.asarray(ref.status))
     plan = _make_plan(dyn, x0, 17, None, None, None, None, None, 1)[0]
     assert not fused_applies(dyn, x0, plan)  # remembered for the process
+
+
+def test_on_a_gpu_the_kernel_takes_over_once_the_xla_path_has_spent_its_compile_time(monkeypatch):
+    """Tiering (ATTNFLOW_FUSED unset on a GPU, simulated here): calls stay on the XLA path until the XLA path has
+    spent the kernel's estimated compile time on their signature, then move to the kernel; results agree either way."""
+    import importlib
+
+    import attnflow.evolve.kernels as K
+    from attnflow.evolve.kernels import lanes
+
+    S = importlib.import_module("attnflow.evolve.simulate")  # the module (attnflow.evolve.simulate is the function)
+
+    monkeypatch.delenv("ATTNFLOW_FUSED", raising=False)
+    monkeypatch.setattr(lanes, "fused_mode", lambda: "auto")  # what a GPU backend gives
+    monkeypatch.setattr(lanes, "FAILED", None)
+    traced = []
+    monkeypatch.setattr(K, "fused_run", lambda *a, **k: traced.append(1) or lanes.fused_run(*a, **k))
+    key = jax.random.PRNGKey(9)
+    dyn = _dyn(key, 1, 3, 3, 1.0, 0.3, jnp.float32)
+    x0 = _x0(key, 7, 5, 3, jnp.float32)
+
+    monkeypatch.setattr(S, "FUSED_COMPILE_S_PER_COST", 1e9)  # never worth compiling
+    a = af.simulate(dyn, x0, steps=19, tol=1e-7)
+    b = af.simulate(dyn, x0, steps=19, tol=1e-7)
+    assert not traced
+    spent = [v for k, v in S._XLA_SPENT.items() if k[3] == (7, 5, 3)]
+    assert len(spent) == 1 and spent[0] > 0  # both calls timed on one signature
+
+    monkeypatch.setattr(S, "FUSED_COMPILE_S_PER_COST", 1e-12)  # already paid for: the next call takes the kernel
+    c = af.simulate(dyn, x0, steps=19, tol=1e-7)
+    assert traced == [1]
+    for r in (b, c):
+        np.testing.assert_allclose(np.asarray(r.final), np.asarray(a.final), rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(r.status), np.asarray(a.status))

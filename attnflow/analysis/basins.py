@@ -158,7 +158,8 @@ def basin_fractions(
 
     - `dyn`, `key`, `samples`: the model, a PRNG key and the number of initial states.
     - `tokens` n (with the default uniform sampler), or `sampler(key, num) -> (num, n, d)`.
-    - `chunk_size`: states per chunk (memory is bounded by the chunk); chunk i uses ``fold_in(key, i)``.
+    - `chunk_size`: states per chunk (memory is bounded by the chunk); chunk i uses ``fold_in(key, i)``. On a
+      GPU use 10^5 or more, so that the fused kernel (128 members per program) fills the device.
     - `tol`: per-member convergence tolerance of :func:`attnflow.simulate`; members that do not converge are
       counted as "not converged". `cluster_tol`: the classifier's tolerance.
     - `steps` (maps) or `t1`, `dt`, `solver` (flows): the simulation budget.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 import warnings
 from collections.abc import Iterator
 
@@ -179,27 +180,53 @@ def _run_impl(dyn, solver, x0, dt, sweep, plan: _Plan):
 _run_jit = eqx.filter_jit(_run_impl)
 
 
+FUSED_COMPILE_S_PER_COST = 0.2
+"""What a compile of the fused GPU kernel is taken to cost: seconds per unit of its unrolled size H n^2 d x stages
+(``kernels.lanes.lanes_cost``). Measured without a GPU (benchmarks/fused_sass.py: Triton 3.9 compiling for sm_90a
+on the 2-core CPU, under load, 95-98% of it in Triton's coalescing pass): toy (size 300) 46-70 s, toy with tol and
+saves 65 s, five heads (1500) 211-506 s, the RK4 flow (1200) 923 s. With ``ATTNFLOW_FUSED`` unset on a GPU, calls
+the kernel could run stay on the XLA path until the XLA path has spent that long on calls with the same compiled
+signature in this process, then move to the kernel: rent until renting has cost the price of buying, which is
+never more than about twice the better of the two choices."""
+
+_XLA_SPENT: dict = {}  # compiled signature -> seconds the XLA path has spent on it (see FUSED_COMPILE_S_PER_COST)
+
+
 def _choose_path(dyn, solver, x0, sweep, plan: _Plan) -> str:
-    """Which implementation runs this call (the fast paths keep the vmapped path's semantics exactly)."""
+    """Which implementation can run this call (the fast paths keep the vmapped path's semantics exactly)."""
     from .kernels import fused_applies, lanes_applies
 
-    if sweep is not None:
-        return "xla"
-    if fused_applies(dyn, x0, plan, solver):
+    if sweep is None and fused_applies(dyn, x0, plan, solver):
         return "fused"
-    if lanes_applies(dyn, x0, plan, solver):
+    if sweep is None and lanes_applies(dyn, x0, plan, solver):
         return "lanes"
     return "xla"
 
 
+def _signature(dyn, solver, x0, plan):
+    leaves = tuple((tuple(np.shape(v)), str(getattr(v, "dtype", type(v)))) for v in jax.tree.leaves(dyn))
+    return (jax.tree.structure(dyn), leaves, type(solver).__name__, tuple(x0.shape), str(x0.dtype), plan)
+
+
 def _run(dyn, solver, x0, dt, sweep, plan: _Plan):
-    """The one compiled entry point, on the path :func:`_choose_path` picks. If the fused GPU kernel fails to
-    compile (a Pallas/Triton version this code was not built against), warn once, remember it
-    (``kernels.lanes.FAILED``) and take the XLA path from then on: a run never fails for want of the kernel."""
+    """The one compiled entry point, on the path :func:`_choose_path` picks.
+
+    On a GPU the fused kernel is taken once the XLA path has spent its estimated compile time
+    (:data:`FUSED_COMPILE_S_PER_COST`) on this signature. If
+    the kernel fails to compile (a Pallas/Triton version this code was not built against), warn once, remember
+    it (``kernels.lanes.FAILED``) and take the XLA path from then on: a run never fails for want of the kernel."""
     from .kernels import lanes
 
-    plan = dataclasses.replace(plan, path=_choose_path(dyn, solver, x0, sweep, plan))
-    if plan.path != "fused":
+    path = _choose_path(dyn, solver, x0, sweep, plan)
+    if path == "fused" and lanes.fused_mode() == "auto":
+        key = _signature(dyn, solver, x0, plan)
+        if _XLA_SPENT.get(key, 0.0) < FUSED_COMPILE_S_PER_COST * lanes.lanes_cost(dyn, x0, solver):
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(_run_jit(dyn, solver, x0, dt, sweep, dataclasses.replace(plan, path="xla")))
+            _XLA_SPENT[key] = _XLA_SPENT.get(key, 0.0) + time.perf_counter() - t0
+            return out
+    plan = dataclasses.replace(plan, path=path)
+    if path != "fused":
         return _run_jit(dyn, solver, x0, dt, sweep, plan)
     try:
         return _run_jit(dyn, solver, x0, dt, sweep, plan)

@@ -316,25 +316,33 @@ def _interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
+def fused_mode() -> str:
+    """``"off"``, ``"on"`` (``ATTNFLOW_FUSED=1``: any backend, interpreted off the GPU) or ``"auto"`` (a GPU
+    backend, ``ATTNFLOW_FUSED`` unset: :func:`attnflow.simulate` moves a workload to the kernel once the XLA path
+    has spent as long on it as the kernel takes to compile; see ``simulate.FUSED_COMPILE_S_PER_COST``)."""
+    env = os.environ.get("ATTNFLOW_FUSED", "")
+    if env == "0" or FAILED is not None:
+        return "off"
+    if env == "1":
+        return "on"
+    return "auto" if jax.default_backend() == "gpu" else "off"
+
+
 def fused_applies(dyn, x0, plan, solver=None) -> bool:
-    """Whether :func:`attnflow.simulate` runs ``dyn`` through the fused Pallas kernel (:func:`fused_run`):
-    a GPU backend and a small model (softmax attention, full mask, no biases, scalar beta, d <= 8, n <= 32):
-    a :class:`LayerMap` with :class:`L2Norm` iterated by :class:`~attnflow.evolve.solvers.Iterate`, or a
-    SphereFlow integrated by :class:`~attnflow.evolve.solvers.Euler` or :class:`~attnflow.evolve.solvers.RK4`,
-    with unrolled size H n^2 d x stages <= :data:`MAX_COST`. Any ``tol``, ``saves`` and float dtype; sweeps
-    and adaptive solves take the vmapped path. ``ATTNFLOW_FUSED=0`` turns it off; ``ATTNFLOW_FUSED=1``
-    turns it on for any backend (interpreted off the GPU: slow, for testing). Never after a failed
-    compile in this process (:data:`FAILED`)."""
+    """Whether the fused Pallas kernel (:func:`fused_run`) can run this call, and :func:`fused_mode` is not off:
+    a small model (softmax attention, full mask, no biases, scalar beta, d <= 8, n <= 32): a :class:`LayerMap`
+    with :class:`L2Norm` iterated by :class:`~attnflow.evolve.solvers.Iterate`, or a SphereFlow integrated by
+    :class:`~attnflow.evolve.solvers.Euler` or :class:`~attnflow.evolve.solvers.RK4`, with unrolled size
+    H n^2 d x stages <= :data:`MAX_COST`. Any ``tol``, ``saves`` and float dtype; sweeps and adaptive solves
+    take the vmapped path. ``ATTNFLOW_FUSED=0`` turns it off; ``ATTNFLOW_FUSED=1`` turns it on for any backend
+    and from the first call. Never after a failed compile in this process (:data:`FAILED`)."""
     from ..solvers import RK4, Euler, Iterate
 
-    env = os.environ.get("ATTNFLOW_FUSED", "")
-    if env == "0" or FAILED is not None or plan.adaptive:
+    if fused_mode() == "off" or plan.adaptive:
         return False
     solver = Iterate() if solver is None and isinstance(dyn, LayerMap) else solver
     ok = type(solver) is Iterate if isinstance(dyn, LayerMap) else type(solver) in (Euler, RK4)
-    if not ok or not _small_model(dyn, x0) or lanes_cost(dyn, x0, solver) > MAX_COST:
-        return False
-    return env == "1" or jax.default_backend() == "gpu"
+    return ok and _small_model(dyn, x0) and lanes_cost(dyn, x0, solver) <= MAX_COST
 
 
 def _kind(dyn, solver) -> str:
