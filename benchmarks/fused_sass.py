@@ -48,13 +48,6 @@ ISSUE_LIMIT = (1e11, 2e11)  # the issue's physical limit for toy (token-steps/s)
 PLAIN_JAX_H100 = {"toy": 2.1e9, "toy_mh": 6.2e8}  # the issue's reference plain-JAX throughputs on one H100
 
 
-def _workload(name):
-    from benchmarks.run import WORKLOADS
-
-    H, dh, d, n, beta, alpha, kind = WORKLOADS[name]
-    return H, dh, d, n, beta, alpha, kind
-
-
 def triton_module(name: str, block: int = 128, tol=None, saves=None) -> tuple[str, int]:
     """The Triton IR (text) of the fused kernel for workload ``name``, lowered for "cuda" on this machine."""
     import jax
@@ -66,7 +59,9 @@ def triton_module(name: str, block: int = 128, tol=None, saves=None) -> tuple[st
     from attnflow.evolve.simulate import _make_plan
     from attnflow.evolve.solvers import RK4
 
-    H, dh, d, n, beta, alpha, kind = _workload(name)
+    from benchmarks.run import WORKLOADS
+
+    H, dh, d, n, beta, alpha, kind = WORKLOADS[name]
     rng = np.random.default_rng(0)
     ft = np.float32
     hd = af.Heads(*(rng.standard_normal(sh).astype(ft) / np.sqrt(d) for sh in [(H, dh, d)] * 3 + [(H, d, dh)]))

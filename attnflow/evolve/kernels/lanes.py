@@ -106,6 +106,95 @@ def _flow_step(xs, M, W, beta, dt, rk4: bool):
     return _normalize(_axpy(xs, dt / 6, comb))
 
 
+def _make_step(kind, M, W, beta, last, d, n):
+    """One step on a flat tuple of the d n rows (row a n + i: coordinate a of token i): the layer map
+    (``kind="map"``, ``last`` = alpha) or a projected Euler/RK4 step of the sphere flow (``last`` = dt)."""
+    if kind == "map":
+        stepper = functools.partial(_step, M=M, W=W, beta=beta, alpha=last)
+    else:
+        stepper = functools.partial(_flow_step, M=M, W=W, beta=beta, dt=last, rk4=kind == "rk4")
+
+    def step(X):
+        rows = [list(X[a * n:(a + 1) * n]) for a in range(d)]
+        return tuple(v for row in stepper(rows) for v in row)
+
+    return step
+
+
+def _over_rows(op, v):
+    """Reduce over the rows of a state: a tuple of ``(T,)`` rows (the Pallas kernel: Triton tensors must have
+    power-of-two sizes) or a ``(d n, T)`` array (the XLA path: CPU loops run far faster with one array carry)."""
+    if isinstance(v, tuple):
+        return functools.reduce(op, v)
+    return op.reduce(v, axis=0)
+
+
+def _advance(c, step, tol, scale):
+    """One step of every member with the per-member semantics of the vmapped path: only running members move,
+    a non-finite step keeps the last finite state (status NONFINITE), and with ``tol`` a member whose max-abs
+    change (divided by ``scale``, dt for flows) is below tol stops as CONVERGED. ``c``: (state, k, status,
+    steps), the state as rows (see :func:`_over_rows`) that ``step`` maps to the same form."""
+    from ..simulate import CONVERGED, MAX_STEPS, NONFINITE
+
+    X, k, st, ns = c
+    Y = step(X)
+    rowwise = (lambda f, *a: tuple(map(f, *a))) if isinstance(Y, tuple) else (lambda f, *a: f(*a))
+    finite = _over_rows(jnp.logical_and, rowwise(jnp.isfinite, Y))
+    new = jnp.where(finite, st, NONFINITE)
+    if tol is not None:
+        change = _over_rows(jnp.maximum, rowwise(lambda y, x: jnp.abs(y - x), Y, X))
+        if scale is not None:
+            change = change / scale
+        new = jnp.where(finite & (change < tol), CONVERGED, new)
+    run = st == MAX_STEPS
+    keep = run & finite
+    X = rowwise(lambda y, x: jnp.where(keep, y, x), Y, X)
+    return X, k + 1, jnp.where(run, new, st), ns + run.astype(ns.dtype)
+
+
+def _segment(c, s, step, plan, scale, unroll):
+    """The steps of segment ``s``: all ``plan.seg_len`` of them, or with ``tol`` until every member of the
+    batch (tile, program) has stopped."""
+    from ..simulate import MAX_STEPS
+
+    if plan.tol is None:
+        return jax.lax.fori_loop(0, plan.seg_len, lambda _, c: _advance(c, step, None, scale), c, unroll=unroll)
+    end = ((s + 1) * plan.seg_len).astype(jnp.int32)
+    running = lambda c: (c[1] < end) & (jnp.max(jnp.where(c[2] == MAX_STEPS, 1, 0)) > 0)  # max: Triton has it
+    c = jax.lax.while_loop(running, lambda c: _advance(c, step, plan.tol, scale), c)
+    return c[0], end, c[2], c[3]
+
+
+def _start(X):
+    """The initial carry (state, k, status, steps)."""
+    from ..simulate import MAX_STEPS
+
+    zeros = jnp.zeros(X[0].shape, jnp.int32)  # X: a tuple of (T,) rows or a (d n, T) array
+    return X, jnp.zeros((), jnp.int32), zeros + MAX_STEPS, zeros
+
+
+def _to_lanes(x0, multiple):
+    """``(B, n, d)`` -> ``(d n, Bp)``, Bp a multiple of `multiple`, padded with copies of member 0 (a valid member,
+    so nothing goes non-finite)."""
+    B, n, d = x0.shape
+    xt = jnp.transpose(x0, (2, 1, 0)).reshape(d * n, B)
+    Bp = -(-B // multiple) * multiple
+    if Bp != B:
+        xt = jnp.concatenate([xt, jnp.broadcast_to(xt[:, :1], (d * n, Bp - B))], axis=1)
+    return xt
+
+
+def _from_lanes(x0, X, saved):
+    """The lanes layout back to the vmapped path's: final ``(d n, Bp)`` -> ``(B, n, d)``, saved
+    ``(n_seg, d n, Bp)`` -> trajectory ``(B, n_seg + 1, n, d)`` starting at ``x0`` (or None)."""
+    B, n, d = x0.shape
+    final = jnp.transpose(X[:, :B].reshape(d, n, B), (2, 1, 0))
+    if saved is None:
+        return final, None
+    s = jnp.transpose(saved[:, :, :B].reshape(saved.shape[0], d, n, B), (3, 0, 2, 1))
+    return final, jnp.concatenate([x0[:, None], s], axis=1)
+
+
 def _weights(dyn: LayerMap):
     hd = dyn.attn.heads
     return hd.score_matrices(), hd.head_matrices()
@@ -117,34 +206,20 @@ def _scalars(A):
     return [[[A[h, a, b] for b in range(d)] for a in range(d)] for h in range(H)]
 
 
-def _loop(xs, M, W, beta, alpha, steps, unroll):
-    d, n = len(xs), len(xs[0])
-
-    def body(_, flat):
-        x = [list(flat[a * n:(a + 1) * n]) for a in range(d)]
-        y = _step(x, M, W, beta, alpha)
-        return tuple(v for row in y for v in row)
-
-    flat = tuple(v for row in xs for v in row)
-    flat = jax.lax.fori_loop(0, steps, body, flat, unroll=unroll)
-    return [list(flat[a * n:(a + 1) * n]) for a in range(d)]
-
-
 def lane_layer_map(dyn: LayerMap, x0, steps: int, unroll: int = 1):
-    """``steps`` layer maps of a batch in the lanes layout, in plain XLA (no Pallas).
+    """``steps`` layer maps of a batch in the lanes layout, in plain XLA (no Pallas), without the per-member
+    bookkeeping of :func:`lanes_run` (the bare arithmetic, timed as ``attnflow_lanes`` by the benchmark suite).
 
     **Arguments:** `dyn`: a :class:`LayerMap` that :func:`fused_applies` accepts; `x0`: ``(B, n, d)``;
     `steps`: static step count. **Returns:** the final ``(B, n, d)`` state.
     """
     B, n, d = x0.shape
-    dt = x0.dtype
+    ft = x0.dtype
     Ms, Ws = _weights(dyn)
-    M, W = _scalars(Ms.astype(dt)), _scalars(Ws.astype(dt))
-    beta, alpha = dyn.attn.beta.astype(dt), dyn.alpha.astype(dt)
-    xt = jnp.transpose(x0, (2, 1, 0))  # (d, n, B)
-    xs = [[xt[a, i] for i in range(n)] for a in range(d)]
-    ys = _loop(xs, M, W, beta, alpha, steps, unroll)
-    return jnp.transpose(jnp.stack([jnp.stack(r) for r in ys]), (2, 1, 0))
+    step = _make_step("map", _scalars(Ms.astype(ft)), _scalars(Ws.astype(ft)), dyn.attn.beta.astype(ft), dyn.alpha.astype(ft), d, n)
+    xt = _to_lanes(x0, 1)
+    X = jax.lax.fori_loop(0, steps, lambda _, X: step(X), tuple(xt[r] for r in range(d * n)), unroll=unroll)
+    return _from_lanes(x0, jnp.stack(X), None)[0]
 
 
 def _pack(dyn, ft, last):
@@ -155,58 +230,27 @@ def _pack(dyn, ft, last):
     )
 
 
-def _kernel(p_ref, x_ref, o_ref, st_ref, ns_ref, *saved_ref, H, d, n, kind, n_seg, seg_len, tol, unroll):
+def _kernel(p_ref, x_ref, o_ref, st_ref, ns_ref, *saved_ref, H, d, n, kind, plan, unroll):
     """One program: ``block`` members, the whole run. ``x_ref``/``o_ref``: ``(d n, block)`` (row a n + i is
     coordinate a of token i); ``st_ref``/``ns_ref``: ``(1, block)`` status and step counts; ``saved_ref``:
     ``(n_seg, d n, block)`` when the trajectory is saved. Same per-member semantics as the vmapped path:
     stopped members are frozen, a non-finite step keeps the last finite state, and with ``tol`` the program
     leaves a segment's step loop as soon as all of its members have stopped."""
-    from ..simulate import CONVERGED, MAX_STEPS, NONFINITE
-
     dd, D = d * d, d * n
     M = [[[p_ref[h * dd + a * d + b] for b in range(d)] for a in range(d)] for h in range(H)]
     W = [[[p_ref[H * dd + h * dd + a * d + b] for b in range(d)] for a in range(d)] for h in range(H)]
     beta, last = p_ref[2 * H * dd], p_ref[2 * H * dd + 1]  # last: alpha (maps) or dt (flows)
-    if kind == "map":
-        stepper = functools.partial(_step, M=M, W=W, beta=beta, alpha=last)
-    else:
-        stepper = functools.partial(_flow_step, M=M, W=W, beta=beta, dt=last, rk4=kind == "rk4")
-
-    def rows(flat):
-        return [list(flat[a * n:(a + 1) * n]) for a in range(d)]
-
-    def advance(c):
-        X, k, st, ns = c
-        Y = tuple(v for row in stepper(rows(X)) for v in row)
-        finite = functools.reduce(jnp.logical_and, [jnp.isfinite(y) for y in Y])
-        new = jnp.where(finite, st, NONFINITE)
-        if tol is not None:
-            change = functools.reduce(jnp.maximum, [jnp.abs(y - x) for y, x in zip(Y, X)])
-            if kind != "map":
-                change = change / last
-            new = jnp.where(finite & (change < tol), CONVERGED, new)
-        run = st == MAX_STEPS
-        keep = run & finite
-        X = tuple(jnp.where(keep, y, x) for y, x in zip(Y, X))
-        return X, k + 1, jnp.where(run, new, st), ns + run.astype(ns.dtype)
+    step = _make_step(kind, M, W, beta, last, d, n)
+    scale = None if kind == "map" else last
 
     def segment(s, c):
-        if tol is None:
-            c = jax.lax.fori_loop(0, seg_len, lambda _, c: advance(c), c, unroll=unroll)
-        else:
-            end = ((s + 1) * seg_len).astype(jnp.int32)
-            running = lambda c: (c[1] < end) & (jnp.max(jnp.where(c[2] == MAX_STEPS, 1, 0)) > 0)
-            c = jax.lax.while_loop(running, advance, c)
-            c = (c[0], end, c[2], c[3])
+        c = _segment(c, s, step, plan, scale, unroll)
         if saved_ref:
             for r in range(D):
                 saved_ref[0][s, r, :] = c[0][r]
         return c
 
-    X = tuple(x_ref[r, :] for r in range(D))
-    zeros = jnp.zeros(X[0].shape, jnp.int32)
-    c = (X, jnp.zeros((), jnp.int32), zeros + MAX_STEPS, zeros)
-    X, _, st, ns = jax.lax.fori_loop(0, n_seg, segment, c)
+    X, _, st, ns = jax.lax.fori_loop(0, plan.n_seg, segment, _start(tuple(x_ref[r, :] for r in range(D))))
     for r in range(D):
         o_ref[r, :] = X[r]
     st_ref[0, :] = st
@@ -229,13 +273,9 @@ def _fused_local(x0, params, *, kind, plan, block, interpret, unroll=1):
     B, n, d = x0.shape
     D, ft = d * n, x0.dtype
     H = (params.shape[0] - 2) // (2 * d * d)
-    Bp = -(-B // block) * block
-    xt = jnp.transpose(x0, (2, 1, 0)).reshape(D, B)
-    if Bp != B:  # pad with copies of a valid member so nothing goes non-finite
-        xt = jnp.concatenate([xt, jnp.broadcast_to(xt[:, :1], (D, Bp - B))], axis=1)
-    kern = functools.partial(
-        _kernel, H=H, d=d, n=n, kind=kind, n_seg=plan.n_seg, seg_len=plan.seg_len, tol=plan.tol, unroll=int(unroll)
-    )
+    xt = _to_lanes(x0, block)
+    Bp = xt.shape[1]
+    kern = functools.partial(_kernel, H=H, d=d, n=n, kind=kind, plan=plan, unroll=int(unroll))
     lanes = pl.BlockSpec((D, block), lambda g: (0, g))
     row = pl.BlockSpec((1, block), lambda g: (0, g))
     out_shape = [jax.ShapeDtypeStruct((D, Bp), ft), jax.ShapeDtypeStruct((1, Bp), jnp.int32), jax.ShapeDtypeStruct((1, Bp), jnp.int32)]
@@ -252,11 +292,7 @@ def _fused_local(x0, params, *, kind, plan, block, interpret, unroll=1):
         interpret=interpret,
         **({} if interpret else _gpu_params()),
     )(params, xt)
-    final = jnp.transpose(outs[0][:, :B].reshape(d, n, B), (2, 1, 0))
-    traj = None
-    if plan.save:  # (n_seg, D, Bp) -> (B, n_seg + 1, n, d)
-        s = jnp.transpose(outs[3][:, :, :B].reshape(plan.n_seg, d, n, B), (3, 0, 2, 1))
-        traj = jnp.concatenate([x0[:, None], s], axis=1)
+    final, traj = _from_lanes(x0, outs[0], outs[3] if plan.save else None)
     return final, traj, outs[1][0, :B], outs[2][0, :B]
 
 
@@ -336,9 +372,15 @@ def fused_applies(dyn, x0, plan, solver=None) -> bool:
     H n^2 d x stages <= :data:`MAX_COST`. Any ``tol``, ``saves`` and float dtype; sweeps and adaptive solves
     take the vmapped path. ``ATTNFLOW_FUSED=0`` turns it off; ``ATTNFLOW_FUSED=1`` turns it on for any backend
     and from the first call. Never after a failed compile in this process (:data:`FAILED`)."""
+    return fused_mode() != "off" and _covered(dyn, x0, plan, solver)
+
+
+def _covered(dyn, x0, plan, solver) -> bool:
+    """The calls both lanes runners cover: a small model (``_small_model``) stepped by Iterate (maps) or by
+    Euler/RK4 (sphere flows), not adaptive, with unrolled size at most :data:`MAX_COST`."""
     from ..solvers import RK4, Euler, Iterate
 
-    if fused_mode() == "off" or plan.adaptive:
+    if plan.adaptive:
         return False
     solver = Iterate() if solver is None and isinstance(dyn, LayerMap) else solver
     ok = type(solver) is Iterate if isinstance(dyn, LayerMap) else type(solver) in (Euler, RK4)
@@ -414,13 +456,8 @@ def lanes_applies(dyn, x0, plan, solver) -> bool:
     sweeps and adaptive solves take the vmapped path. The compiled size must be at most :data:`MAX_COST`, and
     the call large enough to repay the compile (:data:`MIN_WORK`). ``ATTNFLOW_LANES=0`` turns it off;
     ``ATTNFLOW_LANES=1`` turns it on for any backend and call size (still within :data:`MAX_COST`)."""
-    from ..solvers import RK4, Euler, Iterate
-
     env = os.environ.get("ATTNFLOW_LANES", "")
-    if env == "0" or plan.adaptive:
-        return False
-    ok = type(solver) is Iterate if isinstance(dyn, LayerMap) else type(solver) in (Euler, RK4)
-    if not ok or not _small_model(dyn, x0) or lanes_cost(dyn, x0, solver) > MAX_COST:
+    if env == "0" or not _covered(dyn, x0, plan, solver):
         return False
     if env == "1":
         return True
@@ -428,65 +465,36 @@ def lanes_applies(dyn, x0, plan, solver) -> bool:
     return jax.default_backend() == "cpu" and B * plan.n_seg * plan.seg_len >= MIN_WORK * n * d
 
 
-def _tile_run(x, stepper, plan, dt):
-    """Evolve one tile ``x`` of shape ``(d, n, T)`` by ``stepper`` (lists -> lists) with the exact per-member
-    semantics of the vmapped path (status codes, frozen members, step counts, ``tol`` on the max-abs change,
-    divided by dt for flows). Returns the final tile, the saved states ``(n_seg, d, n, T)``, status ``(T,)``
-    and steps ``(T,)``."""
-    from ..simulate import CONVERGED, MAX_STEPS, NONFINITE
+def _tile_run(x, step, plan, scale):
+    """Evolve one tile ``x`` ``(d n, T)`` by the flat-row ``step`` with the per-member semantics of the vmapped
+    path (:func:`_advance`); with ``tol`` the tile stops as soon as all its members have stopped. Returns the final
+    tile, the saved states ``(n_seg, d n, T)`` (or None), status ``(T,)`` and steps ``(T,)``."""
 
-    d, n, T = x.shape
-    tol = plan.tol
-
-    def advance(c):
-        X, k, st, ns = c
-        xs = [[X[a, i] for i in range(n)] for a in range(d)]
-        Y = jnp.stack([jnp.stack(r) for r in stepper(xs)])
-        finite = jnp.all(jnp.isfinite(Y), axis=(0, 1))
-        new = jnp.where(finite, st, NONFINITE)
-        if tol is not None:
-            change = jnp.max(jnp.abs(Y - X), axis=(0, 1))
-            if plan.continuous:
-                change = change / dt
-            new = jnp.where(finite & (change < tol), CONVERGED, new)
-        run = st == MAX_STEPS
-        return jnp.where(run & finite, Y, X), k + 1, jnp.where(run, new, st), ns + run.astype(ns.dtype)
+    stacked = lambda X: jnp.stack(step(tuple(X)))  # one (d n, T) carry: see _over_rows
 
     def segment(c, s):
-        if tol is None:
-            c, _ = jax.lax.scan(lambda c, _: (advance(c), None), c, None, length=plan.seg_len, unroll=plan.unroll)
-        else:  # the tile stops as soon as all its members have stopped
-            end = ((s + 1) * plan.seg_len).astype(jnp.int32)
-            c = jax.lax.while_loop(lambda c: (c[1] < end) & jnp.any(c[2] == MAX_STEPS), advance, c)
-            c = (c[0], end, c[2], c[3])
+        c = _segment(c, s, stacked, plan, scale, plan.unroll)
         return c, (c[0] if plan.save else None)
 
-    c0 = (x, jnp.zeros((), jnp.int32), jnp.full((T,), MAX_STEPS, jnp.int32), jnp.zeros((T,), jnp.int32))
-    (X, _, st, ns), saved = jax.lax.scan(segment, c0, jnp.arange(plan.n_seg, dtype=jnp.int32))
+    (X, _, st, ns), saved = jax.lax.scan(segment, _start(x), jnp.arange(plan.n_seg, dtype=jnp.int32))
     return X, saved, st, ns
 
 
-def _lanes_local(x0, Ms, Ws, beta, alpha, dt, plan, tile, rk4):
+def _lanes_local(x0, Ms, Ws, beta, last, *, kind, plan, tile):
     B, n, d = x0.shape
-    ft = x0.dtype
+    ft, D = x0.dtype, d * n
     T = min(tile, B)
-    nt = -(-B // T)
-    xt = jnp.transpose(x0, (2, 1, 0))  # (d, n, B)
-    if nt * T != B:  # pad with copies of a valid member so nothing goes non-finite
-        xt = jnp.concatenate([xt, jnp.broadcast_to(xt[:, :, :1], (d, n, nt * T - B))], axis=2)
-    xt = jnp.moveaxis(xt.reshape(d, n, nt, T), 2, 0)  # (nt, d, n, T)
-    M, W = _scalars(Ms.astype(ft)), _scalars(Ws.astype(ft))
-    beta, dt = beta.astype(ft), dt.astype(ft)
-    if plan.continuous:
-        stepper = functools.partial(_flow_step, M=M, W=W, beta=beta, dt=dt, rk4=rk4)
-    else:
-        stepper = functools.partial(_step, M=M, W=W, beta=beta, alpha=alpha.astype(ft))
-    X, saved, st, ns = jax.lax.map(lambda x: _tile_run(x, stepper, plan, dt), xt)
-    final = jnp.transpose(jnp.moveaxis(X, 0, 2).reshape(d, n, nt * T)[:, :, :B], (2, 1, 0))
-    traj = None
-    if plan.save:  # saved: (nt, n_seg, d, n, T) -> (B, n_seg + 1, n, d)
-        s = jnp.moveaxis(saved, 0, 3).reshape(plan.n_seg, d, n, nt * T)[..., :B]
-        traj = jnp.concatenate([x0[:, None], jnp.transpose(s, (3, 0, 2, 1))], axis=1)
+    xt = _to_lanes(x0, T)
+    nt = xt.shape[1] // T
+    tiles = jnp.moveaxis(xt.reshape(D, nt, T), 1, 0)  # (nt, D, T)
+    last = last.astype(ft)
+    step = _make_step(kind, _scalars(Ms.astype(ft)), _scalars(Ws.astype(ft)), beta.astype(ft), last, d, n)
+    scale = None if kind == "map" else last
+    X, saved, st, ns = jax.lax.map(lambda x: _tile_run(x, step, plan, scale), tiles)
+    X = jnp.moveaxis(X, 0, 1).reshape(D, nt * T)
+    if plan.save:  # (nt, n_seg, D, T) -> (n_seg, D, nt T)
+        saved = jnp.moveaxis(saved, 0, 2).reshape(plan.n_seg, D, nt * T)
+    final, traj = _from_lanes(x0, X, saved)
     return final, traj, st.reshape(-1)[:B], ns.reshape(-1)[:B]
 
 
@@ -498,10 +506,7 @@ def lanes_run(dyn, x0, plan, *, dt=1.0, solver=None, tile: int = TILE, shards: i
     results agree to rounding (about 1e-5 after 1000 steps of a contracting map), not bit for bit. With
     ``shards > 1`` the batch axis is split over the local devices with ``shard_map``. For a SphereFlow,
     `dt` is the step and `solver` an Euler or RK4 instance."""
-    from ..solvers import RK4
-
     Ms, Ws = _weights(dyn)
-    beta = dyn.attn.beta
-    alpha = dyn.alpha if isinstance(dyn, LayerMap) else jnp.zeros((), x0.dtype)
-    f = functools.partial(_lanes_local, plan=plan, tile=tile, rk4=isinstance(solver, RK4))
-    return _shard(f, plan, shards)(x0, Ms, Ws, beta, alpha, jnp.asarray(dt))
+    last = dyn.alpha if isinstance(dyn, LayerMap) else jnp.asarray(dt)
+    f = functools.partial(_lanes_local, kind=_kind(dyn, solver), plan=plan, tile=tile)
+    return _shard(f, plan, shards)(x0, Ms, Ws, dyn.attn.beta, last)
