@@ -4,7 +4,7 @@ step costs.
     pip install triton          # ships ptxas and cuobjdump; not an attnflow dependency
     PYTHONPATH=. python benchmarks/fused_sass.py [--workloads toy,toy_mh,continuous] [--arch 90]
 
-For each workload the script lowers attnflow's fused kernel (the same ``_fused_local`` that ``simulate`` calls on a
+For each workload the script lowers attnflow's fused kernel (the same ``backends.fused._local`` that ``simulate`` calls on a
 GPU) for the "cuda" platform on the CPU, which runs Pallas' Triton lowering in full, compiles the Triton IR with the
 installed ``triton`` to PTX and a cubin for sm_<arch>a, and reads back with ``cuobjdump``:
 
@@ -55,7 +55,8 @@ def triton_module(name: str, block: int = 128, tol=None, saves=None) -> tuple[st
     from jax._src.pallas.triton import pallas_call_registration as reg
 
     import attnflow as af
-    from attnflow.evolve.kernels.lanes import _fused_local, _pack
+    from attnflow.evolve.backends import lane_program
+    from attnflow.evolve.backends.fused import _local as fused_local
     from attnflow.evolve.simulate import _make_plan
     from attnflow.evolve.solvers import RK4
 
@@ -72,7 +73,9 @@ def triton_module(name: str, block: int = 128, tol=None, saves=None) -> tuple[st
     else:
         dyn, solver, kw, k = af.SphereFlow(att), RK4(), dict(t1=1000 * alpha, dt=alpha), "rk4"
     plan, solver, dt = _make_plan(dyn, x0, kw.get("steps"), kw.get("t1"), kw.get("dt"), solver, saves, tol, 1)
-    params = _pack(dyn, ft, dyn.alpha if kind == "map" else dt)
+    dt = jnp.asarray(dt, ft)
+    prog = lane_program(dyn, solver, dt, n, d, ft)
+    flats = prog.prepare((dyn, solver, dt))
     captured = []
     orig = reg.lowering.lower_jaxpr_to_triton_module
 
@@ -83,8 +86,8 @@ def triton_module(name: str, block: int = 128, tol=None, saves=None) -> tuple[st
 
     reg.lowering.lower_jaxpr_to_triton_module = grab
     try:
-        f = functools.partial(_fused_local, kind=k, plan=plan, block=block, interpret=False)
-        jax.jit(f).trace(x0, params).lower(lowering_platforms=("cuda",))
+        f = functools.partial(fused_local, prog=prog, plan=plan, block=block, interpret=False, unroll=1, continuous=k != "map")
+        jax.jit(f).trace(x0, dt, *flats).lower(lowering_platforms=("cuda",))
     finally:
         reg.lowering.lower_jaxpr_to_triton_module = orig
     return captured[-1], n

@@ -11,7 +11,6 @@ CPU sizes otherwise (``--quick`` smaller still, ``--tiny`` for tests).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -94,32 +93,22 @@ WORKLOADS = {
 
 
 # ----------------------------------------------------------------------------- attnflow
-@contextlib.contextmanager
-def _lanes_default():
-    """``ATTNFLOW_LANES=1`` and ``ATTNFLOW_FUSED=1`` for the duration of a call, unless the user set them: the
-    fast paths from the first call, since the suite times the steady state after a warm-up call. (The fused
-    kernel only on a GPU: elsewhere it would run through the Pallas interpreter.)"""
+def fast_backend(n, d):
+    """The backend the suite times as ``attnflow``: for small states (n d <= 256 scalars) the unrolled lanes path
+    on a CPU and the fused kernel on a GPU, else ``auto``. The suite times the steady state after a warm-up call,
+    so it names the backend explicitly instead of letting ``auto`` weigh the compile against the call size
+    (``ATTNFLOW_BENCH_BACKEND`` overrides it)."""
     import jax
 
-    wanted = ("ATTNFLOW_LANES", "ATTNFLOW_FUSED") if jax.default_backend() == "gpu" else ("ATTNFLOW_LANES",)
-    added = [k for k in wanted if k not in os.environ]
-    for k in added:
-        os.environ[k] = "1"
-    try:
-        yield
-    finally:
-        for k in added:
-            del os.environ[k]
+    from attnflow.evolve.backends import MAX_STATE
+
+    if n * d > MAX_STATE:
+        return "auto"
+    return os.environ.get("ATTNFLOW_BENCH_BACKEND") or ("fused" if jax.default_backend() == "gpu" else "lanes")
 
 
-def attnflow_impl(w, kind, dt, adaptive=False):
-    """The public ``simulate``. The suite times the steady state (after a warm-up call), so on CPU it asks for
-    the lanes path at every size (``ATTNFLOW_LANES=1`` unless set): ``simulate`` on its own takes it only for
-    calls with B x steps >= 1.2e5 n d, where the path's compile (3 s for toy) is repaid, and the vmapped path
-    below that; likewise ``ATTNFLOW_FUSED=1`` on a GPU, where ``simulate`` moves a workload to the fused kernel
-    only once the XLA path has spent the kernel's compile time on it. Set ATTNFLOW_LANES=0 / ATTNFLOW_FUSED=0 to
-    time the vmapped path. (Set around each call only, so that importing
-    the suite, e.g. in the tests, leaves the process's own dispatch alone.)"""
+def attnflow_impl(w, kind, dt, adaptive=False, backend=None):
+    """The public ``simulate`` on ``backend`` (default :func:`fast_backend`; adaptive solves run on ``xla``)."""
     import jax.numpy as jnp
 
     import attnflow as af
@@ -128,13 +117,13 @@ def attnflow_impl(w, kind, dt, adaptive=False):
     from attnflow.model.heads import Heads, SelfAttention
 
     hd = Heads(*(jnp.asarray(w[k]) for k in ("Q", "K", "V", "O")))
+    backend = "xla" if adaptive else (backend or fast_backend(10, hd.dim))
     attn = SelfAttention(hd, beta=jnp.float32(w["beta"]))
     if kind == "map":
         dyn = LayerMap(attn, alpha=jnp.float32(w["alpha"]))
 
         def run(X0, steps):
-            with _lanes_default():
-                return af.simulate(dyn, jnp.asarray(X0), steps=steps).final.block_until_ready()
+            return af.simulate(dyn, jnp.asarray(X0), steps=steps, backend=backend).final.block_until_ready()
 
     else:
         dyn = SphereFlow(attn)
@@ -143,27 +132,7 @@ def attnflow_impl(w, kind, dt, adaptive=False):
         def run(X0, steps):
             t1 = float(steps * dt)
             kw = dict(t1=t1, solver=solver) if adaptive else dict(t1=t1, dt=dt, solver=solver)
-            with _lanes_default():
-                return af.simulate(dyn, jnp.asarray(X0), **kw).final.block_until_ready()
-
-    return run
-
-
-def attnflow_lanes(w, kind, dt):
-    """attnflow's batch-as-lanes arithmetic (the fused kernel's body) in plain XLA, no Pallas."""
-    import jax
-    import jax.numpy as jnp
-
-    from attnflow.evolve.kernels import lane_layer_map
-    from attnflow.model.dynamics import LayerMap
-    from attnflow.model.heads import Heads, SelfAttention
-
-    hd = Heads(*(jnp.asarray(w[k]) for k in ("Q", "K", "V", "O")))
-    dyn = LayerMap(SelfAttention(hd, beta=jnp.float32(w["beta"])), alpha=jnp.float32(w["alpha"]))
-    f = jax.jit(lane_layer_map, static_argnames=("steps",))
-
-    def run(X0, steps):
-        return f(dyn, jnp.asarray(X0), steps=steps).block_until_ready()
+            return af.simulate(dyn, jnp.asarray(X0), backend=backend, **kw).final.block_until_ready()
 
     return run
 
@@ -275,8 +244,7 @@ def run_suite(mode="full", workloads=None, impls=None, log=print):
         if have_torch:
             cand["torch"] = lambda: peers.torch_peer(w, kind, dt)
             cand["torch_compile"] = lambda: peers.torch_peer(w, kind, dt, compile=True)
-        if wl in ("toy", "toy_mh"):
-            cand["attnflow_lanes"] = lambda: attnflow_lanes(w, kind, dt)
+        cand["attnflow_xla"] = lambda: attnflow_impl(w, kind, dt, backend="xla")
         if kind == "rk4":
             cand["attnflow_adaptive"] = lambda: attnflow_impl(w, kind, dt, adaptive=True)
         ref = attnflow_impl(w, kind, dt)(X_check, steps)
@@ -312,6 +280,7 @@ def run_suite(mode="full", workloads=None, impls=None, log=print):
     info["matmul_flops_per_s"] = matmul_rate(backend, size=256 if mode == "tiny" else 2048)
     info["flops_per_token_step"] = {k: flops_per_token_step(*v[:4]) for k, v in WORKLOADS.items()}
     info["mode"] = mode
+    info["attnflow_backend"] = {wl: fast_backend(WORKLOADS[wl][3], WORKLOADS[wl][2]) for wl in WORKLOADS}
     return records, info
 
 
@@ -381,7 +350,11 @@ def main(argv=None) -> int:
                    help="folder for the results JSON and the plot ('' to write nothing)")
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)
-    return run_cli(a)
+    try:
+        return run_cli(a)
+    except ValueError as e:  # bad input (e.g. an unknown workload): one line, exit status 2
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 2
 
 
 def run_cli(a) -> int:

@@ -1,13 +1,20 @@
 """How models are evolved, for a batch: solvers, simulate, sampling."""
 
-from . import sample as sample
-from .simulate import (
+from . import backends as backends, sample as sample
+from .backends import BACKENDS as BACKENDS, choose_backend as choose_backend
+from .status import (
     CONVERGED as CONVERGED,
+    DEGENERATE as DEGENERATE,
     MAX_STEPS as MAX_STEPS,
     NONFINITE as NONFINITE,
     SOLVER_FAILED as SOLVER_FAILED,
     STATUS_NAMES as STATUS_NAMES,
+    Status as Status,
+    status_message as status_message,
+)
+from .simulate import (
     Solution as Solution,
+    chunk_backend as chunk_backend,
     simulate as simulate,
     simulate_chunks as simulate_chunks,
     sweep as sweep,

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
-import warnings
 from collections.abc import Iterator
 
 import diffrax
@@ -26,10 +24,20 @@ from .._types import Array, Batch, Float, Int
 from ..model.dynamics import AbstractDynamics, AbstractFlow, AbstractMap
 from .solvers import RK4, AbstractSolver, Adaptive, Iterate
 
-MAX_STEPS, CONVERGED, NONFINITE, SOLVER_FAILED = 0, 1, 2, 3
-STATUS_NAMES = ("max_steps", "converged", "nonfinite", "solver_failed")
-"""Per-member status codes: ran to the end without meeting ``tol``; met ``tol``; a step produced a
-non-finite state (the last finite state is kept); the adaptive solver failed (e.g. step budget)."""
+from . import backends
+from ._plan import Plan
+from .backends import BACKENDS, one_step, resolve_backend
+from .status import (
+    CONVERGED as CONVERGED,
+    DEGENERATE as DEGENERATE,
+    DEGENERATE_TOL,
+    MAX_STEPS as MAX_STEPS,
+    NONFINITE as NONFINITE,
+    SOLVER_FAILED as SOLVER_FAILED,
+    STATUS_NAMES as STATUS_NAMES,
+    Status as Status,
+    status_counts,
+)
 
 _TRACES = 0
 
@@ -46,8 +54,9 @@ class Solution(eqx.Module):
     - `final`: ``(b, n, d)`` final states (``(p, b, n, d)`` for a sweep over p values).
     - `trajectory`: ``(s, b, n, d)`` saved states including the initial one, or None.
     - `ts`: ``(s,)`` the saved step indices (maps) or times (flows), or None.
-    - `status`: ``(b,)`` codes, see :data:`STATUS_NAMES`.
+    - `status`: ``(b,)`` int codes of :class:`Status` (names: :data:`STATUS_NAMES`).
     - `steps`: ``(b,)`` steps taken by each member.
+    - `backend`: the backend that computed it (``"xla"``, ``"lanes"`` or ``"fused"``).
     """
 
     final: Batch
@@ -55,31 +64,18 @@ class Solution(eqx.Module):
     ts: Float[Array, " s"] | None
     status: Int[Array, " b"]
     steps: Int[Array, " b"]
+    backend: str = eqx.field(static=True, default="xla")
 
     def status_counts(self) -> dict[str, int]:
-        """Number of members per status name (``max_steps``, ``converged``, ``nonfinite``, ``solver_failed``)."""
-        s = np.asarray(self.status).ravel()
-        return {name: int(np.sum(s == code)) for code, name in enumerate(STATUS_NAMES)}
+        """Number of members per status name (see :class:`Status`)."""
+        return status_counts(self.status)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    n_seg: int  # saved segments
-    seg_len: int  # steps per segment (fixed-step solvers)
-    save: bool
-    tol: float | None
-    continuous: bool
-    adaptive: bool
-    unroll: int
-    shards: int = 1  # local devices the batch axis is split over
-    path: str = "xla"  # "fused" (Pallas, GPU), "lanes" (tiled XLA, CPU) or "xla" (vmapped); see _choose_path
-
-
-def _fixed_one(dyn, solver, x0, dt, plan: _Plan):
+def _fixed_one(dyn, solver, x0, dt, plan: Plan):
     """Evolve one configuration with a fixed-step solver."""
 
     def advance(X, k, status):
-        Xn = solver.step(dyn, k, k * dt, X, dt)
+        Xn = one_step((dyn, solver, dt), k, X)
         finite = jnp.all(jnp.isfinite(Xn))
         status = jnp.where(finite, status, NONFINITE)
         if plan.tol is not None:
@@ -121,7 +117,7 @@ def _fixed_one(dyn, solver, x0, dt, plan: _Plan):
     return X, traj, status, n
 
 
-def _adaptive_one(dyn, solver: Adaptive, x0, dt_save, plan: _Plan):
+def _adaptive_one(dyn, solver: Adaptive, x0, dt_save, plan: Plan):
     """Evolve one configuration with an adaptive diffrax solve, saving every ``dt_save``."""
     term = diffrax.ODETerm(lambda t, y, args: dyn.vf(t, y))
     ts = jnp.arange(plan.n_seg + 1, dtype=x0.dtype) * dt_save
@@ -158,88 +154,35 @@ def _adaptive_one(dyn, solver: Adaptive, x0, dt_save, plan: _Plan):
     return final, traj, status, sol.stats["num_steps"].astype(jnp.int32)
 
 
-def _run_impl(dyn, solver, x0, dt, sweep, plan: _Plan):
+def _run_impl(dyn, solver, x0, dt, sweep, plan: Plan):
     global _TRACES
     _TRACES += 1
-    from .kernels import fused_run, lanes_run
+    if plan.backend == "lanes":
+        from .backends.lanes import lanes_run
 
-    if plan.path == "fused":  # Pallas kernel on a GPU for small-d softmax maps and flows (kernels/lanes.py)
-        return fused_run(dyn, x0, plan, dt=dt, solver=solver, shards=plan.shards)
-    if plan.path == "lanes":  # the same arithmetic in XLA on CPU: batch as lanes, cache-sized tiles
-        return lanes_run(dyn, x0, plan, dt=dt, solver=solver, shards=plan.shards)
-    one = _adaptive_one if plan.adaptive else _fixed_one
+        out = lanes_run(dyn, solver, x0, dt, plan)
+    elif plan.backend == "fused":
+        from .backends.fused import fused_run
 
-    def batch(d):
-        return jax.vmap(lambda x: one(d, solver, x, dt, plan))(x0)
+        out = fused_run(dyn, solver, x0, dt, plan)
+    else:
+        one = _adaptive_one if plan.adaptive else _fixed_one
 
-    if sweep is None:
-        return batch(dyn)
-    return jax.vmap(lambda vals: batch(dyn.with_params(**vals)))(sweep)
+        def batch(d):
+            return jax.vmap(lambda x: one(d, solver, x, dt, plan))(x0)
 
-
-_run_jit = eqx.filter_jit(_run_impl)
-
-
-FUSED_COMPILE_S_PER_COST = 0.2
-"""What a compile of the fused GPU kernel is taken to cost: seconds per unit of its unrolled size H n^2 d x stages
-(``kernels.lanes.lanes_cost``). Measured without a GPU (benchmarks/fused_sass.py: Triton 3.9 compiling for sm_90a
-on the 2-core CPU, under load, 95-98% of it in Triton's coalescing pass): toy (size 300) 46-70 s, toy with tol and
-saves 65 s, five heads (1500) 211-506 s, the RK4 flow (1200) 923 s. With ``ATTNFLOW_FUSED`` unset on a GPU, calls
-the kernel could run stay on the XLA path until the XLA path has spent that long on calls with the same compiled
-signature in this process, then move to the kernel: rent until renting has cost the price of buying, which is
-never more than about twice the better of the two choices."""
-
-_XLA_SPENT: dict = {}  # compiled signature -> seconds the XLA path has spent on it (see FUSED_COMPILE_S_PER_COST)
+        out = batch(dyn) if sweep is None else jax.vmap(lambda vals: batch(dyn.with_params(**vals)))(sweep)
+    return _mark_degenerate(dyn, *out)
 
 
-def _choose_path(dyn, solver, x0, sweep, plan: _Plan) -> str:
-    """Which implementation can run this call (the fast paths keep the vmapped path's semantics exactly)."""
-    from .kernels import fused_applies, lanes_applies
-
-    if sweep is None and fused_applies(dyn, x0, plan, solver):
-        return "fused"
-    if sweep is None and lanes_applies(dyn, x0, plan, solver):
-        return "lanes"
-    return "xla"
+def _mark_degenerate(dyn, final, traj, status, steps):
+    """Status ``degenerate`` for members whose final state is finite but off the state space (every backend)."""
+    resid = jnp.vectorize(dyn.state_residual, signature="(n,d)->()")(final)
+    off = (resid > DEGENERATE_TOL) & ((status == CONVERGED) | (status == MAX_STEPS))
+    return final, traj, jnp.where(off, DEGENERATE, status).astype(status.dtype), steps
 
 
-def _signature(dyn, solver, x0, plan):
-    leaves = tuple((tuple(np.shape(v)), str(getattr(v, "dtype", type(v)))) for v in jax.tree.leaves(dyn))
-    return (jax.tree.structure(dyn), leaves, type(solver).__name__, tuple(x0.shape), str(x0.dtype), plan)
-
-
-def _run(dyn, solver, x0, dt, sweep, plan: _Plan):
-    """The one compiled entry point, on the path :func:`_choose_path` picks.
-
-    On a GPU the fused kernel is taken once the XLA path has spent its estimated compile time
-    (:data:`FUSED_COMPILE_S_PER_COST`) on this signature. If
-    the kernel fails to compile (a Pallas/Triton version this code was not built against), warn once, remember
-    it (``kernels.lanes.FAILED``) and take the XLA path from then on: a run never fails for want of the kernel."""
-    from .kernels import lanes
-
-    path = _choose_path(dyn, solver, x0, sweep, plan)
-    if path == "fused" and lanes.fused_mode() == "auto":
-        key = _signature(dyn, solver, x0, plan)
-        if _XLA_SPENT.get(key, 0.0) < FUSED_COMPILE_S_PER_COST * lanes.lanes_cost(dyn, x0, solver):
-            t0 = time.perf_counter()
-            out = jax.block_until_ready(_run_jit(dyn, solver, x0, dt, sweep, dataclasses.replace(plan, path="xla")))
-            _XLA_SPENT[key] = _XLA_SPENT.get(key, 0.0) + time.perf_counter() - t0
-            return out
-    plan = dataclasses.replace(plan, path=path)
-    if path != "fused":
-        return _run_jit(dyn, solver, x0, dt, sweep, plan)
-    try:
-        return _run_jit(dyn, solver, x0, dt, sweep, plan)
-    except Exception as e:  # noqa: BLE001 - any compile failure of the kernel; the XLA path is the fallback
-        lanes.FAILED = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:400]
-        warnings.warn(
-            f"attnflow: the fused Pallas kernel failed to compile ({lanes.FAILED}); using the XLA path for the "
-            "rest of this process (ATTNFLOW_FUSED=0 skips the kernel)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        plan = dataclasses.replace(plan, path=_choose_path(dyn, solver, x0, sweep, plan))
-        return _run_jit(dyn, solver, x0, dt, sweep, plan)
+_run = eqx.filter_jit(_run_impl)
 
 
 def _make_plan(dyn, x0, steps, t1, dt, solver, saves, tol, unroll):
@@ -283,7 +226,7 @@ def _make_plan(dyn, x0, steps, t1, dt, solver, saves, tol, unroll):
         if saves < 1 or steps % saves:
             raise ValueError(f"saves={saves} must divide the number of steps {steps}")
         n_seg, seg_len = int(saves), int(steps) // int(saves)
-    plan = _Plan(
+    plan = Plan(
         n_seg=int(n_seg),
         seg_len=int(seg_len),
         save=saves is not None,
@@ -318,21 +261,16 @@ def simulate_chunks(
     shard: bool | None = None,
     sweep: dict | None = None,
     unroll: int = 1,
+    backend: str = "auto",
 ) -> Iterator[tuple[int, int, tuple]]:
     """Yield ``(start, stop, (final, trajectory, status, steps))`` chunk by chunk, batch axis first.
 
-    The arrays of each chunk are NumPy (on the host). Arguments as in :func:`simulate`.
+    The arrays of each chunk are NumPy (on the host). Arguments as in :func:`simulate`; the backend used is
+    :func:`chunk_backend` of the same arguments.
     """
-    x0 = _check_x0(dynamics, x0)
-    plan, solver, dt = _make_plan(dynamics, x0, steps, t1, dt, solver, saves, tol, unroll)
-    B = x0.shape[0]
-    ndev = jax.local_device_count() if (shard is None or shard) else 1
-    C = B if chunk_size is None else min(int(chunk_size), B)
-    if C < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    C = math.ceil(C / ndev) * ndev
+    x0, plan, solver, dt, C = _prepare(dynamics, x0, steps, t1, dt, solver, saves, tol, unroll, chunk_size, shard, sweep, backend)
+    B, ndev = x0.shape[0], plan.shards
     sharding = None
-    plan = dataclasses.replace(plan, shards=ndev)
     if ndev > 1:
         mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("batch",))
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
@@ -351,7 +289,30 @@ def simulate_chunks(
         yield start, stop, out
 
 
-def _saved_ts(plan: _Plan, dt) -> np.ndarray:
+def _prepare(dynamics, x0, steps, t1, dt, solver, saves, tol, unroll, chunk_size, shard, sweep, backend):
+    """Checked inputs, the plan (with its resolved backend), solver, dt and the chunk size."""
+    x0 = _check_x0(dynamics, x0)
+    plan, solver, dt = _make_plan(dynamics, x0, steps, t1, dt, solver, saves, tol, unroll)
+    B = x0.shape[0]
+    ndev = jax.local_device_count() if (shard is None or shard) else 1
+    C = B if chunk_size is None else min(int(chunk_size), B)
+    if C < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    C = math.ceil(C / ndev) * ndev
+    shape = (C // ndev,) + tuple(x0.shape[1:])  # what one device runs per call
+    resolved = resolve_backend(backend, dynamics, solver, plan, shape, x0.dtype, sweep=sweep is not None)
+    return x0, dataclasses.replace(plan, shards=ndev, backend=resolved), solver, dt, C
+
+
+def chunk_backend(dynamics: AbstractDynamics, x0, **kwargs) -> str:
+    """The backend :func:`simulate` would use for these arguments (``backend="auto"`` resolved; see
+    :func:`attnflow.evolve.backends.choose_backend`). A pure function of the model, shapes, solver and platform."""
+    kw = {k: kwargs.get(k) for k in ("steps", "t1", "dt", "solver", "saves", "tol", "chunk_size", "shard")}
+    plan = _prepare(dynamics, x0, **kw, unroll=kwargs.get("unroll", 1), sweep=kwargs.get("sweep"), backend=kwargs.get("backend", "auto"))[1]
+    return plan.backend
+
+
+def _saved_ts(plan: Plan, dt) -> np.ndarray:
     return np.arange(plan.n_seg + 1) * plan.seg_len * float(dt)
 
 
@@ -369,6 +330,7 @@ def simulate(
     shard: bool | None = None,
     progress: bool = False,
     unroll: int = 1,
+    backend: str = "auto",
     _sweep: dict | None = None,
 ) -> Solution:
     """Evolve a batch of configurations under ``dynamics``.
@@ -388,13 +350,17 @@ def simulate(
     - `shard`: split each chunk across all local devices (default: when there is more than one).
     - `progress`: show a progress bar with samples/s and ETA (chunked runs).
     - `unroll`: scan unroll factor of the fixed-step loop.
+    - `backend`: how the batch is executed (:mod:`attnflow.evolve.backends`): ``"xla"`` (vmapped; any model,
+      solver and sweep), ``"lanes"`` (the model's step unrolled into batch-wide lanes over cache-sized tiles;
+      fast on CPU for small n and d), ``"fused"`` (the same in one Pallas kernel, for GPUs; not yet timed on
+      one), or ``"auto"`` (default): a pure function of the model, shapes, solver and platform
+      (:func:`~attnflow.evolve.backends.choose_backend`). The one used is ``Solution.backend``.
 
-    **Returns:** a :class:`Solution`; failures are per-member status codes, never exceptions.
+    **Returns:** a :class:`Solution`; failures are per-member status codes (:class:`Status`), never exceptions.
     """
-    x0 = _check_x0(dynamics, x0)
-    plan, solver_, dt_used = _make_plan(dynamics, x0, steps, t1, dt, solver, saves, tol, unroll)
+    x0, plan, solver_, dt_used, _ = _prepare(dynamics, x0, steps, t1, dt, solver, saves, tol, unroll, chunk_size, shard, _sweep, backend)
     B = x0.shape[0]
-    kw = dict(steps=steps, t1=t1, dt=dt, solver=solver, saves=saves, tol=tol, shard=shard, sweep=_sweep, unroll=unroll)
+    kw = dict(steps=steps, t1=t1, dt=dt, solver=solver, saves=saves, tol=tol, shard=shard, sweep=_sweep, unroll=unroll, backend=plan.backend)
     ax = 0 if _sweep is None else 1
     chunked = chunk_size is not None and chunk_size < B
     bar = None
@@ -422,7 +388,7 @@ def simulate(
     if traj is not None:  # (.., b, s, n, d) -> (.., s, b, n, d)
         traj = jnp.moveaxis(traj, ax + 1, ax) if isinstance(traj, jax.Array) else np.moveaxis(traj, ax + 1, ax)
     ts = _saved_ts(plan, dt_used) if plan.save else None
-    return Solution(final=final, trajectory=traj, ts=ts, status=status, steps=nsteps)
+    return Solution(final=final, trajectory=traj, ts=ts, status=status, steps=nsteps, backend=plan.backend)
 
 
 def sweep(

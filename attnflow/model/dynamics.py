@@ -1,4 +1,4 @@
-"""What the dynamics are, for one configuration X (n, d) (MODEL.md section 3).
+"""What the dynamics are, for one configuration X (n, d) (docs/model.md section 3).
 
 Two families, each an equinox Module:
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from .._types import Array, Float, Int, Tokens
 from .heads import SelfAttention, _as_float_array
-from .norms import AbstractNorm, L2Norm, normalize_rows
+from .norms import AbstractNorm, L2Norm, normalize_rows, sphere_residual
 
 
 def tangent_project(X: Tokens, U: Tokens) -> Tokens:
@@ -49,6 +49,11 @@ class AbstractDynamics(eqx.Module):
     @abc.abstractmethod
     def with_params(self, *, beta=None, alpha=None) -> "AbstractDynamics":
         """A copy with new beta and/or alpha values (arrays keep sweeps compiled once)."""
+
+    def state_residual(self, X: Tokens) -> Float[Array, ""]:
+        """How far X ``(n, d)`` is from the state space (0 where there is no constraint to check). A simulated
+        member whose final state is off by more than ``attnflow.evolve.status.DEGENERATE_TOL`` is ``degenerate``."""
+        return jnp.zeros((), X.dtype)
 
 
 class AbstractFlow(AbstractDynamics):
@@ -80,12 +85,16 @@ class SphereFlow(AbstractFlow):
     attn: SelfAttention
 
     def vf(self, t, X: Tokens) -> Tokens:
-        """The tangent-projected drift P_x u of MODEL.md section 1."""
+        """The tangent-projected drift P_x u of docs/model.md section 1."""
         return tangent_project(X, self.attn(X))
 
     def project(self, X: Tokens) -> Tokens:
         """Rows back onto the unit sphere."""
         return normalize_rows(X)
+
+    def state_residual(self, X: Tokens) -> Float[Array, ""]:
+        """max_i | |x_i| - 1 |."""
+        return sphere_residual(X)
 
 
 class FlatFlow(AbstractFlow):
@@ -145,6 +154,10 @@ class LayerMap(AbstractMap):
         """The same map with new beta and/or alpha."""
         return set_attn_params(self, beta=beta, alpha=alpha)
 
+    def state_residual(self, X: Tokens) -> Float[Array, ""]:
+        """How far X is from the image of the normalisation (see :meth:`AbstractNorm.residual`)."""
+        return self.norm.residual(X)
+
 
 def _signature(layer: eqx.Module):
     arrays, static = eqx.partition(layer, eqx.is_array)
@@ -167,6 +180,7 @@ class LayerStack(AbstractMap):
 
     @classmethod
     def from_layers(cls, layers) -> "LayerStack":
+        """Stack discrete maps, first layer first; layers of the same structure share one group."""
         layers = list(layers)
         if not layers:
             raise ValueError("a LayerStack needs at least one layer")
@@ -191,6 +205,7 @@ class LayerStack(AbstractMap):
 
     @property
     def num_layers(self) -> int:
+        """L, the number of layers."""
         return int(self.group_of.shape[0])
 
     def layer(self, k: int) -> AbstractMap:
@@ -208,6 +223,12 @@ class LayerStack(AbstractMap):
         if len(branches) == 1:
             return branches[0](X, j)
         return jax.lax.switch(g, branches, X, j)
+
+    def state_residual(self, X: Tokens) -> Float[Array, ""]:
+        """The sphere residual when every layer normalises with :class:`L2Norm`; otherwise 0 (not checked)."""
+        if all(isinstance(getattr(G, "norm", None), L2Norm) for G in self.groups):
+            return sphere_residual(X)
+        return jnp.zeros((), X.dtype)
 
     def with_params(self, *, beta=None, alpha=None):
         """The same stack with new beta and/or alpha in every layer."""

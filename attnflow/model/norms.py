@@ -1,4 +1,4 @@
-"""Token normalisations N applied after each step of the discrete layer map (MODEL.md section 3)."""
+"""Token normalisations N applied after each step of the discrete layer map (docs/model.md section 3)."""
 
 from __future__ import annotations
 
@@ -23,24 +23,39 @@ def normalize_rows(x: Float[Array, "... d"]) -> Float[Array, "... d"]:
     return x / jnp.where(r > 0, r, 1.0)
 
 
+def sphere_residual(X: Tokens) -> Float[Array, ""]:
+    """max_i | |x_i| - 1 |: how far X is from the product of unit spheres."""
+    return jnp.max(jnp.abs(jnp.sqrt(jnp.sum(X * X, axis=-1)) - 1.0))
+
+
 class AbstractNorm(eqx.Module):
     """A normalisation N: (n, d) -> (n, d), applied token by token."""
 
     @abc.abstractmethod
     def __call__(self, y: Tokens) -> Tokens: ...
 
+    def residual(self, X: Tokens) -> Float[Array, ""]:
+        """How far X is from the image of N (0 where that image is not a constraint this norm can check)."""
+        return jnp.zeros((), X.dtype)
+
 
 class L2Norm(AbstractNorm):
     """N(y) = y / |y|: tokens live on the unit sphere."""
 
     def __call__(self, y: Tokens) -> Tokens:
+        """Each row divided by its Euclidean norm."""
         return normalize_rows(y)
+
+    def residual(self, X: Tokens) -> Float[Array, ""]:
+        """max_i | |x_i| - 1 | (a zero row, e.g. after an overflow, gives 1)."""
+        return sphere_residual(X)
 
 
 class NoNorm(AbstractNorm):
     """N(y) = y."""
 
     def __call__(self, y: Tokens) -> Tokens:
+        """The identity."""
         return y
 
 
@@ -64,6 +79,15 @@ class LayerNorm(AbstractNorm):
         if self.bias is not None:
             out = out + self.bias
         return out
+
+    def residual(self, X: Tokens) -> Float[Array, ""]:
+        """Without affine part and eps: max_i max(|mean(x_i)|, | |x_i| - sqrt(d) |) (rows of norm sqrt(d) in the
+        mean-zero hyperplane); otherwise 0 (the image is not checked)."""
+        if self.gain is not None or self.bias is not None or self.eps != 0:
+            return jnp.zeros((), X.dtype)
+        d = X.shape[-1]
+        mean = jnp.max(jnp.abs(jnp.mean(X, axis=-1)))
+        return jnp.maximum(mean, jnp.max(jnp.abs(jnp.sqrt(jnp.sum(X * X, axis=-1)) - jnp.sqrt(d))))
 
 
 def make_norm(name: str) -> AbstractNorm:

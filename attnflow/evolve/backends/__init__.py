@@ -1,0 +1,136 @@
+"""How a batch is executed: three backends, one definition of the dynamics.
+
+- ``"xla"``: the per-configuration step (:func:`one_step`) lifted with ``vmap`` (any model, solver, sweep).
+- ``"lanes"``: the same step re-evaluated with its small array axes unrolled into batch-wide lanes
+  (:class:`~attnflow.evolve.backends.unroll.LaneProgram`), run over cache-sized tiles in plain XLA; the fast
+  path on CPU for small models.
+- ``"fused"``: the same unrolled step as the body of one Pallas (Triton) kernel that runs the whole
+  simulation with each member's state in registers; for GPUs. Never chosen by ``"auto"``: it has not yet
+  been timed on a GPU (off a GPU it runs through the Pallas interpreter, for tests).
+
+:func:`choose_backend` is a pure function of the model, shapes, solver, call size and platform.
+"""
+
+from __future__ import annotations
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .unroll import LaneProgram, Unsupported
+
+BACKENDS = ("auto", "xla", "lanes", "fused")
+
+MAX_COST = 8000
+"""Largest unrolled size (scalar operations per step, :attr:`LaneProgram.cost`) that ``"auto"`` sends to the lanes
+path: its compile time grows with the size (on a 2-core CPU about 3 s for one head, n = 10, d = 3 (cost ~1.6e3)
+and 10-15 s for five heads or RK4 (~7e3); the vmapped path compiles in well under a second)."""
+
+MAX_STATE = 256
+"""The lanes and fused backends hold a member's n d scalars in registers (one vector each): larger states are
+refused before the step is unrolled (the unrolling itself would take long)."""
+
+MIN_WORK = 1.2e5
+"""``"auto"`` takes the lanes path on CPU when B x steps >= MIN_WORK x n x d: then the run time it saves (about
+3x) exceeds its compile time. Smaller calls take the vmapped path."""
+
+
+def one_step(args, k, X):
+    """The step of one configuration: ``args = (dynamics, solver, dt)``; k the step index; X ``(n, d)``."""
+    dyn, solver, dt = args
+    return solver.step(dyn, k, k.astype(dt.dtype) * dt, X, dt)
+
+
+_PROGRAMS: dict = {}
+
+
+def _key(args, n, d, dtype):
+    leaves, treedef = jax.tree.flatten(args)
+    desc = tuple(("a", tuple(x.shape), str(x.dtype)) if eqx.is_array(x) else ("s", x) for x in leaves)
+    return (treedef, desc, n, d, str(jnp.dtype(dtype)))
+
+
+def lane_program(dyn, solver, dt, n: int, d: int, dtype) -> LaneProgram:
+    """The :class:`LaneProgram` of ``solver.step`` on ``dyn`` (cached by structure, shapes and dtypes: building
+    it is deterministic). Raises :class:`Unsupported` when the step cannot be unrolled."""
+    args = (dyn, solver, jnp.asarray(dt, dtype))
+    try:
+        key = _key(args, n, d, dtype)
+        hash(key)
+    except TypeError:
+        key = None
+    if key is not None and key in _PROGRAMS:
+        prog = _PROGRAMS[key]
+    else:
+        try:
+            prog = LaneProgram(one_step, args, n, d, dtype)
+        except Unsupported as e:
+            prog = e
+        if key is not None:
+            _PROGRAMS[key] = prog
+    if isinstance(prog, Unsupported):
+        raise prog
+    return prog
+
+
+def lanes_support(dyn, solver, plan, shape, dtype) -> str | None:
+    """Why the lanes/fused backends cannot run this call (a sentence), or None when they can."""
+    from ..solvers import Adaptive
+
+    if plan.adaptive or isinstance(solver, Adaptive):
+        return "adaptive solves run on the xla backend only"
+    _, n, d = shape
+    if n * d > MAX_STATE:
+        return f"the state has n d = {n * d} scalars, more than MAX_STATE = {MAX_STATE}"
+    try:
+        lane_program(dyn, solver, 1.0, n, d, dtype)
+    except Unsupported as e:
+        return f"the model's step cannot be unrolled into lanes ({e})"
+    return None
+
+
+def choose_backend(dyn, solver, plan, shape, dtype, *, sweep: bool = False, platform: str | None = None) -> str:
+    """The backend ``"auto"`` picks: a pure function of the model, solver, shapes, call size and platform.
+
+    - sweeps, adaptive solves and any platform but the CPU: ``"xla"`` (on a GPU the fused kernel is available
+      as ``backend="fused"`` but is not chosen until it has been timed there);
+    - on the CPU: ``"lanes"`` when the model's step unrolls (:class:`LaneProgram`), its unrolled size is at most
+      :data:`MAX_COST`, and the call is large enough to repay the compile (:data:`MIN_WORK`); else ``"xla"``.
+    """
+    platform = platform or jax.default_backend()
+    if sweep or plan.adaptive or platform != "cpu":
+        return "xla"
+    B, n, d = shape
+    if B * plan.n_seg * plan.seg_len < MIN_WORK * n * d:
+        return "xla"
+    if lanes_support(dyn, solver, plan, shape, dtype) is not None:
+        return "xla"
+    return "lanes" if lane_program(dyn, solver, 1.0, n, d, dtype).cost <= MAX_COST else "xla"
+
+
+def resolve_backend(backend: str, dyn, solver, plan, shape, dtype, *, sweep: bool = False, platform: str | None = None) -> str:
+    """``backend`` checked against the call (a ValueError says why it cannot run it), ``"auto"`` resolved."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return choose_backend(dyn, solver, plan, shape, dtype, sweep=sweep, platform=platform)
+    if backend in ("lanes", "fused"):
+        if sweep:
+            raise ValueError(f"backend={backend!r} does not run parameter sweeps; use 'xla' or 'auto'")
+        why = lanes_support(dyn, solver, plan, shape, dtype)
+        if why is not None:
+            raise ValueError(f"backend={backend!r} cannot run this call: {why}")
+    return backend
+
+
+def cost(dyn, solver, shape, dtype) -> int:
+    """The unrolled size of the lanes program for this model (see :data:`MAX_COST`); ``math.inf`` if unsupported."""
+    _, n, d = shape
+    if n * d > MAX_STATE:
+        return math.inf
+    try:
+        return lane_program(dyn, solver, 1.0, n, d, dtype).cost
+    except Unsupported:
+        return math.inf

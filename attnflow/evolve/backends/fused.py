@@ -1,0 +1,99 @@
+"""The fused backend: one Pallas (Triton) launch for the whole simulation, its body the unrolled step
+(:class:`~.unroll.LaneProgram`). Each program evolves ``block`` members, one per thread, with their ``d n``
+coordinates in registers across all steps; the ``(d n, B)`` state is read once and written once (plus saves).
+
+Not chosen by ``backend="auto"``: the kernel has not been timed on a GPU yet. Off a GPU it runs through the
+Pallas interpreter (tests), and ``lower_for_cuda`` lowers it to Triton IR without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from . import lane_program, machine
+
+
+def _kernel(*refs, prog, nflat, D, plan, continuous, unroll, bools):
+    """One program: ``block`` members, the whole run. ``refs``: the prepared weights (flat, one ref each), dt,
+    the state ``(d n, block)``; outputs: final state, status ``(1, block)``, steps ``(1, block)``, saved
+    ``(n_seg, d n, block)`` when the trajectory is saved."""
+    flat_refs, dt_ref, x_ref = refs[:nflat], refs[nflat], refs[nflat + 1]
+    o_ref, st_ref, ns_ref, *saved_ref = refs[nflat + 2:]
+
+    def get(i, j):
+        v = flat_refs[i][j]
+        return v != 0 if bools[i] else v
+
+    scal = prog.scalars(list(flat_refs), get=get)
+    T = x_ref.shape[1]
+    step = lambda X, k: prog.step(scal, k, X, T)
+    scale = dt_ref[0] if continuous else None
+
+    def seg(s, c):
+        c = machine.segment(c, s, step, plan, scale, unroll)
+        if saved_ref:
+            for r in range(D):
+                saved_ref[0][s, r, :] = c[0][r]
+        return c
+
+    X, _, st, ns = jax.lax.fori_loop(0, plan.n_seg, seg, machine.start(tuple(x_ref[r, :] for r in range(D))))
+    for r in range(D):
+        o_ref[r, :] = X[r]
+    st_ref[0, :] = st
+    ns_ref[0, :] = ns
+
+
+def _gpu_params() -> dict:
+    """Lower through Triton, whose one-thread-per-lane model this kernel is written for (recent JAX lowers
+    ``pallas_call`` to Mosaic GPU by default, which rejects it: its copies are not multiples of a warpgroup)."""
+    from jax.experimental.pallas import triton as pltriton
+
+    return {"compiler_params": pltriton.CompilerParams(num_warps=4, num_stages=1)}
+
+
+def _local(x0, dt, *flats, prog, plan, block, interpret, unroll, continuous):
+    from jax.experimental import pallas as pl
+
+    B, n, d = x0.shape
+    D, ft = d * n, x0.dtype
+    bools = tuple(f.dtype == jnp.bool_ for f in flats)
+    flats = [f.astype(jnp.int32) if b else f for f, b in zip(flats, bools)]
+    xt = machine.to_lanes(x0, block)
+    Bp = xt.shape[1]
+    kern = functools.partial(_kernel, prog=prog, nflat=len(flats), D=D, plan=plan, continuous=continuous, unroll=int(unroll), bools=bools)
+    lanes = pl.BlockSpec((D, block), lambda g: (0, g))
+    row = pl.BlockSpec((1, block), lambda g: (0, g))
+    out_shape = [jax.ShapeDtypeStruct((D, Bp), ft), jax.ShapeDtypeStruct((1, Bp), jnp.int32), jax.ShapeDtypeStruct((1, Bp), jnp.int32)]
+    out_specs = [lanes, row, row]
+    if plan.save:
+        out_shape.append(jax.ShapeDtypeStruct((plan.n_seg, D, Bp), ft))
+        out_specs.append(pl.BlockSpec((plan.n_seg, D, block), lambda g: (0, 0, g)))
+    whole = lambda a: pl.BlockSpec(a.shape, lambda g: (0,))
+    dtv = jnp.reshape(dt.astype(ft), (1,))
+    outs = pl.pallas_call(
+        kern,
+        out_shape=tuple(out_shape),
+        grid=(Bp // block,),
+        in_specs=[whole(f) for f in flats] + [whole(dtv), lanes],
+        out_specs=tuple(out_specs),
+        interpret=interpret,
+        **({} if interpret else _gpu_params()),
+    )(*flats, dtv, xt)
+    final, traj = machine.from_lanes(x0, outs[0], outs[3] if plan.save else None)
+    return final, traj, outs[1][0, :B], outs[2][0, :B]
+
+
+def fused_run(dyn, solver, x0, dt, plan, *, block: int = 128, interpret: bool | None = None):
+    """``(final, trajectory, status, steps)`` of the vmapped path, member by member, from one launch of the fused
+    kernel (``shard_map`` over ``plan.shards`` local devices). ``interpret``: run through the Pallas interpreter
+    (default: off a GPU)."""
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    _, n, d = x0.shape
+    prog = lane_program(dyn, solver, dt, n, d, x0.dtype)
+    flats = prog.prepare((dyn, solver, jnp.asarray(dt, x0.dtype)))
+    f = functools.partial(_local, prog=prog, plan=plan, block=block, interpret=interpret, unroll=plan.unroll, continuous=plan.continuous)
+    return machine.shard(f, plan, plan.shards)(x0, jnp.asarray(dt), *flats)
