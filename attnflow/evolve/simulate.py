@@ -312,6 +312,16 @@ def chunk_backend(dynamics: AbstractDynamics, x0, **kwargs) -> str:
     return plan.backend
 
 
+def _gather(chunks, ax, bar):
+    """Concatenate the host arrays of :func:`simulate_chunks` along the batch axis ``ax``."""
+    parts = []
+    for start, stop, out in chunks:
+        parts.append(out)
+        if bar is not None:
+            bar.update(stop - start)
+    return tuple(None if parts[0][i] is None else np.concatenate([p[i] for p in parts], axis=ax) for i in range(4))
+
+
 def _saved_ts(plan: Plan, dt) -> np.ndarray:
     return np.arange(plan.n_seg + 1) * plan.seg_len * float(dt)
 
@@ -362,29 +372,20 @@ def simulate(
     B = x0.shape[0]
     kw = dict(steps=steps, t1=t1, dt=dt, solver=solver, saves=saves, tol=tol, shard=shard, sweep=_sweep, unroll=unroll, backend=plan.backend)
     ax = 0 if _sweep is None else 1
-    chunked = chunk_size is not None and chunk_size < B
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=B, unit="samples", desc="simulate", smoothing=0.1)
-    if not chunked and jax.local_device_count() == 1:
+    if (chunk_size is None or chunk_size >= B) and jax.local_device_count() == 1:
         sweep_arrs = None if _sweep is None else {k: jnp.asarray(v, dtype=x0.dtype) for k, v in _sweep.items()}
         final, traj, status, nsteps = _run(dynamics, solver_, jnp.asarray(x0), jnp.asarray(dt_used, x0.dtype), sweep_arrs, plan)
         if bar is not None:
             bar.update(B)
-            bar.close()
     else:
-        parts = []
-        for start, stop, out in simulate_chunks(dynamics, x0, chunk_size=chunk_size, **kw):
-            parts.append(out)
-            if bar is not None:
-                bar.update(stop - start)
-        if bar is not None:
-            bar.close()
-        final, traj, status, nsteps = (
-            None if parts[0][i] is None else np.concatenate([p[i] for p in parts], axis=ax) for i in range(4)
-        )
+        final, traj, status, nsteps = _gather(simulate_chunks(dynamics, x0, chunk_size=chunk_size, **kw), ax, bar)
+    if bar is not None:
+        bar.close()
     if traj is not None:  # (.., b, s, n, d) -> (.., s, b, n, d)
         traj = jnp.moveaxis(traj, ax + 1, ax) if isinstance(traj, jax.Array) else np.moveaxis(traj, ax + 1, ax)
     ts = _saved_ts(plan, dt_used) if plan.save else None
