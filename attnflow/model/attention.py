@@ -1,6 +1,6 @@
 """Attention kernels and masks: scores (n, n) -> attention matrix (n, n).
 
-Formulas: MODEL.md section 2. Row i of the result holds the weights a_ij token i gives token j.
+Formulas: docs/model.md section 2. Row i of the result holds the weights a_ij token i gives token j.
 """
 
 from __future__ import annotations
@@ -39,6 +39,14 @@ def allowed_set(n: int, mask: str, window: int | None = None) -> Bool[Array, "n 
     if mask == "window":
         return (j <= i) & (i - j < window)
     raise ValueError(f"unknown mask {mask!r}")
+
+
+def softmax(s: Scores, axis: int = -1) -> AttnMatrix:
+    """exp(s_ij - m_i) / sum_j exp(s_ij - m_i) with m_i = max_j s_ij (entries of -inf get weight 0), computed as
+    one reciprocal per row times the exponentials."""
+    m = jax.lax.stop_gradient(jnp.max(s, axis=axis, keepdims=True))
+    e = jnp.exp(s - m)
+    return e * (1.0 / jnp.sum(e, axis=axis, keepdims=True))
 
 
 def _safe_div(num, den):
@@ -81,7 +89,7 @@ class Attention(eqx.Module):
         allowed = allowed_set(n, self.mask, self.window)
         dtype = scores.dtype
         if self.kind == "softmax":
-            return jax.nn.softmax(jnp.where(allowed, scores, -jnp.inf), axis=-1)
+            return softmax(jnp.where(allowed, scores, -jnp.inf), axis=-1)
         if self.kind == "unnormalized":
             return jnp.where(allowed, jnp.exp(jnp.where(allowed, scores, 0.0)), 0.0) / n
         if self.kind == "uniform":
@@ -97,4 +105,4 @@ class Attention(eqx.Module):
         for _ in range(self.sinkhorn_iters - 1):
             logk = logk - jax.nn.logsumexp(logk, axis=-1, keepdims=True)
             logk = logk - jax.nn.logsumexp(logk, axis=-2, keepdims=True)
-        return jax.nn.softmax(logk, axis=-1)
+        return softmax(logk, axis=-1)

@@ -1,6 +1,6 @@
 """Stacked per-head weights and the self-attention drift u_i = sum_h W_h sum_j a^h_ij x_j.
 
-Formulas: MODEL.md sections 1-2. Matrices act on column vectors; tokens are rows of X.
+Formulas: docs/model.md sections 1-2. Matrices act on column vectors; tokens are rows of X.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class Heads(eqx.Module):
     - `Q`, `K`, `V`: ``(H, d_h, d)`` query, key and value matrices.
     - `O`: ``(H, d, d_h)`` output matrices; W_h = O_h V_h.
     - `bq`, `bk`, `bv`: optional ``(H, d_h)`` biases; `bo`: optional ``(d,)`` output bias
-      (real transformers; MODEL.md's equations have none).
+      (real transformers; docs/model.md's equations have none).
     """
 
     Q: Float[Array, "h dh d"] = eqx.field(converter=_as_float_array)
@@ -75,14 +75,17 @@ class Heads(eqx.Module):
 
     @property
     def num_heads(self) -> int:
+        """H, the number of heads."""
         return self.Q.shape[0]
 
     @property
     def head_dim(self) -> int:
+        """d_h, the width of each head."""
         return self.Q.shape[1]
 
     @property
     def dim(self) -> int:
+        """d, the token dimension."""
         return self.Q.shape[2]
 
     def head_matrices(self) -> Float[Array, "h d d"]:
@@ -131,8 +134,8 @@ class SelfAttention(eqx.Module):
         hd = self.heads
         beta = self.beta.astype(X.dtype)
         if self._small_d() and hd.bq is None and hd.bk is None:
-            XM = jnp.einsum("nd,hde->hne", X, hd.score_matrices().astype(X.dtype))
-            return beta * jnp.einsum("hne,me->hnm", XM, X)
+            XM = jnp.einsum("nd,hde->hne", X, (beta * hd.score_matrices()).astype(X.dtype))  # beta folded into M_h
+            return jnp.einsum("hne,me->hnm", XM, X)
         q = jnp.einsum("hed,nd->hne", hd.Q, X)
         k = jnp.einsum("hed,nd->hne", hd.K, X)
         if hd.bq is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 
 from .._types import Array, Float, Tokens
@@ -18,9 +19,10 @@ def safe_norm(x: Float[Array, "... d"], axis: int = -1, keepdims: bool = True) -
 
 
 def normalize_rows(x: Float[Array, "... d"]) -> Float[Array, "... d"]:
-    """Rows scaled to unit norm; zero rows stay zero."""
-    r = safe_norm(x)
-    return x / jnp.where(r > 0, r, 1.0)
+    """Rows scaled to unit norm (times one reciprocal square root per row); zero rows stay zero."""
+    sq = jnp.sum(x * x, axis=-1, keepdims=True)
+    ok = sq > 0
+    return x * jnp.where(ok, jax.lax.rsqrt(jnp.where(ok, sq, 1.0)), 1.0)
 
 
 def sphere_residual(X: Tokens) -> Float[Array, ""]:
