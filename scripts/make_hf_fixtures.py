@@ -2,12 +2,17 @@
 
 Needs torch (CPU) and transformers; the tests themselves do not. Run from the repository root:
 
-    python scripts/make_hf_fixtures.py            # writes tests/fixtures/hf/<family>/
+    python scripts/make_hf_fixtures.py            # writes tests/fixtures/hf/<family>/ and tests/fixtures/hf/refused/
 
 For each family (ALBERT, BERT, GPT-2, GPT-Neo) it saves ``config.json`` + ``model.safetensors`` and
-``reference.npz`` with, for every layer l, the input hidden states ``x_l`` (n, d) seen by that layer's
-attention module and its output ``y_l`` = O (sum_j a_ij (V x_j + bv)) + bo (HF's own module, eager
-attention, no dropout, no FFN, no LayerNorm), captured with forward hooks during one model forward.
+``reference.npz`` with, for every layer l, captured with forward hooks during one model forward (eager
+attention, no dropout):
+
+- ``x_l`` (n, d): the hidden states seen by that layer's attention module, and ``y_l`` = O (sum_j a_ij
+  (V x_j + bv)) + bo, that module's output (no FFN, no LayerNorm);
+- ``h_l`` (n, d): the input of the whole layer (block), and ``out_l`` (n, d): its output, with the FFN and
+  every LayerNorm as Hugging Face computes them (post-norm BERT/ALBERT: the output LayerNorm included;
+  pre-norm GPT-2/GPT-Neo: the residual stream, before the final ``ln_f``).
 """
 
 from __future__ import annotations
@@ -52,6 +57,21 @@ def _attention_hooks(family, model):
     raise ValueError(family)
 
 
+def _block_modules(family, model):
+    """The module computing one whole layer, called once per layer (ALBERT: the shared layer, called L times)."""
+    if family == "bert":
+        return list(model.encoder.layer)
+    if family == "albert":
+        return [model.encoder.albert_layer_groups[0].albert_layers[0]]
+    if family in ("gpt2", "gpt_neo"):
+        return list(model.h)
+    raise ValueError(family)
+
+
+def _first(o):
+    return o[0] if isinstance(o, tuple) else o
+
+
 def build(family, config, seed=0):
     torch.manual_seed(seed)
     config._attn_implementation = "eager"
@@ -70,7 +90,15 @@ def build(family, config, seed=0):
             lambda m, args, kwargs, o: xs.append((kwargs.get("hidden_states", args[0] if args else None)).detach()),
             with_kwargs=True))
         hooks.append(out_mod.register_forward_hook(
-            lambda m, args, o: ys.append((o[0] if isinstance(o, tuple) else o).detach())))
+            lambda m, args, o: ys.append(_first(o).detach())))
+    hs, outs = [], []
+
+    def block_hook(m, args, kwargs, o):  # returns None: the module's output is left as it is
+        hs.append(kwargs.get("hidden_states", args[0] if args else None).detach())
+        outs.append(_first(o).detach())
+
+    for blk in _block_modules(family, model):
+        hooks.append(blk.register_forward_hook(block_hook, with_kwargs=True))
     gen = torch.Generator().manual_seed(seed + 1)
     emb = torch.randn(1, N_TOKENS, model.get_input_embeddings().weight.shape[1], generator=gen)
     with torch.no_grad():
@@ -81,18 +109,31 @@ def build(family, config, seed=0):
     for l, (x, y) in enumerate(zip(xs, ys)):
         ref[f"x_{l}"] = x[0].numpy().astype(np.float32)
         ref[f"y_{l}"] = y[0].numpy().astype(np.float32)
+    for l, (h, o) in enumerate(zip(hs, outs)):
+        ref[f"h_{l}"] = h[0].numpy().astype(np.float32)
+        ref[f"out_{l}"] = o[0].numpy().astype(np.float32)
     np.savez(out / "reference.npz", **ref)
-    meta = {"family": family, "layers_captured": len(xs), "tokens": N_TOKENS, "torch": torch.__version__,
+    meta = {"family": family, "layers_captured": len(xs), "blocks_captured": len(hs), "tokens": N_TOKENS, "torch": torch.__version__,
             "transformers": tf.__version__}
     (out / "reference.json").write_text(json.dumps(meta, indent=1) + "\n")
     return out
 
 
+def refused_bin():
+    """``refused/``: BERT's config.json and a ``pytorch_model.bin`` whose pickle holds a non-tensor object (a
+    ``pathlib`` path), which torch's weights-only loader refuses; attnflow must say so in one line of its own."""
+    out = ROOT / "refused"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text((ROOT / "bert" / "config.json").read_text())
+    torch.save({"w": torch.zeros(2), "obj": pathlib.PurePosixPath("not/a/tensor")}, out / "pytorch_model.bin")
+    return out
+
+
 def main(argv=None):
-    families = (argv or sys.argv[1:]) or list(_configs())
+    families = (argv or sys.argv[1:]) or list(_configs()) + ["refused"]
     cfgs = _configs()
     for fam in families:
-        p = build(fam, cfgs[fam])
+        p = refused_bin() if fam == "refused" else build(fam, cfgs[fam])
         print(fam, "->", p, sorted(f.name for f in p.iterdir()))
 
 

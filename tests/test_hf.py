@@ -112,8 +112,11 @@ def test_errors(tmp_path):
         load_hf(d)
     d = tmp_path / "noweights"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    shutil.copy(FIX / "bert" / "config.json", d / "config.json")  # config.json is checked first, then the weights
     with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_hf(d)
+    (d / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(CheckpointError, match=r"config\.json: missing key 'hidden_size'"):
         load_hf(d)
 
 
@@ -125,6 +128,7 @@ def test_minilm_if_installed():
     assert resolve("minilm") == p
     m = load_hf(p)
     assert (m.family, m.d, m.num_heads, m.num_layers) == ("bert", 384, 12, 6)
+    assert m.name == "sentence-transformers/all-MiniLM-L6-v2"  # not the base model its config.json names
     assert m.beta == pytest.approx(1 / np.sqrt(32))
 
 
@@ -143,3 +147,66 @@ def test_pytorch_bin_weights_only(tmp_path):
     torch.save({"w": torch.zeros(2), "obj": pathlib.Path("x")}, d / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin"):
         load_hf(d)
+
+
+# config.json values of the wrong type or range: one CheckpointError naming the file and the key, checked before
+# the weights are read (issue: "num_attention_heads: 0", "hidden_size: 'eight'", "num_hidden_layers: -1" crashed)
+CONFIG_FAULTS = [
+    ("bert", {"num_attention_heads": 0}, r"'num_attention_heads' must be >= 1, got 0"),
+    ("bert", {"hidden_size": "eight"}, r"'hidden_size' must be an integer, got 'eight'"),
+    ("bert", {"num_hidden_layers": -1}, r"'num_hidden_layers' must be in \[1, 10000\], got -1"),
+    ("albert", {"num_hidden_layers": 10**9}, r"'num_hidden_layers' must be in \[1, 10000\]"),
+    ("bert", {"hidden_size": True}, r"'hidden_size' must be an integer, got True"),
+    ("bert", {"hidden_size": 16.0}, r"'hidden_size' must be an integer, got 16\.0"),
+    ("bert", {"num_attention_heads": None}, r"'num_attention_heads' must be an integer, got None"),
+    ("bert", {"num_attention_heads": 3}, r"hidden size 16 is not divisible by the number of heads 3"),
+    ("bert", {"layer_norm_eps": "small"}, r"'layer_norm_eps' must be a finite number >= 0\.0, got 'small'"),
+    ("bert", {"layer_norm_eps": -1e-5}, r"'layer_norm_eps' must be a finite number"),
+    ("bert", {"hidden_act": ["gelu"]}, r"'hidden_act' must be a string"),
+    ("bert", {"model_type": ["bert"]}, r"unsupported model_type \['bert'\]"),
+    ("albert", {"embedding_size": "8"}, r"'embedding_size' must be an integer"),
+    ("albert", {"num_hidden_groups": 0}, r"'num_hidden_groups' must be in \[1, 2\], got 0"),
+    ("albert", {"inner_group_num": 2}, r"inner_group_num != 1 is not supported"),
+    ("gpt2", {"n_inner": "x"}, r"'n_inner' must be an integer"),
+    ("gpt2", {"n_layer": 0}, r"'n_layer' must be in \[1, 10000\], got 0"),
+    ("gpt2", {"scale_attn_weights": "false"}, r"'scale_attn_weights' must be true or false"),
+    ("gpt_neo", {"window_size": 0}, r"'window_size' must be >= 1, got 0"),
+    ("gpt_neo", {"attention_types": "global"}, r"'attention_types' must be a list of"),
+    ("gpt_neo", {"attention_types": [[["global", "local"], 10**12]]}, r"lists more than the 2 layers"),
+    ("gpt_neo", {"attention_types": [[["global"], 1]]}, r"'attention_types' lists 1 layers, config\.json has 2"),
+]
+
+
+@pytest.mark.parametrize("family, change, msg", CONFIG_FAULTS)
+def test_config_faults(tmp_path, family, change, msg):
+    d = _copy(tmp_path, family)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(change)
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "model.safetensors").write_bytes(b"never read")  # the config is refused before the weights are opened
+    with pytest.raises(CheckpointError, match=msg) as e:
+        load_hf(d)
+    assert "config.json" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("text, msg", [
+    ("{not json", r"config\.json: not valid JSON"),
+    ("[1, 2]", r"config\.json: expected a JSON object, got a JSON list"),
+    ("[" * 100_000, r"config\.json: not valid JSON"),
+    ("{}", r"config\.json: unsupported model_type None"),
+])
+def test_config_not_an_object(tmp_path, text, msg):
+    d = _copy(tmp_path)
+    (d / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=msg) as e:
+        load_hf(d)
+    assert "\n" not in str(e.value)
+
+
+def test_refused_pytorch_bin_is_one_line_of_ours():
+    """A pickle that is not a plain state dict (fixture made by scripts/make_hf_fixtures.py): one short line, none
+    of torch's multi-line message, ANSI escapes or advice to unpickle (with or without torch installed)."""
+    with pytest.raises(CheckpointError, match=r"refused/pytorch_model\.bin: ") as e:
+        load_hf(FIX / "refused")
+    msg = str(e.value)
+    assert "\n" not in msg and "\x1b" not in msg and "weights_only=False" not in msg and len(msg) < 300

@@ -1,10 +1,11 @@
 """The [PM] experiment on real transformer weights, and rank-1 steering of the last layer.
 
-Formulas: MODEL.md section 8; [PM] section 2.2-2.3, 3 and appendix B.
+Formulas: docs/model.md section 8; [PM] section 2.2-2.3, 3 and appendix B.
 
 Reduced dynamics (the default): per layer x_i <- x_i + alpha u_i (attention + skip), then l2
 normalisation, alpha = 1, no FFN, no embedding, standard-normal initial tokens. Options keep the FFN,
-the embedding and/or the original LayerNorm (a :class:`TransformerBlock` per layer).
+the embedding and/or the original LayerNorm (a :class:`attnflow.model.transformer.TransformerBlock` per layer;
+the layer classes and :func:`build_stack` live in :mod:`attnflow.model.transformer`, re-exported here).
 
 Metric conventions. For layer l (0-based here, layer l maps x(l) to x(l+1)) with principal subspace
 B_l of W_l (span v_1, or span(Re v_1, Im v_1) for a complex pair, or span(v_1, v_2) under a near tie),
@@ -29,125 +30,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._types import Array, Float, Tokens
 from ..evolve.simulate import simulate
-from ..model.dynamics import AbstractMap, LayerMap, LayerStack, set_attn_params
-from ..model.heads import Heads, SelfAttention, _as_float_array
-from ..model.norms import AbstractNorm, L2Norm, LayerNorm, NoNorm
+from ..model.heads import Heads
+from ..model.transformer import (  # re-exported: the model classes' old import path
+    _ACTS as _ACTS,
+    FFN as FFN,
+    InverseAffine as InverseAffine,
+    TransformerBlock as TransformerBlock,
+    build_stack as build_stack,
+    layer_heads as layer_heads,
+)
 from . import spectral as sp
-
-_ACTS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-}
-
-
-class FFN(eqx.Module):
-    """y = W_out act(W_in x + b_in) + b_out, token by token."""
-
-    W_in: Float[Array, "m d"]
-    b_in: Float[Array, " m"]
-    W_out: Float[Array, "d m"]
-    b_out: Float[Array, " d"]
-    act: str = eqx.field(static=True, default="gelu")
-
-    def __call__(self, X: Tokens) -> Tokens:
-        h = _ACTS[self.act](X @ self.W_in.T + self.b_in)
-        return h @ self.W_out.T + self.b_out
-
-
-class TransformerBlock(AbstractMap):
-    """A full layer: h = N_attn(x + alpha Attn(N_in(x))); out = N_out(h + FFN(N_ffn(h))) (FFN optional).
-
-    Post-norm (BERT/ALBERT): N_in = none, N_attn = LayerNorm (or l2), N_ffn = none, N_out = LayerNorm (or l2).
-    Pre-norm (GPT-2/Neo) with the original LayerNorm: N_in = ln_1, N_attn = none, N_ffn = ln_2, N_out = none.
-    Pre-norm with l2: N_in = none, N_attn = l2, N_ffn = none, N_out = l2 ([PM] appendix B's reduction).
-    """
-
-    attn: SelfAttention
-    norm_in: AbstractNorm
-    norm_attn: AbstractNorm
-    norm_ffn: AbstractNorm
-    norm_out: AbstractNorm
-    ffn: FFN | None
-    alpha: Float[Array, ""] = eqx.field(default=1.0, converter=_as_float_array)
-
-    def step(self, k, X: Tokens) -> Tokens:
-        """One block: attention (and FFN, LayerNorm as configured) applied to X ``(n, d)``."""
-        h = self.norm_attn(X + self.alpha.astype(X.dtype) * self.attn(self.norm_in(X)))
-        if self.ffn is not None:
-            h = self.norm_out(h + self.ffn(self.norm_ffn(h)))
-        return h.astype(X.dtype)
-
-    def with_params(self, *, beta=None, alpha=None):
-        """The same block with new beta and/or alpha."""
-        return set_attn_params(self, beta=beta, alpha=alpha)
-
-
-def _ln(pair, eps):
-    return LayerNorm(gain=jnp.asarray(pair[0]), bias=jnp.asarray(pair[1]), eps=eps)
-
-
-def layer_heads(model, *, biases: bool = False, fold_layernorm: bool = False, extra_layers: int = 0) -> list[Heads]:
-    """The heads of every layer used by :func:`build_stack` (after the optional extension)."""
-    L = model.num_layers
-    idx = list(range(L)) + [L - 1] * extra_layers
-    return [model.heads(l, fold_layernorm=fold_layernorm, biases=biases) for l in idx]
-
-
-def build_stack(model, *, biases: bool = False, fold_layernorm: bool = False, ffn: bool = False,
-                layernorm: bool = False, extra_layers: int = 0, alpha: float = 1.0, heads=None) -> LayerStack:
-    """The layer dynamics of a loaded checkpoint as a :class:`attnflow.LayerStack`.
-
-    **Arguments:**
-
-    - `model`: an :class:`attnflow.io.hf.HFModel`.
-    - `biases`: keep bq, bk, bv, bo (the [PM] model (3) has none; default False).
-    - `fold_layernorm`: fold the LayerNorm that feeds each attention into its Q, K, V.
-    - `ffn`: keep the FFN and its residual branch.
-    - `layernorm`: use the original (affine) LayerNorms instead of l2 normalisation.
-    - `extra_layers`: append this many copies of the last layer (shared-weight models only).
-    - `alpha`: skip-connection step size (1 for real transformers).
-    - `heads`: optional list of :class:`Heads` replacing the loaded ones (e.g. a steered last layer).
-
-    **Returns:** a ``LayerStack`` of ``LayerMap`` (reduced: attention + skip + l2) or of ``TransformerBlock``.
-    """
-    if extra_layers < 0:
-        raise ValueError(f"extra_layers must be >= 0, got {extra_layers}")
-    if extra_layers and not model.shared:
-        raise ValueError(f"extra identical layers need a shared-weight model (ALBERT); {model.family} has layer-varying weights")
-    L = model.num_layers
-    idx = list(range(L)) + [L - 1] * extra_layers
-    if heads is None:
-        heads = layer_heads(model, biases=biases, fold_layernorm=fold_layernorm, extra_layers=extra_layers)
-    if len(heads) != len(idx):
-        raise ValueError(f"heads must list {len(idx)} layers, got {len(heads)}")
-    maps = []
-    for l, h in zip(idx, heads):
-        lay = model.layers[l]
-        attn = SelfAttention(h, lay.attention, model.beta)
-        if not ffn and not layernorm:
-            maps.append(LayerMap(attn, alpha=alpha, norm=L2Norm()))
-            continue
-        if ffn and lay.act not in _ACTS:
-            raise ValueError(f"unsupported FFN activation {lay.act!r} (supported: {', '.join(_ACTS)})")
-        f = FFN(*(jnp.asarray(a) for a in lay.ffn), act=lay.act) if ffn else None
-        none = NoNorm()
-        if not layernorm:
-            maps.append(TransformerBlock(attn, none, L2Norm(), none, L2Norm(), f, alpha=alpha))
-        elif model.pre_norm:
-            # folded heads already contain ln_1's affine part: feed them the standardised token
-            n_in = LayerNorm(eps=model.eps) if fold_layernorm else _ln(lay.ln_in, model.eps)
-            maps.append(TransformerBlock(attn, n_in, none, _ln(lay.ln_attn, model.eps), none, f, alpha=alpha))
-        else:
-            maps.append(TransformerBlock(attn, none, _ln(lay.ln_attn, model.eps), none,
-                                         _ln(lay.ln_out, model.eps) if ffn else none, f, alpha=alpha))
-    return LayerStack.from_layers(maps)
-
 
 # ----------------------------------------------------------------------------------------- metrics
 
@@ -174,6 +67,8 @@ class LayerMetrics:
 
 @dataclasses.dataclass(frozen=True)
 class PMResult:
+    """Result of :func:`power_method_experiment`: per-layer metrics and the saved trajectory ``(L+1, S, n, d)``."""
+
     model: str
     order: str
     tokens: int
@@ -361,6 +256,8 @@ def steer_heads(heads: Heads, u, gamma: float, *, order: str = "real", w: str = 
 
 @dataclasses.dataclass(frozen=True)
 class SteeringResult:
+    """Result of :func:`steer_experiment`: the steering, the final mean and minimum |cos(x, u)|, the experiment."""
+
     steering: Steering
     final_cos: float  # mean over tokens of |cos(x(L), u)|
     final_cos_min: float

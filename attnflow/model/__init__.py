@@ -21,3 +21,10 @@ from .norms import (
     normalize_rows as normalize_rows,
     safe_norm as safe_norm,
 )
+from .transformer import (
+    FFN as FFN,
+    InverseAffine as InverseAffine,
+    TransformerBlock as TransformerBlock,
+    build_stack as build_stack,
+    layer_heads as layer_heads,
+)
