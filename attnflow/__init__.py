@@ -8,7 +8,11 @@ __version__ = "0.1.0"
 
 from . import evolve as evolve, model as model
 from .evolve import (
+    BACKENDS as BACKENDS,
     CONVERGED as CONVERGED,
+    DEGENERATE as DEGENERATE,
+    Status as Status,
+    chunk_backend as chunk_backend,
     MAX_STEPS as MAX_STEPS,
     NONFINITE as NONFINITE,
     RK4 as RK4,
@@ -37,6 +41,7 @@ from .model import (
 )
 from .analysis import energy as energy, equiangular as equiangular
 from .analysis.energy import (
+    Cause as Cause,
     EnergyRates as EnergyRates,
     EnergyTrace as EnergyTrace,
     MonotonicityCondition as MonotonicityCondition,
@@ -76,14 +81,14 @@ from .analysis.equilibria import (
 )
 from .analysis.stability import (
     Stability as Stability,
+    Verdict as Verdict,
     analyse as analyse,
     consensus_closed_form as consensus_closed_form,
     intrinsic_jacobian as intrinsic_jacobian,
     jacobians as jacobians,
 )
+from .model.transformer import TransformerBlock as TransformerBlock, build_stack as build_stack
 from .analysis.transformer import (
-    TransformerBlock as TransformerBlock,
-    build_stack as build_stack,
     find_steering_gain as find_steering_gain,
     power_method_experiment as power_method_experiment,
     steer_heads as steer_heads,

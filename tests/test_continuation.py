@@ -1,4 +1,4 @@
-"""Continuation in alpha/beta: the step-size bifurcation of MODEL.md section 5 found by bisection."""
+"""Continuation in alpha/beta: the step-size bifurcation of docs/model.md section 5 found by bisection."""
 
 import numpy as np
 import pytest
@@ -17,13 +17,19 @@ def test_step_size_condition_bites_where_predicted():
         assert bool(st.analyse(af.LayerMap(attn, alpha), X).stable[0]) == stable
     branch = co.continue_equilibrium(af.LayerMap(attn, 0.2), X[0], param="alpha", values=np.linspace(0.2, 1.6, 8))
     assert len(branch.changes) == 1 and branch.changes[0] == pytest.approx(thr, abs=1e-7)
+    # the grid 0.2, 0.4, ..., 1.6 holds alpha = 1 = thr itself, where rho = 1 exactly: that point reads neutral
+    assert [st.verdict_name(v) for v in branch.verdict] == ["stable"] * 4 + ["neutral"] + ["unstable"] * 3
+    assert branch.describe("consensus +v1") == [f"consensus +v1: stable -> neutral at alpha = {branch.changes[0]:.6g} as alpha increases"]
+    back = co.continue_equilibrium(af.LayerMap(attn, 1.6), X[0], param="alpha", values=np.linspace(1.6, 0.3, 6))
+    assert back.changes[0] == pytest.approx(thr, abs=1e-7) and "unstable -> stable" in back.describe()[0] and "decreases" in back.describe()[0]
+    assert back.to_json("c")["transitions"] == [{"at": back.changes[0], "from": "unstable", "to": "stable", "direction": "decreasing"}]
     # batched over parameter values in one call
     s = st.jacobians(af.LayerMap(attn, 0.2), X, alpha=[0.5, 1.5])[0]
     assert s.shape == (2, 1, 8, 8)
 
 
 def test_beta_continuation_of_stable_consensus_and_bipartite():
-    """Consensus on v_1 stays stable for every beta (its spectrum does not depend on beta, MODEL.md section 5);
+    """Consensus on v_1 stays stable for every beta (its spectrum does not depend on beta, docs/model.md section 5);
     each continuation point is refined to an equilibrium."""
     V = np.diag([1.0, 0.5, -0.3])
     dyn = af.LayerMap(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0), 0.1)

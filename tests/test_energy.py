@@ -156,7 +156,7 @@ def test_counterexample_per_head_energy_decreases_from_radial_shadows():
     assert not tr.head_monotone[0, 1]  # ... but head 1's energy decreases
     assert np.diff(tr.head_energy[:, 0, 1]).min() < -1e-3
     k = int(np.argmin(tr.head_rate[:, 0, 1]))
-    own, cross, shadow = en._parts(tr.terms_flat[k, 0], tr.terms_radial[k, 0], 1)
+    own, cross, shadow = en._trace._parts(tr.terms_flat[k, 0], tr.terms_radial[k, 0], 1)
     assert own >= 0 and cross > 0 and shadow < -(own + cross)  # the radial shadow term is the culprit
     # recompute that shadow term independently: -(1/n) sum_i <x_i, f^1_i><x_i, f^0_i>
     X = np.asarray(tr.ts[k] * 0 + af.simulate(af.SphereFlow(attn), x0, t1=6.0, dt=0.01, saves=60).trajectory[k, 0])
@@ -168,9 +168,9 @@ def test_counterexample_per_head_energy_decreases_from_radial_shadows():
 
 
 def test_softmax_multi_head_energy_decreases_and_is_explained():
-    """MODEL.md section 7: two symmetric softmax heads, d = 3, n = 7, beta = 1.5: E is not monotone.
+    """docs/model.md section 7: two symmetric softmax heads, d = 3, n = 7, beta = 1.5: E is not monotone.
 
-    MODEL.md quotes a relative drop of 3.6e-3 for one unspecified model. Measured over 20 random pairs
+    docs/model.md section 7 quotes a relative drop of 3.6e-3 for one unspecified model. Measured over 20 random pairs
     (entries N(0, 1), symmetrised; 16 starts each, RK4 dt = 0.01 and 0.001 alike, t1 = 10): 206/320 members
     non-monotone, every model has some; relative drop median 4.6e-3, max 0.35; first break caused by the
     radial shadow terms in 192 members and by the flat cross-head terms in 14."""
@@ -188,6 +188,14 @@ def test_softmax_multi_head_energy_decreases_and_is_explained():
     assert k > 0 and tr.breaking_head[m] in (0, 1) and tr.cause[m] in (1, 2, 3)
     assert tr.energy[k, m] < tr.energy[k - 1, m] or tr.rate[k, m] < 0
     assert "decreases" in tr.explain(m)
+    # causes are an enumeration: names by member, one record per failing member (index, first saved state, time)
+    assert tr.cause_names[m] in ("own_gradient", "cross_head", "radial_shadow") and f"[{tr.cause_names[m]}]" in tr.explain(m)
+    assert bool(np.asarray(tr.result == getattr(en.Cause, tr.cause_names[m]))[m])
+    fails = tr.failures()
+    assert [f["member"] for f in fails] == list(np.flatnonzero(~tr.monotone))
+    f = next(f for f in fails if f["member"] == m)
+    assert f["saved_state"] == k and f["time"] == pytest.approx(tr.ts[k]) and f["cause"] == tr.cause_names[m]
+    assert set(tr.cause_names[tr.monotone]) <= {"none"}
 
 
 # --- the sufficient condition, both ways --------------------------------------------------------
@@ -364,3 +372,31 @@ def test_entropy_is_not_monotone_in_general():
     tr = en.diagnose(af.SphereFlow(attn), x0, t1=6.0, dt=0.01, saves=60)
     assert np.all(tr.monotone)
     assert np.min(tr.entropy_rate) < -1e-3 and np.min(np.diff(tr.entropy, axis=0)) < -1e-4
+
+
+def test_cause_enumeration_codes_names_and_messages():
+    """The Cause codes are the historical integers (0 none ... 6 integration error), with names and messages."""
+    names = ("none", "own_gradient", "cross_head", "radial_shadow", "discrete_step", "nonfinite", "integration_error")
+    assert len(en.Cause) == 7
+    for code, name in enumerate(names):
+        assert en.cause_name(code) == name and en.cause_name(getattr(en.Cause, name)) == name
+    assert en.CAUSES[0] == "none" and en.CAUSES[3] == "radial shadow terms" and "reduce dt" in en.CAUSES[6]
+    assert en.EnergyTrace.CAUSES == en.CAUSES
+    assert en.Cause[en.Cause.radial_shadow] == "radial shadow terms"
+
+
+def test_split_package_keeps_every_public_name():
+    """energy.py became a package (one module per concept); every name importable before still is, from
+    attnflow.analysis.energy and (for the ones re-exported there) from attnflow."""
+    old = ["head_energies", "energy", "energy_gradients", "radial_shadows", "EnergyRates", "energy_rates",
+           "attention_entropy", "entropy_rate", "EnergyTrace", "energy_trace", "diagnose", "MonotonicityCondition",
+           "monotonicity_condition", "head_weight_ratio", "find_energy_decrease"]
+    import attnflow.analysis.energy as mod
+
+    for name in old:
+        assert callable(getattr(mod, name)) and name in mod.__all__
+    for name in ("EnergyRates", "EnergyTrace", "MonotonicityCondition", "attention_entropy", "diagnose", "energy_rates",
+                 "energy_trace", "entropy_rate", "find_energy_decrease", "head_energies", "monotonicity_condition",
+                 "radial_shadows"):
+        assert getattr(af, name) is getattr(mod, name)
+    assert af.energy is mod  # the module, as before (its function is af.energy.energy)

@@ -11,7 +11,7 @@ from attnflow.analysis import equiangular as eq
 
 
 def rhs_np(r, n, beta, w, m, kind="softmax"):
-    """MODEL.md section 7, written out independently (NumPy)."""
+    """docs/model.md section 7, written out independently (NumPy)."""
     out = 0.0
     for wh, mh in zip(w, m):
         if kind == "softmax":
@@ -174,3 +174,21 @@ def test_validation():
         eq.reduced_rhs(0.1, n=3, beta=1.0, w=[1.0, 2.0], m=[1.0])
     with pytest.raises(ValueError, match="rho0"):
         eq.clustering_time(1e-3, 1.0, n=3, beta=1.0, w=[1.0], m=[1.0])
+
+
+def test_clustering_time_is_float64_on_the_host_without_x64():
+    """With JAX's x64 mode off (a user's default float32 process) T_eps and rho(t) are still solved in float64:
+    float32 cannot meet the quadrature's tolerances and used to return inf for every beta. Reference: scipy quad."""
+    n, rho0, eps, w, m = 5, 0.0, 1e-3, [1.0], [1.0]
+    betas = np.array([0.5, 1.0, 3.0])
+    with jax.enable_x64(False):
+        T = eq.clustering_time(eps, rho0, n=n, beta=betas, w=w, m=m)
+        rho = eq.solve_reduced(rho0, np.linspace(0.0, 2.0, 5), n=n, beta=1.0, w=w, m=m)
+        assert jax.numpy.zeros(1).dtype == np.float32  # the process default is untouched
+    assert T.dtype == np.float64 and rho.dtype == np.float64 and np.all(np.isfinite(T))
+    for b, t in zip(betas, T):
+        ref, _ = quad(lambda r: 1 / rhs_np(r, n, b, w, m), rho0, 1 - eps, epsabs=1e-13, epsrel=1e-12, limit=200)
+        assert t == pytest.approx(ref, rel=1e-9)
+    ref = solve_ivp(lambda t, r: [rhs_np(r[0], n, 1.0, w, m)], (0.0, 2.0), [rho0], t_eval=np.linspace(0.0, 2.0, 5),
+                    rtol=1e-12, atol=1e-14).y[0]
+    np.testing.assert_allclose(rho, ref, atol=1e-9)

@@ -148,3 +148,23 @@ def test_skip_order():
     e = sp.eigenpairs(W, order="skip")
     assert e.lambda1 == pytest.approx(1.2)
     assert sp.spectral_gap(e) == pytest.approx(2.2 - 0.9)
+
+
+def test_one_eigenpairs():
+    """equilibria.eigenpairs is spectral.eigenpairs of the layer matrix with order="real": the same Eigen type,
+    the same numbers; it unpacks as (values, vectors). Reference: numpy.linalg.eig."""
+    import attnflow as af
+    from attnflow.analysis import equilibria as eq
+
+    rng = np.random.default_rng(5)
+    W = rng.normal(size=(4, 4))
+    dyn = af.LayerMap(af.SelfAttention(Heads.single(W), af.Attention("softmax"), 1.0), 0.1)
+    a, b = eq.eigenpairs(dyn), sp.eigenpairs(W, order="real")
+    assert type(a) is sp.Eigen and a.order == "real"
+    np.testing.assert_allclose(a.values, b.values, atol=1e-12)
+    np.testing.assert_allclose(a.vectors, b.vectors, atol=1e-12)
+    np.testing.assert_allclose(sp.eigenpairs(dyn, order="modulus").values, sp.eigenpairs(W, order="modulus").values, atol=1e-12)
+    lam, V = a
+    np.testing.assert_allclose(np.sort_complex(lam), np.sort_complex(np.linalg.eigvals(W)), atol=1e-10)
+    np.testing.assert_allclose(W @ V, V * lam[None, :], atol=1e-10)
+    assert np.all(np.diff(lam.real) <= 1e-12)

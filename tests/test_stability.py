@@ -1,4 +1,4 @@
-"""Autodiff stability against MODEL.md's closed forms, finite differences and simulations."""
+"""Autodiff stability against docs/model.md's closed forms, finite differences and simulations."""
 
 import jax
 import jax.numpy as jnp
@@ -96,3 +96,40 @@ def test_dwell_estimate_matches_simulation():
     assert 0.85 * dwell[0] < measured < 1.1 * dwell[0]
     # a stable state never escapes
     assert np.isinf(st.measured_dwell(dyn, eq.consensus(V, 0, 4), distance=1e-3, steps=200))
+
+
+def test_verdicts_are_an_enumeration_with_int_codes():
+    """Verdict codes stay ints (0 stable, 1 unstable, 2 neutral) for array use; names, items and JSON records
+    come from the Verdict enumeration. The case: discrete map, V = diag(1, 0.4, -0.3), M = I (closed forms of
+    docs/model.md section 5: consensus on v_1 stable, on v_2, v_3 unstable); a rotation-invariant W = I gives
+    neutral directions."""
+    assert (st.STABLE, st.UNSTABLE, st.NEUTRAL) == (0, 1, 2) and st.VERDICTS == ("stable", "unstable", "neutral")
+    assert [st.verdict_name(c) for c in range(3)] == list(st.VERDICTS)
+    assert "rho < 1" in st.Verdict[st.Verdict.stable]
+    V = np.diag([1.0, 0.4, -0.3])
+    dyn = af.LayerMap(af.SelfAttention(af.Heads.single(V), af.Attention("softmax"), 1.0), 0.1)
+    stab = st.analyse(dyn, jnp.stack([eq.consensus(dyn, k, 4) for k in range(3)]))
+    assert list(stab.verdict) == [0, 1, 1] and list(stab.verdict_names) == ["stable", "unstable", "unstable"]
+    assert np.array_equal(np.asarray(stab.result == st.Verdict.unstable), [False, True, True])
+    rec = stab.to_json(0)
+    cf = st.consensus_closed_form(dyn, 0, 4, alpha=0.1)
+    assert rec["verdict"] == "stable" and rec["spectral_radius"] == pytest.approx(np.abs(cf).max(), abs=1e-12)
+    assert rec["neutral"] == 0 and rec["unstable_directions"] == 0 and rec["residual"] < 1e-14
+    assert st.analyse(dyn, eq.consensus(dyn, 1, 4)[None]).to_json(0)["unstable_directions"] == int(np.sum(np.abs(st.consensus_closed_form(dyn, 1, 4, alpha=0.1)) > 1 + 1e-8))
+    iso = af.SphereFlow(af.SelfAttention(af.Heads.single(np.eye(3)), af.Attention("softmax"), 1.0))
+    s_iso = st.analyse(iso, eq.bipartite(iso, 0, 2, 4)[None])
+    assert s_iso.measure_name == "max Re" and s_iso.neutral[0] > 0 and s_iso.verdict_names[0] in ("neutral", "unstable")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_neutral_directions_survive_float32(dtype):
+    """W = I (rotation symmetry): consensus has the closed-form eigenvalue (1 + alpha)/(1 + alpha) = 1 with
+    multiplicity d - 1 = 2 (docs/model.md section 5), i.e. neutral, in float32 as in float64; the tolerance is
+    raised to 100 machine epsilons (float32 rounds rho to 0.99999994, which tol = 1e-8 would call stable)."""
+    dyn = af.LayerMap(af.SelfAttention(af.Heads.single(np.eye(3)).astype(dtype), af.Attention("softmax"), 1.0), 0.1)
+    X = jnp.stack([eq.consensus(dyn, 0, 4), eq.bipartite(dyn, 0, 2, 4)]).astype(dtype)
+    stab = st.analyse(dyn, X)
+    cf = st.consensus_closed_form(np.eye(3), 0, 4, alpha=0.1)
+    assert int(np.sum(np.abs(np.abs(cf) - 1) < 1e-12)) == 2
+    assert list(stab.verdict_names) == ["neutral", "unstable"] and stab.neutral[0] == 2
+    assert stab.tol == (1e-8 if dtype == "float64" else pytest.approx(100 * np.finfo(np.float32).eps))

@@ -1,4 +1,4 @@
-r"""Equiangular theory for scalar heads (MODEL.md section 7).
+r"""Equiangular theory for scalar heads (docs/model.md section 7).
 
 Setting: H heads with W_h = w_h I and M_h = m_h I, full mask, d >= n, and a start where every
 <x_i, x_j> = rho (i != j). The configuration stays equiangular and, with p(rho) = (1 - rho)(1 + (n-1) rho),
@@ -47,6 +47,8 @@ Closed forms derived here (each is checked against full simulations in the tests
 
 from __future__ import annotations
 
+import contextlib
+
 import diffrax
 import equinox as eqx
 import jax
@@ -72,6 +74,15 @@ __all__ = [
 ]
 
 KINDS = ("softmax", "relu")
+
+
+@contextlib.contextmanager
+def _host64():
+    """Run a tiny host-side computation in float64 on the CPU, whatever the process's default dtype: the
+    reduced ODE needs tolerances (1e-11) that float32 cannot meet, and would report inf (failure) instead.
+    Scoped (``jax.enable_x64`` as a context), so nothing outside changes; results leave as NumPy float64."""
+    with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
+        yield
 
 
 def _check(n, w, m, kind):
@@ -107,10 +118,12 @@ def reduced_rhs(rho, *, n: int, beta, w, m, kind: str = "softmax") -> Float[Arra
 
 
 def solve_reduced(rho0, ts, *, n: int, beta, w, m, kind: str = "softmax", rtol: float = 1e-12, atol: float = 1e-14) -> Float[Array, " s"]:
-    """rho(t) at the times `ts` (increasing, ts[0] the start) from rho(ts[0]) = rho0 (diffrax, Dopri8)."""
-    w, m = _check(n, w, m, kind)
-    ts = jnp.asarray(ts, dtype=float)
-    return _solve(jnp.asarray(rho0, float), ts, jnp.asarray(beta, float), w, m, n, kind, rtol, atol)
+    """rho(t) at the times `ts` (increasing, ts[0] the start) from rho(ts[0]) = rho0 (diffrax, Dopri8; in float64
+    on the host, whatever the default dtype). **Returns:** a NumPy float64 array ``(s,)``."""
+    with _host64():
+        w, m = _check(n, w, m, kind)
+        ts = jnp.asarray(np.asarray(ts, dtype=np.float64))
+        return np.asarray(_solve(jnp.asarray(rho0, float), ts, jnp.asarray(beta, float), w, m, n, kind, rtol, atol))
 
 
 @eqx.filter_jit
@@ -139,19 +152,22 @@ def _time_one(rho0, rho1, beta, w, m, n, kind):
 def clustering_time(eps, rho0, *, n: int, beta, w, m, kind: str = "softmax") -> Float[Array, "..."]:
     """T_eps: the time until rho >= 1 - eps, from rho(0) = rho0 (vectorised over an array of `beta`).
 
-    Returns +inf when the reduced flow cannot get there (relu from rho0 <= 0; a head sum w_h <= 0).
+    Computed in float64 on the host whatever the default dtype (a float32 solve cannot meet the quadrature's
+    tolerances). **Returns:** a NumPy float64 array shaped like `beta`; +inf where the reduced flow cannot get
+    there (relu from rho0 <= 0; a head sum w_h <= 0).
     """
-    w, m = _check(n, w, m, kind)
     if not (0 < eps < 1):
         raise ValueError(f"eps must lie in (0, 1), got {eps}")
     lo = -1.0 / (n - 1)
     if not (lo < rho0 < 1 - eps):
         raise ValueError(f"rho0 must lie in ({lo:.4g}, 1 - eps), got {rho0}")
-    beta = jnp.asarray(beta, float)
-    f = lambda b: _time_one(jnp.asarray(rho0, float), jnp.asarray(1 - eps, float), b, w, m, n, kind)  # noqa: E731
-    T = jax.vmap(f)(beta.ravel()).reshape(beta.shape)
+    with _host64():
+        w, m = _check(n, w, m, kind)
+        beta = jnp.asarray(np.asarray(beta, dtype=np.float64))
+        f = lambda b: _time_one(jnp.asarray(rho0, float), jnp.asarray(1 - eps, float), b, w, m, n, kind)  # noqa: E731
+        T = np.asarray(jax.vmap(f)(beta.ravel()).reshape(beta.shape))
     if kind == "relu" and rho0 <= 0:
-        T = jnp.full_like(T, jnp.inf)
+        T = np.full_like(T, np.inf)
     return T
 
 

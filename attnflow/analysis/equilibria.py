@@ -1,8 +1,8 @@
-"""Equilibria of attention dynamics (MODEL.md section 4): constructors and Newton refinement.
+"""Equilibria of attention dynamics (docs/model.md section 4): constructors and Newton refinement.
 
 Eigenvectors of the layer matrix W are indexed 0-based with eigenvalues ordered by descending real
 part. Eigen-decompositions of small d x d matrices run on the host (NumPy): JAX's general ``eig``
-exists only on the CPU, and is slow on GPUs (see GPU_NOTES.md).
+exists only on the CPU, and is slow on GPUs (see benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -16,33 +16,15 @@ import optimistix as optx
 from .._types import Array, Float, Tokens
 from ..model.dynamics import AbstractDynamics, AbstractFlow, AbstractMap, LayerMap, tangent_project
 from ..model.norms import normalize_rows
+from .spectral import Eigen, eigenpairs as _eigenpairs, layer_matrix as layer_matrix
 
 
-def layer_matrix(model) -> np.ndarray:
-    """W of a dynamics, a :class:`SelfAttention`, a :class:`Heads`, or W itself (host array)."""
-    if isinstance(model, (np.ndarray, jax.Array, list)):
-        W = np.asarray(model, dtype=float)
-        if W.ndim != 2 or W.shape[0] != W.shape[1]:
-            raise ValueError(f"W must be a square matrix, got shape {W.shape}")
-        return W
-    attn = getattr(model, "attn", model)
-    heads = getattr(attn, "heads", attn)
-    if not hasattr(heads, "layer_matrix"):
-        raise TypeError(f"cannot find a layer matrix in {type(model).__name__}")
-    return np.asarray(heads.layer_matrix(), dtype=float)
-
-
-def eigenpairs(model) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (complex, ``(d,)``) and unit eigenvectors (columns, ``(d, d)``) of W, sorted by
-    descending real part (ties: descending imaginary part): :func:`attnflow.spectral.eigenpairs` with
-    ``order="real"`` (real eigenvectors sign-fixed: largest entry positive). Real eigenvectors are returned real."""
-    from .spectral import eigenpairs as _eig
-
-    e = _eig(np.asarray(layer_matrix(model), dtype=np.float64), order="real")
-    lam, V = e.values, e.vectors
-    if np.all(lam.imag == 0):
-        V = V.real
-    return lam, V
+def eigenpairs(model, *, order: str = "real") -> Eigen:
+    """:func:`attnflow.analysis.spectral.eigenpairs` of the layer matrix W of `model`, by default with
+    ``order="real"`` (descending real part; ties: descending imaginary part), the 0-based numbering of the
+    equilibria here (``k = 0`` is v_1). Returns an :class:`~attnflow.analysis.spectral.Eigen`, which unpacks as
+    ``values, vectors`` (unit columns; real eigenvectors sign-fixed with their largest entry positive)."""
+    return _eigenpairs(layer_matrix(model), order=order)
 
 
 def _real_eigvec(model, k: int) -> np.ndarray:
@@ -73,7 +55,7 @@ def bipartite(model, k: int, m: int, n: int) -> Tokens:
 
 def polygonal(n: int, d: int, key: Array | None = None) -> Tokens:
     """n unit tokens at the vertices of a regular polygon in a (random) plane: they sum to zero, an
-    equilibrium of uniform attention (MODEL.md section 4, item 3). Needs n >= 2, d >= 2."""
+    equilibrium of uniform attention (docs/model.md section 4, item 3). Needs n >= 2, d >= 2."""
     if n < 2 or d < 2:
         raise ValueError(f"a polygonal configuration needs n >= 2 and d >= 2, got n={n}, d={d}")
     t = 2 * np.pi * np.arange(n) / n
@@ -95,10 +77,20 @@ def residual(dyn: AbstractDynamics, X: Tokens) -> Tokens:
 
 
 class Refined(eqx.Module):
-    """Result of :func:`refine`: the state, its residual norm, and whether it met the tolerance."""
+    """Result of :func:`refine`, carried through from the optimistix solve (leading batch axis if the input had one).
+
+    - `state`: ``(n, d)`` the refined state, rows normalised.
+    - `residual`: max |F| of the solver's objective F(X) = residual(X) + (|x_i|^2 - 1) x_i at its final iterate
+      (optimistix's own residual, not recomputed): the distance from an equilibrium on the spheres.
+    - `result`: the ``optimistix.RESULTS`` item of the solve (``successful``, ``nonlinear_max_steps_reached``, ...).
+    - `steps`: the number of Levenberg-Marquardt steps taken.
+    - `success`: the solve succeeded and `residual` < `tol`.
+    """
 
     state: Tokens
     residual: Float[Array, ""]
+    result: optx.RESULTS
+    steps: Array
     success: jax.Array
 
 
@@ -108,8 +100,7 @@ def _fix_map(dyn):
     return dyn
 
 
-@eqx.filter_jit
-def _refine(dyn, X0, rtol, atol, max_steps):
+def _solve_one(dyn, X0, rtol, atol, max_steps):
     n, d = X0.shape
 
     def fn(z, _):
@@ -120,23 +111,38 @@ def _refine(dyn, X0, rtol, atol, max_steps):
     sol = optx.least_squares(
         fn, optx.LevenbergMarquardt(rtol=rtol, atol=atol), X0.ravel(), max_steps=max_steps, throw=False
     )
-    X = normalize_rows(sol.value.reshape(n, d))
-    r = jnp.max(jnp.abs(residual(dyn, X)))
-    return X, r
+    r = jnp.max(jnp.abs(sol.state.f_info.residual))
+    return normalize_rows(sol.value.reshape(n, d)), r, sol.result, sol.stats["num_steps"]
 
 
-def refine(dyn: AbstractDynamics, X0: Tokens, *, tol: float = 1e-10, max_steps: int = 200) -> Refined:
-    """Refine an approximate equilibrium to machine precision on the product of spheres.
+@eqx.filter_jit
+def _refine(dyn, X0, rtol, atol, max_steps):
+    if X0.ndim == 2:
+        return _solve_one(dyn, X0, rtol, atol, max_steps)
+    return jax.vmap(lambda X: _solve_one(dyn, X, rtol, atol, max_steps))(X0)
+
+
+def refine(dyn: AbstractDynamics, X0: Tokens, *, tol: float | None = None, max_steps: int = 200) -> Refined:
+    """Refine approximate equilibria to machine precision on the product of spheres.
 
     Solves ``residual(X) + (|x_i|^2 - 1) x_i = 0`` in R^{nd} by Levenberg-Marquardt (optimistix): the
     radial term pins every token to the sphere, the residual (tangent-projected vector field, or
     ``step(X) - X``) vanishes exactly at equilibria. A damped Gauss-Newton method copes with the
-    singular Jacobians of symmetric models (neutral directions). Returns a :class:`Refined`.
+    singular Jacobians of symmetric models (neutral directions).
+
+    **Arguments:** `dyn` a flow or a :class:`LayerMap`; `X0` ``(n, d)`` or a batch ``(b, n, d)`` (one solve per
+    state, vmapped; a failed solve is data, never an exception); `tol` the residual below which a solve counts
+    as a success (default 1e-10 in float64, 1e-5 in float32); `max_steps` per solve.
+
+    **Returns:** a :class:`Refined` (with a leading batch axis for a batch).
     """
     _fix_map(dyn)
     X0 = normalize_rows(jnp.asarray(X0))
-    X, r = _refine(dyn, X0, 1e-14 if X0.dtype == jnp.float64 else 1e-7, 1e-14 if X0.dtype == jnp.float64 else 1e-7, max_steps)
-    return Refined(state=X, residual=r, success=r < tol)
+    f64 = X0.dtype == jnp.float64
+    tol = (1e-10 if f64 else 1e-5) if tol is None else tol
+    X, r, result, steps = _refine(dyn, X0, 1e-14 if f64 else 1e-7, 1e-14 if f64 else 1e-7, max_steps)
+    ok = (result == optx.RESULTS.successful) & (r < tol)
+    return Refined(state=X, residual=r, result=result, steps=steps, success=ok)
 
 
 def alignment(model, X: Tokens, tol: float = 1e-6) -> tuple[int, np.ndarray]:
@@ -152,24 +158,24 @@ def alignment(model, X: Tokens, tol: float = 1e-6) -> tuple[int, np.ndarray]:
     return -1, np.zeros(len(X), dtype=int)
 
 
-def find_clusterings(dyn: AbstractDynamics, key: Array, n: int, *, starts: int = 64, clusters: int = 2, tol: float = 1e-10):
+def find_clusterings(dyn: AbstractDynamics, key: Array, n: int, *, starts: int = 64, clusters: int = 2, tol: float | None = None):
     """Search for equilibria with ``clusters`` distinct token positions that are not eigenvector-aligned.
 
-    Random starts put the tokens into ``clusters`` groups at random points of the sphere; each start is
-    refined with :func:`refine`. Returns a list of distinct refined states (up to token order).
+    Random starts put the tokens into ``clusters`` groups at random points of the sphere; all starts are
+    refined in one vmapped :func:`refine`. Returns a list of distinct refined states (up to token order).
     """
     d = layer_matrix(dyn).shape[0]
-    found, keys = [], []
-    for kk in jax.random.split(key, starts):
+
+    def start(kk):
         k1, k2 = jax.random.split(kk)
         centres = normalize_rows(jax.random.normal(k1, (clusters, d)))
-        assign = np.arange(n) % clusters
-        X0 = centres[assign] + 1e-3 * jax.random.normal(k2, (n, d))
-        res = refine(dyn, X0, tol=tol)
-        if not bool(res.success):
-            continue
-        X = np.asarray(res.state)
-        if alignment(dyn, X)[0] >= 0:
+        return centres[np.arange(n) % clusters] + 1e-3 * jax.random.normal(k2, (n, d))
+
+    X0 = jax.vmap(start)(jax.random.split(key, starts))
+    res = refine(dyn, X0, tol=tol)
+    found, keys = [], []
+    for X, ok in zip(np.asarray(res.state), np.asarray(res.success)):
+        if not ok or alignment(dyn, X)[0] >= 0:
             continue
         G = np.round(np.sort((X @ X.T).ravel()), 6)
         if not any(np.allclose(G, g, atol=1e-6) for g in keys):

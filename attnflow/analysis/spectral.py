@@ -1,10 +1,10 @@
 """Spectra of layer, head and score matrices: eigenpairs, gaps, subspaces, cumulative products.
 
-Formulas: MODEL.md sections 1, 6 and 8. Matrices act on column vectors (y = W x).
+Formulas: docs/model.md sections 1, 6 and 8. Matrices act on column vectors (y = W x).
 
 **Where it runs.** General (non-symmetric) eigendecompositions run on the host with
 ``numpy.linalg.eig`` (LAPACK ``geev``): the inputs are at most a few thousand wide, there are at
-most a few dozen of them, and ``jnp.linalg.eig`` is CPU-only in JAX anyway (GPU_NOTES.md measured
+most a few dozen of them, and ``jnp.linalg.eig`` is CPU-only in JAX anyway (benchmarks/README.md records
 the GPU ``eigvals`` path as ~8x slower than NumPy). Everything here takes and returns NumPy arrays.
 """
 
@@ -50,19 +50,27 @@ class Eigen:
     - `values`: ``(d,)`` complex eigenvalues, sorted by descending key (real part or modulus); within a
       complex-conjugate pair the one with positive imaginary part comes first.
     - `vectors`: ``(d, d)`` complex right eigenvectors, unit 2-norm, as columns (``W v_k = lambda_k v_k``).
-    - `order`: ``"real"`` or ``"modulus"``.
+    - `order`: ``"real"``, ``"modulus"`` or ``"skip"``.
+
+    ``values, vectors = eig`` unpacks it.
     """
 
     values: np.ndarray
     vectors: np.ndarray
     order: str
 
+    def __iter__(self):
+        """Unpacks as ``values, vectors`` (like NumPy's ``EigResult``)."""
+        return iter((self.values, self.vectors))
+
     @property
     def lambda1(self) -> complex:
+        """The principal eigenvalue (first in the chosen order)."""
         return complex(self.values[0])
 
     @property
     def v1(self) -> np.ndarray:
+        """The principal unit eigenvector ``(d,)``."""
         return self.vectors[:, 0]
 
     def is_real(self, k: int = 0, tol: float = 1e-10) -> bool:
@@ -71,12 +79,29 @@ class Eigen:
         return abs(lam.imag) <= tol * max(1.0, abs(lam))
 
 
+def layer_matrix(model) -> np.ndarray:
+    """W of a dynamics, a :class:`SelfAttention`, a :class:`Heads`, or W itself (host array, float64)."""
+    if isinstance(model, (np.ndarray, list)) or hasattr(model, "__array__") and not hasattr(model, "attn"):
+        W = np.asarray(model, dtype=float)
+        if W.ndim != 2 or W.shape[0] != W.shape[1]:
+            raise ValueError(f"W must be a square matrix, got shape {W.shape}")
+        return W
+    attn = getattr(model, "attn", model)
+    heads = getattr(attn, "heads", attn)
+    if not hasattr(heads, "layer_matrix"):
+        raise TypeError(f"cannot find a layer matrix in {type(model).__name__}")
+    return np.asarray(heads.layer_matrix(), dtype=float)
+
+
 def eigenpairs(W, *, order: str) -> Eigen:
     """Eigenpairs of W sorted by descending real part (``order="real"``) or modulus (``order="modulus"``).
 
+    The one eigen-decomposition of attnflow: :func:`attnflow.analysis.equilibria.eigenpairs` is this function
+    with ``order="real"``, the numbering of the equilibria (v_1 = ``vectors[:, 0]``).
+
     **Arguments:**
 
-    - `W`: ``(d, d)`` real matrix.
+    - `W`: ``(d, d)`` real matrix, or a model holding one (a dynamics, :class:`SelfAttention`, :class:`Heads`).
     - `order`: ``"real"``, ``"modulus"`` or ``"skip"`` (|1 + lambda|, see :data:`ORDERS`); no default: the
       choice changes the principal eigenvalue.
 
@@ -84,7 +109,7 @@ def eigenpairs(W, *, order: str) -> Eigen:
     fixed so their largest-magnitude entry is positive.
     """
     _check_order(order)
-    W = _square(W)
+    W = _square(W if isinstance(W, np.ndarray) else layer_matrix(W))
     vals, vecs = np.linalg.eig(W)
     # Snap numerically real eigenvalues to the real axis and make their vectors real.
     scale = max(1.0, float(np.max(np.abs(vals)))) if vals.size else 1.0
@@ -179,7 +204,7 @@ def eigen_bases(eig: Eigen) -> np.ndarray:
     """One orthonormal basis per eigen-direction, padded to width 2: ``(m, d, 2)``.
 
     A real eigenvalue gives span(v_k) (second column zero); a complex-conjugate pair gives one
-    2D basis span(Re v_k, Im v_k), counted once. Used for the all-eigenvector baselines of MODEL.md 8.
+    2D basis span(Re v_k, Im v_k), counted once. Used for the all-eigenvector baselines of docs/model.md section 8.
     """
     d = eig.vectors.shape[0]
     out = []

@@ -1,4 +1,4 @@
-"""Stability of equilibria by autodiff (MODEL.md section 5).
+"""Stability of equilibria by autodiff (docs/model.md section 5).
 
 The state lives on (S^{d-1})^n. The autodiff Jacobian of the map or vector field in R^{nd} is the
 *extrinsic* Jacobian J; stability is decided by the *intrinsic* one, J_int = B^T J B, with B the
@@ -9,7 +9,7 @@ counted and reported, never hidden.
 
 Where things run: Jacobians are computed by ``jax.jacfwd`` inside one jit, vmapped over states (and
 parameter values), on the default device. General eigenvalues are computed on the host with NumPy:
-JAX's ``jnp.linalg.eig`` has no GPU kernel (it runs on the CPU), and GPU_NOTES.md measured
+JAX's ``jnp.linalg.eig`` has no GPU kernel (it runs on the CPU), and benchmarks/README.md records
 ``eigvals`` on GPU 8x slower than NumPy on 2 CPU cores for 10^4 20 x 20 matrices.
 """
 
@@ -22,10 +22,27 @@ import numpy as np
 
 from .._types import Array, Float, Tokens
 from ..model.dynamics import AbstractDynamics, AbstractFlow, AbstractMap
+from . import _results
 from .equilibria import eigenpairs, residual
 
-STABLE, UNSTABLE, NEUTRAL = 0, 1, 2
-VERDICTS = ("stable", "unstable", "neutral")
+
+class Verdict(eqx.Enumeration):
+    """The linear-stability verdict of an equilibrium, from its intrinsic spectrum (:attr:`Stability.verdict`
+    holds these codes: 0 stable, 1 unstable, 2 neutral). The measure is rho, the spectral radius of the intrinsic
+    Jacobian (maps), or max Re, its largest real part (flows)."""
+
+    stable = "every intrinsic eigenvalue strictly inside the boundary (rho < 1 for a map, max Re < 0 for a flow)"
+    unstable = "an intrinsic eigenvalue beyond the boundary (rho > 1 for a map, max Re > 0 for a flow)"
+    neutral = "no eigenvalue beyond the boundary, some on it (within tol): linear stability is undecided"
+
+
+STABLE, UNSTABLE, NEUTRAL = (_results.code(getattr(Verdict, k)) for k in ("stable", "unstable", "neutral"))
+VERDICTS = _results.names(Verdict)
+
+
+def verdict_name(code) -> str:
+    """The :class:`Verdict` name of a code (int) or item: ``"stable"``, ``"unstable"`` or ``"neutral"``."""
+    return _results.name(Verdict, code)
 
 
 def tangent_basis(X: Tokens) -> Float[Array, "n d d-1"]:
@@ -100,12 +117,14 @@ class Stability(eqx.Module):
     """Per-state stability data (NumPy arrays, leading batch axes as the input states).
 
     - `eigenvalues`: intrinsic eigenvalues, complex, sorted by decreasing ``measure`` contribution.
-    - `measure`: spectral radius (maps) or maximal real part (flows).
-    - `verdict`: 0 stable, 1 unstable, 2 neutral (marginal directions only, no unstable one).
+    - `measure`: rho, the spectral radius (maps), or max Re, the maximal real part (flows).
+    - `verdict`: :class:`Verdict` codes, 0 stable, 1 unstable, 2 neutral (marginal directions only, no unstable
+      one); :attr:`verdict_names` has the names, :attr:`result` the batch-shaped :class:`Verdict` item.
     - `neutral`: number of eigenvalues within `tol` of the boundary (symmetry directions).
     - `unstable`: number of eigenvalues beyond the boundary.
     - `residual`: max |residual| (how close the state is to an equilibrium).
     - `discrete`: True for maps.
+    - `tol`: the tolerance used for `neutral` (see :func:`analyse`).
     """
 
     eigenvalues: np.ndarray
@@ -115,10 +134,39 @@ class Stability(eqx.Module):
     unstable: np.ndarray
     residual: np.ndarray
     discrete: bool = eqx.field(static=True)
+    tol: float = eqx.field(static=True, default=1e-8)
 
     @property
     def stable(self) -> np.ndarray:
+        """Boolean array: the verdict is `stable`."""
         return self.verdict == STABLE
+
+    @property
+    def verdict_names(self) -> np.ndarray:
+        """The :class:`Verdict` names, an object array shaped like `verdict`."""
+        return _results.name_array(Verdict, self.verdict)
+
+    @property
+    def result(self):
+        """The verdicts as one batch-shaped :class:`Verdict` item (``stab.result == Verdict.stable``)."""
+        return _results.item(Verdict, self.verdict)
+
+    @property
+    def measure_name(self) -> str:
+        """``"rho"`` (spectral radius, maps) or ``"max Re"`` (largest real part, flows)."""
+        return "rho" if self.discrete else "max Re"
+
+    def to_json(self, i: int) -> dict:
+        """One state's record (index `i` into a 1-d batch): verdict name, measure, counts, residual, eigenvalues."""
+        return {
+            "verdict": verdict_name(int(self.verdict[i])),
+            "stable": bool(self.verdict[i] == STABLE),
+            ("spectral_radius" if self.discrete else "max_real"): float(self.measure[i]),
+            "neutral": int(self.neutral[i]),
+            "unstable_directions": int(self.unstable[i]),
+            "residual": float(self.residual[i]),
+            "eigenvalues": [[float(z.real), float(z.imag)] for z in np.asarray(self.eigenvalues[i])],
+        }
 
 
 def classify_spectrum(eigs: np.ndarray, discrete: bool, tol: float = 1e-8):
@@ -133,18 +181,28 @@ def classify_spectrum(eigs: np.ndarray, discrete: bool, tol: float = 1e-8):
 
 
 def analyse(dyn: AbstractDynamics, states, *, tol: float = 1e-8, beta=None, alpha=None) -> Stability:
-    """Stability of equilibria: autodiff intrinsic Jacobians (one jit), eigenvalues on the host."""
+    """Stability of equilibria: autodiff intrinsic Jacobians (one jit), eigenvalues on the host.
+
+    **Arguments:** `dyn` a flow or map; `states` ``(b, n, d)`` (or one ``(n, d)``); `tol` the distance from the
+    boundary within which an eigenvalue counts as neutral, raised to 100 machine epsilons of the states' dtype
+    (float32: 1.2e-5) since the eigenvalues are not resolved more finely (a float32 run would otherwise call
+    neutral directions stable or unstable by rounding); `beta`, `alpha` optional parameter arrays (see
+    :func:`jacobians`).
+
+    **Returns:** a :class:`Stability` (its `tol` is the tolerance used).
+    """
     Jint, _, res = jacobians(dyn, states, beta=beta, alpha=alpha)
+    tol = max(float(tol), 100 * float(np.finfo(np.asarray(Jint).dtype).eps))
     eigs = np.linalg.eigvals(np.asarray(Jint))
     discrete = isinstance(dyn, AbstractMap)
     key = -np.abs(eigs) if discrete else -eigs.real
     eigs = np.take_along_axis(eigs, np.argsort(key, axis=-1, kind="stable"), axis=-1)
     measure, verdict, neutral, unstable = classify_spectrum(eigs, discrete, tol)
-    return Stability(eigs, measure, verdict, neutral, unstable, np.asarray(res), discrete)
+    return Stability(eigs, measure, verdict, neutral, unstable, np.asarray(res), discrete, tol)
 
 
 def consensus_closed_form(model, k: int, n: int, *, alpha: float | None = None) -> np.ndarray:
-    """Intrinsic eigenvalues at consensus on v_k (MODEL.md section 5), any number of heads.
+    """Intrinsic eigenvalues at consensus on v_k (docs/model.md section 5), any number of heads.
 
     Discrete layer map (l2, step alpha): 1/(1 + alpha lambda_k) with multiplicity (n-1)(d-1), and
     (1 + alpha lambda_j)/(1 + alpha lambda_k) for j != k. Continuous flow (``alpha=None``): -lambda_k
@@ -167,7 +225,7 @@ def consensus_closed_form(model, k: int, n: int, *, alpha: float | None = None) 
 
 
 def step_size_threshold(model) -> float:
-    """The largest alpha for which consensus on v_1 is stable for the discrete map (MODEL.md section 5):
+    """The largest alpha for which consensus on v_1 is stable for the discrete map (docs/model.md section 5):
     |1 + alpha lambda_j| < 1 + alpha lambda_1 for all j; inf when no lambda_j < -lambda_1."""
     lam, _ = eigenpairs(model)
     l1 = lam[0].real
