@@ -1,6 +1,7 @@
 """`attnflow energy`: JSON contents against the library, figures, and one-line errors (exit 2)."""
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -121,3 +122,49 @@ def test_energy_bad_input_is_one_line(tmp_path, capsys, extra, msg):
 def test_energy_missing_config(tmp_path, capsys):
     rc, out, err = run_cli(["energy", str(tmp_path / "nope.toml")], capsys)
     assert rc == 2 and "not found" in err
+
+
+def test_energy_names_every_failing_member_and_help_defines_keys(tmp_path, capsys):
+    """V = diag(1, 0.4, -0.3) with M = I has no gradient structure: some members' E drops along the map. The text
+    lists each failing member with the first saved state where E dropped, against a NumPy evaluation of
+    E = 1/(2 beta n^2) sum_ij exp(beta <x_i, x_j>) along the same trajectories (relative tolerance 1e-10)."""
+    x0 = np.array(jax.random.normal(jax.random.PRNGKey(0), (8, 6, 3)))
+    x0 /= np.linalg.norm(x0, axis=-1, keepdims=True)
+    np.save(tmp_path / "x0.npy", x0)
+    cfg = tmp_path / "f.toml"
+    cfg.write_text('[model]\nd = 3\nV = [[1.0, 0, 0], [0, 0.4, 0], [0, 0, -0.3]]\n[dynamics]\nalpha = 0.1\ntokens = 6\n'
+                   'steps = 60\nbatch = 8\ninit = "x0.npy"\ndtype = "float64"\n[energy]\nmembers = 8\npoints = 4\n')
+    rc, out, err = run_cli(["energy", str(cfg), "--json"], capsys)
+    assert rc == 0, err
+    s = json.loads(out)
+    model = af.LayerMap(af.SelfAttention(af.Heads.single(np.diag([1.0, 0.4, -0.3])), af.Attention("softmax"), 1.0), 0.1)
+    traj = np.asarray(af.simulate(model, x0, steps=60, saves=60).trajectory)  # (61, 8, 6, 3)
+    G = np.einsum("sbid,sbjd->sbij", traj, traj)
+    E = np.exp(G).sum(axis=(-1, -2)) / (2 * 6**2)
+    drop = np.diff(E, axis=0) / np.abs(E).max(axis=0) < -1e-10
+    failing = [int(b) for b in np.flatnonzero(drop.any(axis=0))]
+    assert failing, "the case must have failing members"
+    assert [f["member"] for f in s["failures"]] == failing
+    for f in s["failures"]:
+        assert f["saved_state"] == 1 + int(np.argmax(drop[:, f["member"]])) and f["cause"] == "discrete_step"
+    assert s["members_monotone"] == 8 - len(failing) and s["cause"] in ("none", "discrete_step")
+    rc, text, err = run_cli(["energy", str(cfg)], capsys)
+    lines = text.splitlines()
+    assert f"{8 - len(failing)} of 8 traced members monotone" in lines
+    h = next(i for i, line in enumerate(lines) if line.split()[:3] == ["member", "saved", "state"])
+    assert lines[h].split() == ["member", "saved", "state", "step", "head", "cause"]
+    assert [int(line.split()[0]) for line in lines[h + 1 : h + 1 + len(failing)]] == failing
+    # --help: every [energy] key with its meaning, the abbreviations, no literal %%
+    try:
+        rc = main(["energy", "--help"])
+    except SystemExit as e:
+        rc = e.code
+    assert rc in (0, None)
+    helptext = " ".join(capsys.readouterr().out.split())
+    assert "%%" not in helptext
+    keys = helptext[helptext.index("[energy] keys: tol:"):]
+    for key in ("tol", "members", "eps", "rho0", "points", "beta_max", "w", "m"):
+        meaning = re.search(rf"(?:keys: |; ){key}(?: \(default [^)]*\))?: ([^;]+)", keys)
+        assert meaning and len(meaning.group(1).split()) >= 3, key
+    for word in ("radial_shadow", "integration_error", "beta_c", "T_eps", "E_h"):
+        assert word in helptext

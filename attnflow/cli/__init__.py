@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 from ._common import UsageError
@@ -15,11 +14,18 @@ from ._common import UsageError
 COMMANDS = ("simulate", "demo", "stability", "basins", "energy", "transformer", "bench")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit status 2), like every other bad input."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``attnflow`` argument parser with one subcommand per entry of COMMANDS."""
     from .. import __version__
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="attnflow",
         description="Self-attention dynamics of transformers at scale: simulate token ensembles, find and certify "
         "equilibria, measure basins of attraction, analyse real transformer weights.",
@@ -35,22 +41,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Run the ``attnflow`` command line; returns the exit status (2 on bad input, with one line on stderr)."""
-    os.environ.setdefault("MPLBACKEND", "Agg")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version (0) or a usage error (2, one line already printed)
+        return int(e.code or 0)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
     from ..io.config import ConfigError
+    from ..io.results import RunDirError
+    from ..io.weights import WeightsError
 
     try:
         return int(args._run(args) or 0)
-    except (ConfigError, UsageError) as e:
-        print(f"attnflow {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except (ConfigError, UsageError, RunDirError, WeightsError) as e:
+        return _fail(args.command, str(e))
+    except OSError as e:  # a file that vanished, a full disk, ...: the system's one-line reason
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        return _fail(args.command, f"{e.strerror or type(e).__name__}{where}")
+    except MemoryError:
+        return _fail(args.command, "out of memory; use a smaller batch, chunk_size or tokens")
+    except Exception as e:
+        if "RESOURCE_EXHAUSTED" in str(e):  # an allocation the memory estimate did not foresee
+            return _fail(args.command, "out of device memory; use a smaller batch, --chunk-size / chunk_size, or tokens")
+        raise
     except KeyboardInterrupt:
         print(f"attnflow {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _fail(command: str, msg: str) -> int:
+    """Print one line on stderr; exit status 2."""
+    print(f"attnflow {command}: error: {' '.join(msg.split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -36,14 +37,108 @@ def emit_json(obj) -> None:
 
 
 def out_dir(path) -> Path | None:
-    """Create the output directory (or return None when no --out was given)."""
+    """Create the output directory and check that it is writable, before any work (None when no --out)."""
     if path is None:
         return None
+    import os
+    import uuid
+
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UsageError(f"--out {str(p)!r} exists and is not a directory")
-    p.mkdir(parents=True, exist_ok=True)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".attnflow-probe.{os.getpid()}.{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--out {str(p)!r} is not writable ({e.strerror or type(e).__name__}); choose another directory") from None
     return p
+
+
+def load_run_config(path):
+    """Load and validate a config; at this edge (and only here) JAX is switched to float64 when the config asks.
+
+    attnflow's library never changes JAX's settings: a ``dtype = "float64"`` config needs ``jax_enable_x64``,
+    and the command line, which owns its process, enables it explicitly before building anything.
+    """
+    from ..io.config import parse_config, read_toml
+
+    raw = read_toml(path)
+    dyn = raw.get("dynamics")
+    if isinstance(dyn, dict) and dyn.get("dtype") == "float64":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+    return parse_config(raw, Path(path))
+
+
+# ------------------------------------------------------------------------------------------ memory guard
+def available_memory() -> tuple[int, int]:
+    """(device bytes, host bytes) that a call may use now: free accelerator memory, MemAvailable of the host."""
+    host = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    host = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if host is None:
+        import os
+
+        try:
+            host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            host = 8 << 30
+    import jax
+
+    dev = host
+    d = jax.local_devices()[0]
+    if d.platform != "cpu":
+        try:
+            st = d.memory_stats() or {}
+            dev = int(st.get("bytes_limit", 0)) - int(st.get("bytes_in_use", 0)) or host
+        except Exception:  # noqa: BLE001 - a backend without memory statistics: use the host's
+            dev = host
+    return dev, host
+
+
+def member_bytes(cfg) -> int:
+    """Working memory of one ensemble member during one step: states and stages, the attention scores
+    (heads x tokens^2, a few copies) and the per-head projections. A deliberate over-estimate."""
+    item = 4 if cfg.dtype == "float32" else 8
+    n, d, h = cfg.tokens, cfg.d, cfg.num_heads
+    dh = int(cfg.weights["Q"].shape[1])
+    return item * (8 * n * d + 3 * h * n * n + 4 * h * n * dh)
+
+
+def gib(b: float) -> str:
+    """A byte count in GiB, three significant digits."""
+    return f"{b / 2**30:.3g} GiB"
+
+
+def plan_chunk(cfg, members: int, chunk: int | None, *, what: str, flag: str, host_per_member: int = 0) -> int | None:
+    """Check before allocating that ``members`` fit, in chunks of ``chunk`` (None: all at once, or a size chosen
+    here). Returns the chunk size to use (None: no chunking); refuses in one line that suggests a size."""
+    dev, host = available_memory()
+    dev_budget, host_budget = dev // 2, host // 2
+    one = member_bytes(cfg)
+    if host_per_member * members > host_budget:
+        raise UsageError(f"{what}: the results of {members} members need ~{gib(host_per_member * members)} of host memory, "
+                         f"~{gib(host_budget)} usable; reduce batch (or saves)")
+    if one > dev_budget:
+        raise UsageError(f"{what}: one member ({cfg.tokens} tokens, {cfg.num_heads} head(s)) needs ~{gib(one)} per step, "
+                         f"~{gib(dev_budget)} usable; reduce tokens")
+    fit = max(1, dev_budget // one)
+    if chunk is not None:
+        if chunk * one > dev_budget:
+            raise UsageError(f"{what}: {flag} {chunk} needs ~{gib(chunk * one)} per step, ~{gib(dev_budget)} usable; "
+                             f"use {flag} {2 ** int(math.log2(fit))} or less")
+        return chunk
+    if members > fit:
+        return 2 ** int(math.log2(fit))
+    return None
 
 
 def info(msg: str, *, quiet: bool = False) -> None:

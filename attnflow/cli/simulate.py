@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import sys
 import time
 
 import numpy as np
 
-from ._common import emit_json, info, out_dir
+from ._common import UsageError, emit_json, info, load_run_config, out_dir, plan_chunk
 
 
 def add_parser(sub):
@@ -15,9 +16,10 @@ def add_parser(sub):
     p = sub.add_parser(
         "simulate",
         help="simulate an ensemble from a TOML config",
-        description="Simulate the ensemble described by CONFIG.toml ([model] and [dynamics] tables; see "
-        "attnflow.io.config for the schema). Writes DIR/trajectories.npz (final; trajectory and ts when "
-        "[dynamics] saves is set; status; steps) and a figure.",
+        description="Simulate the ensemble described by CONFIG.toml. Writes DIR/trajectories.npz (final; trajectory "
+        "and ts when [dynamics] saves is set; status; steps) and a figure. The memory of the call is estimated "
+        "first: a batch that does not fit is run in chunks (or refused with a suggested --chunk-size). "
+        + _schema_help(),
     )
     p.add_argument("config", help="path to the TOML configuration")
     p.add_argument("--out", metavar="DIR", help="directory for trajectories.npz and figures")
@@ -25,6 +27,12 @@ def add_parser(sub):
     p.add_argument("--chunk-size", type=int, default=None, help="simulate the batch in chunks of this size")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
+
+
+def _schema_help() -> str:
+    from attnflow.io.config import describe
+
+    return describe("model") + " " + describe("dynamics")
 
 
 def summarize(final) -> dict:
@@ -45,17 +53,24 @@ def summarize(final) -> dict:
 def run(args) -> int:
     """Run this subcommand; returns the exit status."""
     import attnflow as af
-    from attnflow.io.config import load_config
 
-    cfg = load_config(args.config)
-    out = out_dir(args.out)
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise UsageError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    out = out_dir(args.out)  # before any work: an unwritable --out is refused now, not after the run
+    cfg = load_run_config(args.config)
+    quiet = args.json
+    item = 4 if cfg.dtype == "float32" else 8
+    saved = (cfg.saves + 1) if cfg.saves is not None else 2
+    chunk = plan_chunk(cfg, cfg.batch, args.chunk_size, what=f"batch = {cfg.batch}", flag="--chunk-size",
+                       host_per_member=item * cfg.tokens * cfg.d * (saved + 1))
+    if chunk is not None and args.chunk_size is None:
+        info(f"attnflow simulate: the batch does not fit in memory at once; simulating in chunks of {chunk} (--chunk-size to choose)")
     dyn = cfg.build()
     x0 = cfg.initial()
-    quiet = args.json
     info(f"simulating {cfg.batch} x {cfg.tokens} tokens in d={cfg.d} ({cfg.time}, {cfg.attention}, {cfg.num_heads} head(s))", quiet=quiet)
     t0 = time.perf_counter()
     sol = af.simulate(
-        dyn, x0, chunk_size=args.chunk_size, progress=(not args.no_progress) and sys.stderr.isatty(), **cfg.simulate_kwargs()
+        dyn, x0, chunk_size=chunk, progress=(not args.no_progress) and sys.stderr.isatty(), **cfg.simulate_kwargs()
     )
     np.asarray(sol.final)
     wall = time.perf_counter() - t0
@@ -67,6 +82,7 @@ def run(args) -> int:
         "d": cfg.d,
         "heads": cfg.num_heads,
         "dtype": cfg.dtype,
+        "backend": sol.backend,
         "status": sol.status_counts(),
         "steps_mean": float(np.mean(np.asarray(sol.steps))),
         "steps_max": int(np.max(np.asarray(sol.steps))),
@@ -79,7 +95,11 @@ def run(args) -> int:
         if sol.trajectory is not None:
             arrays["trajectory"] = np.asarray(sol.trajectory)
             arrays["ts"] = np.asarray(sol.ts)
-        np.savez(out / "trajectories.npz", **arrays)
+        from attnflow.io.results import atomic_write_bytes
+
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        atomic_write_bytes(out / "trajectories.npz", buf.getvalue())  # complete or absent, never partial
         summary["files"].append(str(out / "trajectories.npz"))
         from attnflow.plots.trajectories import pairwise_cosines, sphere_trajectories
 

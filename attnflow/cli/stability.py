@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import UsageError, emit_json, info, out_dir
+from ._common import UsageError, emit_json, gib, info, load_run_config, out_dir
 
 
 def add_parser(sub):
@@ -14,9 +14,9 @@ def add_parser(sub):
         help="find and certify equilibria (consensus, bipartite, clustering) by autodiff",
         description="Analyse every consensus (each real eigenvector of W, both signs) and every bipartite consensus "
         "(each eigenvector, each split m) of the configured model: autodiff intrinsic Jacobian, eigenvalues, verdict. "
-        "An optional [stability] table adds: states = 'x.npy' (given states, refined first), "
-        "clustering = {starts = 64, clusters = 2} (a search for non-eigenvector-aligned equilibria), and "
-        "continuation = {param = 'alpha'|'beta', start, stop, num, eigenvector = 0, split = 0} (split 0: consensus).",
+        "An optional [stability] table adds given states (refined first), a clustering search for "
+        "non-eigenvector-aligned equilibria and a continuation (split 0: consensus). " + _schema_help(),
+        epilog=_EPILOG,
     )
     p.add_argument("config", help="path to the TOML configuration")
     p.add_argument("--json", action="store_true", help="print the equilibria as JSON on stdout")
@@ -24,104 +24,172 @@ def add_parser(sub):
     return p
 
 
-def _entry(kind, k, sign, split, stab, i, discrete):
-    eigs = stab.eigenvalues[i]
-    e = {"kind": kind, "eigenvector": k, "sign": sign, "split": split, "stable": bool(stab.verdict[i] == 0)}
-    e["spectral_radius" if discrete else "max_real"] = float(stab.measure[i])
-    e["eigenvalues"] = [[float(z.real), float(z.imag)] for z in eigs]
+_EPILOG = (
+    "Output: a header, then one row per candidate equilibrium. Names: v1, v2, ... are the eigenvectors of the layer "
+    "matrix W = sum_h O_h V_h by descending real part of the eigenvalue (v1 principal; config keys 'eigenvector' "
+    "count from 0, so eigenvector = 0 is v1); 'consensus +v1': every token at +v1; 'bipartite v1 3:7': 3 tokens at "
+    "+v1 and 7 at -v1; 'clustering 2:1': clusters of 2 and 1 tokens not on an eigenvector. verdict: stable, unstable "
+    "or neutral (no eigenvalue beyond the boundary, some on it within tol: undecided by linearisation). rho "
+    "(discrete maps): spectral radius of the intrinsic Jacobian, the Jacobian restricted to the tangent space of the "
+    "product of spheres; stable iff rho < 1. max Re (continuous flows): its largest real part; stable iff max Re < 0. "
+    "neutral: the number of eigenvalues within tol of the boundary (symmetry directions). residual: max |step(X) - X| "
+    "(maps) or max |projected vector field| (flows), how far the state is from an exact equilibrium. A summary line "
+    "counts the stable equilibria; a continuation line names the followed equilibrium and each change of verdict "
+    "with its direction."
+)
+
+
+def _schema_help() -> str:
+    from attnflow.io.config import describe
+
+    return describe("stability")
+
+
+def _name(kind, k, sign, split, n, sizes=None):
+    from attnflow.analysis.classify import equilibrium_name
+
+    if kind == "given":
+        return f"given state {split + 1}"
+    if kind == "clustering":
+        return equilibrium_name("clustering", None, sizes=sizes)
+    return equilibrium_name(kind, k, sign=sign, split=split if kind == "bipartite" else None, tokens=n)
+
+
+def _entry(label, stab, i):
+    """One equilibrium's JSON record: its name and fields, then :meth:`Stability.to_json` (verdict by name,
+    rho or max Re, neutral and unstable direction counts, residual, eigenvalues)."""
+    name, kind, k, sign, split = label
+    e = {"name": name, "kind": kind, "eigenvector": None if k < 0 else f"v{k + 1}",
+         "sign": sign if kind == "consensus" else None, "split": split if kind == "bipartite" else None}
+    e.update(stab.to_json(i))
     return e
 
 
-def _verdict(stab, i):
-    return ["stable", "unstable", "neutral"][int(stab.verdict[i])]
+def _meaning(discrete: bool, tol: float) -> str:
+    if discrete:
+        return (f"rho = spectral radius of the intrinsic Jacobian (the map restricted to the tangent space of the spheres): "
+                f"stable iff rho < 1, neutral if the largest |eigenvalue| is 1 within tol = {tol:g}")
+    return (f"max Re = largest real part of the intrinsic Jacobian's eigenvalues (the flow restricted to the tangent space "
+            f"of the spheres): stable iff max Re < 0, neutral if it is 0 within tol = {tol:g}")
 
 
-def run(args) -> int:
-    """Run this subcommand; returns the exit status."""
+def _print_text(cfg, entries, branch_lines, discrete, tol):
+    print(f"attnflow stability: {len(entries)} candidate equilibria of {cfg.path.name} "
+          f"({'discrete map' if discrete else 'continuous flow'}, {cfg.tokens} tokens, d = {cfg.d})")
+    print(_meaning(discrete, tol))
+    res = "max |step(X) - X|" if discrete else "max |vector field projected on the tangent space|"
+    print(f"neutral = number of eigenvalues within tol of the boundary (symmetry directions); residual = {res} at the "
+          "state (0 at an exact equilibrium)")
+    width = max(24, *(len(e["name"]) for e in entries))
+    mname = "rho" if discrete else "max Re"
+    print(f"{'equilibrium':{width}s}  {'verdict':9s}  {mname:>12s}  {'neutral':>7s}  {'residual':>8s}")
+    for e in entries:
+        meas = e.get("spectral_radius", e.get("max_real"))
+        print(f"{e['name']:{width}s}  {e['verdict']:9s}  {meas:12.6g}  {e['neutral']:7d}  {e['residual']:8.1e}")
+    counts = {v: sum(e["verdict"] == v for e in entries) for v in ("stable", "neutral", "unstable")}
+    print(f"{counts['stable']} of {len(entries)} equilibria stable ({counts['neutral']} neutral, {counts['unstable']} unstable)")
+    for line in branch_lines:
+        print(f"continuation: {line}")
+
+
+def _candidates(cfg, dyn, *, quiet):
+    """(labels, states) of every candidate: consensus and bipartite on each real eigenvector, the given states
+    (refined), the clustering search. A label is (name, kind, eigenvector index, sign, split or index)."""
     import jax
     import jax.numpy as jnp
 
-    from attnflow.analysis import continuation as co, equilibria as eq, stability as st
-    from attnflow.io.config import load_config
-    from attnflow.model.dynamics import AbstractMap
+    from attnflow.analysis import equilibria as eq
 
-    cfg = load_config(args.config)
-    out = out_dir(args.out)
-    sec = cfg.section("stability")
-    unknown = sorted(set(sec) - {"states", "clustering", "continuation", "tol"})
-    if unknown:
-        raise UsageError(f"{cfg.path}: unknown key(s) in [stability]: {', '.join(unknown)}")
-    dyn = cfg.build()
-    n = cfg.tokens
-    discrete = isinstance(dyn, AbstractMap)
-    lam, _ = eq.eigenpairs(dyn)
+    n, S = cfg.tokens, cfg.stability
+    lam = eq.eigenpairs(dyn).values
     real = [k for k in range(len(lam)) if abs(lam[k].imag) < 1e-12]
     labels, states = [], []
     for k in real:
         for s in (1, -1):
-            labels.append(("consensus", k, s, 0))
+            labels.append((_name("consensus", k, s, n, n), "consensus", k, s, n))
             states.append(eq.consensus(dyn, k, n, s))
         for m in range(1, n):
-            labels.append(("bipartite", k, 1, m))
+            labels.append((_name("bipartite", k, 1, m, n), "bipartite", k, 1, m))
             states.append(eq.bipartite(dyn, k, m, n))
-    if "states" in sec:
-        from pathlib import Path
-
-        p = Path(sec["states"])
-        p = p if p.is_absolute() else cfg.path.parent / p
-        if not p.exists():
-            raise UsageError(f"{cfg.path}: [stability] states file {str(p)!r} not found")
-        given = np.load(p)
-        if given.ndim == 2:
-            given = given[None]
-        if given.shape[1:] != (n, cfg.d):
-            raise UsageError(f"{cfg.path}: [stability] states must have shape (k, {n}, {cfg.d}), got {given.shape}")
+    if cfg.states_array is not None:  # read, hashed and checked (shape, real, finite) at load
+        given = cfg.states_array
         for i, X in enumerate(given):
-            labels.append(("given", -1, 0, i))
+            labels.append((_name("given", -1, 0, i, n), "given", -1, 0, i))
             states.append(eq.refine(dyn, jnp.asarray(X, dtype=cfg.dtype)).state)
-    if "clustering" in sec:
-        c = sec["clustering"]
-        found = eq.find_clusterings(dyn, jax.random.PRNGKey(cfg.seed), n, starts=int(c.get("starts", 64)), clusters=int(c.get("clusters", 2)))
-        info(f"clustering search: {len(found)} non-eigenvector-aligned equilibria", quiet=args.json)
-        for X in found:
-            labels.append((f"{len(np.unique(np.round(X, 6), axis=0))}-clustering", -1, 0, 0))
+    if S.clustering is not None:
+        c = S.clustering
+        found = eq.find_clusterings(dyn, jax.random.PRNGKey(cfg.seed), n, starts=c.starts, clusters=c.clusters)
+        info(f"clustering search: {len(found)} non-eigenvector-aligned equilibria", quiet=quiet)
+        for j, X in enumerate(found):
+            sizes = sorted(np.unique(np.round(X, 6), axis=0, return_counts=True)[1], reverse=True)
+            labels.append((f"{_name('clustering', -1, 0, 0, n, sizes)} #{j + 1}", "clustering", -1, 0, 0))
             states.append(jnp.asarray(X))
+    return labels, states
+
+
+def _check_memory(cfg) -> None:
+    """Refuse, before allocating, an analysis whose Jacobians (one (n d)^2 matrix per candidate) cannot fit."""
+    from ._common import available_memory
+
+    n, d = cfg.tokens, cfg.d
+    S = cfg.stability
+    count = d * (n + 1) + (0 if cfg.states_array is None else len(cfg.states_array)) \
+        + (0 if S.clustering is None else S.clustering.starts)
+    need = 3 * count * (n * d) ** 2 * (4 if cfg.dtype == "float32" else 8)
+    usable = available_memory()[1] // 2
+    if need > usable:
+        raise UsageError(f"{cfg.path}: the stability of ~{count} candidate equilibria of {n} tokens in d = {d} needs "
+                         f"~{gib(need)} for their Jacobians, ~{gib(usable)} usable; reduce tokens")
+
+
+def run(args) -> int:
+    """Run this subcommand; returns the exit status."""
+    import jax.numpy as jnp
+
+    from attnflow.analysis import continuation as co, equilibria as eq, stability as st
+    from attnflow.model.dynamics import AbstractMap
+
+    out = out_dir(args.out)  # before any work
+    cfg = load_run_config(args.config)
+    S = cfg.stability  # validated [stability] table
+    _check_memory(cfg)
+    dyn = cfg.build()
+    n = cfg.tokens
+    discrete = isinstance(dyn, AbstractMap)
+    labels, states = _candidates(cfg, dyn, quiet=args.json)
     if not states:
         raise UsageError(f"{cfg.path}: W has no real eigenvector and no states were given")
-    stab = st.analyse(dyn, jnp.stack([jnp.asarray(X, dtype=states[0].dtype) for X in states]), tol=float(sec.get("tol", 1e-8)))
-    entries = [_entry(kind, k, s, m, stab, i, discrete) for i, (kind, k, s, m) in enumerate(labels)]
-    result = {"equilibria": entries}  # exactly the documented shape; "continuation" only when requested
-    branch = None
-    if "continuation" in sec:
-        c = sec["continuation"]
+    stab = st.analyse(dyn, jnp.stack([jnp.asarray(X, dtype=states[0].dtype) for X in states]), tol=S.tol)
+    entries = [_entry(label, stab, i) for i, label in enumerate(labels)]
+    result = {"equilibria": entries,
+              "summary": {"stable": int(np.sum(stab.stable)), "total": len(entries), "measure": stab.measure_name,
+                          "meaning": _meaning(discrete, stab.tol)}}  # "continuation" only when requested
+    branch, branch_lines = None, []
+    if S.continuation is not None:
+        c = S.continuation
+        values = np.linspace(c.start, c.stop, c.num)
+        param, k, m = c.param, c.eigenvector, c.split
         try:
-            values = np.linspace(float(c["start"]), float(c["stop"]), int(c.get("num", 20)))
-            param = c.get("param", "beta")
-            k, m = int(c.get("eigenvector", 0)), int(c.get("split", 0))
-        except (KeyError, TypeError, ValueError) as e:
-            raise UsageError(f"{cfg.path}: [stability] continuation needs param, start, stop, num: {e}") from None
-        X0 = eq.consensus(dyn, k, n) if m == 0 else eq.bipartite(dyn, k, m, n)
+            X0 = eq.consensus(dyn, k, n) if m == 0 else eq.bipartite(dyn, k, m, n)
+        except ValueError as e:
+            raise UsageError(f"{cfg.path}: [stability] continuation: {e}") from None
         try:
             branch = co.continue_equilibrium(dyn, X0, param=param, values=values)
         except ValueError as e:
             raise UsageError(f"{cfg.path}: [stability] continuation: {e}") from None
-        result["continuation"] = {"param": param, "values": branch.values, "measure": branch.measure,
-                                  "stable": branch.verdict == 0, "changes": branch.changes}
+        bname = _name("consensus", k, 1, n, n) if m == 0 else _name("bipartite", k, 1, m, n)
+        result["continuation"] = branch.to_json(bname)
+        branch_lines = branch.describe(bname)
     if out is not None:
         from attnflow.plots.stability import continuation, spectra
 
         shown = [e for e in entries if e["kind"] != "bipartite" or e["stable"]][:12]
-        spectra([(e["kind"] if e["eigenvector"] < 0 else f"{e['kind']} v{e['eigenvector']} {'+' if e['sign'] >= 0 else '-'}{'' if not e['split'] else ' m=' + str(e['split'])}",
-                  np.array([complex(*z) for z in e["eigenvalues"]]), e["stable"]) for e in shown], out / "spectra.png", discrete=discrete)
+        spectra([(e["name"], np.array([complex(*z) for z in e["eigenvalues"]]), e["stable"]) for e in shown],
+                out / "spectra.png", discrete=discrete)
         if branch is not None:
-            continuation(branch, out / "continuation.png", label=f"{'consensus' if m == 0 else 'bipartite'} on v{k}")
+            continuation(branch, out / "continuation.png", label=bname)
     if args.json:
         emit_json(result)
     else:
-        for i, e in enumerate(entries):
-            meas = e.get("spectral_radius", e.get("max_real"))
-            print(f"{e['kind']:>12s} v{e['eigenvector']:<2d} sign {e['sign']:+d} split {e['split']:<2d} {_verdict(stab, i):9s} "
-                  f"{'rho' if discrete else 'max Re'} = {meas:.6g}  neutral {int(stab.neutral[i])}  residual {float(stab.residual[i]):.1e}")
-        if branch is not None:
-            print(f"continuation in {branch.param}: stability changes at {', '.join(f'{c:.6g}' for c in branch.changes) or 'none'}")
+        _print_text(cfg, entries, branch_lines, discrete, stab.tol)
     return 0

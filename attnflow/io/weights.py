@@ -30,7 +30,11 @@ def load_safetensors(path) -> dict[str, np.ndarray]:
         raise
     except Exception as e:  # safetensors raises its own error types for truncated/invalid headers
         if "bfloat16" in str(e).lower() or "bf16" in str(e).lower():
-            return _load_safetensors_bf16(path)
+            try:
+                return _load_safetensors_bf16(path)
+            except Exception as e2:  # noqa: BLE001 - a malformed header or buffer: one line
+                raise WeightsError(f"{path}: not a readable safetensors file (truncated or malformed?): "
+                                   f"{type(e2).__name__}") from None
         raise WeightsError(f"{path}: not a readable safetensors file (truncated or malformed?): {e}") from None
     return {k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in out.items()}
 
@@ -67,21 +71,41 @@ def load_torch_bin(path) -> dict[str, np.ndarray]:
                            "(convert the checkpoint to model.safetensors)") from None
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"{path}: not a readable weights-only torch checkpoint: {e}") from None
+    except Exception as e:  # torch's own message is several lines with advice to unpickle code: never shown
+        kind = "it needs unpickling Python objects, which attnflow refuses" if "weights_only" in str(e) or "Unpickl" in str(e) \
+            else f"{type(e).__name__}"
+        raise WeightsError(f"{path}: not a readable weights-only torch checkpoint ({kind}); "
+                           "convert it to model.safetensors") from None
     if not isinstance(sd, dict):
         raise WeightsError(f"{path}: expected a state dict, got {type(sd).__name__}")
     return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}
 
 
+def read_npz(data: bytes, path="<npz>") -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` archive given as bytes (never unpickled); one-line errors naming ``path``."""
+    import io
+    import zipfile
+
+    if data[:6] == b"\x93NUMPY":
+        raise WeightsError(f"weights file {str(path)!r} is a single .npy array; expected an .npz archive (numpy.savez) with Q, K, V[, O]")
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        raise WeightsError(f"weights file {str(path)!r} is not an .npz archive (numpy.savez) with Q, K, V[, O]")
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:  # noqa: BLE001 - a damaged archive or a pickled member: one line
+        msg = " ".join(str(e).split())[:200]
+        raise WeightsError(f"weights file {str(path)!r} is not a readable .npz archive: {msg}") from None
+
+
 def load_npz(path) -> dict[str, np.ndarray]:
-    """Load Q, K, V (and O) from an .npz file, with shape checks that name the file."""
+    """Load the arrays (Q, K, V and O) of an .npz file; errors name the file."""
     path = pathlib.Path(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except Exception as e:
-        raise WeightsError(f"{path}: not a readable .npz file: {e}") from None
+        data = path.read_bytes()
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot be read: {e.strerror or e}") from None
+    return read_npz(data, path)
 
 
 def load_arrays(path) -> dict[str, np.ndarray]:

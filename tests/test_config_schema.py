@@ -1,0 +1,139 @@
+"""The config schema is the one source of the README's config reference and of the commands' --help; loading is
+strict, has no side effects, and records input files by content."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from attnflow.io import config as C
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_toml() -> str:
+    text = (ROOT / "README.md").read_text()
+    sec = text.split("## Config files", 1)[1]
+    return re.search(r"```toml\n(.*?)```", sec, re.S).group(1)
+
+
+def test_readme_config_block_loads_and_names_only_schema_keys(tmp_path):
+    block = readme_toml()
+    (tmp_path / "c.toml").write_text(block)
+    cfg = C.load_config(tmp_path / "c.toml")  # the documented example is itself a valid config
+    assert cfg.d == 3 and cfg.tokens == 10
+    table = None
+    for line in block.splitlines():
+        if m := re.match(r"\[(\w+)\]", line):
+            table = m.group(1)
+            assert table in C.TABLES
+        elif m := re.match(r"(\w+)\s*=", line):
+            assert m.group(1) in C.keys_of(table), (table, m.group(1))
+            # documented choices "a | b | c" in the comment are the schema's choices
+            choices = dict((f.name, f.metadata["choices"]) for f in dataclasses.fields(C.TABLES[table]))[m.group(1)]
+            comment = line.split("#", 1)[1] if "#" in line else ""
+            if choices and "|" in comment:
+                shown = [w.strip() for w in comment.split("|")]
+                assert set(shown) == set(choices), (m.group(1), shown, choices)
+
+
+def test_reference_covers_every_key_and_parses(tmp_path):
+    ref = C.reference()
+    for table, cls in C.TABLES.items():
+        assert f"[{table}]" in ref
+        for f in dataclasses.fields(cls):
+            assert re.search(rf"^(# )?{f.name} =", ref, re.M), (table, f.name)
+    # the uncommented reference (required keys shown with examples, V given inline) is a valid config
+    text = ref.replace("# V =                   ", 'V = [[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]')
+    (tmp_path / "r.toml").write_text(text)
+    assert C.load_config(tmp_path / "r.toml").beta == 1.0
+
+
+@pytest.mark.parametrize("command,table", [("simulate", "model"), ("simulate", "dynamics"), ("basins", "basins"),
+                                           ("stability", "stability"), ("energy", "energy")])
+def test_help_lists_the_schema_keys(command, table, capsys):
+    from attnflow.cli import main
+
+    assert main([command, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for k in C.keys_of(table):
+        assert re.search(rf"\b{k}\b", text), (command, k)
+
+
+def test_loading_has_no_side_effects(tmp_path):
+    """A float64 config does not switch JAX to float64 (a fresh process: conftest enables x64 in this one)."""
+    (tmp_path / "c.toml").write_text('[model]\nd = 2\nV = [[1.0, 0], [0, 1.0]]\n[dynamics]\ndtype = "float64"\n')
+    code = ("import sys, jax; from attnflow.io.config import load_config, ConfigError; c = load_config(sys.argv[1]); "
+            "assert not jax.config.read('jax_enable_x64'); "
+            "exec('try:\\n c.build()\\n print(\"built\")\\nexcept ConfigError as e:\\n print(e)')")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c.toml")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "jax_enable_x64" in r.stdout  # asks for the explicit step instead of building a silently-float32 model
+
+
+def test_inputs_are_hashed_by_content(tmp_path):
+    import hashlib
+
+    np.savez(tmp_path / "w.npz", Q=np.eye(2)[None], K=np.eye(2)[None], V=np.eye(2)[None])
+    x = np.ones((2, 3, 2)) / np.sqrt(2)
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "c.toml").write_text('[model]\nd = 2\nweights = "w.npz"\n[dynamics]\ntokens = 3\nbatch = 2\ninit = "x.npy"\n')
+    cfg = C.load_config(tmp_path / "c.toml")
+    assert cfg.inputs["weights"]["sha256"] == hashlib.sha256((tmp_path / "w.npz").read_bytes()).hexdigest()
+    assert cfg.inputs["init"]["sha256"] == hashlib.sha256((tmp_path / "x.npy").read_bytes()).hexdigest()
+    np.testing.assert_array_equal(cfg.init_array, x)
+
+
+def test_typed_tables_and_defaults(tmp_path):
+    (tmp_path / "c.toml").write_text('[model]\nd = 2\nV = [[1.0, 0], [0, 1.0]]\n[basins]\nsamples = 7\n'
+                                     'sampler = {around = "bipartite", split = 1}\ncontinuation = {param = "beta", values = [1, 2.5]}\n')
+    cfg = C.load_config(tmp_path / "c.toml")
+    assert cfg.basins.samples == 7 and cfg.basins.cluster_tol == 1e-3
+    assert cfg.basins.sampler == C.SamplerTable(around="bipartite", split=1)
+    assert cfg.basins.continuation.values == (1.0, 2.5) and isinstance(cfg.basins.continuation.values[0], float)
+    assert cfg.stability == C.StabilityTable() and cfg.energy.members == 16
+    assert cfg.dynamics.backend == "auto"
+
+
+def test_inline_O_is_used_not_ignored(tmp_path):
+    (tmp_path / "c.toml").write_text('[model]\nd = 2\nV = [[1.0, 0], [0, 1.0]]\nO = [[2.0, 0], [0, 3.0]]\n')
+    cfg = C.load_config(tmp_path / "c.toml")
+    np.testing.assert_array_equal(cfg.weights["O"][0], np.diag([2.0, 3.0]))
+
+
+@pytest.mark.parametrize("module", ["attnflow.cli.energy", "attnflow.cli.stability", "attnflow.cli.basins", "attnflow.cli.simulate"])
+def test_command_docstrings_name_only_schema_keys(module):
+    """Key tables written out in a command's module docstring use the schema's names."""
+    import importlib
+
+    doc = importlib.import_module(module).__doc__ or ""
+    table = None
+    for line in doc.splitlines():
+        line = line.strip()
+        if m := re.fullmatch(r"\[(\w+)\]", line):
+            table = m.group(1)
+            assert table in C.TABLES, (module, table)
+        elif table and (m := re.match(r"(\w+)\s*=", line)):
+            assert m.group(1) in C.keys_of(table), (module, table, m.group(1))
+        elif not line:
+            continue
+
+
+def test_weights_file_biases_reach_heads_and_unknown_arrays_are_refused(tmp_path):
+    e = np.eye(2)[None]
+    np.savez(tmp_path / "w.npz", Q=e, K=e, V=e, bq=np.ones((1, 2)))
+    (tmp_path / "c.toml").write_text('[model]\nd = 2\nweights = "w.npz"\n')
+    cfg = C.load_config(tmp_path / "c.toml")
+    np.testing.assert_array_equal(np.asarray(cfg.heads.bq), np.ones((1, 2)))
+    np.savez(tmp_path / "w.npz", Q=e, K=e, V=e, bq=np.ones((1, 3)))  # a bias of the wrong shape: Heads says so
+    with pytest.raises(C.ConfigError, match=r"\[model\] bq must have shape"):
+        C.load_config(tmp_path / "c.toml")
+    np.savez(tmp_path / "w.npz", Q=e, K=e, V=e, W=e)
+    with pytest.raises(C.ConfigError, match="unexpected arrays W"):
+        C.load_config(tmp_path / "c.toml")
