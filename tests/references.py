@@ -1,4 +1,4 @@
-"""Plain NumPy references that share no code with attnflow: loops over tokens, written from MODEL.md."""
+"""Plain NumPy references that share no code with attnflow: loops over tokens, written from docs/model.md."""
 
 from __future__ import annotations
 
