@@ -41,3 +41,25 @@ def test_beta_continuation_of_stable_consensus_and_bipartite():
     assert np.all(b.residual < 1e-12)
     with pytest.raises(ValueError):
         co.continue_equilibrium(dyn, eq.consensus(dyn, 0, 4), param="gamma", values=betas)
+
+
+def test_step_size_threshold_with_complex_eigenvalues():
+    """Eigenvalues 1 and +-10i: |1 + alpha 10i| > 1 + alpha once alpha > 2/99, although no real eigenvalue is below
+    -lambda_1 (the old rule returned inf). Reference: the autodiff spectral radius at consensus on either side."""
+    W = np.array([[1.0, 0, 0], [0, 0, 10.0], [0, -10.0, 0]])
+    thr = st.step_size_threshold(W)
+    assert thr == pytest.approx(2 * (1 - 0) / (100 - 1), rel=1e-12)
+    attn = af.SelfAttention(af.Heads.single(W), af.Attention("softmax"), 1.0)
+    X = eq.consensus(W, 0, 3)[None]
+    for alpha, stable in [(0.95 * thr, True), (1.05 * thr, False)]:
+        assert bool(st.analyse(af.LayerMap(attn, alpha), X).stable[0]) == stable
+
+
+def test_consensus_closed_form_refuses_masks_it_does_not_hold_for():
+    V = np.diag([1.0, 0.4, -0.3])
+    causal = af.LayerMap(af.SelfAttention(af.Heads.single(V), af.Attention("softmax", mask="causal"), 1.0), 0.3)
+    with pytest.raises(ValueError, match="full"):
+        st.consensus_closed_form(causal, 0, 4, alpha=0.3)
+    relu = af.LayerMap(af.SelfAttention(af.Heads.single(V), af.Attention("relu"), 1.0), 0.3)
+    with pytest.raises(ValueError, match="row-stochastic"):
+        st.consensus_closed_form(relu, 0, 4, alpha=0.3)

@@ -209,6 +209,12 @@ def consensus_closed_form(model, k: int, n: int, *, alpha: float | None = None) 
     with multiplicity (n-1)(d-1), and lambda_j - lambda_k. Holds when the attention rows sum to one
     (softmax, uniform, sinkhorn), so the attention terms vanish at consensus. Sorted like :func:`analyse`.
     """
+    att = getattr(getattr(model, "attn", None), "attention", None)
+    if att is not None and (getattr(att, "mask", "full") != "full" or getattr(att, "kind", "softmax") not in ("softmax", "uniform", "sinkhorn")):
+        raise ValueError(
+            "the consensus closed form holds for row-stochastic attention (softmax, uniform, sinkhorn) with the full "
+            f"mask; this model has kind={getattr(att, 'kind', '?')!r}, mask={getattr(att, 'mask', '?')!r}: use analyse() (autodiff)"
+        )
     lam, _ = eigenpairs(model)
     d = len(lam)
     lk = lam[k].real
@@ -226,11 +232,14 @@ def consensus_closed_form(model, k: int, n: int, *, alpha: float | None = None) 
 
 def step_size_threshold(model) -> float:
     """The largest alpha for which consensus on v_1 is stable for the discrete map (docs/model.md section 5):
-    |1 + alpha lambda_j| < 1 + alpha lambda_1 for all j; inf when no lambda_j < -lambda_1."""
+    |1 + alpha lambda_j| < 1 + alpha lambda_1 for all j >= 2. For lambda_j = a + ib this reads
+    alpha (|lambda_j|^2 - lambda_1^2) < 2 (lambda_1 - a), so only eigenvalues with |lambda_j| > lambda_1 bound alpha:
+    alpha < min_j 2 (lambda_1 - Re lambda_j) / (|lambda_j|^2 - lambda_1^2) (complex lambda_j included; for real
+    lambda_j < -lambda_1 this is 2 / (-lambda_j - lambda_1)); inf when no eigenvalue bounds it."""
     lam, _ = eigenpairs(model)
     l1 = lam[0].real
-    bad = [lj.real for lj in lam[1:] if abs(lj.imag) < 1e-12 and lj.real < -l1]
-    return float(min(2.0 / (-lj - l1) for lj in bad)) if bad else float("inf")
+    bounds = [2.0 * (l1 - lj.real) / (abs(lj) ** 2 - l1**2) for lj in lam[1:] if abs(lj) > l1]
+    return float(min(bounds)) if bounds else float("inf")
 
 
 def dwell_time(stab: Stability, distance) -> np.ndarray:
