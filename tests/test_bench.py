@@ -1,4 +1,7 @@
-"""The benchmark suite at a tiny size: JSON shape, peers checked against attnflow, CLI. No timing assertions."""
+"""The benchmark suite at a tiny size: JSON shape, peers checked against attnflow, CLI. No timing assertions.
+
+``attnflow bench`` runs ``python -m benchmarks.run`` from the source checkout in a subprocess; the whole suite (every
+peer, torch.compile included) is marked slow and runs in the second CI step."""
 
 import json
 
@@ -6,12 +9,38 @@ import numpy as np
 import pytest
 
 from attnflow.cli import main
+from attnflow.cli._common import UsageError
+from attnflow.cli.bench import source_root
 from benchmarks import peers
 from benchmarks import run as suite
 
 KEYS = {"workload", "impl", "B", "steps", "token_steps_per_s"}
 
 
+def test_cli_forwards_its_options_to_the_suite(tmp_path):
+    from attnflow.cli import build_parser
+    from attnflow.cli.bench import command
+
+    args = build_parser().parse_args(["bench", "--tiny", "--json", "--workloads", "toy", "--impls", "numpy_batched",
+                                      "--out", "rel", "--no-plot"])
+    cmd = command(args)
+    assert cmd[1:3] == ["-m", "benchmarks.run"]
+    assert cmd[3:] == ["--tiny", "--json", "--no-plot", "--workloads", "toy", "--impls", "numpy_batched", "--out",
+                       __import__("os").path.abspath("rel")]
+    assert "--out" not in command(build_parser().parse_args(["bench"]))  # the suite's default: benchmarks/results
+
+
+def test_bench_outside_a_source_checkout_is_one_line(tmp_path):
+    fake = tmp_path / "site-packages" / "attnflow" / "cli" / "bench.py"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("")
+    with pytest.raises(UsageError) as e:
+        source_root(fake)
+    assert "source checkout" in str(e.value) and "\n" not in str(e.value)
+    assert (source_root() / "benchmarks" / "run.py").is_file()
+
+
+@pytest.mark.slow  # the suite with every peer (torch.compile included): run by the second CI step
 def test_suite_json_shape(capsys, tmp_path):
     rc = main(["bench", "--tiny", "--json", "--workloads", "toy", "--out", str(tmp_path), "--no-plot"])
     assert rc == 0
@@ -33,7 +62,8 @@ def test_suite_json_shape(capsys, tmp_path):
 
 def test_unknown_workload_is_usage_error(capsys):
     assert main(["bench", "--tiny", "--workloads", "nope", "--out", ""]) == 2
-    assert "unknown workload" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown workload" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("H,dh,d", [(1, 3, 3), (2, 3, 3), (2, 2, 5)])

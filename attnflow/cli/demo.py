@@ -6,36 +6,111 @@ import numpy as np
 
 from ._common import emit_json, info, out_dir
 
+#: The value matrix of the demo: the README's V, and the layer matrix W = sum_h O_h V_h of both demo models.
+V_DEMO = np.diag([1.0, 0.4, -0.3])
+ALPHA, BETA, TOKENS, STEPS = 0.1, 1.0, 10, 3000
+
 
 def add_parser(sub):
     """Register this subcommand on the ``attnflow`` parser."""
     p = sub.add_parser(
         "demo",
         help="run a small end-to-end basin study and write its figures",
-        description="[PM] Fig. 13 in small: the discrete layer map (d = 3, n = 10, softmax, alpha = 0.1) with one head "
-        "vs five heads sharing the same layer matrix W. For each: basin fractions of every attractor with 95%% "
-        "intervals, the stability of each consensus and bipartite equilibrium, and the local basin radius of the "
-        "stable bipartite point next to that of consensus on v_1.",
+        description="[PM] Fig. 13 in small: the discrete layer map (d = 3, n = 10 tokens, softmax attention, beta = 1, "
+        "alpha = 0.1, l2 normalisation) with V = diag(1, 0.4, -0.3), the value matrix of the README, as one head "
+        "(Q = I, K = V) and as five random heads sharing the same layer matrix W = sum_h O_h V_h = V. It prints the "
+        "model, then for each version: basin fractions of every attractor with 95% Wilson intervals, the verdict "
+        "(stable / unstable / neutral) of each consensus and bipartite equilibrium on v1, and the local basin "
+        "radius of a stable bipartite point next to that of consensus on v1. Equilibria are named as everywhere in "
+        "attnflow: 'consensus +v1' (all tokens at +v1, v1 the eigenvector of V with the largest eigenvalue), "
+        "'bipartite v1 3:7' (3 tokens at +v1, 7 at -v1).",
     )
     p.add_argument("--out", metavar="DIR", default="attnflow-demo", help="output directory (default: attnflow-demo)")
     p.add_argument("--samples", type=int, default=2000, help="initial states per model (default 2000)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random heads and of the samples (default 0)")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     return p
 
 
 def models(seed: int = 0):
-    """One head (Q = I, K = V: M = V) and five random heads whose layer matrix sum_h O_h V_h is the same V."""
+    """One head (Q = I, K = V: score matrix M = Q^T K = V) and five random heads whose layer matrix
+    sum_h O_h V_h is the same V = diag(1, 0.4, -0.3).
+
+    **Returns:** ``({"single head": model, "five heads": model}, V)``.
+    """
     import attnflow as af
 
     d, H = 3, 5
     rng = np.random.default_rng(seed)
-    V = np.diag([1.0, 0.5, -0.3])
+    V = V_DEMO
     Vs = rng.normal(size=(H, d, d))
     Os = np.stack([V @ np.linalg.inv(Vs[h]) / H for h in range(H)])
     multi = af.Heads(Q=rng.normal(size=(H, d, d)) / np.sqrt(d), K=rng.normal(size=(H, d, d)) / np.sqrt(d), V=Vs, O=Os)
-    mk = lambda heads: af.LayerMap(af.SelfAttention(heads, af.Attention("softmax"), 1.0), alpha=0.1)  # noqa: E731
+    mk = lambda heads: af.LayerMap(af.SelfAttention(heads, af.Attention("softmax"), BETA), alpha=ALPHA)  # noqa: E731
     return {"single head": mk(af.Heads.single(V, K=V)), "five heads": mk(multi)}, V
+
+
+def _mat(A, digits: int = 3) -> str:
+    A = np.asarray(A, float)
+    if np.allclose(A, np.diag(np.diag(A))):
+        d = np.diag(A)
+        return "I" if np.allclose(d, 1) else "diag(" + ", ".join(f"{x:.{digits}g}" for x in d) + ")"
+    return "[" + "; ".join(" ".join(f"{x:+.{digits}f}" for x in row) for row in A) + "]"
+
+
+def model_record(dyn) -> dict:
+    """The parameters of a demo model as plain lists: Q, K, V, O per head ``(H, d, d)``, W, alpha, beta, d."""
+    h = dyn.attn.heads
+    Q, K, V, O = (np.asarray(getattr(h, k), float) for k in ("Q", "K", "V", "O"))
+    return {"d": int(V.shape[-1]), "heads": int(V.shape[0]), "alpha": float(dyn.alpha), "beta": float(dyn.attn.beta),
+            "attention": "softmax", "norm": "l2", "Q": Q.tolist(), "K": K.tolist(), "V": V.tolist(), "O": O.tolist(),
+            "W": np.einsum("hij,hjk->ik", O, V).tolist()}
+
+
+def model_lines(mods, n: int, seed: int = 0) -> list[str]:
+    """The printed description of the demo models (every matrix; rows separated by ';')."""
+    first = model_record(next(iter(mods.values())))
+    out = ["model: the discrete layer map x_i <- (x_i + alpha u_i) / |x_i + alpha u_i|,  "
+           "u_i = sum_h O_h V_h sum_j softmax_j(beta <Q_h x_i, K_h x_j>) x_j",
+           f"  d = {first['d']}, n = {n} tokens, alpha = {first['alpha']:g}, beta = {first['beta']:g}, softmax attention, "
+           "full mask, l2 normalisation",
+           f"  V = {_mat(V_DEMO)}: the README's value matrix; W = sum_h O_h V_h = V in both versions, so they share "
+           "v1 = e1, v2 = e2, v3 = e3"]
+    for name, dyn in mods.items():
+        r = model_record(dyn)
+        if r["heads"] == 1:
+            out.append(f"  {name}: Q = {_mat(r['Q'][0])}, K = {_mat(r['K'][0])}, V = {_mat(r['V'][0])}, O = {_mat(r['O'][0])}"
+                       " (score matrix M = Q^T K = V)")
+        else:
+            out.append(f"  {name}: Q_h, K_h ~ N(0, 1/d), V_h ~ N(0, 1) (numpy seed {seed}), O_h = V V_h^-1 / {r['heads']}:")
+            out.append(("    head  " + "".join(f"{m:^23s}" for m in "QKVO")).rstrip())
+            for h in range(r["heads"]):
+                for i in range(r["d"]):
+                    row = "".join("[" + " ".join(f"{x:+.2f}" for x in r[m][h][i]) + "]  " for m in "QKVO")
+                    out.append(f"    {str(h + 1) if i == 0 else '':4s}  {row}".rstrip())
+    return out
+
+
+def _names(dyn, final, status, n: int) -> list[str]:
+    from attnflow.analysis.classify import classify, describe, label_rows
+
+    lab = classify(dyn, final, status)
+    if hasattr(lab, "names") and getattr(lab, "tokens", n):
+        return list(lab.names())
+    return [describe(r, n)["label"] for r in label_rows(lab)]
+
+
+def _pick_members(names: list[str], k: int = 4) -> list[int]:
+    """Up to k members with distinct outcomes: the most common one first, then the non-consensus outcomes (the
+    most common first, so one is shown whenever one occurs), then the rest; filled up with further members."""
+    first: dict[str, int] = {}
+    for i, s in enumerate(names):
+        first.setdefault(s, i)
+    by_count = sorted(first, key=lambda s: -names.count(s))
+    order = by_count[:1] + [s for s in by_count[1:] if not s.startswith("consensus")] + [s for s in by_count[1:] if s.startswith("consensus")]
+    pick = [first[s] for s in order][:k]
+    pick += [i for i in range(len(names)) if i not in pick][: k - len(pick)]
+    return pick
 
 
 def run(args) -> int:
@@ -44,36 +119,54 @@ def run(args) -> int:
     import jax.numpy as jnp
 
     import attnflow as af
-    from attnflow.analysis import basins as bs, equilibria as eq, stability as st
+    from attnflow.analysis import basins as bs, continuation as co, equilibria as eq, stability as st
+    from attnflow.analysis.classify import equilibrium_name
     from attnflow.plots import basins as pb
     from attnflow.plots.trajectories import sphere_trajectories
 
+    if args.samples < 1:
+        from ._common import UsageError
+
+        raise UsageError(f"--samples must be a positive integer, got {args.samples}")
     out = out_dir(args.out)
     mods, V = models(args.seed)
-    n, steps = 10, 3000
+    n, steps = TOKENS, STEPS
     key = jax.random.PRNGKey(args.seed)
-    summary = {"samples": args.samples, "tokens": n, "models": {}}
+    summary = {"samples": args.samples, "tokens": n, "steps": steps,
+               "model": {name: model_record(dyn) for name, dyn in mods.items()}, "models": {}}
+    if not args.json:
+        print("\n".join(model_lines(mods, n, args.seed)))
+    cons = equilibrium_name("consensus", 0, sign=1)
     for name, dyn in mods.items():
         tag = name.replace(" ", "_")
         info(f"[demo] {name}: {args.samples} samples, n={n}, d=3, up to {steps} steps", quiet=args.json)
         res = bs.basin_fractions(dyn, key, args.samples, tokens=n, chunk_size=min(args.samples, 1000), steps=steps)
         pb.fractions(res.attractors, out / f"{tag}_fractions.png", title=f"{name}: basin fractions ({res.samples} samples)")
-        x0 = af.sample.sphere(key, (4, n, 3))
-        sphere_trajectories(af.simulate(dyn, x0, steps=steps, saves=100).trajectory, out / f"{tag}_paths.png", title=f"{name}: token paths")
-        labels = [("consensus v0 +", eq.consensus(dyn, 0, n))] + [(f"bipartite v0 {m}/{n}", eq.bipartite(dyn, 0, m, n)) for m in range(1, n)]
-        stab = st.analyse(dyn, jnp.stack([X for _, X in labels]))
-        stable_bip = [(lab, X) for (lab, X), s in zip(labels[1:], stab.stable[1:]) if s]
-        entry = {"attractors": res.to_json()["attractors"], "unconverged": res.unconverged,
-                 "stable_equilibria": [lab for (lab, _), s in zip(labels, stab.stable) if s]}
+        # token paths of members with distinct outcomes (the rarest first, so a non-consensus outcome shows)
+        x0 = af.sample.sphere(jax.random.fold_in(key, 1), (64, n, 3))
+        sol = af.simulate(dyn, x0, steps=steps, saves=150, tol=1e-7)
+        names = _names(dyn, sol.final, sol.status, n)
+        pick = _pick_members(names)
+        sphere_trajectories(sol.trajectory, out / f"{tag}_paths.png", select=pick, titles=[names[i] for i in pick],
+                            title=f"{name}: token paths on the sphere, members with different outcomes")
+        states = [(cons, eq.consensus(dyn, 0, n))] + [
+            (equilibrium_name("bipartite", 0, split=m, tokens=n), eq.bipartite(dyn, 0, m, n)) for m in range(1, n)]
+        stab = st.analyse(dyn, jnp.stack([X for _, X in states]))
+        verdicts = [st.verdict_name(int(v)) for v in np.asarray(stab.verdict)]
+        entry = {"attractors": [{"name": a["label"], "fraction": float(a["fraction"]), "ci95": [float(c) for c in a["ci95"]],
+                                 "count": int(a["count"])} for a in res.attractors],
+                 "unconverged": int(res.unconverged),
+                 "equilibria": [{"name": lab, "verdict": v, "spectral_radius": float(r)}
+                                for (lab, _), v, r in zip(states, verdicts, np.asarray(stab.measure))],
+                 "paths": [names[i] for i in pick]}
+        stable_bip = [(lab, X) for (lab, X), v in zip(states[1:], verdicts[1:]) if v == "stable"]
         if stable_bip:
             lab, Xb = stable_bip[len(stable_bip) // 2]
             kw = dict(q=0.9, samples=64, iters=6, steps=steps, r_max=2.0)
-            entry["local_radius"] = {lab: bs.local_basin_radius(dyn, Xb, key, **kw)["radius"],
-                                     "consensus v0 +": bs.local_basin_radius(dyn, labels[0][1], key, **kw)["radius"]}
+            entry["local_radius"] = {lab: _radius_of(bs.local_basin_radius(dyn, Xb, key, **kw)),
+                                     cons: _radius_of(bs.local_basin_radius(dyn, states[0][1], key, **kw))}
         summary["models"][name] = entry
     # [PM Fig. 13b]: just above the beta where the bipartite point becomes stable, its basin is tiny.
-    from attnflow.analysis import continuation as co
-
     single = mods["single head"]
     Xb = eq.bipartite(single, 0, n // 2, n)
     branch = co.continue_equilibrium(single, Xb, param="beta", values=np.linspace(0.2, 1.0, 5))
@@ -83,21 +176,49 @@ def run(args) -> int:
         kw = dict(q=0.9, samples=64, iters=6, steps=20000, r_max=2.0)
         rb = bs.local_basin_radius(near, Xb, key, **kw)
         rc = bs.local_basin_radius(near, eq.consensus(near, 0, n), key, **kw)
-        summary["near_threshold"] = {"beta_threshold": bc, "beta": 1.01 * bc, "bipartite_radius": rb["radius"],
-                                     "bipartite_bracket": rb["bracket"], "consensus_radius": rc["radius"]}
+        summary["near_threshold"] = {"equilibrium": equilibrium_name("bipartite", 0, split=n // 2, tokens=n),
+                                     "beta_threshold": bc, "beta": 1.01 * bc, "bipartite_radius": _radius_of(rb),
+                                     "bipartite_bracket": rb["bracket"], "consensus_radius": _radius_of(rc)}
     if args.json:
         emit_json(summary)
         return 0
+    for line in report_lines(summary):
+        print(line)
+    print(f"\nfigures in {out}/: *_fractions.png (basin fractions), *_paths.png (token paths on the sphere)")
+    return 0
+
+
+def _radius_of(r: dict) -> float:
+    """The measured radius, or r_max (reported as a lower bound) when samples still recover at the largest radius."""
+    return float(r["at_least"]) if r.get("radius") is None else float(r["radius"])
+
+
+def _radius(r: float) -> str:
+    return ">= 2 (the largest tried)" if r >= 2 else f"{r:.3g}"
+
+
+def report_lines(summary: dict) -> list[str]:
+    """The printed report of a demo summary: one block per model, each table with its header."""
+    out = []
     for name, e in summary["models"].items():
-        print(f"\n{name}: {e['unconverged']} not converged; stable equilibria on v0: {', '.join(e['stable_equilibria']) or 'none'}")
+        out += ["", f"{name}: basins of attraction ({summary['samples']} samples, {e['unconverged']} not converged "
+                f"within {summary['steps']} steps)",
+                f"  {'attractor':24s} {'fraction':>8s}  {'95% Wilson interval':>20s}  {'count':>6s}"]
         for a in e["attractors"]:
-            print(f"  {a['label']:28s} {a['fraction']:.3f}  [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]")
-        for lab, r in e.get("local_radius", {}).items():
-            print(f"  local basin radius (recovery >= 90%) of {lab}: {'>= 2 (the largest tried)' if r >= 2 else f'{r:.3g}'}")
+            lo, hi = a["ci95"]
+            ci = f"[{lo:.3f}, {hi:.3f}]"
+            out.append(f"  {a['name']:24s} {a['fraction']:8.3f}  {ci:>20s}  {a['count']:6d}")
+        out += [f"  {'equilibrium on v1':24s} {'verdict':>8s}  {'spectral radius':>20s}"]
+        for q in e["equilibria"]:
+            out.append(f"  {q['name']:24s} {q['verdict']:>8s}  {q['spectral_radius']:20.6f}")
+        if e.get("local_radius"):
+            out.append(f"  {'local basin radius':24s} (largest perturbation from which >= 90% of samples return)")
+            for lab, r in e["local_radius"].items():
+                out.append(f"  {lab:24s} {_radius(r)}")
+        out.append(f"  paths drawn: {', '.join(e['paths'])}")
     if "near_threshold" in summary:
         nt = summary["near_threshold"]
-        print(f"\nsingle head, bipartite v0 {n // 2}/{n} becomes stable at beta = {nt['beta_threshold']:.4f}; at beta = {nt['beta']:.4f} "
-              f"its local basin radius is {nt['bipartite_radius']:.3g}, against {'>= 2' if nt['consensus_radius'] >= 2 else format(nt['consensus_radius'], '.3g')} for consensus on v0 "
-              f"(a small perturbation returns, a larger one escapes: [PM] Fig. 13b)")
-    print(f"\nfigures in {out}/")
-    return 0
+        out += ["", f"single head, {nt['equilibrium']} becomes stable at beta = {nt['beta_threshold']:.4f}; at beta = {nt['beta']:.4f} "
+                f"its local basin radius is {_radius(nt['bipartite_radius'])}, against {_radius(nt['consensus_radius'])} for consensus +v1 "
+                "(a small perturbation returns, a larger one escapes: [PM] Fig. 13b)"]
+    return out

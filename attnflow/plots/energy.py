@@ -4,13 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from . import save  # noqa: E402
+from . import crop_time, save, subplots
 
 
 def _xlabel(ts):
@@ -26,7 +22,7 @@ def energy_entropy(trace, path: str | Path, *, member: int = 0, title: str = "")
     E = np.asarray(trace.energy)[:, member]
     S = np.asarray(trace.entropy)[:, member]
     n = np.asarray(trace.head_entropy).shape[-1]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a1, a2) = subplots(1, 2, figsize=(11, 4))
     a1.plot(ts, E, color="C0", lw=1.6, label="E = sum_h E_h")
     k = int(np.asarray(trace.first_violation)[member])
     if k >= 0:
@@ -42,6 +38,9 @@ def energy_entropy(trace, path: str | Path, *, member: int = 0, title: str = "")
     a2.set_xlabel(_xlabel(ts))
     a2.set_ylabel("entropy (nats)")
     a2.set_title("attention entropy", fontsize=10)
+    show = [ts[k]] if k >= 0 else []
+    for a in (a1, a2):  # the same window on both panels
+        crop_time(a, ts, np.stack([E, S], axis=1), show=show)
     a2.grid(alpha=0.3)
     a2.legend(fontsize=8)
     if title:
@@ -57,7 +56,7 @@ def head_contributions(trace, path: str | Path, *, member: int = 0, title: str =
     H = Eh.shape[1]
     flow = not np.all(np.isnan(np.asarray(trace.head_rate)))
     ncol = 2 if flow else 1
-    fig, axes = plt.subplots(1, ncol, figsize=(5.5 * ncol, 4), squeeze=False)
+    fig, axes = subplots(1, ncol, figsize=(5.5 * ncol, 4), squeeze=False)
     a1 = axes[0, 0]
     for h in range(H):
         ok = bool(np.asarray(trace.head_monotone)[member, h])
@@ -86,6 +85,8 @@ def head_contributions(trace, path: str | Path, *, member: int = 0, title: str =
         a2.set_title("decomposition of dE_h/dt", fontsize=10)
         a2.grid(alpha=0.3)
         a2.legend(fontsize=7, ncol=1 if H < 3 else 2)
+    for a in axes[0]:  # the same window on every panel
+        crop_time(a, ts, Eh)
     if title:
         fig.suptitle(title)
     return save(fig, path)
@@ -102,7 +103,7 @@ def clustering_time(
     """
     betas = np.asarray(betas, float)
     T = np.asarray(T, float)
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = subplots(figsize=(7, 4.2))
     ax.semilogy(betas, T, color="C0", lw=1.8, label="reduced ODE")
     if simulated is not None:
         ax.semilogy(np.asarray(simulated[0]), np.asarray(simulated[1]), "o", color="C1", ms=4, label="full simulation")

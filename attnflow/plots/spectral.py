@@ -5,20 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from . import save  # noqa: E402
+from . import save, subplots
 
 
 def alignment(result, path: str | Path, *, title: str = "") -> Path:
     """c vs c-bar, Delta vs Delta-bar (mean +- std over tokens) and p vs p-bar across layers ([PM] Fig. 2(b))."""
     m = result.metrics
     L = np.arange(1, len(m.c) + 1)
-    fig, ax = plt.subplots(3, 1, figsize=(6.5, 8), sharex=True)
+    fig, ax = subplots(3, 1, figsize=(6.5, 8), sharex=True)
     ax[0].errorbar(L, m.c, yerr=m.c_std, marker="o", capsize=3, color="C3", label="c (principal subspace)")
     ax[0].plot(L, m.c_bar, marker="s", ls="--", color="0.4", label="c-bar (all eigenvectors)")
     ax[0].set_ylabel("correlation c")
@@ -43,7 +39,7 @@ def eigenvalues(result, path: str | Path, *, title: str = "") -> Path:
     """Real parts and moduli of the leading eigenvalues of each layer matrix ([PM] Fig. 6)."""
     ev = result.metrics.eigenvalues
     L = np.arange(1, ev.shape[0] + 1)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a1, a2) = subplots(1, 2, figsize=(11, 4))
     for k in range(ev.shape[1]):
         a1.plot(L, ev[:, k].real, marker="o", ms=4, label=f"Re lambda_{k + 1}")
         a2.plot(L, np.abs(ev[:, k]), marker="o", ms=4, label=f"|lambda_{k + 1}|")
@@ -62,7 +58,7 @@ def cumulative(result, path: str | Path, *, title: str = "") -> Path:
     """Alignment with the principal eigenvector of W_l ... W_1 vs the all-eigenvector mean ([PM] Fig. 8)."""
     m = result.metrics
     L = np.arange(1, len(m.c) + 1)
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    fig, ax = subplots(figsize=(6.5, 3.8))
     ax.plot(L, m.c_cum, marker="o", color="C4", label="|cos(x(l), principal eigvec of W_l...W_1)|")
     ax.plot(L, m.c_cum_bar, marker="s", ls="--", color="0.4", label="mean over all eigenvectors")
     ax.set_xlabel("layer l")
@@ -78,7 +74,7 @@ def steering_curve(trace, path: str | Path, *, target: float = 0.99, title: str 
     """Final mean |cos(x, u)| against the steering gain gamma."""
     g = np.array([t[0] for t in trace], float)
     c = np.array([t[1] for t in trace], float)
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    fig, ax = subplots(figsize=(6.5, 3.8))
     pos = g > 0
     ax.semilogx(g[pos], c[pos], marker="o", color="C1", label="mean final |cos(x, u)|")
     if np.any(~pos):

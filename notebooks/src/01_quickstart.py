@@ -22,7 +22,7 @@ B = 200 if SMOKE else 5000
 # %% [markdown]
 # ## A model
 # One softmax head with value matrix V (symmetric, eigenvalues 1, 0.5, -0.3) and score matrix M = Q^T K = V, as the
-# discrete layer map x_i <- x_i + alpha u_i, normalised to the sphere (MODEL.md section 3).
+# discrete layer map x_i <- x_i + alpha u_i, normalised to the sphere (docs/model.md section 3).
 
 # %%
 V = np.diag([1.0, 0.5, -0.3])
@@ -67,7 +67,7 @@ for r, c in sorted(zip(uniq, counts), key=lambda t: -t[1]):
 # %% [markdown]
 # ## Certify the equilibria
 # The intrinsic Jacobian (autodiff, restricted to the tangent space of the product of spheres) decides stability:
-# spectral radius < 1 for a map. MODEL.md's closed form at consensus is built in as a cross-check.
+# spectral radius < 1 for a map. docs/model.md's closed form at consensus is built in as a cross-check.
 
 # %%
 states = [("consensus v0", af.consensus(model, 0, 6)), ("consensus v1", af.consensus(model, 1, 6)),
@@ -80,5 +80,5 @@ print("closed form vs autodiff at consensus v0:", np.max(np.abs(np.sort_complex(
 
 # %% [markdown]
 # **Reading:** the ensemble splits between consensus on +-v_1 and sign splits on the v_1 axis, and exactly those
-# equilibria are certified stable: MODEL.md section 5's observation that M = V makes bipartite consensus on v_1
+# equilibria are certified stable: docs/model.md section 5's observation that M = V makes bipartite consensus on v_1
 # stable. Next: notebook 02 (multistability and basins), `attnflow stability`, `attnflow basins`.

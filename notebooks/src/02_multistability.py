@@ -3,7 +3,7 @@
 #
 # Altafini, *Multistability of self-attention dynamics in transformers* (arXiv 2511.11553): consensus, bipartite
 # consensus, polygonal and clustering equilibria; several asymptotically stable equilibria often coexist; consensus and
-# bipartite equilibria are aligned with eigenvectors of V, often but not only v_1. Formulas: MODEL.md sections 4-6.
+# bipartite equilibria are aligned with eigenvectors of V, often but not only v_1. Formulas: docs/model.md sections 4-6.
 # `ATTNFLOW_SMOKE=1` shrinks the sample counts.
 
 # %%

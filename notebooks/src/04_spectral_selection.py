@@ -2,12 +2,12 @@
 # # 04 · Spectral selection in symmetric self-attention [SS]
 #
 # Kuehn & Yoon, *Spectral selection in symmetric self-attention dynamics* (arXiv 2604.26085); formulas in
-# `MODEL.md` sections 6-7. With Q^T K = V = V^T the flow on the sphere is a gradient flow of the energy E, and:
+# `docs/model.md` sections 6-7. With Q^T K = V = V^T the flow on the sphere is a gradient flow of the energy E, and:
 #
 # - **dominant positive eigenvalue**: tokens align with the dominant eigendirection: every token ends at +v_1 or -v_1;
 # - **negative-definite V**: sign-split polarisation between +v_d and -v_d (v_d the most negative direction).
 #
-# MODEL.md adds (checked numerically there): "alignment" means the **axis**: both consensus and sign-split states on
+# docs/model.md section 6 adds (checked numerically there): "alignment" means the **axis**: both consensus and sign-split states on
 # the v_1 axis are reached. We measure the shares. `ATTNFLOW_SMOKE=1` shrinks every sample count.
 
 # %%
@@ -68,7 +68,7 @@ for kind in ("softmax", "unnormalized"):
 
 # %% [markdown]
 # **[SS] claim:** alignment with the dominant eigendirection. **attnflow measured:** the table above. Both consensus
-# and sign-split states on the v_1 axis occur, as MODEL.md notes; what [SS] calls alignment is alignment with the axis.
+# and sign-split states on the v_1 axis occur, as docs/model.md section 6 notes; what [SS] calls alignment is alignment with the axis.
 
 # %% [markdown]
 # ## 2. Negative-definite V: sign-split polarisation on +-v_d
@@ -85,7 +85,7 @@ for kind in ("softmax", "unnormalized"):
 
 # %% [markdown]
 # ## 3. Trajectories and the energy along them
-# The flow is a gradient flow of E = 1/(2 beta n^2) sum_ij exp(beta x_i^T V x_j) (MODEL.md section 7), so E rises
+# The flow is a gradient flow of E = 1/(2 beta n^2) sum_ij exp(beta x_i^T V x_j) (docs/model.md section 7), so E rises
 # along every trajectory; `af.diagnose` evaluates the exact rate dE/dt by autodiff at each saved state.
 
 # %%

@@ -2,7 +2,7 @@
 # # 05 · Multi-head energies, radial shadows and the equiangular theory [MH]
 #
 # Pendharkar, *Gradient flow structure and quantitative dynamics of multi-head self-attention*
-# (arXiv 2605.04279). Formulas: `MODEL.md` section 7. This notebook reproduces, with attnflow:
+# (arXiv 2605.04279). Formulas: `docs/model.md` section 7. This notebook reproduces, with attnflow:
 #
 # 1. the energy E = sum_h E_h is non-decreasing along the unnormalized flow when W_h = M_h is symmetric
 #    (any number of heads), and along the softmax flow with one head;
@@ -59,7 +59,7 @@ for kind, H, mono, tot, rmin in rows:
 
 # %% [markdown]
 # ## 2. Several softmax heads: E can decrease, and radial shadows are why
-# **MODEL.md:** two symmetric softmax heads (d = 3, n = 7, beta = 1.5) gave a relative drop of 3.6e-3.
+# **docs/model.md section 7:** two symmetric softmax heads (d = 3, n = 7, beta = 1.5) gave a relative drop of 3.6e-3.
 # **attnflow:** over random models, the diagnostic finds where E first falls, which head breaks it, and which term
 # of that head's rate is negative (own gradient part, cross-head part, or the radial shadow <x_i, f_i^g>).
 
@@ -75,7 +75,7 @@ for trial in range(MODELS):
             example = (flow, tr, int(m))
 print(f"non-monotone runs: {len(drops)} of {MODELS * STARTS}")
 if drops:
-    print(f"relative drop: median {np.median(drops):.2e}, max {np.max(drops):.2e} (MODEL.md quotes 3.6e-3 for one unnamed model)")
+    print(f"relative drop: median {np.median(drops):.2e}, max {np.max(drops):.2e} (docs/model.md section 7 quotes 3.6e-3 for one unnamed model)")
     print("first explanation:", causes[0])
 
 # %%
@@ -100,7 +100,7 @@ if example is not None:
 # per-head gradients are c_i^h times head h's output; equal weights c (unnormalized kernel, or one head) make the
 # cross and shadow terms sum to a square, for any number of heads. Orthogonal heads (M_h M_g = 0) certify each E_h on the
 # **flat** flow only; on the sphere the shadow products survive, and the softmax weights differ per head.
-# **Disagreement with MODEL.md / [MH] as summarised there:** orthogonality alone does not certify the total E on the
+# **Disagreement with docs/model.md section 7 / [MH] as summarised there:** orthogonality alone does not certify the total E on the
 # sphere for softmax; attnflow finds decreasing states (below).
 
 # %%
@@ -119,7 +119,7 @@ print(f"orthogonal softmax heads on the sphere: most negative relative rate dE/d
 # %% [markdown]
 # ## 4. Equiangular theory: beta_c, clustering time, super-additivity, ReLU vs softmax
 # For scalar heads W_h = w_h I, M_h = m_h I started with all <x_i, x_j> = rho0, the state stays equiangular and
-# d rho/dt = 2 (1-rho)(1+(n-1)rho) sum_h w_h a_o^h(rho) (MODEL.md section 7; checked against full simulations to 1e-9
+# d rho/dt = 2 (1-rho)(1+(n-1)rho) sum_h w_h a_o^h(rho) (docs/model.md section 7; checked against full simulations to 1e-9
 # in `tests/test_equiangular.py`). attnflow derives beta_c = log(n-1)/(m(1-rho0)): the temperature at which a token
 # gives half its attention to itself, so the initial clustering speed halves relative to the all-to-others speed.
 # Below we measure the initial speed of **full** simulations over a beta sweep and see where it crosses n/(2(n-1)).
@@ -163,7 +163,7 @@ for r0 in (1e-2, 1e-4, 1e-6):
 
 # %% [markdown]
 # ## 5. Attention entropy
-# **MODEL.md:** entropy rises toward log n as tokens cluster ([MH]: monotone).
+# **docs/model.md section 7:** entropy rises toward log n as tokens cluster ([MH]: monotone).
 # **attnflow measured:** true in the equiangular regime, but **not in general**: with one symmetric softmax head (where E is
 # monotone) the mean entropy often falls. `EnergyTrace.entropy_rate` is exact (autodiff), not a finite difference.
 

@@ -27,8 +27,8 @@ import numpy as np
 import attnflow as af
 
 SMOKE = bool(os.environ.get("ATTNFLOW_SMOKE"))
-SAMPLES = 2_000 if SMOKE else int(os.environ.get("ATTNFLOW_SAMPLES", 1_000_000))
-CHUNK = 500 if SMOKE else 10_000
+SAMPLES = 400 if SMOKE else int(os.environ.get("ATTNFLOW_SAMPLES", 1_000_000))
+CHUNK = 100 if SMOKE else 10_000
 V = np.diag([1.0, 0.5, -0.3]).astype(np.float32)
 model = af.LayerMap(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0), alpha=0.1)
 work = Path(tempfile.mkdtemp(prefix="attnflow-scaling-"))
@@ -42,7 +42,8 @@ t = time.perf_counter()
 res = af.basin_fractions(model, jax.random.PRNGKey(0), SAMPLES, tokens=10, chunk_size=CHUNK, steps=1000, tol=1e-6,
                          run_dir=work / "run", manifest={"config": "notebook 06"})
 dt = time.perf_counter() - t
-print(f"{SAMPLES} samples in {dt:.1f} s ({SAMPLES / dt:.0f} samples/s), peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(f"{SAMPLES} samples in {dt:.1f} s ({SAMPLES / dt:.0f} samples/s), peak RSS {peak_mb:.0f} MB")
 for a in res.attractors:
     print(f"  {a['label']:22s} {a['fraction']:.4f}  [{a['ci95'][0]:.4f}, {a['ci95'][1]:.4f}]  mean steps {a['steps_mean']:.0f}")
 print("run directory:", sorted(p.name for p in (work / "run").iterdir()), f"{len(list((work / 'run' / 'chunks').iterdir()))} chunk files")
@@ -146,3 +147,40 @@ for f in sorted((root / "benchmarks" / "results").glob("*.json")):
     elif isinstance(doc, dict) and "benchmark" in doc:
         print(f"{f.name}: {json.dumps({k: v for k, v in doc.items() if k not in ('machine', 'results')})[:300]}")
 shutil.rmtree(work)
+
+# %% [markdown]
+# ## Throughput and memory against the number of samples
+# `benchmarks/results/basins_cpu.json` holds the recorded end-to-end basin study (the model above, float32, on a
+# 2-core CPU) at each recorded number of samples, one line per recorded design (`python benchmarks/bench_basins.py`
+# re-measures it). Memory is set by the chunk, not by the size of the study, so the peak should stay flat as the
+# number of samples grows, and so should the throughput. This notebook's own run is drawn as a star (its own chunk
+# size; at smoke size in CI).
+
+# %%
+import matplotlib.pyplot as plt
+
+rec = json.loads((root / "benchmarks" / "results" / "basins_cpu.json").read_text())
+designs = {}
+for r in rec["results"]:
+    designs.setdefault(r.get("design", "recorded"), []).append(r)
+fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
+for name, rows in designs.items():
+    rows = sorted(rows, key=lambda r: r["samples"])
+    ns = [r["samples"] for r in rows]
+    lab = f"{name}, chunk {rows[0]['chunk']:,}" + (f" ({rows[0]['backend']})" if rows[0].get("backend") else "")
+    ax[0].plot(ns, [r["samples_per_s"] for r in rows], "o-", label=lab)
+    ax[1].plot(ns, [r["peak_rss_mb"] for r in rows], "o-", label=lab)
+    for r in rows:
+        print(f"{name:>9s} {r['samples']:>9,d} samples: {r['samples_per_s']:7.0f} samples/s, peak RSS {r['peak_rss_mb']:.0f} MB, {r['seconds']:.1f} s")
+ax[0].plot([SAMPLES], [SAMPLES / dt], "*", ms=14, color="crimson", label=f"this notebook's run, chunk {CHUNK:,}")
+ax[1].plot([SAMPLES], [peak_mb], "*", ms=14, color="crimson", label="this notebook's run (whole kernel process)")
+ax[0].set(xscale="log", xlabel="samples in the study", ylabel="samples / s",
+          title=f"throughput (n = {rec['n']}, d = {rec['d']}, up to 1000 steps)")
+ax[1].set(xscale="log", xlabel="samples in the study", ylabel="peak resident memory (MB)",
+          title="peak memory: bounded by the chunk")
+for a in ax:
+    a.set_ylim(0, 1.2 * a.get_ylim()[1])
+    a.grid(alpha=0.3, which="both")
+    a.legend(fontsize=8, loc="lower right")
+fig.suptitle(f"basin study scaling, {rec['machine']['cpus']}-core CPU, {rec['dtype']}, recorded {rec['date'][:10]}")
+fig.tight_layout()
