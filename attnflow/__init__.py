@@ -66,7 +66,6 @@ from .analysis import (
 )
 from .analysis.basins import (
     BasinResult as BasinResult,
-    basin_fractions as basin_fractions,
     critical_shock as critical_shock,
     local_basin_radius as local_basin_radius,
 )
@@ -94,3 +93,4 @@ from .analysis.transformer import (
     steer_heads as steer_heads,
 )
 from .io.hf import CheckpointError as CheckpointError, HFModel as HFModel, load_hf as load_hf
+from .io.results import basin_fractions as basin_fractions  # the analysis function, plus run_dir= / resume=

@@ -35,7 +35,8 @@ def test_classifier_labels_constructed_states():
     assert L.kind.tolist() == [cl.CONSENSUS, cl.CONSENSUS, cl.BIPARTITE, cl.CLUSTERING]
     assert L.eigenvector.tolist() == [0, 2, 1, -1] and L.sign.tolist()[:3] == [1, -1, 1]
     assert L.split.tolist()[2] == 2 and L.clusters.tolist() == [1, 1, 2, 2]
-    assert cl.describe(cl.label_rows(cl.classify(dyn, states))[2], n)["label"] == "bipartite v1 2/6"
+    assert cl.describe(cl.label_rows(cl.classify(dyn, states))[2], n)["label"] == "bipartite v2 2:4"
+    assert cl.classify(dyn, states).names()[:2] == ["consensus +v1", "consensus -v3"]
     rows = cl.label_rows(cl.classify(dyn, states, status=np.array([0, 0, 1, 0])))
     assert rows[0].tolist() == rows[3].tolist() == [cl.NOT_CONVERGED] + [0] * (rows.shape[1] - 1)  # one unconverged class
     poly = cl.classify(mapped(V3), eq.polygonal(4, 3)[None])
@@ -101,12 +102,17 @@ def test_bipartite_basin_small_near_threshold_large_when_decoupled():
     consensus >= 2 throughout."""
     kw = dict(q=0.9, samples=32, iters=5, steps=20000, r_max=2.0)
     near = mapped(V3, K=V3, beta=0.553)
-    rb = bs.local_basin_radius(near, eq.bipartite(near, 0, 3, 6), jax.random.PRNGKey(3), **kw)["radius"]
-    rc = bs.local_basin_radius(near, eq.consensus(near, 0, 6), jax.random.PRNGKey(3), **kw)["radius"]
+    lb = bs.local_basin_radius(near, eq.bipartite(near, 0, 3, 6), jax.random.PRNGKey(3), **kw)
+    lc = bs.local_basin_radius(near, eq.consensus(near, 0, 6), jax.random.PRNGKey(3), **kw)
     far = mapped(V3, K=V3, beta=2.0)
-    rf = bs.local_basin_radius(far, eq.bipartite(far, 0, 3, 6), jax.random.PRNGKey(3), **kw)["radius"]
-    print(f"local radii: bipartite near threshold {rb:.3g}, consensus {rc:.3g}, bipartite decoupled {rf:.3g}")
-    assert rb <= 0.5 and rc >= 2.0 and rf >= 2.0
+    lf = bs.local_basin_radius(far, eq.bipartite(far, 0, 3, 6), jax.random.PRNGKey(3), **kw)
+    print(f"local radii: bipartite near threshold {lb['radius']}, consensus {lc}, bipartite decoupled {lf}")
+    assert not lb["lower_bound"] and lb["radius"] <= 0.5 and lb["equilibrium"] == "bipartite v1 3:3"
+    # recovery at the largest radius tried: only a lower bound is known, and it is reported as one
+    for r, name in ((lc, "consensus +v1"), (lf, "bipartite v1 3:3")):
+        assert r["lower_bound"] and r["radius"] is None and r["at_least"] == 2.0 and r["equilibrium"] == name
+        assert "≥ 2" in bs.radius_line("local basin radius", r) and "tangent" in r["distance"]
+        json.dumps({k: v for k, v in r.items() if k != "probabilities"}, allow_nan=False)
 
 
 def test_critical_shock_escapes():
@@ -114,6 +120,11 @@ def test_critical_shock_escapes():
     Xb = eq.bipartite(dyn, 0, 3, 6)
     cs = bs.critical_shock(dyn, Xb, jax.random.PRNGKey(4), steps=300, iters=20, r_max=2.0, candidates=32)
     assert cs["radius"] is not None and cs["radius"] <= cs["monte_carlo_radius"] + 1e-12
+    assert cs["equilibrium"] == "bipartite v1 3:3" and not cs["lower_bound"] and "tangent" in cs["distance"]
+    # no escape up to a tiny r_max from the stable consensus: a lower bound, reported as one
+    lb = bs.critical_shock(dyn, eq.consensus(dyn, 0, 6), jax.random.PRNGKey(4), steps=20, iters=1, r_max=1e-3, candidates=4)
+    assert lb["radius"] is None and lb["lower_bound"] and lb["at_least"] == 1e-3 and lb["equilibrium"] == "consensus +v1"
+    assert "≥ 0.001" in bs.radius_line("critical shock", lb)
     # the returned shock really leaves: its end state is far from the bipartite point
     Y = af.simulate(dyn, af.model.normalize_rows(Xb + cs["delta"])[None], steps=3000).final[0]
     assert float(jnp.max(jnp.abs(Y - Xb))) > 0.1
@@ -134,14 +145,22 @@ chunk_size = {chunk}
 """
 
 
+def _no_nan(name):
+    raise AssertionError(f"{name} in JSON")
+
+
+@pytest.mark.slow  # a subprocess killed and resumed: run by the second CI step (pytest -m slow)
 def test_cli_json_shape_and_resume_after_sigkill(tmp_path, capsys):
     cfg = tmp_path / "b.toml"
     cfg.write_text(CFG.format(samples=1200, chunk=100))
     full = tmp_path / "full"
     assert main(["basins", str(cfg), "--out", str(full), "--json", "--no-progress"]) == 0
     ref = json.loads(capsys.readouterr().out)
-    assert set(ref) >= {"samples", "unconverged", "attractors"} and ref["samples"] == 1200
-    assert set(ref["attractors"][0]) >= {"label", "kind", "eigenvector", "sign", "split", "fraction", "ci95", "count"}
+    assert set(ref) >= {"samples", "unclassified", "unconverged", "attractors", "categories", "max_steps"} and ref["samples"] == 1200
+    assert set(ref["attractors"][0]) >= {"label", "kind", "eigenvector", "sign", "split", "fraction", "interval", "count", "equilibrium"}
+    # one result file, strict JSON, equal to what was printed
+    assert not (full / "summary.json").exists()
+    assert json.loads((full / "result.json").read_text(), parse_constant=_no_nan) == ref
     # a second process, killed once some chunks are on disk, then resumed
     run = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "attnflow", "basins", str(cfg), "--out", str(run), "--no-progress"],
@@ -176,6 +195,7 @@ SHARD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two subprocesses: run by the second CI step (pytest -m slow)
 def test_sharded_basins_equal_one_device(tmp_path):
     script = tmp_path / "s.py"
     outs = []
@@ -194,7 +214,157 @@ def test_process_split_merges_to_single_process(tmp_path):
     kw = dict(tokens=6, chunk_size=50, steps=2000, manifest={"config": "t"})
     single = bs.basin_fractions(dyn, jax.random.PRNGKey(5), 200, **kw)
     run = tmp_path / "mh"
-    bs.basin_fractions(dyn, jax.random.PRNGKey(5), 200, run_dir=run, process_index=0, process_count=2, **kw)
-    bs.basin_fractions(dyn, jax.random.PRNGKey(5), 200, run_dir=run, resume=True, process_index=1, process_count=2, **kw)
-    merged = bs.basin_fractions(dyn, jax.random.PRNGKey(5), 200, run_dir=run, resume=True, **kw)
+    af.basin_fractions(dyn, jax.random.PRNGKey(5), 200, run_dir=run, process_index=0, process_count=2, **kw)
+    af.basin_fractions(dyn, jax.random.PRNGKey(5), 200, run_dir=run, resume=True, process_index=1, process_count=2, **kw)
+    merged = af.basin_fractions(dyn, jax.random.PRNGKey(5), 200, run_dir=run, resume=True, **kw)
     assert merged.to_json() == single.to_json()
+
+
+# ------------------------------------------------------------------------------------ the pooled study (issue 13)
+
+SMALL = dict(tokens=4, chunk_size=20, tol=1e-7)
+
+
+def _wilson_np(k, N, z=1.96):
+    """Closed-form Wilson score interval, written out independently of attnflow."""
+    p = k / N
+    c = (p + z**2 / (2 * N)) / (1 + z**2 / N)
+    h = z / (1 + z**2 / N) * np.sqrt(p * (1 - p) / N + z**2 / (4 * N**2))
+    return max(0.0, c - h), min(1.0, c + h)
+
+
+def test_results_do_not_depend_on_pool_rounds_or_resume(tmp_path):
+    """Sample i comes from fold_in(key, i): pool size, round length, blocks and a resume change nothing, and the
+    counts equal those of simulating every sample alone for the whole cap."""
+    from attnflow.io.results import RunDirWriter
+
+    dyn, key, N, cap = mapped(V3, K=V3), jax.random.PRNGKey(11), 40, 3000
+    a = bs.basin_fractions(dyn, key, N, pool_size=16, round_steps=10, max_steps=cap, **SMALL)
+    b = bs.basin_fractions(dyn, key, N, pool_size=64, round_steps=100, max_steps=cap, **SMALL)
+    assert a.to_json() == b.to_json() and a.max_steps == cap
+    ref = {}
+    for i in range(N):  # one by one, no pool: one simulate call of the whole cap per sample
+        x0 = af.sample.sphere(jax.random.fold_in(key, i), (1, 4, 3))
+        sol = af.simulate(dyn, x0, steps=cap, tol=1e-7)
+        name = cl.classify(dyn, sol.final, sol.status).names()[0]
+        ref[name] = ref.get(name, 0) + 1
+    assert {x.name: x.count for x in a.attractors + a.categories} == ref
+    run = tmp_path / "run"
+    full = bs.basin_fractions(dyn, key, N, pool_size=16, max_steps=cap, writer=RunDirWriter(run), **SMALL)
+    blocks = sorted((run / "chunks").glob("*.parquet"))
+    assert len(blocks) == 2 and full.to_json() == a.to_json()
+    blocks[1].unlink()  # as if killed before block 1 was written
+    again = bs.basin_fractions(dyn, key, N, pool_size=64, max_steps=cap, writer=RunDirWriter(run, resume=True), **SMALL)
+    assert again.to_json() == a.to_json()
+
+
+def test_unclassified_members_widen_the_intervals_and_warn():
+    """A short cap leaves members unclassified: each attractor's interval is [Wilson lower of k/N, Wilson upper of
+    (k+u)/N] and contains the fraction a long-budget run of the same samples finds; one warning names max_steps."""
+    dyn, key, N = mapped(V3, K=V3), jax.random.PRNGKey(12), 200
+    short = bs.basin_fractions(dyn, key, N, max_steps=60, round_steps=20, **SMALL)
+    long = bs.basin_fractions(dyn, key, N, max_steps=20000, **SMALL)
+    u = short.unclassified
+    assert short.unconverged == u > 0 and long.unclassified == 0
+    assert [c.name for c in short.categories] == ["not converged"]
+    for a in short.attractors:
+        lo, hi = _wilson_np(a.count, N)[0], _wilson_np(a.count + u, N)[1]
+        assert a.interval == pytest.approx((lo, hi), abs=1e-12)
+        assert a.sampling_interval == pytest.approx(_wilson_np(a.count, N), abs=1e-12)
+    for b in long.attractors:
+        a = next((x for x in short.attractors if x.name == b.name), None)
+        lo, hi = a.interval if a is not None else (0.0, _wilson_np(u, N)[1])
+        assert lo <= b.fraction <= hi, (b.name, b.fraction, lo, hi)
+    assert short.warning is not None and "max_steps" in short.warning and short.lines()[-1] == short.warning
+    assert long.warning is None
+
+
+def test_degenerate_members_are_failures_and_json_has_no_nan():
+    """alpha = 1e20 in float32 overflows the normalisation: finite all-zero or non-finite states are failures,
+    never an attractor, and the JSON holds no NaN."""
+    V = np.diag([1.0, 0.4, -0.3]).astype(np.float32)
+    dyn = af.LayerMap(af.SelfAttention(af.Heads.single(V), af.Attention("softmax"), 1.0), 1e20)
+    res = bs.basin_fractions(dyn, jax.random.PRNGKey(0), 32, tokens=4, max_steps=50, dtype=np.float32)
+    assert res.attractors == [] and res.unclassified == 32
+    assert {c.kind for c in res.categories} <= {"degenerate", "nonfinite"}
+    text = json.dumps(res.to_json(), allow_nan=False)
+    assert "NaN" not in text and "Infinity" not in text
+    json.loads(text, parse_constant=_no_nan)
+
+
+def test_slow_passage_near_a_saddle_is_not_counted_as_an_attractor():
+    """Starts 1e-9 from the bipartite point, unstable at beta = 0.3 (rho = 1.02): the per-step change is below tol
+    at once, so counting labels of stopped members (as Attractors.jl does) puts them all in the basin of
+    "bipartite v1 3:3". A long run without early stop shows they leave it; attnflow reports them as "saddle".
+    At beta = 2 the same point is stable and stays an attractor."""
+    N = 16
+    for beta, unstable in ((0.3, True), (2.0, False)):
+        dyn = mapped(V3, K=V3, beta=beta)
+        Xb = eq.bipartite(dyn, 0, 3, 6)
+        sampler = bs.around_sampler(Xb, 1e-9)
+        res = bs.basin_fractions(dyn, jax.random.PRNGKey(4), N, sampler=sampler, steps=2000, tol=1e-7, chunk_size=N)
+        x0 = bs.draw_samples(sampler, jax.random.PRNGKey(4), range(N))
+        stopped = af.simulate(dyn, x0, steps=2000, tol=1e-7)
+        naive = cl.classify(dyn, stopped.final, stopped.status).names()
+        assert naive == ["bipartite v1 3:3"] * N and int(np.max(stopped.steps)) <= 2  # what label counting sees
+        free = af.simulate(dyn, x0, steps=20000)  # no early stop: the reference
+        left = [nm != "bipartite v1 3:3" for nm in cl.classify(dyn, free.final).names()]
+        if unstable:
+            assert all(left)
+            assert res.attractors == [] and [c.name for c in res.categories] == ["saddle"]
+            sad = res.categories[0]
+            assert sad.count == N and sad.members == {"bipartite v1 3:3": N} and sad.interval == pytest.approx(_wilson_np(N, N))
+        else:
+            assert not any(left)
+            assert [(a.name, a.count, a.equilibrium) for a in res.attractors] == [("bipartite v1 3:3", N, "stable")]
+
+
+def test_equilibrium_names():
+    assert cl.equilibrium_name("consensus", 0) == "consensus +v1"
+    assert cl.equilibrium_name("consensus", 0, sign=-1) == "consensus -v1"
+    assert cl.equilibrium_name("bipartite", 0, split=3, tokens=10) == "bipartite v1 3:7"
+    assert cl.equilibrium_name("consensus", None) == "consensus (off-axis)"
+    assert cl.equilibrium_name("clustering", None, sizes=[3, 4, 3]) == "clustering 4:3:3"
+    assert cl.equilibrium_name("not_converged", None) == "not converged"
+    assert cl.equilibrium_name(cl.BIPARTITE, 2, split=1, tokens=4) == "bipartite v3 1:3"
+
+
+@pytest.mark.slow
+def test_readme_config_default_basins_agree_with_ten_times_the_budget(tmp_path, capsys):
+    """Done-when of issue 13: the README's config (steps = 2000, tol = 1e-7, float32) with the default [basins]
+    gives fractions inside their intervals of a run with ten times the budget (max_steps x 10); and the old fixed
+    budget (max_steps = steps) now reports intervals that also contain them."""
+    cfg = tmp_path / "readme.toml"
+    cfg.write_text(README_CFG)
+    outs = {}
+    for name, extra in (("default", ""), ("ten", "max_steps = 200000\n"), ("fixed", "max_steps = 2000\n")):
+        (tmp_path / f"{name}.toml").write_text(README_CFG + ("[basins]\n" + extra if extra else ""))
+        assert main(["basins", str(tmp_path / f"{name}.toml"), "--json", "--no-progress"]) == 0
+        outs[name] = json.loads(capsys.readouterr().out)
+    assert outs["default"]["max_steps"] == 20000 and outs["ten"]["max_steps"] == 200000
+    print({k: (v["unclassified"], [(a["label"], a["count"]) for a in v["attractors"]]) for k, v in outs.items()})
+    for run in ("default", "fixed"):
+        mine = {a["label"]: a for a in outs[run]["attractors"]}
+        u, N = outs[run]["unclassified"], outs[run]["samples"]
+        for b in outs["ten"]["attractors"]:
+            lo, hi = mine[b["label"]]["interval"] if b["label"] in mine else (0.0, _wilson_np(u, N)[1])
+            assert lo <= b["fraction"] <= hi, (run, b["label"], b["fraction"], lo, hi)
+
+
+README_CFG = """
+[model]
+d = 3
+heads = 1
+V = [[1.0, 0.0, 0.0], [0.0, 0.4, 0.0], [0.0, 0.0, -0.3]]
+beta = 1.0
+attention = "softmax"
+[dynamics]
+time = "discrete"
+alpha = 0.1
+norm = "l2"
+tokens = 10
+steps = 2000
+tol = 1e-7
+dtype = "float32"
+seed = 0
+"""

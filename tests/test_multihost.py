@@ -5,6 +5,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 CONFIG = """
 [model]
 d = 3
@@ -36,6 +38,7 @@ def _by_label(result):
     return {a["label"]: (a["count"], a["fraction"]) for a in result["attractors"]}
 
 
+@pytest.mark.slow  # three subprocesses: run by the second CI step (pytest -m slow)
 def test_two_processes_equal_one(tmp_path):
     cfg = tmp_path / "b.toml"
     cfg.write_text(CONFIG)
@@ -58,7 +61,8 @@ def test_two_processes_equal_one(tmp_path):
     chunks = sorted(p.name for p in (tmp_path / "multi" / "chunks").glob("*.parquet"))
     assert chunks == [f"{i:05d}.parquet" for i in range(5)]
     assert json.loads((tmp_path / "multi" / "manifest.json").read_text())["processes"] == 2
-    assert json.loads((tmp_path / "multi" / "summary.json").read_text())["samples"] == 500
+    assert json.loads((tmp_path / "multi" / "result.json").read_text())["samples"] == 500
+    assert not (tmp_path / "multi" / "summary.json").exists()  # one result file
 
 
 def test_tally_merge_roundtrip_equals_one_tally():
@@ -69,18 +73,17 @@ def test_tally_merge_roundtrip_equals_one_tally():
     rng = np.random.default_rng(0)
     rows = rng.integers(0, 3, size=(300, 4 + 2 * 5))
     steps = rng.integers(1, 500, size=300)
-    whole, parts = _Tally(), [_Tally(), _Tally(), _Tally()]
+    whole, parts = _Tally(5), [_Tally(5), _Tally(5), _Tally(5)]
     whole.add(rows, steps)
     for k, part in enumerate(parts):
         part.add(rows[k * 100:(k + 1) * 100], steps[k * 100:(k + 1) * 100])
-    merged = _Tally()
+    merged = _Tally(5)
     for part in parts:
         merged.merge(_Tally.from_bytes(part.to_bytes()))
     a, ua = whole.attractors()
     b, ub = merged.attractors()
-    key = lambda t: tuple(t["row"])  # noqa: E731
-    strip = lambda t: {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in t.items()}  # noqa: E731
-    assert ua == ub and [strip(t) for t in sorted(a, key=key)] == [strip(t) for t in sorted(b, key=key)]
+    key = lambda t: (t.name, t.row or ())  # noqa: E731
+    assert ua == ub and [t.to_json() for t in sorted(a, key=key)] == [t.to_json() for t in sorted(b, key=key)]
 
 
 def test_partial_distributed_flags_are_refused(tmp_path):

@@ -1,4 +1,5 @@
-"""Labels of final states: consensus / bipartite / m-clustering / polygonal / not converged.
+"""Labels of final states: consensus / bipartite / m-clustering / polygonal, or an outcome category
+(not converged, nonfinite, degenerate, solver failed, saddle).
 
 Batched and jitted: millions of states are labelled chunk by chunk. Labels never depend on token order:
 clusters are the connected components of the graph |x_i - x_j| < tol (min-label propagation), and the
@@ -15,11 +16,31 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._types import Array, Batch, Int
-from ..evolve.simulate import CONVERGED
+from ..evolve.simulate import STATUS_NAMES
 from .equilibria import eigenpairs
 
 NOT_CONVERGED, CONSENSUS, BIPARTITE, CLUSTERING, POLYGONAL = 0, 1, 2, 3, 4
-KIND_NAMES = ("not_converged", "consensus", "bipartite", "clustering", "polygonal")
+NONFINITE, DEGENERATE, SOLVER_FAILED, SADDLE = 5, 6, 7, 8
+KIND_NAMES = ("not_converged", "consensus", "bipartite", "clustering", "polygonal", "nonfinite", "degenerate",
+              "solver_failed", "saddle")
+"""Label kinds. Codes 0 and 5-8 are outcome categories, not attractors: a member that hit the step cap (0), went
+non-finite (5), left the state space while finite, e.g. a zero row (6), whose solver failed (7), or that stopped at
+an equilibrium verified to be unstable (8, set by the basin study, never by :func:`classify`)."""
+UNCLASSIFIED = (NOT_CONVERGED, NONFINITE, DEGENERATE, SOLVER_FAILED, SADDLE)
+
+
+def status_to_kind() -> np.ndarray:
+    """Lookup table simulate status code -> label kind for members that did not converge (by status name, so new
+    codes of :data:`attnflow.STATUS_NAMES` map correctly); unknown codes map to "solver_failed"."""
+    names = tuple(STATUS_NAMES)
+    size = max(len(names), 5)
+    table = np.full(size, SOLVER_FAILED, np.int32)
+    for code, name in enumerate(names):
+        table[code] = {"max_steps": NOT_CONVERGED, "converged": -1, "nonfinite": NONFINITE, "degenerate": DEGENERATE,
+                       "solver_failed": SOLVER_FAILED}.get(name, SOLVER_FAILED)
+    if "degenerate" not in names and size > 4:
+        table[4] = DEGENERATE
+    return table
 
 
 class Labels(eqx.Module):
@@ -41,6 +62,15 @@ class Labels(eqx.Module):
     sign: Int[Array, " b"]
     split: Int[Array, " b"]
     gram: Array
+    tokens: int = eqx.field(static=True, default=0)
+
+    def rows(self) -> np.ndarray:
+        """One integer row per state that identifies its attractor (see :func:`label_rows`)."""
+        return label_rows(self)
+
+    def names(self) -> list[str]:
+        """The :func:`equilibrium_name` of every state."""
+        return [describe(r, self.tokens)["label"] for r in self.rows()]
 
 
 def _components(X, tol):
@@ -53,7 +83,7 @@ def _components(X, tol):
     return jnp.sum(sizes > 0), -jnp.sort(-sizes)
 
 
-def _one(X, status, vecs, real, tol, use_status, decimals):
+def _one(X, status, vecs, real, tol, use_status, decimals, table):
     n = X.shape[0]
     clusters, sizes = _components(X, tol)
     c = X @ vecs  # (n, d): cosines with each eigenvector
@@ -67,7 +97,8 @@ def _one(X, status, vecs, real, tol, use_status, decimals):
     poly = (~aligned) & (clusters >= 2) & (jnp.max(jnp.abs(jnp.sum(X, axis=0))) < tol)
     kind = jnp.where(consensus, CONSENSUS, jnp.where(bip, BIPARTITE, jnp.where(poly, POLYGONAL, CLUSTERING)))
     if use_status:
-        kind = jnp.where(status == CONVERGED, kind, NOT_CONVERGED)
+        cat = table[jnp.clip(status, 0, table.shape[0] - 1)]
+        kind = jnp.where(cat < 0, kind, cat)
     sign = jnp.where(consensus & aligned, jnp.where(npos == n, 1, -1), jnp.where(bip, 1, 0))
     split = jnp.where(bip, npos, jnp.where(consensus & aligned, n, 0))
     g = jnp.linalg.eigvalsh(X @ X.T)
@@ -76,15 +107,16 @@ def _one(X, status, vecs, real, tol, use_status, decimals):
 
 
 @eqx.filter_jit
-def _classify(X, status, vecs, real, tol, use_status, decimals):
-    out = jax.vmap(lambda x, s: _one(x, s, vecs, real, tol, use_status, decimals))(X, status)
-    return Labels(*out)
+def _classify(X, status, vecs, real, tol, use_status, decimals, table):
+    out = jax.vmap(lambda x, s: _one(x, s, vecs, real, tol, use_status, decimals, table))(X, status)
+    return Labels(*out, tokens=X.shape[1])
 
 
 def classify(model, final: Batch, status=None, *, tol: float = 1e-3, decimals: int = 3) -> Labels:
     """Label final states ``(b, n, d)`` of ``model`` (any dynamics, Heads, or W itself).
 
-    `status` (from :class:`~attnflow.Solution`) marks members that did not converge; `tol` is the distance
+    `status` (from :class:`~attnflow.Solution`) marks members that did not converge (kind "not_converged",
+    "nonfinite", "degenerate" or "solver_failed" by status name); `tol` is the distance
     under which two tokens are one cluster, and how close |cos(x_i, v_k)| must be to 1.
     """
     lam, V = eigenpairs(model)
@@ -98,7 +130,56 @@ def classify(model, final: Batch, status=None, *, tol: float = 1e-3, decimals: i
         X = X[None]
     use_status = status is not None
     st = jnp.zeros(X.shape[0], jnp.int32) if status is None else jnp.asarray(status)
-    return _classify(X, st, jnp.asarray(vecs, X.dtype), jnp.asarray(real), float(tol), use_status, int(decimals))
+    return _classify(X, st, jnp.asarray(vecs, X.dtype), jnp.asarray(real), float(tol), use_status, int(decimals),
+                     jnp.asarray(status_to_kind()))
+
+
+_CATEGORY_NAMES = {"not_converged": "not converged", "nonfinite": "nonfinite", "degenerate": "degenerate",
+                   "solver_failed": "solver failed", "saddle": "saddle"}
+
+
+def equilibrium_name(kind: str, vector: int | None, *, sign: int | None = None, split: int | None = None,
+                     tokens: int | None = None, sizes=None) -> str:
+    """The one human name of an equilibrium (or of an outcome category), used by every command, JSON and figure.
+
+    Eigenvectors are numbered from 1 as in the papers: `vector` is the 0-based index k in the order of
+    :func:`attnflow.analysis.equilibria.eigenpairs` (descending real part of the eigenvalue), and the name says
+    ``v{k+1}``, so ``v1`` is the principal eigenvector.
+
+    - consensus on an eigenvector: ``"consensus +v1"`` / ``"consensus -v1"`` (`sign`, default +1);
+      consensus that is not on an eigenvector (`vector` None): ``"consensus (off-axis)"``.
+    - bipartite: ``"bipartite v1 3:7"``: `split` = 3 tokens at +v1 and ``tokens - split`` = 7 at -v1
+      (the sign of v_k is fixed by the largest entry being positive).
+    - clustering / polygonal: ``"clustering 4:3:3"``, ``"polygonal 5:5"``: the cluster `sizes`, descending
+      (just ``"clustering"`` when no sizes are given); on an eigenvector: ``"clustering v2 4:3:3"``.
+    - outcome categories that are no equilibrium: ``"not converged"``, ``"nonfinite"``, ``"degenerate"``,
+      ``"solver failed"``, ``"saddle"``.
+    - any other kind: the kind with ``v{k+1}`` and the sizes appended when given.
+
+    **Arguments:** `kind` (``"consensus"``, ``"bipartite"``, ``"clustering"``, ``"polygonal"``, a category above,
+    or a code from :data:`KIND_NAMES`); `vector` (0-based eigenvector index or None); `sign`, `split`, `tokens`,
+    `sizes` as above.
+
+    **Returns:** the name (str).
+    """
+    if isinstance(kind, (int, np.integer)):
+        kind = KIND_NAMES[int(kind)]
+    kind = str(kind).strip().lower().replace(" ", "_").replace("-", "_")
+    if kind in _CATEGORY_NAMES:
+        return _CATEGORY_NAMES[kind]
+    v = None if vector is None or int(vector) < 0 else f"v{int(vector) + 1}"
+    if kind == "consensus":
+        if v is None:
+            return "consensus (off-axis)"
+        return f"consensus {'-' if sign is not None and int(sign) < 0 else '+'}{v}"
+    if kind == "bipartite":
+        if split is None or tokens is None:
+            raise ValueError("a bipartite name needs split and tokens")
+        parts = f"{int(split)}:{int(tokens) - int(split)}"
+        return f"bipartite {v} {parts}" if v is not None else f"bipartite (off-axis) {parts}"
+    name = kind if v is None else f"{kind} {v}"
+    sz = [int(s) for s in (sizes if sizes is not None else []) if int(s) > 0]
+    return f"{name} {':'.join(str(s) for s in sorted(sz, reverse=True))}" if sz else name
 
 
 def label_rows(labels: Labels) -> np.ndarray:
@@ -110,26 +191,29 @@ def label_rows(labels: Labels) -> np.ndarray:
     sizes = np.where(aligned[:, None], 0, L.sizes)
     gram = np.where(aligned[:, None], 0, np.round(L.gram * 1000)).astype(np.int64)
     rows = np.column_stack([L.kind, L.eigenvector, L.sign, L.split, sizes, gram]).astype(np.int64)
-    rows[L.kind == NOT_CONVERGED, 1:] = 0  # one "not converged" class, whatever the state looked like
+    rows[np.isin(L.kind, UNCLASSIFIED), 1:] = 0  # one class per outcome category, whatever the state looked like
     return rows
 
 
 def describe(row, n: int) -> dict:
-    """Human label and fields of an attractor row from :func:`label_rows`."""
+    """Name and fields of an attractor row from :func:`label_rows` of states with `n` tokens.
+
+    Returns a dict: ``label`` (the :func:`equilibrium_name`), ``kind``, ``eigenvector`` (0-based index, or None),
+    ``sign``, ``split`` (tokens at +v_k for bipartite) and ``sizes`` (cluster sizes, descending)."""
     kind, k, sign, split = (int(v) for v in row[:4])
     sizes = [int(s) for s in row[4 : 4 + n] if s > 0]
     name = KIND_NAMES[kind]
-    if kind == CONSENSUS and k >= 0:
-        label = f"consensus v{k} {'+' if sign > 0 else '-'}"
-    elif kind == CONSENSUS:
-        label = "consensus (off-axis)"
+    vec = k if k >= 0 and kind in (CONSENSUS, BIPARTITE) else None
+    if kind == CONSENSUS:
+        label = equilibrium_name(name, vec, sign=sign)
     elif kind == BIPARTITE:
-        label = f"bipartite v{k} {split}/{n}"
-    elif kind == NOT_CONVERGED:
-        label = "not converged"
+        label = equilibrium_name(name, vec, split=split, tokens=n)
+    elif kind in UNCLASSIFIED:
+        label = equilibrium_name(name, None)
     else:
-        label = f"{len(sizes)}-{name} {sizes}"
+        label = equilibrium_name(name, None, sizes=sizes)
         gram = [g / 1000 for g in row[4 + n :] if g != 0]
         label += f" gram {np.round(gram, 2).tolist()}" if kind == CLUSTERING else ""
-    return {"label": label, "kind": name, "eigenvector": k if k >= 0 else None, "sign": sign if kind in (CONSENSUS, BIPARTITE) else None,
-            "split": split if kind == BIPARTITE else None}
+    return {"label": label, "kind": name, "eigenvector": vec,
+            "sign": sign if kind in (CONSENSUS, BIPARTITE) and vec is not None else None,
+            "split": split if kind == BIPARTITE else None, "sizes": sizes if kind in (CLUSTERING, POLYGONAL) else None}

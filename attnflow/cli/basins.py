@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 
-from ._common import UsageError, emit_json, info, out_dir, stdout_to_stderr
-
-KEYS = {"samples", "seed", "chunk_size", "tol", "cluster_tol", "ci_width", "sampler", "continuation", "local"}
+from ._common import UsageError, emit_json, info, load_run_config, out_dir, plan_chunk, stdout_to_stderr
 
 
 def add_parser(sub):
@@ -16,23 +14,30 @@ def add_parser(sub):
         "basins",
         help="basin fractions of the attractors, with intervals; resumable",
         description="Sample initial states, simulate, label every final state and report each attractor's basin "
-        "fraction with a 95%% Wilson interval. [basins] table: samples, seed, chunk_size, tol, cluster_tol, ci_width "
-        "(adaptive), sampler = 'uniform' or {around = 'consensus'|'bipartite', eigenvector = 0, split = 1, radius = 0.1}, "
-        "continuation = {param = 'beta'|'alpha', values = [...]}, local = {eigenvector = 0, split = 0, q = 0.9, samples = 128}. "
-        "With --out, per-chunk Parquet tables and a manifest are written there and --resume continues a killed run.",
+        "fraction with a 95% interval that also covers every unclassified member (not converged, nonfinite, "
+        "degenerate, solver failed, saddle). Eigenvectors are named v1, v2, ... (v1 principal). With --out, per-chunk "
+        "Parquet tables, a manifest and one result.json are written there "
+        "and --resume continues a killed run (one writer per directory; the inputs must be unchanged). "
+        + _schema_help(),
     )
     p.add_argument("config")
-    p.add_argument("--out", metavar="DIR", help="run directory (Parquet chunks, manifest, summary, figures)")
+    p.add_argument("--out", metavar="DIR", help="run directory (Parquet chunks, manifest, result.json, figures)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished chunks")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("multi-host (jax.distributed)", "Start the same command once per process, with the same "
                              "config (and, with --out, a directory all processes share); chunk i runs in process "
-                             "i %% P, the tallies are all-gathered, and process 0 prints and writes the result.")
+                             "i % P, the tallies are all-gathered, and process 0 prints and writes the result.")
     g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator service")
     g.add_argument("--num-processes", type=int, metavar="P")
     g.add_argument("--process-id", type=int, metavar="I")
     return p
+
+
+def _schema_help() -> str:
+    from attnflow.io.config import describe
+
+    return describe("basins")
 
 
 def run(args) -> int:
@@ -47,71 +52,94 @@ def run(args) -> int:
     return 0
 
 
+def run_identity(cfg) -> dict:
+    """Manifest entries that identify a run beyond its config: input files by SHA-256 (their paths are recorded
+    but are not identity: hosts may mount them differently), dtype, computing path (backend, platform)."""
+    import jax
+
+    return {"inputs": {k: v["sha256"] for k, v in cfg.inputs.items()}, "input_paths": {k: v["path"] for k, v in cfg.inputs.items()},
+            "dtype": cfg.dtype, "backend": cfg.backend, "platform": jax.default_backend()}
+
+
+def _peek_config(path) -> dict:
+    """The TOML of the config (one-line errors for a missing or malformed file), without touching JAX."""
+    from attnflow.io.config import read_toml
+
+    return read_toml(path)
+
+
+def _equilibrium(cfg, eq, dyn, k: int, m: int, where: str):
+    """The consensus (m = 0) or bipartite (m > 0) state on real eigenvector k; one-line error otherwise."""
+    try:
+        return eq.consensus(dyn, k, cfg.tokens) if m == 0 else eq.bipartite(dyn, k, m, cfg.tokens)
+    except ValueError as e:
+        raise UsageError(f"{cfg.path}: [basins] {where}: {e}") from None
+
+
 def _run(args):
     import jax
 
     from attnflow.analysis import basins as bs, equilibria as eq
-    from attnflow.io.config import load_config
-    from attnflow.io.results import RunDirError
+    from attnflow.io.results import RunDirError, RunDirWriter, hold_lock
 
-    cfg = load_config(args.config)
-    sec = cfg.section("basins")
+    if args.resume and not args.out:
+        raise UsageError("--resume needs --out DIR (the run directory to continue)")
     dist = (args.coordinator, args.num_processes, args.process_id)
     if any(v is not None for v in dist):
         if any(v is None for v in dist):
             raise UsageError("--coordinator, --num-processes and --process-id go together")
         if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
             raise UsageError(f"--process-id must be in [0, --num-processes), got {args.process_id} of {args.num_processes}")
+    out = out_dir(args.out)  # before any work: an unwritable --out is refused now
+    _peek_config(args.config)  # a missing or malformed file is refused before joining a distributed job
+    if any(v is not None for v in dist):  # before anything initialises JAX's backend (the config's model does)
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                    process_id=args.process_id)
+    cfg = load_run_config(args.config)
+    b = cfg.basins
     lead = jax.process_index() == 0
-    unknown = sorted(set(sec) - KEYS)
-    if unknown:
-        raise UsageError(f"{cfg.path}: unknown key(s) in [basins]: {', '.join(unknown)} (allowed: {', '.join(sorted(KEYS))})")
-    if args.resume and not args.out:
-        raise UsageError("--resume needs --out DIR (the run directory to continue)")
-    out = out_dir(args.out)
+    samples = b.samples
+    chunk = min(samples, 10_000) if b.chunk_size is None else b.chunk_size  # part of the run's identity: never chosen from free memory
+    # device memory is set by the member pool (speed only, never the result): a default pool that does not fit is
+    # made smaller here; an explicit pool_size that does not fit is refused with a size that does
+    pool = min(4096, samples) if b.pool_size is None else b.pool_size
+    fit = plan_chunk(cfg, pool, b.pool_size, what=f"{cfg.path}: [basins]", flag="pool_size =")
+    pool_size = b.pool_size if fit is None else fit
+    if b.pool_size is None and fit is not None:
+        info(f"attnflow basins: a pool of {pool} members does not fit in memory; using pool_size = {fit}")
+    lock = hold_lock(out) if out is not None and lead else None  # noqa: F841 - one writer per run directory, held until return
     dyn = cfg.build()
-    samples = int(sec.get("samples", 1000))
-    chunk = int(sec.get("chunk_size", min(samples, 10_000)))
-    if samples < 1 or chunk < 1:
-        raise UsageError(f"{cfg.path}: [basins] samples and chunk_size must be >= 1")
-    key = jax.random.PRNGKey(int(sec.get("seed", cfg.seed)))
+    key = jax.random.PRNGKey(cfg.seed if b.seed is None else b.seed)
     sampler = None
-    spec = sec.get("sampler", "uniform")
-    if isinstance(spec, dict):
-        k, m, r = int(spec.get("eigenvector", 0)), int(spec.get("split", 0)), float(spec.get("radius", 0.1))
-        X = eq.consensus(dyn, k, cfg.tokens) if spec.get("around", "consensus") == "consensus" or m == 0 else eq.bipartite(dyn, k, m, cfg.tokens)
-        sampler = bs.around_sampler(X.astype(cfg.dtype), r)
-    elif spec != "uniform":
-        raise UsageError(f"{cfg.path}: [basins] sampler must be 'uniform' or a table {{around, eigenvector, split, radius}}")
+    if not isinstance(b.sampler, str):
+        sp = b.sampler
+        X = _equilibrium(cfg, eq, dyn, sp.eigenvector, sp.split, "sampler")
+        sampler = bs.around_sampler(X.astype(cfg.dtype), sp.radius)
     sim = cfg.simulate_kwargs()
     sim.pop("saves", None)
     sim.pop("tol", None)
-    kw = dict(tokens=cfg.tokens, sampler=sampler, chunk_size=chunk, tol=float(sec.get("tol", cfg.tol or 1e-7)),
-              cluster_tol=float(sec.get("cluster_tol", 1e-3)), dtype=cfg.dtype, **sim)
+    kw = dict(tokens=cfg.tokens, sampler=sampler, chunk_size=chunk, tol=b.tol if b.tol is not None else (cfg.tol or 1e-7),
+              cluster_tol=b.cluster_tol, dtype=cfg.dtype, max_steps=b.max_steps, round_steps=b.round_steps,
+              pool_size=pool_size, **sim)
     progress = (not args.no_progress) and sys.stderr.isatty() and not args.json and lead
     try:
-        res = bs.basin_fractions(dyn, key, samples, run_dir=out, resume=args.resume, progress=progress,
-                                 ci_width=sec.get("ci_width"), keep_finals=out is not None and cfg.d == 3,
-                                 manifest={"config": cfg.raw, "config_path": str(cfg.path)}, **kw)
+        writer = None if out is None else RunDirWriter(out, resume=args.resume, manifest={
+            "config": cfg.raw, "config_path": str(cfg.path), **run_identity(cfg)})
+        res = bs.basin_fractions(dyn, key, samples, writer=writer, progress=progress,
+                                 ci_width=b.ci_width, keep_finals=out is not None and cfg.d == 3, **kw)
     except RunDirError as e:
         raise UsageError(str(e)) from None
     result = res.to_json()
-    if "local" in sec:
-        loc = sec["local"]
-        k, m = int(loc.get("eigenvector", 0)), int(loc.get("split", 0))
-        X = eq.consensus(dyn, k, cfg.tokens) if m == 0 else eq.bipartite(dyn, k, m, cfg.tokens)
-        lb = bs.local_basin_radius(dyn, X, jax.random.fold_in(key, 10**6), q=float(loc.get("q", 0.9)),
-                                   samples=int(loc.get("samples", 128)), **sim)
-        result["local"] = {"eigenvector": k, "split": m, "q": lb["q"], "radius": lb["radius"], "bracket": lb["bracket"]}
+    if b.local is not None:
+        loc = b.local
+        k, m = loc.eigenvector, loc.split
+        X = _equilibrium(cfg, eq, dyn, k, m, "local")
+        lb = bs.local_basin_radius(dyn, X, jax.random.fold_in(key, 10**6), q=loc.q, samples=loc.samples, **sim)
+        result["local"] = {k_: lb[k_] for k_ in ("equilibrium", "distance", "q", "radius", "lower_bound", "at_least", "bracket")}
     cont = None
-    if "continuation" in sec:
-        c = sec["continuation"]
-        try:
-            cont = bs.continuation(dyn, key, samples, param=c["param"], values=c["values"], **kw)
-        except (KeyError, ValueError) as e:
-            raise UsageError(f"{cfg.path}: [basins] continuation needs param and values: {e}") from None
+    if b.continuation is not None:
+        c = b.continuation
+        cont = bs.continuation(dyn, key, samples, param=c.param, values=list(c.values), **kw)
         result["continuation"] = {"param": cont["param"], "values": cont["values"], "fractions": cont["fractions"]}
     if not lead:
         return None  # every process holds the global result; process 0 reports it
@@ -122,15 +150,11 @@ def _run(args):
         if cont is not None:
             pb.continuation(cont, out / "continuation.png")
         if res.finals is not None:
-            from attnflow.analysis.classify import describe
-
-            n = cfg.tokens
-            pb.sphere_by_label(res.finals, [describe(r, n)["label"] for r in res.rows[: len(res.finals)]], out / "sphere.png")
-        (out / "result.json").write_text(__import__("json").dumps(result, indent=2, default=float))
+            pb.sphere_by_label(res.finals, res.names, out / "sphere.png")
+        writer.write_json("result.json", result)  # the one result file of the run (strict JSON, atomic)
     if args.json:
         return result
-    info(f"{res.samples} samples, {res.unconverged} not converged", quiet=False)
-    lines = [f"{a['label']:32s} {a['fraction']:.4f}  [{a['ci95'][0]:.4f}, {a['ci95'][1]:.4f}]  n={a['count']}" for a in res.attractors]
+    lines = res.lines()
     if "local" in result:
-        lines.append(f"local basin radius (q={result['local']['q']}): {result['local']['radius']:.4g}")
+        lines.append(bs.radius_line("local basin radius", result["local"]))
     return lines
