@@ -720,8 +720,8 @@ def basin_fractions(
     - `keep_finals`: also return the final states of the samples with index < 2000 (for figures).
     - `verify`: check every label's equilibrium (saddles become the "saddle" category).
     - `backend`: the :func:`attnflow.simulate` backend of every round; ``"auto"`` resolves it once for the whole
-      study, as :func:`attnflow.chunk_backend` would for the pool running the full cap in one call (a pure
-      function of the model, the pool shape and the cap), so every round takes the same path.
+      study, as :func:`attnflow.chunk_backend` would for one call running all samples for the whole cap (a pure
+      function of the model, the shapes, the number of samples and the cap), so every round takes the same path.
 
     **Returns:** a :class:`BasinResult`. Host memory is bounded by the pool, the blocks in flight and the number of
     labels, not by `samples`.
@@ -749,7 +749,7 @@ def basin_fractions(
     ids = _block_ids(n_blocks, chunk_size, samples, pi, pc, writer, tally, adaptive, update)
     P = _pool_default(pool_size, samples, chunk_size)
     shape = jax.eval_shape(lambda k: sampler(k, P), key)
-    round_kw = {**round_kw, **_backend_kw(dyn, backend, shape, K, cap, round_kw, tol)}
+    round_kw = {**round_kw, **_backend_kw(dyn, backend, shape, samples, cap, round_kw, tol)}
     labeller = _Labeller(dyn, P, cluster_tol, blocks.add)
     run_pool(dyn, sample_stream(sampler, key, ids, chunk_size, samples), pool_size=P,
              round_kw=round_kw, max_steps=cap, tol=tol, retire=labeller.add, drain=labeller.flush,
@@ -795,13 +795,10 @@ def _pool_default(pool_size: int | None, samples: int, chunk_size: int) -> int:
     return int(min(16384, samples, max(chunk_size, 64)))
 
 
-def _backend_kw(dyn, backend: str, shape, K: int, cap: int, round_kw: dict, tol) -> dict:
-    """``{"backend": name}`` for every round (``"auto"`` resolved once for the pool running the whole cap), or {}
-    when :func:`attnflow.simulate` has no backend choice."""
-    import inspect
-
-    if "backend" not in inspect.signature(simulate).parameters:
-        return {}
+def _backend_kw(dyn, backend: str, shape, samples: int, cap: int, round_kw: dict, tol) -> dict:
+    """``{"backend": name}`` for every round: ``"auto"`` is resolved once for the study as :func:`attnflow.chunk_backend`
+    resolves one call that runs all `samples` for the whole cap (the rounds share one compiled program, so its
+    compile is repaid by the whole study, not by one round)."""
     if backend != "auto":
         return {"backend": backend}
     from ..evolve.simulate import chunk_backend
@@ -811,8 +808,9 @@ def _backend_kw(dyn, backend: str, shape, K: int, cap: int, round_kw: dict, tol)
         full["steps"] = cap
     elif "dt" in full and full.get("dt") is not None:
         full["t1"] = cap * full["dt"]
-    x = np.zeros(shape.shape, shape.dtype)
-    return {"backend": chunk_backend(dyn, x, tol=tol, **full)}
+    n, d = shape.shape[1:]
+    study = np.broadcast_to(np.zeros((1, n, d), shape.dtype), (samples, n, d))  # shape only: no memory
+    return {"backend": chunk_backend(dyn, study, tol=tol, **full)}
 
 
 def _processes(process_index, process_count, ci_width) -> tuple[int, int, bool]:
