@@ -368,3 +368,20 @@ tol = 1e-7
 dtype = "float32"
 seed = 0
 """
+
+
+def test_the_backend_used_is_part_of_the_run_identity(tmp_path):
+    """The resolved backend goes into the manifest; a resume on another backend is refused in one line naming it
+    (float32 results of two backends agree to rounding only, so their blocks must not be mixed)."""
+    import json
+
+    from attnflow.io.results import RunDirError
+
+    dyn = mapped(V3, K=V3)
+    kw = dict(tokens=4, chunk_size=10, steps=30, max_steps=60, tol=1e-6)
+    run = tmp_path / "r"
+    af.basin_fractions(dyn, jax.random.PRNGKey(1), 20, run_dir=run, backend="xla", **kw)
+    assert json.loads((run / "manifest.json").read_text())["identity"]["backend"] == "xla"
+    with pytest.raises(RunDirError, match="backend") as e:
+        af.basin_fractions(dyn, jax.random.PRNGKey(1), 20, run_dir=run, resume=True, backend="lanes", **kw)
+    assert "\n" not in str(e.value)

@@ -604,11 +604,13 @@ class StudyWriter(Protocol):
 
 
 def study_identity(key: Array, samples: int, *, chunk_size: int, tol: float, cluster_tol: float, max_steps: int,
-                   config=None) -> dict:
-    """The settings a resumed study must share with the run it continues."""
+                   config=None, backend: str | None = None) -> dict:
+    """The settings a resumed study must share with the run it continues (the resolved `backend` included: float32
+    results of different backends agree to rounding only)."""
     kd = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
     return {"samples": samples, "chunk_size": chunk_size, "key": np.asarray(kd).tolist(), "tol": tol,
-            "cluster_tol": cluster_tol, "max_steps": max_steps, "sampling": "fold_in(key, sample index)", "config": config}
+            "cluster_tol": cluster_tol, "max_steps": max_steps, "sampling": "fold_in(key, sample index)", "config": config,
+            "backend": backend}
 
 
 def gather_tally(tally: _Tally) -> _Tally:
@@ -735,9 +737,12 @@ def basin_fractions(
         raise ValueError(f"samples and chunk_size must be >= 1, got {samples}, {chunk_size}")
     K, cap, round_kw = _round_plan(dyn, steps, t1, dt, solver, max_steps, round_steps)
     pi, pc, distributed = _processes(process_index, process_count, ci_width)
-    if writer is not None:
+    P = _pool_default(pool_size, samples, chunk_size)
+    shape = jax.eval_shape(lambda k: sampler(k, P), key)
+    round_kw = {**round_kw, **_backend_kw(dyn, backend, shape, samples, cap, round_kw, tol)}
+    if writer is not None:  # the backend actually used is part of the run's identity
         ident = study_identity(key, samples, chunk_size=chunk_size, tol=tol, cluster_tol=cluster_tol, max_steps=cap,
-                               config=(manifest or {}).get("config"))
+                               config=(manifest or {}).get("config"), backend=round_kw.get("backend"))
         writer.open(ident, process_index=pi, process_count=pc, distributed=distributed)
     n = int(np.asarray(jax.eval_shape(lambda k: sampler(k, 1), key).shape)[1])
     tally = _Tally(n)
@@ -747,9 +752,6 @@ def basin_fractions(
     n_blocks = math.ceil(samples / chunk_size)
     adaptive = None if ci_width is None else (lambda: all(a.interval[1] - a.interval[0] < ci_width for a in summarize(tally, {}).attractors))
     ids = _block_ids(n_blocks, chunk_size, samples, pi, pc, writer, tally, adaptive, update)
-    P = _pool_default(pool_size, samples, chunk_size)
-    shape = jax.eval_shape(lambda k: sampler(k, P), key)
-    round_kw = {**round_kw, **_backend_kw(dyn, backend, shape, samples, cap, round_kw, tol)}
     labeller = _Labeller(dyn, P, cluster_tol, blocks.add)
     run_pool(dyn, sample_stream(sampler, key, ids, chunk_size, samples), pool_size=P,
              round_kw=round_kw, max_steps=cap, tol=tol, retire=labeller.add, drain=labeller.flush,
