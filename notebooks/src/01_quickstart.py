@@ -57,7 +57,7 @@ fig.tight_layout()
 # whole study, with 95% Wilson intervals.
 
 # %%
-from attnflow.analysis.classify import describe, label_rows
+from attnflow.analysis.classify import describe, equilibrium_name, label_rows
 
 rows = label_rows(af.classify.classify(model, sol.final, sol.status))
 uniq, counts = np.unique(rows, axis=0, return_counts=True)
@@ -70,13 +70,15 @@ for r, c in sorted(zip(uniq, counts), key=lambda t: -t[1]):
 # spectral radius < 1 for a map. docs/model.md's closed form at consensus is built in as a cross-check.
 
 # %%
-states = [("consensus v0", af.consensus(model, 0, 6)), ("consensus v1", af.consensus(model, 1, 6)),
-          ("bipartite v0 3/6", af.bipartite(model, 0, 3, 6)), ("bipartite v2 3/6", af.bipartite(model, 2, 3, 6))]
+states = [(equilibrium_name("consensus", 0, sign=1), af.consensus(model, 0, 6)),  # names as docs/model.md: v1 first
+          (equilibrium_name("consensus", 1, sign=1), af.consensus(model, 1, 6)),
+          (equilibrium_name("bipartite", 0, split=3, tokens=6), af.bipartite(model, 0, 3, 6)),
+          (equilibrium_name("bipartite", 2, split=3, tokens=6), af.bipartite(model, 2, 3, 6))]
 stab = af.analyse(model, np.stack([X for _, X in states]))
 for (name, _), rho, v in zip(states, stab.measure, stab.verdict):
     print(f"{name:18s} spectral radius {rho:.6f}  {['stable', 'unstable', 'neutral'][v]}")
 cf = af.consensus_closed_form(model, 0, 6, alpha=0.1)
-print("closed form vs autodiff at consensus v0:", np.max(np.abs(np.sort_complex(cf) - np.sort_complex(stab.eigenvalues[0]))))
+print("closed form vs autodiff at consensus +v1:", np.max(np.abs(np.sort_complex(cf) - np.sort_complex(stab.eigenvalues[0]))))
 
 # %% [markdown]
 # **Reading:** the ensemble splits between consensus on +-v_1 and sign splits on the v_1 axis, and exactly those

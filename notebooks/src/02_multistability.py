@@ -28,8 +28,10 @@ flow = af.SphereFlow(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("sof
 # numerical search for clustering equilibria that are *not* eigenvector-aligned (Levenberg-Marquardt on the spheres).
 
 # %%
-cands = [(f"consensus v{k}", af.consensus(flow, k, n)) for k in range(3)]
-cands += [(f"bipartite v{k} {m}/{n}", af.bipartite(flow, k, m, n)) for k in range(3) for m in (1, 2, 3)]
+from attnflow.analysis.classify import equilibrium_name
+
+cands = [(equilibrium_name("consensus", k, sign=1), af.consensus(flow, k, n)) for k in range(3)]
+cands += [(equilibrium_name("bipartite", k, split=m, tokens=n), af.bipartite(flow, k, m, n)) for k in range(3) for m in (1, 2, 3)]
 clusters = af.find_clusterings(flow, jax.random.PRNGKey(1), n, starts=8 if SMOKE else 32)
 cands += [(f"2-clustering #{i} (not aligned)", X) for i, X in enumerate(clusters[:3])]
 stab = af.analyse(flow, np.stack([np.asarray(X) for _, X in cands]))
@@ -67,7 +69,7 @@ betas = [0.3, 1.0, 2.0] if SMOKE else [0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]
 mp = af.LayerMap(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0), alpha=0.1)
 cont = af.basins.continuation(mp, jax.random.PRNGKey(2), N // 2, param="beta", values=betas, tokens=n, chunk_size=min(N // 2, 2000), steps=4000)
 branch = af.continue_equilibrium(mp, af.bipartite(mp, 0, 3, n), param="beta", values=np.linspace(0.2, 1.0, 9))
-print("bipartite v0 3/6 becomes stable at beta =", branch.changes)
+print("bipartite v1 3:3 becomes stable at beta =", branch.changes)
 fig, ax = plt.subplots(1, 2, figsize=(12, 4))
 labels = list(cont["fractions"])
 ax[0].stackplot(cont["values"], *[cont["fractions"][k] for k in labels], labels=labels)
@@ -77,7 +79,7 @@ ax[1].plot(branch.values, branch.measure, "o-")
 ax[1].axhline(1.0, color="k", ls=":")
 for c in branch.changes:
     ax[1].axvline(c, color="tab:purple", ls="--", label=f"stability change at beta = {c:.4f}")
-ax[1].set(xlabel="beta", ylabel="spectral radius", title="continuation of bipartite v0 3/6")
+ax[1].set(xlabel="beta", ylabel="spectral radius", title="continuation of bipartite v1 3:3")
 ax[1].legend()
 fig.tight_layout()
 
