@@ -467,6 +467,7 @@ def run_pool(dyn, stream: Iterator, *, pool_size: int, round_kw: dict, max_steps
     """
     sizes = _pool_sizes(pool_size, jax.local_device_count())
     pool = _Slots(sizes[0])
+    pad = None  # a converged final state: padding slots that stop after one step (a lanes tile of them costs ~nothing)
     while True:
         pool.refill(stream)
         act = np.flatnonzero(pool.idx >= 0)
@@ -478,8 +479,10 @@ def run_pool(dyn, stream: Iterator, *, pool_size: int, round_kw: dict, max_steps
             pool.waiting = False
             continue
         S = next(s for s in reversed(sizes) if s >= len(act)) if (pool.exhausted or pool.waiting) else sizes[0]
-        sel = np.concatenate([act, np.full(S - len(act), act[0])])  # occupied slots first, padded with a valid state
-        sol = simulate(dyn, pool.x[sel], tol=tol, **round_kw)
+        x = pool.x[act]  # occupied slots first, then padding: a valid state, converged if one is known
+        if S > len(act):
+            x = np.concatenate([x, np.broadcast_to(pool.x[act[0]] if pad is None else pad, (S - len(act),) + x.shape[1:])])
+        sol = simulate(dyn, x, tol=tol, **round_kw)
         k = len(act)
         fin = np.asarray(sol.final)[:k]
         st = np.asarray(sol.status).astype(np.int64)[:k]
@@ -489,6 +492,8 @@ def run_pool(dyn, stream: Iterator, *, pool_size: int, round_kw: dict, max_steps
             st = np.where((st == _CONVERGED) | (st == _MAX_STEPS), np.where(_off_sphere(fin), _DEGENERATE, st), st)
         done = (st != _MAX_STEPS) | (pool.taken[act] >= max_steps)
         if done.any():
+            if pad is None and np.any(done & (st == _CONVERGED)):
+                pad = fin[np.flatnonzero(done & (st == _CONVERGED))[0]].copy()
             r = act[done]
             retire(_Retired(pool.idx[r].copy(), fin[done], st[done], pool.taken[r].copy()))
             pool.idx[r] = -1
