@@ -82,14 +82,7 @@ def _run(args):
     from attnflow.analysis import basins as bs, equilibria as eq
     from attnflow.io.results import RunDirError, RunDirWriter, hold_lock
 
-    if args.resume and not args.out:
-        raise UsageError("--resume needs --out DIR (the run directory to continue)")
-    dist = (args.coordinator, args.num_processes, args.process_id)
-    if any(v is not None for v in dist):
-        if any(v is None for v in dist):
-            raise UsageError("--coordinator, --num-processes and --process-id go together")
-        if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
-            raise UsageError(f"--process-id must be in [0, --num-processes), got {args.process_id} of {args.num_processes}")
+    dist = _check_args(args)
     out = out_dir(args.out)  # before any work: an unwritable --out is refused now
     _peek_config(args.config)  # a missing or malformed file is refused before joining a distributed job
     if any(v is not None for v in dist):  # before anything initialises JAX's backend (the config's model does)
@@ -100,13 +93,7 @@ def _run(args):
     lead = jax.process_index() == 0
     samples = b.samples
     chunk = min(samples, 10_000) if b.chunk_size is None else b.chunk_size  # part of the run's identity: never chosen from free memory
-    # device memory is set by the member pool (speed only, never the result): a default pool that does not fit is
-    # made smaller here; an explicit pool_size that does not fit is refused with a size that does
-    pool = min(4096, samples) if b.pool_size is None else b.pool_size
-    fit = plan_chunk(cfg, pool, b.pool_size, what=f"{cfg.path}: [basins]", flag="pool_size =")
-    pool_size = b.pool_size if fit is None else fit
-    if b.pool_size is None and fit is not None:
-        info(f"attnflow basins: a pool of {pool} members does not fit in memory; using pool_size = {fit}")
+    pool_size = _pool_size(cfg, b, samples)
     lock = hold_lock(out) if out is not None and lead else None  # noqa: F841 - one writer per run directory, held until return
     dyn = cfg.build()
     key = jax.random.PRNGKey(cfg.seed if b.seed is None else b.seed)
@@ -144,17 +131,46 @@ def _run(args):
     if not lead:
         return None  # every process holds the global result; process 0 reports it
     if out is not None:
-        from attnflow.plots import basins as pb
-
-        pb.fractions(res.attractors, out / "fractions.png", title=f"{cfg.path.name}: {res.samples} samples")
-        if cont is not None:
-            pb.continuation(cont, out / "continuation.png")
-        if res.finals is not None:
-            pb.sphere_by_label(res.finals, res.names, out / "sphere.png")
-        writer.write_json("result.json", result)  # the one result file of the run (strict JSON, atomic)
+        _write_outputs(out, cfg, res, cont, result, writer)
     if args.json:
         return result
     lines = res.lines()
     if "local" in result:
         lines.append(bs.radius_line("local basin radius", result["local"]))
     return lines
+
+
+def _check_args(args):
+    """Refuse inconsistent flags in one line; returns (coordinator, num_processes, process_id)."""
+    if args.resume and not args.out:
+        raise UsageError("--resume needs --out DIR (the run directory to continue)")
+    dist = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in dist):
+        if any(v is None for v in dist):
+            raise UsageError("--coordinator, --num-processes and --process-id go together")
+        if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+            raise UsageError(f"--process-id must be in [0, --num-processes), got {args.process_id} of {args.num_processes}")
+    return dist
+
+
+def _pool_size(cfg, b, samples):
+    """The member pool: device memory is set by it (speed only, never the result). A default pool that does not fit
+    is made smaller here; an explicit pool_size that does not fit is refused with a size that does."""
+    pool = min(4096, samples) if b.pool_size is None else b.pool_size
+    fit = plan_chunk(cfg, pool, b.pool_size, what=f"{cfg.path}: [basins]", flag="pool_size =")
+    pool_size = b.pool_size if fit is None else fit
+    if b.pool_size is None and fit is not None:
+        info(f"attnflow basins: a pool of {pool} members does not fit in memory; using pool_size = {fit}")
+    return pool_size
+
+
+def _write_outputs(out, cfg, res, cont, result, writer) -> None:
+    """The figures and the one result file of the run (strict JSON, written atomically)."""
+    from attnflow.plots import basins as pb
+
+    pb.fractions(res.attractors, out / "fractions.png", title=f"{cfg.path.name}: {res.samples} samples")
+    if cont is not None:
+        pb.continuation(cont, out / "continuation.png")
+    if res.finals is not None:
+        pb.sphere_by_label(res.finals, res.names, out / "sphere.png")
+    writer.write_json("result.json", result)  # the one result file of the run (strict JSON, atomic)

@@ -116,20 +116,15 @@ def _pick_members(names: list[str], k: int = 4) -> list[int]:
 def run(args) -> int:
     """Run this subcommand; returns the exit status."""
     import jax
-    import jax.numpy as jnp
 
-    import attnflow as af
-    from attnflow.analysis import basins as bs, continuation as co, equilibria as eq, stability as st
     from attnflow.analysis.classify import equilibrium_name
-    from attnflow.plots import basins as pb
-    from attnflow.plots.trajectories import sphere_trajectories
 
     if args.samples < 1:
         from ._common import UsageError
 
         raise UsageError(f"--samples must be a positive integer, got {args.samples}")
     out = out_dir(args.out)
-    mods, V = models(args.seed)
+    mods, _ = models(args.seed)
     n, steps = TOKENS, STEPS
     key = jax.random.PRNGKey(args.seed)
     summary = {"samples": args.samples, "tokens": n, "steps": steps,
@@ -138,47 +133,11 @@ def run(args) -> int:
         print("\n".join(model_lines(mods, n, args.seed)))
     cons = equilibrium_name("consensus", 0, sign=1)
     for name, dyn in mods.items():
-        tag = name.replace(" ", "_")
-        info(f"[demo] {name}: {args.samples} samples, n={n}, d=3, up to {steps} steps", quiet=args.json)
-        res = bs.basin_fractions(dyn, key, args.samples, tokens=n, chunk_size=min(args.samples, 1000), steps=steps)
-        pb.fractions(res.attractors, out / f"{tag}_fractions.png", title=f"{name}: basin fractions ({res.samples} samples)")
-        # token paths of members with distinct outcomes (the rarest first, so a non-consensus outcome shows)
-        x0 = af.sample.sphere(jax.random.fold_in(key, 1), (64, n, 3))
-        sol = af.simulate(dyn, x0, steps=steps, saves=150, tol=1e-7)
-        names = _names(dyn, sol.final, sol.status, n)
-        pick = _pick_members(names)
-        sphere_trajectories(sol.trajectory, out / f"{tag}_paths.png", select=pick, titles=[names[i] for i in pick],
-                            title=f"{name}: token paths on the sphere, members with different outcomes")
-        states = [(cons, eq.consensus(dyn, 0, n))] + [
-            (equilibrium_name("bipartite", 0, split=m, tokens=n), eq.bipartite(dyn, 0, m, n)) for m in range(1, n)]
-        stab = st.analyse(dyn, jnp.stack([X for _, X in states]))
-        verdicts = [st.verdict_name(int(v)) for v in np.asarray(stab.verdict)]
-        entry = {"attractors": [{"name": a["label"], "fraction": float(a["fraction"]), "ci95": [float(c) for c in a["ci95"]],
-                                 "count": int(a["count"])} for a in res.attractors],
-                 "unconverged": int(res.unconverged),
-                 "equilibria": [{"name": lab, "verdict": v, "spectral_radius": float(r)}
-                                for (lab, _), v, r in zip(states, verdicts, np.asarray(stab.measure))],
-                 "paths": [names[i] for i in pick]}
-        stable_bip = [(lab, X) for (lab, X), v in zip(states[1:], verdicts[1:]) if v == "stable"]
-        if stable_bip:
-            lab, Xb = stable_bip[len(stable_bip) // 2]
-            kw = dict(q=0.9, samples=64, iters=6, steps=steps, r_max=2.0)
-            entry["local_radius"] = {lab: _radius_of(bs.local_basin_radius(dyn, Xb, key, **kw)),
-                                     cons: _radius_of(bs.local_basin_radius(dyn, states[0][1], key, **kw))}
+        entry = _study(name, dyn, args, key, out, cons)
         summary["models"][name] = entry
-    # [PM Fig. 13b]: just above the beta where the bipartite point becomes stable, its basin is tiny.
-    single = mods["single head"]
-    Xb = eq.bipartite(single, 0, n // 2, n)
-    branch = co.continue_equilibrium(single, Xb, param="beta", values=np.linspace(0.2, 1.0, 5))
-    if len(branch.changes):
-        bc = float(branch.changes[0])
-        near = single.with_params(beta=1.01 * bc)
-        kw = dict(q=0.9, samples=64, iters=6, steps=20000, r_max=2.0)
-        rb = bs.local_basin_radius(near, Xb, key, **kw)
-        rc = bs.local_basin_radius(near, eq.consensus(near, 0, n), key, **kw)
-        summary["near_threshold"] = {"equilibrium": equilibrium_name("bipartite", 0, split=n // 2, tokens=n),
-                                     "beta_threshold": bc, "beta": 1.01 * bc, "bipartite_radius": _radius_of(rb),
-                                     "bipartite_bracket": rb["bracket"], "consensus_radius": _radius_of(rc)}
+    threshold = _near_threshold(mods["single head"], key)
+    if threshold is not None:
+        summary["near_threshold"] = threshold
     if args.json:
         emit_json(summary)
         return 0
@@ -222,3 +181,66 @@ def report_lines(summary: dict) -> list[str]:
                 f"its local basin radius is {_radius(nt['bipartite_radius'])}, against {_radius(nt['consensus_radius'])} for consensus +v1 "
                 "(a small perturbation returns, a larger one escapes: [PM] Fig. 13b)"]
     return out
+
+
+def _study(name, dyn, args, key, out, cons) -> dict:
+    """One model of the demo: basin fractions, token paths of distinct outcomes, the v1 equilibria's verdicts and
+    local basin radii; writes the two figures and returns the model's JSON entry."""
+    import jax
+    import jax.numpy as jnp
+
+    import attnflow as af
+    from attnflow.analysis import basins as bs, equilibria as eq, stability as st
+    from attnflow.analysis.classify import equilibrium_name
+    from attnflow.plots import basins as pb
+    from attnflow.plots.trajectories import sphere_trajectories
+
+    n, steps = TOKENS, STEPS
+    tag = name.replace(" ", "_")
+    info(f"[demo] {name}: {args.samples} samples, n={n}, d=3, up to {steps} steps", quiet=args.json)
+    res = bs.basin_fractions(dyn, key, args.samples, tokens=n, chunk_size=min(args.samples, 1000), steps=steps)
+    pb.fractions(res.attractors, out / f"{tag}_fractions.png", title=f"{name}: basin fractions ({res.samples} samples)")
+    # token paths of members with distinct outcomes (the rarest first, so a non-consensus outcome shows)
+    x0 = af.sample.sphere(jax.random.fold_in(key, 1), (64, n, 3))
+    sol = af.simulate(dyn, x0, steps=steps, saves=150, tol=1e-7)
+    names = _names(dyn, sol.final, sol.status, n)
+    pick = _pick_members(names)
+    sphere_trajectories(sol.trajectory, out / f"{tag}_paths.png", select=pick, titles=[names[i] for i in pick],
+                        title=f"{name}: token paths on the sphere, members with different outcomes")
+    states = [(cons, eq.consensus(dyn, 0, n))] + [
+        (equilibrium_name("bipartite", 0, split=m, tokens=n), eq.bipartite(dyn, 0, m, n)) for m in range(1, n)]
+    stab = st.analyse(dyn, jnp.stack([X for _, X in states]))
+    verdicts = [st.verdict_name(int(v)) for v in np.asarray(stab.verdict)]
+    entry = {"attractors": [{"name": a["label"], "fraction": float(a["fraction"]), "ci95": [float(c) for c in a["ci95"]],
+                             "count": int(a["count"])} for a in res.attractors],
+             "unconverged": int(res.unconverged),
+             "equilibria": [{"name": lab, "verdict": v, "spectral_radius": float(r)}
+                            for (lab, _), v, r in zip(states, verdicts, np.asarray(stab.measure))],
+             "paths": [names[i] for i in pick]}
+    stable_bip = [(lab, X) for (lab, X), v in zip(states[1:], verdicts[1:]) if v == "stable"]
+    if stable_bip:
+        lab, Xb = stable_bip[len(stable_bip) // 2]
+        kw = dict(q=0.9, samples=64, iters=6, steps=steps, r_max=2.0)
+        entry["local_radius"] = {lab: _radius_of(bs.local_basin_radius(dyn, Xb, key, **kw)),
+                                 cons: _radius_of(bs.local_basin_radius(dyn, states[0][1], key, **kw))}
+    return entry
+
+
+def _near_threshold(single, key) -> dict | None:
+    """[PM Fig. 13b]: just above the beta where the bipartite point becomes stable, its basin is tiny."""
+    from attnflow.analysis import basins as bs, continuation as co, equilibria as eq
+    from attnflow.analysis.classify import equilibrium_name
+
+    n = TOKENS
+    Xb = eq.bipartite(single, 0, n // 2, n)
+    branch = co.continue_equilibrium(single, Xb, param="beta", values=np.linspace(0.2, 1.0, 5))
+    if len(branch.changes):
+        bc = float(branch.changes[0])
+        near = single.with_params(beta=1.01 * bc)
+        kw = dict(q=0.9, samples=64, iters=6, steps=20000, r_max=2.0)
+        rb = bs.local_basin_radius(near, Xb, key, **kw)
+        rc = bs.local_basin_radius(near, eq.consensus(near, 0, n), key, **kw)
+        return {"equilibrium": equilibrium_name("bipartite", 0, split=n // 2, tokens=n),
+                "beta_threshold": bc, "beta": 1.01 * bc, "bipartite_radius": _radius_of(rb),
+                "bipartite_bracket": rb["bracket"], "consensus_radius": _radius_of(rc)}
+    return None

@@ -91,26 +91,7 @@ def run(args) -> int:
         "files": [],
     }
     if out is not None:
-        arrays = {"final": np.asarray(sol.final), "status": np.asarray(sol.status), "steps": np.asarray(sol.steps)}
-        if sol.trajectory is not None:
-            arrays["trajectory"] = np.asarray(sol.trajectory)
-            arrays["ts"] = np.asarray(sol.ts)
-        from attnflow.io.results import atomic_write_bytes
-
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        atomic_write_bytes(out / "trajectories.npz", buf.getvalue())  # complete or absent, never partial
-        summary["files"].append(str(out / "trajectories.npz"))
-        from attnflow.plots.trajectories import pairwise_cosines, sphere_trajectories
-
-        traj = arrays.get("trajectory")
-        ts = arrays.get("ts")
-        if traj is None:  # only the start and the end were kept
-            traj = np.stack([np.asarray(x0), arrays["final"]])
-            ts = np.array([0.0, float(cfg.steps if cfg.time == "discrete" else cfg.t1)])
-        if cfg.d == 3:
-            summary["files"].append(str(sphere_trajectories(traj, out / "sphere.png", title=f"{cfg.path.name}")))
-        summary["files"].append(str(pairwise_cosines(traj, ts, out / "cosines.png")))
+        summary["files"] += _write_outputs(out, sol, x0, cfg)
     if args.json:
         emit_json(summary)
     else:
@@ -120,3 +101,29 @@ def run(args) -> int:
         for f in summary["files"]:
             print(f"wrote {f}")
     return 0
+
+
+def _write_outputs(out, sol, x0, cfg) -> list[str]:
+    """trajectories.npz (written atomically) and the figures; returns the paths written."""
+    files: list[str] = []
+    arrays = {"final": np.asarray(sol.final), "status": np.asarray(sol.status), "steps": np.asarray(sol.steps)}
+    if sol.trajectory is not None:
+        arrays["trajectory"] = np.asarray(sol.trajectory)
+        arrays["ts"] = np.asarray(sol.ts)
+    from attnflow.io.results import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(out / "trajectories.npz", buf.getvalue())  # complete or absent, never partial
+    files.append(str(out / "trajectories.npz"))
+    from attnflow.plots.trajectories import pairwise_cosines, sphere_trajectories
+
+    traj = arrays.get("trajectory")
+    ts = arrays.get("ts")
+    if traj is None:  # only the start and the end were kept
+        traj = np.stack([np.asarray(x0), arrays["final"]])
+        ts = np.array([0.0, float(cfg.steps if cfg.time == "discrete" else cfg.t1)])
+    if cfg.d == 3:
+        files.append(str(sphere_trajectories(traj, out / "sphere.png", title=f"{cfg.path.name}")))
+    files.append(str(pairwise_cosines(traj, ts, out / "cosines.png")))
+    return files

@@ -75,22 +75,7 @@ def run(args) -> int:
     from attnflow.analysis import transformer as T
     from attnflow.io.hf import CheckpointError, load_hf, resolve
 
-    if args.tokens < 1 or args.samples < 1:
-        raise UsageError(f"--tokens and --samples must be >= 1, got {args.tokens}, {args.samples}")
-    if args.extra_layers < 0:
-        raise UsageError(f"--extra-layers must be >= 0, got {args.extra_layers}")
-    if not 0 <= args.seed <= SEED_MAX:
-        raise UsageError(f"--seed must be in [0, {SEED_MAX}] (larger seeds would repeat smaller ones), got {args.seed}")
-    if args.tie is not None and not (np.isfinite(args.tie) and args.tie >= 0):
-        raise UsageError(f"--tie must be a finite number >= 0, got {args.tie}")
-    steer_gamma = None
-    if args.steer is not None and args.steer != "auto":
-        try:
-            steer_gamma = float(args.steer)
-        except ValueError:
-            raise UsageError(f"--steer must be a number >= 0 or 'auto', got {args.steer!r}") from None
-        if not (np.isfinite(steer_gamma) and steer_gamma >= 0):
-            raise UsageError(f"--steer must be a finite number >= 0, got {args.steer!r}")
+    steer_gamma = _check_args(args)
     try:
         model = load_hf(resolve(args.model))
     except CheckpointError as e:
@@ -129,29 +114,11 @@ def run(args) -> int:
                          lambda1_predicted=[sr.steering.predicted.real, sr.steering.predicted.imag])
         doc["steering"] = steer
     if out is not None:
-        from attnflow.plots import spectral as P
-        from ._common import to_json
-
-        (out / "pm.json").write_text(to_json(doc) + "\n")
-        np.savez(out / "pm.npz", trajectory=res.trajectory[:, :4], **{k: getattr(res.metrics, k) for k in res.metrics.__dataclass_fields__})
-        P.alignment(res, out / "alignment.png")
-        P.eigenvalues(res, out / "eigenvalues.png")
-        P.cumulative(res, out / "cumulative.png")
-        if steer and steer.get("trace"):
-            P.steering_curve(steer["trace"], out / "steering.png")
-        if steer and sr is not None:
-            P.alignment(sr.result, out / "alignment_steered.png",
-                        title=f"{model.name}: last layer steered (gamma = {steer['gamma']:.4g}), alignment with v1(l)")
+        _write_outputs(out, model, res, doc, steer, sr)
     if args.json:
         emit_json(doc)
     else:
-        print(LEGEND + "\n")
-        print(f"{'layer':>5} {'Re l1':>8} {'Im l1':>8} {'gap':>8} {'c':>7} {'c_bar':>7} {'Delta':>8} {'D_bar':>8} {'p':>6} {'p_bar':>6}")
-        for l in doc["layers"]:
-            print(f"{l['layer']:>5} {l['lambda1'][0]:8.4f} {l['lambda1'][1]:8.4f} {l['gap']:8.4f} {l['c']:7.4f} {l['c_bar']:7.4f} "
-                  f"{l['delta']:8.4f} {l['delta_bar']:8.4f} {l['p']:6.3f} {l['p_bar']:6.3f}")
-        if steer:
-            print(f"steering: gamma = {steer['gamma']}, final mean |cos(x, u)| = {steer.get('final_cos')}")
+        _print_table(doc, steer)
     return 0
 
 
@@ -169,3 +136,52 @@ def _check_memory(model, args) -> None:
         if need > have:
             raise UsageError(f"--samples {S} x --tokens {n} needs ~{gib(need)} of {where} memory, ~{gib(have)} usable; "
                              "reduce --samples or --tokens")
+
+
+def _check_args(args) -> float | None:
+    """Refuse bad numeric options in one line; returns the fixed steering gain (None for none or 'auto')."""
+    if args.tokens < 1 or args.samples < 1:
+        raise UsageError(f"--tokens and --samples must be >= 1, got {args.tokens}, {args.samples}")
+    if args.extra_layers < 0:
+        raise UsageError(f"--extra-layers must be >= 0, got {args.extra_layers}")
+    if not 0 <= args.seed <= SEED_MAX:
+        raise UsageError(f"--seed must be in [0, {SEED_MAX}] (larger seeds would repeat smaller ones), got {args.seed}")
+    if args.tie is not None and not (np.isfinite(args.tie) and args.tie >= 0):
+        raise UsageError(f"--tie must be a finite number >= 0, got {args.tie}")
+    steer_gamma = None
+    if args.steer is not None and args.steer != "auto":
+        try:
+            steer_gamma = float(args.steer)
+        except ValueError:
+            raise UsageError(f"--steer must be a number >= 0 or 'auto', got {args.steer!r}") from None
+        if not (np.isfinite(steer_gamma) and steer_gamma >= 0):
+            raise UsageError(f"--steer must be a finite number >= 0, got {args.steer!r}")
+    return steer_gamma
+
+
+def _write_outputs(out, model, res, doc, steer, sr) -> None:
+    """pm.json, pm.npz and the figures (alignment, eigenvalues, cumulative products, steering)."""
+    from attnflow.plots import spectral as P
+    from ._common import to_json
+
+    (out / "pm.json").write_text(to_json(doc) + "\n")
+    np.savez(out / "pm.npz", trajectory=res.trajectory[:, :4], **{k: getattr(res.metrics, k) for k in res.metrics.__dataclass_fields__})
+    P.alignment(res, out / "alignment.png")
+    P.eigenvalues(res, out / "eigenvalues.png")
+    P.cumulative(res, out / "cumulative.png")
+    if steer and steer.get("trace"):
+        P.steering_curve(steer["trace"], out / "steering.png")
+    if steer and sr is not None:
+        P.alignment(sr.result, out / "alignment_steered.png",
+                    title=f"{model.name}: last layer steered (gamma = {steer['gamma']:.4g}), alignment with v1(l)")
+
+
+def _print_table(doc, steer) -> None:
+    """The per-layer table with its legend and header, and the steering line."""
+    print(LEGEND + "\n")
+    print(f"{'layer':>5} {'Re l1':>8} {'Im l1':>8} {'gap':>8} {'c':>7} {'c_bar':>7} {'Delta':>8} {'D_bar':>8} {'p':>6} {'p_bar':>6}")
+    for l in doc["layers"]:
+        print(f"{l['layer']:>5} {l['lambda1'][0]:8.4f} {l['lambda1'][1]:8.4f} {l['gap']:8.4f} {l['c']:7.4f} {l['c_bar']:7.4f} "
+              f"{l['delta']:8.4f} {l['delta_bar']:8.4f} {l['p']:6.3f} {l['p_bar']:6.3f}")
+    if steer:
+        print(f"steering: gamma = {steer['gamma']}, final mean |cos(x, u)| = {steer.get('final_cos')}")
