@@ -385,3 +385,14 @@ def test_the_backend_used_is_part_of_the_run_identity(tmp_path):
     with pytest.raises(RunDirError, match="backend") as e:
         af.basin_fractions(dyn, jax.random.PRNGKey(1), 20, run_dir=run, resume=True, backend="lanes", **kw)
     assert "\n" not in str(e.value)
+
+
+def test_layernorm_maps_are_not_degenerate_in_a_basin_study():
+    """Degeneracy is the model's own state_residual (checked in simulate): LayerNorm tokens have norm sqrt(d), not 1,
+    and must not be counted as 'degenerate' (a host-side unit-sphere check once did exactly that)."""
+    from attnflow.model.norms import LayerNorm
+
+    ln = af.LayerMap(af.SelfAttention(af.Heads.single(V3, K=V3), af.Attention("softmax"), 1.0), 0.1, LayerNorm())
+    sampler = lambda key, num: jax.vmap(LayerNorm())(jax.random.normal(key, (num, 4, 3)))
+    res = bs.basin_fractions(ln, jax.random.PRNGKey(0), 16, sampler=sampler, chunk_size=16, steps=50, max_steps=100, tol=1e-6)
+    assert {c.name: c.count for c in res.categories}.get("degenerate", 0) == 0

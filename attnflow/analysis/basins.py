@@ -43,12 +43,11 @@ import numpy as np
 from .._types import Array, Tokens
 from ..evolve import sample
 from ..evolve.simulate import STATUS_NAMES, simulate
-from ..model.dynamics import AbstractDynamics, AbstractFlow, FlatFlow
+from ..model.dynamics import AbstractDynamics, AbstractFlow
 from .classify import KIND_NAMES, NOT_CONVERGED, SADDLE, UNCLASSIFIED, classify, describe, equilibrium_name, label_rows
 
 _CODE = {name: code for code, name in enumerate(STATUS_NAMES)}
 _MAX_STEPS, _CONVERGED = _CODE.get("max_steps", 0), _CODE.get("converged", 1)
-_DEGENERATE = _CODE.get("degenerate", 4)
 DEFAULT_MAX_STEPS = 10_000
 """The smallest default step cap; the default is ``max(10 * budget, DEFAULT_MAX_STEPS)``."""
 
@@ -456,12 +455,12 @@ class _Slots:
 
 
 def run_pool(dyn, stream: Iterator, *, pool_size: int, round_kw: dict, max_steps: int, tol: float,
-             retire: Callable, drain: Callable | None = None, sphere: bool = True) -> None:
+             retire: Callable, drain: Callable | None = None) -> None:
     """Advance a pool of member slots round by round until the stream is exhausted and every member is retired.
 
     Each round calls :func:`attnflow.simulate` on the occupied slots with `round_kw` (K steps). A member is
     retired when its status is not "max_steps", when it has taken `max_steps` steps, or when it is degenerate
-    (finite, but a row left the unit sphere; status "degenerate"). ``retire(_Retired)`` receives them.
+    (status "degenerate": :func:`attnflow.simulate` checks the model's own ``state_residual``). ``retire(_Retired)`` receives them.
     `drain()` is called when the stream yields ``(None, None)`` and every member is retired. Once the stream
     runs dry the pool shrinks (by factors of 4, so few shapes compile) to fit the members left.
     """
@@ -488,8 +487,6 @@ def run_pool(dyn, stream: Iterator, *, pool_size: int, round_kw: dict, max_steps
         st = np.asarray(sol.status).astype(np.int64)[:k]
         pool.x[act] = fin
         pool.taken[act] += np.asarray(sol.steps).astype(np.int64)[:k]
-        if sphere:
-            st = np.where((st == _CONVERGED) | (st == _MAX_STEPS), np.where(_off_sphere(fin), _DEGENERATE, st), st)
         done = (st != _MAX_STEPS) | (pool.taken[act] >= max_steps)
         if done.any():
             if pad is None and np.any(done & (st == _CONVERGED)):
@@ -497,14 +494,6 @@ def run_pool(dyn, stream: Iterator, *, pool_size: int, round_kw: dict, max_steps
             r = act[done]
             retire(_Retired(pool.idx[r].copy(), fin[done], st[done], pool.taken[r].copy()))
             pool.idx[r] = -1
-
-
-def _off_sphere(X: np.ndarray, tol: float = 1e-3) -> np.ndarray:
-    """Finite states with a row whose norm is not 1 (e.g. a zero row after an overflow): ``(b,)`` bool."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        nrm = np.sqrt(np.sum(np.asarray(X, np.float64) ** 2, axis=-1))
-        fin = np.all(np.isfinite(X), axis=(1, 2))
-        return fin & np.any(np.abs(nrm - 1.0) > tol, axis=1)
 
 
 # ------------------------------------------------------------------------------------------ labelling and blocks
@@ -759,8 +748,7 @@ def basin_fractions(
     ids = _block_ids(n_blocks, chunk_size, samples, pi, pc, writer, tally, adaptive, update)
     labeller = _Labeller(dyn, P, cluster_tol, blocks.add)
     run_pool(dyn, sample_stream(sampler, key, ids, chunk_size, samples), pool_size=P,
-             round_kw=round_kw, max_steps=cap, tol=tol, retire=labeller.add, drain=labeller.flush,
-             sphere=not isinstance(dyn, FlatFlow))
+             round_kw=round_kw, max_steps=cap, tol=tol, retire=labeller.add, drain=labeller.flush)
     labeller.flush()
     if bar is not None:
         bar.close()
