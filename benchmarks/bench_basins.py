@@ -5,8 +5,9 @@
 Two designs are measured in the same run, each study in a fresh subprocess (so that its peak host memory,
 ru_maxrss, is its own), after a warm-up study of the same shapes in that process (compiles excluded):
 
-- ``pool``: :func:`attnflow.analysis.basins.basin_fractions`: a pool of member slots advanced in rounds; members
-  that converged are retired and their slots refilled, so a member costs about its own steps.
+- ``pool``: :func:`attnflow.analysis.basins.basin_fractions`: a pool of member slots on the device
+  (:func:`attnflow.evolve.stream.advance_pool`); every 8 steps, members that stopped are retired and labelled in the
+  same compiled call and their slots refilled, so a member costs about its own steps.
 - ``fixed``: the previous design, written out here: chunks of ``--chunk`` states simulated for the whole budget
   (the chunk runs until its slowest member stops), then labelled.
 

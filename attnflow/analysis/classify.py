@@ -83,33 +83,65 @@ def _components(X, tol):
     return jnp.sum(sizes > 0), -jnp.sort(-sizes)
 
 
-def _one(X, status, vecs, real, tol, use_status, decimals, table):
-    n = X.shape[0]
-    clusters, sizes = _components(X, tol)
-    c = X @ vecs  # (n, d): cosines with each eigenvector
-    on_axis = jnp.all(jnp.abs(jnp.abs(c) - 1.0) < tol, axis=0) & real
-    k = jnp.where(jnp.any(on_axis), jnp.argmax(on_axis), -1)
-    ck = c[:, jnp.maximum(k, 0)]
-    npos = jnp.sum(ck > 0)
-    aligned = k >= 0
-    consensus = clusters == 1
-    bip = aligned & (clusters == 2)
-    poly = (~aligned) & (clusters >= 2) & (jnp.max(jnp.abs(jnp.sum(X, axis=0))) < tol)
-    kind = jnp.where(consensus, CONSENSUS, jnp.where(bip, BIPARTITE, jnp.where(poly, POLYGONAL, CLUSTERING)))
-    if use_status:
-        cat = table[jnp.clip(status, 0, table.shape[0] - 1)]
-        kind = jnp.where(cat < 0, kind, cat)
-    sign = jnp.where(consensus & aligned, jnp.where(npos == n, 1, -1), jnp.where(bip, 1, 0))
-    split = jnp.where(bip, npos, jnp.where(consensus & aligned, n, 0))
-    g = jnp.linalg.eigvalsh(X @ X.T)
-    g = jnp.round(g * 10**decimals) / 10**decimals
-    return kind, clusters, sizes, jnp.where(aligned | consensus, k, -1), sign, split, g
+def _gram_spectrum(X):
+    """The sorted eigenvalues of the Gram matrix X X^T ``(n,)``: those of the smaller of X X^T and X^T X, padded
+    with the zeros of the rank deficit (the nonzero spectra of X X^T and X^T X coincide)."""
+    n, d = X.shape
+    if d >= n:
+        return jnp.linalg.eigvalsh(X @ X.T)
+    return jnp.concatenate([jnp.zeros(n - d, X.dtype), jnp.linalg.eigvalsh(X.T @ X)])
 
 
-@eqx.filter_jit
-def _classify(X, status, vecs, real, tol, use_status, decimals, table):
-    out = jax.vmap(lambda x, s: _one(x, s, vecs, real, tol, use_status, decimals, table))(X, status)
-    return Labels(*out, tokens=X.shape[1])
+class Classifier(eqx.Module):
+    """The labeller of one model: ``Classifier(...)(final, status=None) -> Labels`` (traceable; :func:`classifier`
+    builds it, :func:`classify` calls it under ``jit``)."""
+
+    vecs: Array
+    real: Array
+    table: Array
+    tol: float = eqx.field(static=True)
+    decimals: int = eqx.field(static=True)
+
+    def __call__(self, final: Batch, status=None) -> Labels:
+        st = jnp.zeros(final.shape[0], jnp.int32) if status is None else status
+        vecs = self.vecs.astype(final.dtype)
+        out = jax.vmap(lambda x, s: self._one(x, s, vecs, status is not None))(final, st)
+        return Labels(*out, tokens=final.shape[1])
+
+    def _one(self, X, status, vecs, use_status):
+        n, tol = X.shape[0], self.tol
+        clusters, sizes = _components(X, tol)
+        c = X @ vecs  # (n, d): cosines with each eigenvector
+        on_axis = jnp.all(jnp.abs(jnp.abs(c) - 1.0) < tol, axis=0) & self.real
+        k = jnp.where(jnp.any(on_axis), jnp.argmax(on_axis), -1)
+        ck = c[:, jnp.maximum(k, 0)]
+        npos = jnp.sum(ck > 0)
+        aligned = k >= 0
+        consensus = clusters == 1
+        bip = aligned & (clusters == 2)
+        poly = (~aligned) & (clusters >= 2) & (jnp.max(jnp.abs(jnp.sum(X, axis=0))) < tol)
+        kind = jnp.where(consensus, CONSENSUS, jnp.where(bip, BIPARTITE, jnp.where(poly, POLYGONAL, CLUSTERING)))
+        if use_status:
+            cat = self.table[jnp.clip(status, 0, self.table.shape[0] - 1)]
+            kind = jnp.where(cat < 0, kind, cat)
+        sign = jnp.where(consensus & aligned, jnp.where(npos == n, 1, -1), jnp.where(bip, 1, 0))
+        split = jnp.where(bip, npos, jnp.where(consensus & aligned, n, 0))
+        g = jnp.round(_gram_spectrum(X) * 10**self.decimals) / 10**self.decimals
+        return kind, clusters, sizes, jnp.where(aligned | consensus, k, -1), sign, split, g
+
+
+def classifier(model, *, tol: float = 1e-3, decimals: int = 3) -> Classifier:
+    """The :class:`Classifier` of ``model`` (any dynamics, Heads, or W itself); see :func:`classify`."""
+    lam, V = eigenpairs(model)
+    real = np.abs(lam.imag) < 1e-12
+    # an eigenvector of a repeated eigenvalue is an arbitrary basis vector of its eigenspace: not a label
+    simple = np.array([np.sum(np.abs(lam - l) < 1e-9) == 1 for l in lam])
+    real &= simple
+    vecs = np.where(real[None, :], np.real(V), 0.0)
+    return Classifier(jnp.asarray(vecs), jnp.asarray(real), jnp.asarray(status_to_kind()), float(tol), int(decimals))
+
+
+_classify = eqx.filter_jit(lambda c, X, status: c(X, status))
 
 
 def classify(model, final: Batch, status=None, *, tol: float = 1e-3, decimals: int = 3) -> Labels:
@@ -119,19 +151,10 @@ def classify(model, final: Batch, status=None, *, tol: float = 1e-3, decimals: i
     "nonfinite", "degenerate" or "solver_failed" by status name); `tol` is the distance
     under which two tokens are one cluster, and how close |cos(x_i, v_k)| must be to 1.
     """
-    lam, V = eigenpairs(model)
-    real = np.abs(lam.imag) < 1e-12
-    # an eigenvector of a repeated eigenvalue is an arbitrary basis vector of its eigenspace: not a label
-    simple = np.array([np.sum(np.abs(lam - l) < 1e-9) == 1 for l in lam])
-    real &= simple
-    vecs = np.where(real[None, :], np.real(V), 0.0)
     X = jnp.asarray(final)
     if X.ndim == 2:
         X = X[None]
-    use_status = status is not None
-    st = jnp.zeros(X.shape[0], jnp.int32) if status is None else jnp.asarray(status)
-    return _classify(X, st, jnp.asarray(vecs, X.dtype), jnp.asarray(real), float(tol), use_status, int(decimals),
-                     jnp.asarray(status_to_kind()))
+    return _classify(classifier(model, tol=tol, decimals=decimals), X, None if status is None else jnp.asarray(status))
 
 
 _CATEGORY_NAMES = {"not_converged": "not converged", "nonfinite": "nonfinite", "degenerate": "degenerate",

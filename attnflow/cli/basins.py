@@ -93,7 +93,7 @@ def _run(args):
     lead = jax.process_index() == 0
     samples = b.samples
     chunk = min(samples, 10_000) if b.chunk_size is None else b.chunk_size  # part of the run's identity: never chosen from free memory
-    pool_size = _pool_size(cfg, b, samples)
+    pool_size = _pool_size(cfg, b, samples, chunk)
     lock = hold_lock(out) if out is not None and lead else None  # noqa: F841 - one writer per run directory, held until return
     dyn = cfg.build()
     key = jax.random.PRNGKey(cfg.seed if b.seed is None else b.seed)
@@ -153,15 +153,17 @@ def _check_args(args):
     return dist
 
 
-def _pool_size(cfg, b, samples):
-    """The member pool: device memory is set by it (speed only, never the result). A default pool that does not fit
-    is made smaller here; an explicit pool_size that does not fit is refused with a size that does."""
-    pool = min(4096, samples) if b.pool_size is None else b.pool_size
+def _pool_size(cfg, b, samples, chunk):
+    """The member pool: device memory is set by it (speed only, never the result). None (the library's default,
+    :func:`attnflow.analysis.basins.basin_fractions`) when the largest default pool fits; a default that does not
+    fit is made smaller here; an explicit pool_size that does not fit is refused with a size that does."""
+    pool = min(16384, samples, max(chunk, 64)) if b.pool_size is None else b.pool_size
     fit = plan_chunk(cfg, pool, b.pool_size, what=f"{cfg.path}: [basins]", flag="pool_size =")
-    pool_size = b.pool_size if fit is None else fit
-    if b.pool_size is None and fit is not None:
+    if b.pool_size is not None:
+        return b.pool_size if fit is None else fit
+    if fit is not None:
         info(f"attnflow basins: a pool of {pool} members does not fit in memory; using pool_size = {fit}")
-    return pool_size
+    return fit
 
 
 def _write_outputs(out, cfg, res, cont, result, writer) -> None:

@@ -20,10 +20,11 @@ def over_rows(op, v):
     return op.reduce(v, axis=0)
 
 
-def advance(c, step, tol, scale):
+def advance(c, step, tol, scale, cap=None):
     """One step of every member. ``c``: (state, k, status, steps); ``step(X, k)`` maps a state (rows, see
     :func:`over_rows`) to the next in the same form; with ``tol`` a member whose max-abs change (divided by
-    ``scale``, dt for flows) is below tol stops as converged."""
+    ``scale``, dt for flows) is below tol stops as converged. With ``cap``, a member that has taken ``cap``
+    steps no longer moves (its status stays "max_steps")."""
     X, k, st, ns = c
     Y = step(X, k)
     rowwise = (lambda f, *a: tuple(map(f, *a))) if isinstance(Y, tuple) else (lambda f, *a: f(*a))
@@ -35,6 +36,8 @@ def advance(c, step, tol, scale):
             change = change / scale
         new = jnp.where(finite & (change < tol), CONVERGED, new)
     run = st == MAX_STEPS
+    if cap is not None:
+        run = run & (ns < cap)
     keep = run & finite
     X = rowwise(lambda y, x: jnp.where(keep, y, x), Y, X)
     return X, k + 1, jnp.where(run, new, st), ns + run.astype(ns.dtype)
