@@ -420,3 +420,15 @@ def test_gram_spectrum_equals_numpy():
     for n, d in [(6, 3), (2, 4), (3, 3)]:
         X = rng.normal(size=(n, d))
         np.testing.assert_allclose(np.asarray(cl._gram_spectrum(jnp.asarray(X))), np.linalg.eigvalsh(X @ X.T), atol=1e-12)
+
+
+def test_adaptive_ci_width_adds_blocks_until_narrow_and_equals_a_fixed_run():
+    """ci_width: blocks are added (the pool drains between them) until every attractor's interval is narrower; the
+    result equals a plain study of the same number of samples (sample i is fold_in(key, i) either way)."""
+    dyn, key = mapped(V3, K=V3), jax.random.PRNGKey(5)
+    kw = dict(tokens=4, chunk_size=40, steps=2000, tol=1e-7, backend="xla")
+    res = bs.basin_fractions(dyn, key, 40, ci_width=0.25, **kw)
+    assert res.samples > 40 and res.samples % 40 == 0
+    assert all(a.interval[1] - a.interval[0] < 0.25 for a in res.attractors)
+    plain = bs.basin_fractions(dyn, key, res.samples, **kw)
+    assert plain.to_json() == res.to_json()

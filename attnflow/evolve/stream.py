@@ -102,8 +102,8 @@ def advance_pool(dynamics, pool: Pool, queue, queue_index, count: int, *, cap: i
     queue = _check_x0(dynamics, queue)
     M, n, d = queue.shape
     D, P = pool.x.shape
-    if D != n * d:
-        raise ValueError(f"the pool holds states of {D} numbers, the queue ({n}, {d})")
+    if D != n * d or pool.x.dtype != queue.dtype:
+        raise ValueError(f"the pool holds states of {D} numbers in {pool.x.dtype}, the queue ({n}, {d}) in {queue.dtype}")
     if not 0 <= int(count) <= M or len(queue_index) != M:
         raise ValueError(f"count must be in [0, {M}] and queue_index of length {M}, got {count}, {len(queue_index)}")
     if group < 1 or cap < 1:
