@@ -1,6 +1,6 @@
 """How models are evolved, for a batch: solvers, simulate, sampling."""
 
-from . import backends as backends, sample as sample
+from . import backends as backends, sample as sample, stream as stream
 from .backends import BACKENDS as BACKENDS, choose_backend as choose_backend
 from .status import (
     CONVERGED as CONVERGED,
@@ -20,6 +20,7 @@ from .simulate import (
     sweep as sweep,
     trace_count as trace_count,
 )
+from .stream import Pool as Pool, advance_pool as advance_pool, empty_pool as empty_pool
 from .solvers import (
     RK4 as RK4,
     AbstractSolver as AbstractSolver,

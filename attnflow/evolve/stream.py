@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._types import Array, Float, Int
-from . import backends
 from ..model.dynamics import AbstractFlow
+from . import backends
 from .backends import machine, one_step
 from .simulate import _check_x0, _make_plan, _mark_degenerate
 from .status import CONVERGED, MAX_STEPS

@@ -22,7 +22,6 @@ vmapped XLA path.
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 
 import equinox as eqx
@@ -157,8 +156,8 @@ class _Emitter:
     the loop: only shapes and costs are tracked, elements are None) or ``emit=True`` (inside the loop:
     lax primitives on ``(T,)`` vectors and scalars)."""
 
-    def __init__(self, emit: bool, lanes: int | None):
-        self.emit, self.lanes, self.cost = emit, lanes, 0
+    def __init__(self, emit: bool):
+        self.emit, self.cost = emit, 0
 
     def _lift(self, v, dtype, shape):
         if isinstance(v, (np.generic, np.ndarray, int, float, bool)):
@@ -223,7 +222,7 @@ class LaneProgram:
         # a dry run: what the loop needs from the weights (the roots), and the cost
         self.num_weights = len(leaves)
         self._roots_used: set[int] = set()
-        em = _Emitter(emit=False, lanes=None)
+        em = _Emitter(emit=False)
         self._run(em, self._inputs_abstract(len(leaves)), record=True)
         self.cost = em.cost
 
@@ -251,7 +250,7 @@ class LaneProgram:
             self._roots[r] = arr
         return _Uniform(arr, _refs(r, shape))
 
-    def _to_elements(self, v, em: _Emitter) -> np.ndarray:
+    def _to_elements(self, v) -> np.ndarray:
         """Any value as an object array of scalar elements (for a lanes operation)."""
         if isinstance(v, _Lanes):
             return v.els
@@ -327,7 +326,7 @@ class LaneProgram:
 
     def _lanes(self, em, eqn, ins, params, shapes_out):
         name, prim = eqn.primitive.name, eqn.primitive
-        els = [self._to_elements(v, em) for v in ins]
+        els = [self._to_elements(v) for v in ins]
         avals = [v.aval for v in eqn.invars]
         if name in ELEMENTWISE:
             shape = shapes_out[0]
@@ -409,7 +408,7 @@ class LaneProgram:
         roots: dict[int, jax.Array] = {i: jnp.asarray(x) for i, x in enumerate(leaves)}
         ins = [_Uniform(roots[i], _refs(i, jnp.shape(x))) for i, x in enumerate(leaves)]
         ins += [_Lanes(_obj(())), _Lanes(_obj((self.n, self.d)))]
-        self._run(_Emitter(emit=False, lanes=None), ins, record=False, roots=roots)
+        self._run(_Emitter(emit=False), ins, record=False, roots=roots)
         return [jnp.ravel(roots[r]) for r in sorted(self._roots_used)]
 
     @property
@@ -438,9 +437,9 @@ class LaneProgram:
         kk[()] = k
         ins = [_Uniform(None, _refs(i, v.aval.shape)) for i, v in enumerate(self._closed.jaxpr.invars[: self.num_weights])]
         ins += [_Lanes(kk), _Lanes(X)]
-        em = _Emitter(emit=True, lanes=lanes)
+        em = _Emitter(emit=True)
         out = self._run(em, ins, record=False, scalars=scalars)
-        els = self._to_elements(out, em)
+        els = self._to_elements(out)
         res = []
         for a in range(d):
             for i in range(n):
