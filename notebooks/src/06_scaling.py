@@ -1,12 +1,13 @@
 # %% [markdown]
 # # 06 · Scaling: large basin studies, chunking, resume, several devices, benchmarks
 #
-# Basin studies need 10^5 to 10^8 initial conditions. attnflow runs them in chunks (memory is bounded by the
-# chunk), streams one Parquet table per finished chunk to a run directory, resumes a killed run without losing or
-# recomputing a finished chunk, and spreads each chunk over all local devices. Chunk i always draws its states from
-# `fold_in(key, i)`, so none of this changes the result.
+# Basin studies need 10^5 to 10^8 initial conditions. attnflow streams them through a pool of member slots on the
+# device (a member is retired as soon as it stops, and its slot takes the next sample), writes one Parquet table per
+# finished chunk of samples to a run directory (memory is bounded by the pool and the chunk), resumes a killed run
+# without losing or recomputing a finished chunk, and with several local devices shards the work over them. Sample
+# i always draws its state from `fold_in(key, i)`, so none of this changes the result.
 #
-# Sizes: `SAMPLES` below is 10^6 in the committed run (about a quarter of an hour on a 2-core CPU; set
+# Sizes: `SAMPLES` below is 10^6 in the committed run (about two minutes on a 2-core CPU; set
 # `ATTNFLOW_SAMPLES` to change it); `ATTNFLOW_SMOKE=1` shrinks everything for CI.
 
 # %%
