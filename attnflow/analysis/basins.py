@@ -809,14 +809,9 @@ def basin_fractions(
         sampler = uniform_sampler(tokens, d, dtype)
     if samples < 1 or chunk_size < 1:
         raise ValueError(f"samples and chunk_size must be >= 1, got {samples}, {chunk_size}")
-    K, cap, round_kw = _round_plan(dyn, steps, t1, dt, solver, max_steps, round_steps)
     pi, pc, distributed = _processes(process_index, process_count, ci_width)
     shape = jax.eval_shape(lambda k: sampler(k, min(samples, chunk_size)), key)
-    round_kw = {**round_kw, **_backend_kw(dyn, backend, shape, samples, cap, round_kw, tol)}
-    # the member stream runs on one device; several local devices shard each round of simulate instead
-    streamed = round_kw["backend"] in ("xla", "lanes") and not _adaptive(solver) and jax.local_device_count() == 1
-    if streamed:
-        K, cap, step_kw = _round_plan(dyn, steps, t1, dt, solver, max_steps, round_steps, stream=True)
+    streamed, K, cap, round_kw = _engine(dyn, backend, shape, samples, steps, t1, dt, solver, max_steps, round_steps, tol)
     P = _pool_default(pool_size, samples, chunk_size, lanes=streamed and round_kw["backend"] == "lanes")
     if writer is not None:  # the backend and the engine actually used are part of the run's identity
         ident = study_identity(key, samples, chunk_size=chunk_size, tol=tol, cluster_tol=cluster_tol, max_steps=cap,
@@ -834,8 +829,7 @@ def basin_fractions(
     draws = sample_stream(sampler, key, ids, chunk_size, samples)
     if streamed:
         run_stream(dyn, draws, pool_size=P, queue_size=chunk_size if ci_width is not None else min(chunk_size, samples),
-                   step_kw={**step_kw, "backend": round_kw["backend"]}, max_steps=cap, tol=tol, group=K,
-                   label=classifier(dyn, tol=cluster_tol), sink=blocks.add)
+                   step_kw=round_kw, max_steps=cap, tol=tol, group=K, label=classifier(dyn, tol=cluster_tol), sink=blocks.add)
     else:
         labeller = _Labeller(dyn, P, cluster_tol, blocks.add)
         run_pool(dyn, draws, pool_size=P, round_kw=round_kw, max_steps=cap, tol=tol, retire=labeller.add, drain=labeller.flush)
@@ -890,10 +884,19 @@ about a pool times the longest member's steps, so smaller is better for small st
 and 7 600)."""
 
 
-def _adaptive(solver) -> bool:
+def _engine(dyn, backend, shape, samples, steps, t1, dt, solver, max_steps, round_steps, tol) -> tuple[bool, int, int, dict]:
+    """``(streamed, K, cap, kwargs)``: the member stream (:func:`run_stream`, kwargs of
+    :func:`attnflow.evolve.stream.advance_pool`) for fixed-step solves on the xla or lanes backend in a process with
+    one local device; otherwise rounds of :func:`attnflow.simulate` (:func:`run_pool`, kwargs of one round, which
+    shards over several local devices). The backend (``kwargs["backend"]``) is resolved once for the study."""
     from ..evolve.solvers import Adaptive
 
-    return isinstance(solver, Adaptive)
+    K, cap, round_kw = _round_plan(dyn, steps, t1, dt, solver, max_steps, round_steps)
+    be = _backend_kw(dyn, backend, shape, samples, cap, round_kw, tol)
+    if be["backend"] in ("xla", "lanes") and not isinstance(solver, Adaptive) and jax.local_device_count() == 1:
+        K, cap, step_kw = _round_plan(dyn, steps, t1, dt, solver, max_steps, round_steps, stream=True)
+        return True, K, cap, {**step_kw, **be}
+    return False, K, cap, {**round_kw, **be}
 
 
 def _backend_kw(dyn, backend: str, shape, samples: int, cap: int, round_kw: dict, tol) -> dict:
