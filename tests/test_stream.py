@@ -8,6 +8,7 @@ float64, states to 1e-12 (lanes arithmetic is ordered differently), status and s
 import jax
 import numpy as np
 import pytest
+from hypothesis import given, strategies as st
 
 import attnflow as af
 from attnflow.analysis import classify as cl
@@ -140,3 +141,16 @@ def test_bad_input_is_refused():
         S.advance_pool(flow, p, x0, np.arange(6), 6, cap=10, tol=1e-6, dt=0.1, solver=af.Adaptive())
     with pytest.raises(ValueError, match="at least one slot"):
         S.empty_pool(0, 5, 3, np.float64)
+
+
+@given(pool=st.integers(1, 24), group=st.integers(1, 12), block=st.integers(1, 30), N=st.integers(1, 40),
+       cap=st.integers(1, 60))
+def test_property_every_member_retired_once_with_simulates_outcome(pool, group, block, N, cap):
+    """Any pool size, group, queue block, study size and cap (pools larger than the study, groups longer than the
+    cap, ragged last blocks): each sample is retired exactly once, with simulate's status, steps and state."""
+    dyn = mapped(alpha=0.3)
+    x0 = sphere(N, n=3, seed=N)
+    ref = af.simulate(dyn, x0, steps=cap, tol=1e-6, backend="xla")
+    fin, st_, ns = run_all(dyn, x0, pool=pool, block=block, cap=cap, tol=1e-6, group=group, backend="xla")
+    assert np.array_equal(st_, np.asarray(ref.status)) and np.array_equal(ns, np.asarray(ref.steps))
+    np.testing.assert_allclose(fin, np.asarray(ref.final), atol=1e-12)
