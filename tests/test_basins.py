@@ -432,3 +432,18 @@ def test_adaptive_ci_width_adds_blocks_until_narrow_and_equals_a_fixed_run():
     assert all(a.interval[1] - a.interval[0] < 0.25 for a in res.attractors)
     plain = bs.basin_fractions(dyn, key, res.samples, **kw)
     assert plain.to_json() == res.to_json()
+
+
+def test_adaptive_flow_study_runs_in_rounds_and_equals_one_by_one():
+    """An adaptive solve has no fixed step to group, so the study takes the rounds engine (one simulate round of t1
+    per member): its counts equal simulating every sample alone with the same solver."""
+    flow = af.SphereFlow(af.SelfAttention(af.Heads.single(V3, K=V3), af.Attention("softmax"), 1.0))
+    key, N, solver = jax.random.PRNGKey(3), 12, af.Adaptive()
+    res = bs.basin_fractions(flow, key, N, tokens=4, chunk_size=5, t1=40.0, solver=solver, tol=1e-6)
+    ref = {}
+    for i in range(N):
+        x0 = af.sample.sphere(jax.random.fold_in(key, i), (1, 4, 3))
+        sol = af.simulate(flow, x0, t1=40.0, solver=solver, tol=1e-6)
+        name = cl.classify(flow, sol.final, sol.status).names()[0]
+        ref[name] = ref.get(name, 0) + 1
+    assert {x.name: x.count for x in res.attractors + res.categories} == ref and res.max_steps == 1
