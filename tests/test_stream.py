@@ -5,10 +5,6 @@ Reference: :func:`attnflow.simulate` with ``steps=cap`` on the vmapped XLA path,
 float64, states to 1e-12 (lanes arithmetic is ordered differently), status and steps exactly.
 """
 
-import os
-import subprocess
-import sys
-
 import jax
 import numpy as np
 import pytest
@@ -158,48 +154,3 @@ def test_property_every_member_retired_once_with_simulates_outcome(pool, group, 
     fin, st_, ns = run_all(dyn, x0, pool=pool, block=block, cap=cap, tol=1e-6, group=group, backend="xla")
     assert np.array_equal(st_, np.asarray(ref.status)) and np.array_equal(ns, np.asarray(ref.steps))
     np.testing.assert_allclose(fin, np.asarray(ref.final), atol=1e-12)
-
-
-SHARDED = """
-import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-import jax
-jax.config.update("jax_enable_x64", True)
-import numpy as np, attnflow as af
-from attnflow.analysis import classify as cl
-from attnflow.evolve import stream as S
-assert jax.local_device_count() == 4
-V = np.diag([1.0, 0.5, -0.3])
-dyn = af.LayerMap(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0), 0.1)
-x0 = np.array(af.sample.sphere(jax.random.PRNGKey(0), (200, 5, 3)))
-ref = af.simulate(dyn, x0, steps=300, tol=1e-6, backend="xla", shard=False)
-for be in ("xla", "lanes"):
-    p, outs = S.empty_pool(16, 5, 3, np.float64), []
-    for j in range(0, 200, 60):
-        q, qi, m = np.zeros((60, 5, 3)), np.full(60, -1, np.int32), min(60, 200 - j)
-        q[:m], qi[:m] = x0[j:j + m], np.arange(j, j + m)
-        p, r = S.advance_pool(dyn, p, q, qi, m, cap=300, tol=1e-6, backend=be, shards=4, then=cl.classifier(dyn))
-        outs.append(r.valid())
-    p, r = S.advance_pool(dyn, p, q, qi, 0, cap=300, tol=1e-6, backend=be, shards=4, drain=True)
-    outs.append(r.valid())
-    idx = np.concatenate([o[0] for o in outs])
-    order = np.argsort(idx)
-    assert np.array_equal(idx[order], np.arange(200)) and p.occupied() == 0
-    st, ns, fin = (np.concatenate([o[i] for o in outs])[order] for i in (2, 3, 1))
-    assert np.array_equal(st, np.asarray(ref.status)) and np.array_equal(ns, np.asarray(ref.steps))
-    assert np.abs(fin - np.asarray(ref.final)).max() < 1e-12
-    labels = [o[4] for o in outs[:-1]]
-    assert sum(len(np.asarray(lab.kind)) for lab in labels) == sum(len(o[0]) for o in outs[:-1])
-print("ok")
-"""
-
-
-@pytest.mark.slow  # a subprocess with 4 host devices: run by the second CI step (pytest -m slow)
-def test_sharded_pool_equals_simulate(tmp_path):
-    """One pool per device (4 forced host devices), each on its part of every queue block: member by member equal to
-    simulate on one device, on both backends."""
-    script = tmp_path / "sharded.py"
-    script.write_text(SHARDED)
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
-                       env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

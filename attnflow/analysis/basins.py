@@ -5,8 +5,8 @@ critical shocks, continuation in beta/alpha. Pooled, streaming to a run director
 device (:func:`attnflow.evolve.stream.advance_pool`): every few steps (``round_steps``, default 8), members that
 converged, failed or reached ``max_steps`` are retired (labelled in the same compiled call, tallied, written) and
 their slots take the next samples of the stream. So a stopped member costs no further steps and slow members are
-not cut off at a short budget. With several local devices, each runs its own pool on its part of every block.
-(Adaptive solves and the ``"fused"`` backend run in rounds of :func:`attnflow.simulate` instead, :func:`run_pool`.)
+not cut off at a short budget. (Adaptive solves, the ``"fused"`` backend and processes with several local devices
+run in rounds of :func:`attnflow.simulate` instead, :func:`run_pool`: each round is sharded over the devices.)
 
 **Sample i is always drawn from** ``jax.random.fold_in(key, i)``, so results do not depend on the pool size, the
 round length, the block size, the devices, the number of processes or a resume.
@@ -538,9 +538,6 @@ def run_stream(dyn, stream: Iterator, *, pool_size: int, queue_size: int, step_k
     when the stream yields ``(None, None)`` and every member is retired."""
     from ..evolve.stream import advance_pool, empty_pool
 
-    ndev = step_kw.get("shards", 1)
-    queue_size = math.ceil(queue_size / ndev) * ndev  # each device takes an equal part of the queue and of the slots
-    pool_size = math.ceil(min(pool_size, queue_size) / ndev) * ndev
     pool, pending = None, None
     kw = dict(cap=max_steps, tol=tol, group=group, then=label, **step_kw)
 
@@ -562,7 +559,7 @@ def run_stream(dyn, stream: Iterator, *, pool_size: int, queue_size: int, step_k
                 drain()
             continue
         if pool is None:
-            pool = empty_pool(pool_size, xx.shape[1], xx.shape[2], xx.dtype)
+            pool = empty_pool(min(pool_size, queue_size), xx.shape[1], xx.shape[2], xx.dtype)
             blank = (np.zeros((queue_size,) + xx.shape[1:], xx.dtype), np.full(queue_size, -1, np.int32))
         if int(ii[-1]) >= 2**31 - 1:
             raise ValueError("a member stream numbers samples with int32: at most 2^31 - 1 samples")
@@ -815,8 +812,7 @@ def basin_fractions(
     pi, pc, distributed = _processes(process_index, process_count, ci_width)
     shape = jax.eval_shape(lambda k: sampler(k, min(samples, chunk_size)), key)
     streamed, K, cap, round_kw = _engine(dyn, backend, shape, samples, steps, t1, dt, solver, max_steps, round_steps, tol)
-    P = _pool_default(pool_size, samples, chunk_size, lanes=streamed and round_kw["backend"] == "lanes",
-                      devices=round_kw.get("shards", 1))
+    P = _pool_default(pool_size, samples, chunk_size, lanes=streamed and round_kw["backend"] == "lanes")
     if writer is not None:  # the backend and the engine actually used are part of the run's identity
         ident = study_identity(key, samples, chunk_size=chunk_size, tol=tol, cluster_tol=cluster_tol, max_steps=cap,
                                config=(manifest or {}).get("config"), backend=round_kw.get("backend"),
@@ -868,17 +864,17 @@ def _member_name(row, n: int, verdicts: dict) -> str:
     return describe(row, n)["label"]
 
 
-def _pool_default(pool_size: int | None, samples: int, chunk_size: int, lanes: bool = False, devices: int = 1) -> int:
-    """The pool size: as given, else ``min(LANES_POOL devices, samples)`` for a member stream on the lanes backend,
-    else ``min(16384 devices, samples, max(chunk_size, 64))`` (a pool no larger than about a block lets blocks
-    complete, and be written, while the study runs)."""
+def _pool_default(pool_size: int | None, samples: int, chunk_size: int, lanes: bool = False) -> int:
+    """The pool size: as given, else ``min(LANES_POOL, samples)`` for a member stream on the lanes backend, else
+    ``min(16384, samples, max(chunk_size, 64))`` (a pool no larger than about a block lets blocks complete, and be
+    written, while the study runs)."""
     if pool_size is not None:
         if pool_size < 1:
             raise ValueError(f"pool_size must be >= 1, got {pool_size}")
         return int(pool_size)
     if lanes:
-        return int(min(LANES_POOL * devices, samples))
-    return int(min(16384 * devices, samples, max(chunk_size, 64)))
+        return int(min(LANES_POOL, samples))
+    return int(min(16384, samples, max(chunk_size, 64)))
 
 
 LANES_POOL = 512
@@ -890,16 +886,16 @@ and 7 600)."""
 
 def _engine(dyn, backend, shape, samples, steps, t1, dt, solver, max_steps, round_steps, tol) -> tuple[bool, int, int, dict]:
     """``(streamed, K, cap, kwargs)``: the member stream (:func:`run_stream`, kwargs of
-    :func:`attnflow.evolve.stream.advance_pool`, one pool per local device) for fixed-step solves on the xla or lanes
-    backend; otherwise rounds of :func:`attnflow.simulate` (:func:`run_pool`, kwargs of one round). The backend
-    (``kwargs["backend"]``) is resolved once for the study."""
+    :func:`attnflow.evolve.stream.advance_pool`) for fixed-step solves on the xla or lanes backend in a process with
+    one local device; otherwise rounds of :func:`attnflow.simulate` (:func:`run_pool`, kwargs of one round, which
+    shards over several local devices). The backend (``kwargs["backend"]``) is resolved once for the study."""
     from ..evolve.solvers import Adaptive
 
     K, cap, round_kw = _round_plan(dyn, steps, t1, dt, solver, max_steps, round_steps)
     be = _backend_kw(dyn, backend, shape, samples, cap, round_kw, tol)
-    if be["backend"] in ("xla", "lanes") and not isinstance(solver, Adaptive):
+    if be["backend"] in ("xla", "lanes") and not isinstance(solver, Adaptive) and jax.local_device_count() == 1:
         K, cap, step_kw = _round_plan(dyn, steps, t1, dt, solver, max_steps, round_steps, stream=True)
-        return True, K, cap, {**step_kw, **be, "shards": jax.local_device_count()}
+        return True, K, cap, {**step_kw, **be}
     return False, K, cap, {**round_kw, **be}
 
 

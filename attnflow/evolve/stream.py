@@ -61,28 +61,21 @@ def empty_pool(size: int, tokens: int, d: int, dtype) -> Pool:
 
 class Retired(eqx.Module):
     """The members one call retired, in order of retirement; the first ``count`` entries are valid (the buffer holds
-    queue + pool entries; a sharded pool has one such part per device and one count each). ``status`` includes
-    ``degenerate`` (checked on the final state, as in simulate); ``extra`` is ``then(final, status)`` of
-    :func:`advance_pool` (e.g. labels), or None."""
+    queue + pool entries). ``status`` includes ``degenerate`` (checked on the final state, as in simulate);
+    ``extra`` is ``then(final, status)`` of :func:`advance_pool` (e.g. labels), or None."""
 
     index: Int[Array, " R"]
     final: Float[Array, "R n d"]
     status: Int[Array, " R"]
     steps: Int[Array, " R"]
-    count: Int[Array, "..."]
+    count: Int[Array, ""]
     extra: object = None
 
     def valid(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, object]:
         """``(index, final, status, steps, extra)`` of the retired members, on the host (NumPy; transfers only, so
-        it does not wait for device work queued after this call). A sharded pool's buffer is one part per device,
-        each with its own count."""
-        counts = np.atleast_1d(np.asarray(self.count))
-        part = len(self.index) // len(counts)
-
-        def cut(a):
-            a = np.asarray(a)
-            return np.concatenate([a[s * part : s * part + int(c)] for s, c in enumerate(counts)])
-
+        it does not wait for device work queued after this call)."""
+        c = int(np.asarray(self.count))
+        cut = lambda a: np.asarray(a)[:c]  # noqa: E731
         return (cut(self.index).astype(np.int64), cut(self.final), cut(self.status), cut(self.steps),
                 None if self.extra is None else jax.tree.map(cut, self.extra))
 
@@ -94,12 +87,11 @@ class _Spec:
     group: int
     continuous: bool
     backend: str
-    shards: int = 1
 
 
 def advance_pool(dynamics, pool: Pool, queue, queue_index, count: int, *, cap: int, tol: float | None, drain: bool = False,
                  dt: float | None = None, solver=None, backend: str = "auto", group: int = GROUP,
-                 then: Callable | None = None, shards: int = 1) -> tuple[Pool, Retired]:
+                 then: Callable | None = None) -> tuple[Pool, Retired]:
     """Run the pool on the first `count` states of `queue` ``(M, n, d)`` (sample indices `queue_index` ``(M,)``,
     int32), until the queue is used up; with `drain`, until every slot is empty. Members stop at `tol` (per-step
     max-abs change, divided by dt for flows) or after `cap` steps. `dt` and `solver` as in :func:`attnflow.simulate`
@@ -116,9 +108,6 @@ def advance_pool(dynamics, pool: Pool, queue, queue_index, count: int, *, cap: i
         raise ValueError(f"count must be in [0, {M}] and queue_index of length {M}, got {count}, {len(queue_index)}")
     if group < 1 or cap < 1:
         raise ValueError(f"group and cap must be >= 1, got {group}, {cap}")
-    if not 1 <= shards <= jax.local_device_count() or P % shards or M % shards:
-        raise ValueError(f"shards must be in [1, {jax.local_device_count()}] (the local devices) and divide the pool ({P}) "
-                         f"and the queue ({M}), got {shards}")
     if isinstance(dynamics, AbstractFlow):
         if dt is None:
             raise ValueError("a continuous member pool needs dt")
@@ -129,8 +118,8 @@ def advance_pool(dynamics, pool: Pool, queue, queue_index, count: int, *, cap: i
         raise ValueError("a member pool needs a fixed-step solver (an adaptive solve has no step to group)")
     if backend == "fused":
         raise ValueError("a member pool runs on the 'xla' or 'lanes' backend, not 'fused'")
-    resolved = backends.resolve_backend(backend, dynamics, solver, plan, (P // max(shards, 1), n, d), queue.dtype)
-    spec = _Spec(int(cap), plan.tol, int(group), plan.continuous, resolved, int(shards))
+    resolved = backends.resolve_backend(backend, dynamics, solver, plan, (P, n, d), queue.dtype)
+    spec = _Spec(int(cap), plan.tol, int(group), plan.continuous, resolved)
     return _advance(dynamics, solver, pool, jnp.asarray(queue), jnp.asarray(queue_index, jnp.int32),
                     jnp.asarray(count, jnp.int32), jnp.asarray(bool(drain)), jnp.asarray(dt_used, queue.dtype), spec, then)
 
@@ -151,29 +140,6 @@ def _row_step(dyn, solver, dt, spec: _Spec, n: int, d: int, P: int, dtype):
 
 
 def _advance_impl(dyn, solver, pool: Pool, queue, qidx, count, drain, dt, spec: _Spec, then):
-    """One call; with ``spec.shards > 1`` the slots and the queue are split over that many local devices, each
-    running its own pool on its part of the queue (``Retired.count`` then holds one count per device)."""
-    if spec.shards == 1:
-        return _advance_local(dyn, solver, pool, queue, qidx, count, drain, dt, spec, then)
-    from jax.sharding import Mesh, PartitionSpec as PS
-
-    mesh = Mesh(np.array(jax.local_devices()[: spec.shards]), ("s",))
-    part = queue.shape[0] // spec.shards
-    arrays, static = eqx.partition((dyn, solver, then), eqx.is_array)
-
-    def local(arrays, pool, queue, qidx, count, drain, dt):
-        dyn_, solver_, then_ = eqx.combine(arrays, static)
-        mine = jnp.clip(count - jax.lax.axis_index("s") * part, 0, part)  # this device's share of the first `count`
-        p, r = _advance_local(dyn_, solver_, pool, queue, qidx, mine, drain, dt, spec, then_)
-        return p, eqx.tree_at(lambda t: t.count, r, r.count[None])
-
-    slots = Pool(PS(None, "s"), PS("s"), PS("s"), PS("s"))
-    f = jax.shard_map(local, mesh=mesh, in_specs=(PS(), slots, PS("s"), PS("s"), PS(), PS(), PS()),
-                      out_specs=(slots, PS("s")), check_vma=False)
-    return f(arrays, pool, queue, qidx, count, drain, dt)
-
-
-def _advance_local(dyn, solver, pool: Pool, queue, qidx, count, drain, dt, spec: _Spec, then):
     M, n, d = queue.shape
     D, P = pool.x.shape
     R = M + P
