@@ -547,14 +547,18 @@ def run_stream(dyn, stream: Iterator, *, pool_size: int, queue_size: int, step_k
             if len(idx):
                 sink(idx, label_rows(labels), steps, st, fin)
 
+    def empty_the_pool():
+        nonlocal pool, pending
+        if pool is not None:
+            pool, out = advance_pool(dyn, pool, blank[0], blank[1], 0, drain=True, **kw)
+            hand(pending)
+            hand(out)
+            pending = None
+
     blank = None
     for ii, xx in stream:
         if ii is None:  # a drain request
-            if pool is not None:
-                pool, out = advance_pool(dyn, pool, blank[0], blank[1], 0, drain=True, **kw)
-                hand(pending)
-                hand(out)
-                pending = None
+            empty_the_pool()
             if drain is not None:
                 drain()
             continue
@@ -568,10 +572,7 @@ def run_stream(dyn, stream: Iterator, *, pool_size: int, queue_size: int, step_k
         pool, out = advance_pool(dyn, pool, q, qi, len(ii), **kw)
         hand(pending)  # the host labels the previous call's members while this call runs
         pending = out
-    if pool is not None:
-        pool, out = advance_pool(dyn, pool, blank[0], blank[1], 0, drain=True, **kw)
-        hand(pending)
-        hand(out)
+    empty_the_pool()
 
 
 # ------------------------------------------------------------------------------------------ labelling and blocks
@@ -582,7 +583,7 @@ class _Labeller:
     finals)`` to `sink`."""
 
     def __init__(self, dyn, batch: int, cluster_tol: float, sink: Callable):
-        self.dyn, self.batch, self.cluster_tol, self.sink = dyn, batch, cluster_tol, sink
+        self.label, self.batch, self.sink = classifier(dyn, tol=cluster_tol), batch, sink  # the model's eigenpairs once
         self.buf: list[_Retired] = []
         self.count = 0
 
@@ -605,7 +606,7 @@ class _Labeller:
             if pad:
                 safe = np.concatenate([safe, np.broadcast_to(safe[:1], (pad,) + safe.shape[1:])])
                 t = np.concatenate([t, np.full(pad, _CONVERGED, t.dtype)])
-            rows.append(label_rows(classify(self.dyn, safe, t, tol=self.cluster_tol))[: len(f)])
+            rows.append(label_rows(classify(self.label, safe, t))[: len(f)])
         self.sink(idx, np.concatenate(rows), stp, st, fin)
 
 

@@ -145,7 +145,8 @@ _classify = eqx.filter_jit(lambda c, X, status: c(X, status))
 
 
 def classify(model, final: Batch, status=None, *, tol: float = 1e-3, decimals: int = 3) -> Labels:
-    """Label final states ``(b, n, d)`` of ``model`` (any dynamics, Heads, or W itself).
+    """Label final states ``(b, n, d)`` of ``model`` (any dynamics, Heads, or W itself, or a :class:`Classifier`
+    already built for it: then `tol` and `decimals` are its own).
 
     `status` (from :class:`~attnflow.Solution`) marks members that did not converge (kind "not_converged",
     "nonfinite", "degenerate" or "solver_failed" by status name); `tol` is the distance
@@ -154,7 +155,8 @@ def classify(model, final: Batch, status=None, *, tol: float = 1e-3, decimals: i
     X = jnp.asarray(final)
     if X.ndim == 2:
         X = X[None]
-    return _classify(classifier(model, tol=tol, decimals=decimals), X, None if status is None else jnp.asarray(status))
+    c = model if isinstance(model, Classifier) else classifier(model, tol=tol, decimals=decimals)
+    return _classify(c, X, None if status is None else jnp.asarray(status))
 
 
 _CATEGORY_NAMES = {"not_converged": "not converged", "nonfinite": "nonfinite", "degenerate": "degenerate",
