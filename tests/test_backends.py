@@ -18,10 +18,15 @@ from attnflow.evolve import backends
 from attnflow.evolve.backends.fused import _local as fused_local
 from attnflow.evolve.backends.fused import fused_run
 from attnflow.evolve.backends.lanes import lanes_run
-from attnflow.evolve.simulate import _fixed_one, _make_plan
+from attnflow.evolve.simulate import _fixed_one, _make_plan as _make_plan_records
 from attnflow.evolve.solvers import RK4, Adaptive, Euler
-from attnflow.evolve.status import CONVERGED, DEGENERATE, MAX_STEPS, NONFINITE
+from attnflow.evolve.outcome import CONVERGED, DEGENERATE, NONFINITE, NOT_CONVERGED as MAX_STEPS
 from attnflow.model.norms import LayerNorm, NoNorm
+
+
+def _make_plan(dyn, x0, steps, t1, dt, solver, saves, tol, unroll=1):
+    """The simulate plan of these arguments (the records built from the shorthands)."""
+    return _make_plan_records(dyn, af.Budget(steps=steps, t1=t1, dt=dt), af.Stop(tol), solver, saves)
 
 
 def _heads(seed, H, d, dh, dtype=np.float64, scale=None):
@@ -144,7 +149,7 @@ def test_lanes_float32_agrees_over_1000_steps():
     got = af.simulate(dyn, x0, steps=1000, backend="lanes")
     assert got.final.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got.final), np.asarray(ref.final), rtol=0, atol=1e-4)
-    np.testing.assert_array_equal(np.asarray(got.status), np.asarray(ref.status))
+    np.testing.assert_array_equal(np.asarray(got.outcome), np.asarray(ref.outcome))
     np.testing.assert_allclose(np.linalg.norm(np.asarray(got.final), axis=-1), 1.0, atol=1e-5)
     assert float(np.max(np.abs(np.asarray(ref.final) - np.asarray(x0)))) > 0.1  # it moved
 
@@ -199,15 +204,15 @@ def test_overflow_to_zero_rows_is_degenerate_not_converged(backend):
     sol = af.simulate(dyn, x0, steps=20, tol=1e-7, backend=backend)
     rows = np.linalg.norm(np.asarray(sol.final), axis=-1)
     assert np.all(rows.min(axis=1) < 1e-6)  # every member has a zero row
-    assert sol.status_counts()["degenerate"] == 8 and sol.status_counts()["converged"] == 0
-    assert af.Status  # the names and messages of the codes
-    assert af.evolve.status_message(DEGENERATE).startswith("its state stayed finite")
+    assert sol.outcome_counts()["degenerate"] == 8 and sol.outcome_counts()["converged"] == 0
+    assert af.Outcome  # the names and messages of the codes
+    assert af.evolve.outcome_message(DEGENERATE).startswith("its state stayed finite")
 
 
 def test_healthy_members_are_not_degenerate_and_layernorm_residual_is_checked():
     dyn = _map(2, 1, 3, 3)
     sol = af.simulate(dyn, _x0(3, 5, 4, 3), steps=20)
-    assert set(np.asarray(sol.status).tolist()) == {MAX_STEPS}
+    assert set(np.asarray(sol.outcome).tolist()) == {MAX_STEPS}
     ln = LayerNorm()
     X = ln(jnp.asarray(np.random.default_rng(0).standard_normal((4, 5))))
     assert float(ln.residual(X)) < 1e-12 and float(ln.residual(jnp.zeros((4, 5)))) == pytest.approx(np.sqrt(5))
@@ -241,10 +246,10 @@ import numpy as np, attnflow as af
 assert jax.local_device_count() == 4
 m = af.LayerMap(af.SelfAttention(af.Heads.single(np.diag([1.0, 0.4, -0.2]))), alpha=0.1)
 x0 = af.sample.sphere(jax.random.PRNGKey(5), (10, 4, 3))
-runs = [dict(backend="xla")] + [dict(backend=b, **kw) for b in ("lanes", "fused") for kw in ({}, {"chunk_size": 6}, {"shard": False})]
+runs = [dict(backend="xla")] + [dict(backend=b, **kw) for b in ("lanes", "fused") for kw in ({}, {"chunk_size": 6}, {"execution": af.Execution(devices=1)})]
 outs = [af.simulate(m, x0, steps=30, tol=1e-9, saves=5, **kw) for kw in runs]
 assert [o.backend for o in outs] == [r["backend"] for r in runs]
-np.savez(sys.argv[1], **{f"t{i}": np.asarray(o.trajectory) for i, o in enumerate(outs)}, **{f"s{i}": np.asarray(o.status) for i, o in enumerate(outs)})
+np.savez(sys.argv[1], **{f"t{i}": np.asarray(o.trajectory) for i, o in enumerate(outs)}, **{f"s{i}": np.asarray(o.outcome) for i, o in enumerate(outs)})
 """
 
 

@@ -12,7 +12,8 @@ import pytest
 from scipy.integrate import solve_ivp
 
 import attnflow as af
-from attnflow.evolve.simulate import CONVERGED, MAX_STEPS, NONFINITE, trace_count
+from attnflow.evolve.outcome import CONVERGED, NONFINITE, NOT_CONVERGED
+from attnflow.evolve.simulate import compiled_programs
 
 import references as ref
 
@@ -88,9 +89,9 @@ def test_adaptive_matches_rk4():
     a = af.simulate(dyn, X0, t1=3.0, solver=af.Adaptive(rtol=1e-10, atol=1e-12), saves=3)
     r = af.simulate(dyn, X0, t1=3.0, dt=1e-3, saves=3)
     np.testing.assert_allclose(a.trajectory, r.trajectory, atol=1e-8)
-    assert np.all(np.asarray(a.status) == MAX_STEPS) and np.all(np.asarray(a.steps) > 0)
+    assert np.all(np.asarray(a.outcome) == NOT_CONVERGED) and np.all(np.asarray(a.steps) > 0)
     conv = af.simulate(dyn, X0, t1=500.0, solver=af.Adaptive(), tol=1e-6, saves=5)
-    assert np.all(np.asarray(conv.status) == CONVERGED)
+    assert np.all(np.asarray(conv.outcome) == CONVERGED)
     np.testing.assert_allclose(conv.trajectory[-1], conv.final)  # saves after the event repeat the final state
     # adaptive solves chunk and sweep like the fixed-step ones
     sw = af.sweep(dyn, X0, beta=[0.5, 1.0], t1=3.0, solver=af.Adaptive(rtol=1e-10, atol=1e-12), chunk_size=2)
@@ -125,11 +126,11 @@ def test_no_recompilation_for_new_beta_alpha_values():
     base = af.LayerMap(af.SelfAttention(af.Heads.single(V), beta=1.0), alpha=0.1)
     af.sweep(base, x0, beta=[0.5, 1.0], alpha=[0.1, 0.2], steps=10)
     af.simulate(base, x0, steps=10)
-    n0 = trace_count()
+    n0 = compiled_programs()
     af.sweep(base, x0, beta=[2.0, 3.0], alpha=[0.05, 0.3], steps=10)
     af.simulate(base.with_params(beta=4.0, alpha=0.7), x0, steps=10)
     af.simulate(af.LayerMap(af.SelfAttention(af.Heads.single(V), beta=2.5), alpha=0.3), x0, steps=10)
-    assert trace_count() == n0
+    assert compiled_programs() == n0
 
 
 def test_sweep_equals_separate_runs():
@@ -149,18 +150,18 @@ def test_early_stop_status_and_nonfinite_as_data():
     x0 = af.sample.sphere(jax.random.PRNGKey(2), (6, 5, 3))
     dyn = af.LayerMap(af.SelfAttention(af.Heads.single(V)), alpha=0.5)
     sol = af.simulate(dyn, x0, steps=5000, tol=1e-9, saves=10)
-    assert np.all(np.asarray(sol.status) == CONVERGED)
+    assert np.all(np.asarray(sol.outcome) == CONVERGED)
     assert np.all(np.asarray(sol.steps) < 5000)
     # the saved trajectory after convergence repeats the final state
     np.testing.assert_allclose(sol.trajectory[-1], sol.final)
     # too few steps: max_steps status, steps = budget
     short = af.simulate(dyn, x0, steps=3, tol=1e-12)
-    assert np.all(np.asarray(short.status) == MAX_STEPS) and np.all(np.asarray(short.steps) == 3)
+    assert np.all(np.asarray(short.outcome) == NOT_CONVERGED) and np.all(np.asarray(short.steps) == 3)
     # unnormalised kernel, no normalisation, large beta: overflow -> NONFINITE, last finite state kept
     blow = af.LayerMap(af.SelfAttention(af.Heads.single(5 * np.eye(3)), af.Attention("unnormalized"), 3.0), 1.0, af.NoNorm())
     mixed = jnp.concatenate([x0[:2] * 1e-3, x0[2:4]])
     s2 = af.simulate(blow, mixed, steps=50)
-    assert np.all(np.asarray(s2.status)[2:] == NONFINITE)
+    assert np.all(np.asarray(s2.outcome)[2:] == NONFINITE)
     assert np.all(np.isfinite(np.asarray(s2.final)))
 
 
@@ -173,11 +174,11 @@ def test_chunked_equals_unchunked_and_progress():
     for cs in (3, 4):
         part = af.simulate(dyn, x0, steps=40, saves=2, tol=1e-8, chunk_size=cs, progress=True)
         if n0 is None:
-            n0 = trace_count()
+            n0 = compiled_programs()
         np.testing.assert_allclose(part.trajectory, whole.trajectory, rtol=1e-14)
-        np.testing.assert_array_equal(part.status, whole.status)
+        np.testing.assert_array_equal(part.outcome, whole.outcome)
         assert isinstance(part.final, np.ndarray)
-    with pytest.raises(ValueError, match="chunk_size"):
+    with pytest.raises(ValueError, match="chunk"):
         af.simulate(dyn, x0, steps=4, chunk_size=0)
 
 
@@ -210,9 +211,9 @@ SHARD_SCRIPT = textwrap.dedent(
     x0 = af.sample.sphere(jax.random.PRNGKey(5), (10, 5, 3))
     sharded = af.simulate(dyn, x0, steps=50, tol=1e-9, saves=5)
     chunked = af.simulate(dyn, x0, steps=50, tol=1e-9, saves=5, chunk_size=6)
-    single = af.simulate(dyn, x0, steps=50, tol=1e-9, saves=5, shard=False)
+    single = af.simulate(dyn, x0, steps=50, tol=1e-9, saves=5, execution=af.Execution(devices=1))
     np.savez(sys.argv[1], sharded=np.asarray(sharded.trajectory), chunked=np.asarray(chunked.trajectory),
-             single=np.asarray(single.trajectory), status=np.asarray(sharded.status), status1=np.asarray(single.status))
+             single=np.asarray(single.trajectory), status=np.asarray(sharded.outcome), status1=np.asarray(single.outcome))
     """
 )
 

@@ -13,15 +13,15 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from ..options import BACKENDS
 from .unroll import LaneProgram, Unsupported
-
-BACKENDS = ("auto", "xla", "lanes", "fused")
 
 MAX_COST = 8000
 """Largest unrolled size (scalar operations per step, :attr:`LaneProgram.cost`) that ``"auto"`` sends to the lanes
@@ -43,36 +43,46 @@ def one_step(args, k, X):
     return solver.step(dyn, k, k.astype(dt.dtype) * dt, X, dt)
 
 
-_PROGRAMS: dict = {}
-
-
 def _key(args, n, d, dtype):
+    """A hashable description of a lane program: the structure, shapes and dtypes of its arguments and their static
+    leaves (building a program from them is deterministic), or None when some static leaf is unhashable."""
     leaves, treedef = jax.tree.flatten(args)
     desc = tuple(("a", tuple(x.shape), str(x.dtype)) if eqx.is_array(x) else ("s", x) for x in leaves)
-    return (treedef, desc, n, d, str(jnp.dtype(dtype)))
+    key = (treedef, desc, n, d, str(jnp.dtype(dtype)))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+class _ByKey:
+    """A program's arguments, hashed and compared by their :func:`_key` only."""
+
+    def __init__(self, key, args):
+        self.key, self.args = key, args
+
+    def __hash__(self):
+        return hash(self.key)
+
+    def __eq__(self, other):
+        return isinstance(other, _ByKey) and self.key == other.key
+
+
+@functools.lru_cache(maxsize=32)
+def _program(k: _ByKey, n: int, d: int, dtype: str) -> LaneProgram:
+    return LaneProgram(one_step, k.args, n, d, dtype)
 
 
 def lane_program(dyn, solver, dt, n: int, d: int, dtype) -> LaneProgram:
-    """The :class:`LaneProgram` of ``solver.step`` on ``dyn`` (cached by structure, shapes and dtypes: building
-    it is deterministic). Raises :class:`Unsupported` when the step cannot be unrolled."""
+    """The :class:`LaneProgram` of ``solver.step`` on ``dyn``, built once per structure, shapes and dtypes (a
+    bounded cache of the last 32; a failure is raised each time, never cached). Raises :class:`Unsupported` when
+    the step cannot be unrolled."""
     args = (dyn, solver, jnp.asarray(dt, dtype))
-    try:
-        key = _key(args, n, d, dtype)
-        hash(key)
-    except TypeError:
-        key = None
-    if key is not None and key in _PROGRAMS:
-        prog = _PROGRAMS[key]
-    else:
-        try:
-            prog = LaneProgram(one_step, args, n, d, dtype)
-        except Unsupported as e:
-            prog = e
-        if key is not None:
-            _PROGRAMS[key] = prog
-    if isinstance(prog, Unsupported):
-        raise prog
-    return prog
+    key = _key(args, n, d, dtype)
+    if key is None:
+        return LaneProgram(one_step, args, n, d, dtype)
+    return _program(_ByKey(key, args), n, d, str(jnp.dtype(dtype)))
 
 
 def lanes_support(dyn, solver, plan, shape, dtype) -> str | None:

@@ -97,3 +97,71 @@ def fused_run(dyn, solver, x0, dt, plan, *, block: int = 128, interpret: bool | 
     flats = prog.prepare((dyn, solver, jnp.asarray(dt, x0.dtype)))
     f = functools.partial(_local, prog=prog, plan=plan, block=block, interpret=interpret, unroll=plan.unroll, continuous=plan.continuous)
     return machine.shard(f, plan, plan.shards)(x0, jnp.asarray(dt), *flats)
+
+
+def _group_kernel(*refs, prog, nflat, D, tol, group, continuous, bools):
+    """One program of the member pool's fused mode: ``block`` slots, `group` steps (each member's own step index,
+    the cap, tol). ``refs``: the prepared weights, dt, the cap, the state ``(d n, block)``, outcome and steps
+    ``(1, block)``; outputs: the same three."""
+    flat_refs, dt_ref, cap_ref = refs[:nflat], refs[nflat], refs[nflat + 1]
+    x_ref, st_ref, ns_ref = refs[nflat + 2], refs[nflat + 3], refs[nflat + 4]
+    o_ref, sto_ref, nso_ref = refs[nflat + 5:]
+    cap = cap_ref[0]
+
+    def get(i, j):
+        v = flat_refs[i][j]
+        return v != 0 if bools[i] else v
+
+    scal = prog.scalars(list(flat_refs), get=get)
+    T = x_ref.shape[1]
+    step = lambda X, k: prog.step(scal, k, X, T)  # noqa: E731
+    scale = dt_ref[0] if continuous else None
+
+    def one(_, c):
+        X, st, ns = c
+        X, _, st, ns = machine.advance((X, ns, st, ns), step, tol, scale, cap)
+        return X, st, ns
+
+    X, st, ns = jax.lax.fori_loop(0, group, one, (tuple(x_ref[r, :] for r in range(D)), st_ref[0, :], ns_ref[0, :]))
+    for r in range(D):
+        o_ref[r, :] = X[r]
+    sto_ref[0, :] = st
+    nso_ref[0, :] = ns
+
+
+def fused_group(dyn, solver, dt, cap, spec, n, d, X, st, ns, t, h, *, block: int = 128, interpret: bool | None = None):
+    """`spec.group` steps of every running slot of a member pool ``(d n, P)`` in one launch of the fused kernel
+    (members frozen once stopped or at the cap, as :func:`machine.advance`). Returns ``(X, outcome, steps, t, h)``."""
+    from jax.experimental import pallas as pl
+
+    from ..outcome import CONVERGED
+
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    D, P = X.shape
+    prog = lane_program(dyn, solver, dt, n, d, X.dtype)
+    flats = prog.prepare((dyn, solver, jnp.asarray(dt, X.dtype)))
+    bools = tuple(f.dtype == jnp.bool_ for f in flats)
+    flats = [f.astype(jnp.int32) if b else f for f, b in zip(flats, bools)]
+    Pp = -(-P // block) * block
+    pad = Pp - P
+    Xp = jnp.pad(X, ((0, 0), (0, pad)))
+    stp = jnp.pad(st, (0, pad), constant_values=CONVERGED)[None]  # padding lanes never run
+    nsp = jnp.pad(ns, (0, pad))[None]
+    kern = functools.partial(_group_kernel, prog=prog, nflat=len(flats), D=D, tol=spec.tol, group=int(spec.group),
+                             continuous=spec.continuous, bools=bools)
+    lanes = pl.BlockSpec((D, block), lambda g: (0, g))
+    row = pl.BlockSpec((1, block), lambda g: (0, g))
+    whole = lambda a: pl.BlockSpec(a.shape, lambda g: (0,))  # noqa: E731
+    dtv = jnp.reshape(jnp.asarray(dt).astype(X.dtype), (1,))
+    capv = jnp.reshape(jnp.asarray(cap, jnp.int32), (1,))
+    Xo, sto, nso = pl.pallas_call(
+        kern,
+        out_shape=(jax.ShapeDtypeStruct((D, Pp), X.dtype), jax.ShapeDtypeStruct((1, Pp), st.dtype), jax.ShapeDtypeStruct((1, Pp), ns.dtype)),
+        grid=(Pp // block,),
+        in_specs=[whole(f) for f in flats] + [whole(dtv), whole(capv), lanes, row, row],
+        out_specs=(lanes, row, row),
+        interpret=interpret,
+        **({} if interpret else _gpu_params()),
+    )(*flats, dtv, capv, Xp, stp, nsp)
+    return Xo[:, :P], sto[0, :P], nso[0, :P], t, h

@@ -9,7 +9,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ..status import CONVERGED, MAX_STEPS, NONFINITE
+from ..outcome import CONVERGED, NONFINITE, NOT_CONVERGED
 
 
 def over_rows(op, v):
@@ -35,7 +35,7 @@ def advance(c, step, tol, scale, cap=None):
         if scale is not None:
             change = change / scale
         new = jnp.where(finite & (change < tol), CONVERGED, new)
-    run = st == MAX_STEPS
+    run = st == NOT_CONVERGED
     if cap is not None:
         run = run & (ns < cap)
     keep = run & finite
@@ -49,7 +49,7 @@ def segment(c, s, step, plan, scale, unroll):
     if plan.tol is None:
         return jax.lax.fori_loop(0, plan.seg_len, lambda _, c: advance(c, step, None, scale), c, unroll=unroll)
     end = ((s + 1) * plan.seg_len).astype(jnp.int32)
-    running = lambda c: (c[1] < end) & (jnp.max(jnp.where(c[2] == MAX_STEPS, 1, 0)) > 0)  # max: Triton has it
+    running = lambda c: (c[1] < end) & (jnp.max(jnp.where(c[2] == NOT_CONVERGED, 1, 0)) > 0)  # max: Triton has it
     c = jax.lax.while_loop(running, lambda c: advance(c, step, plan.tol, scale), c)
     return c[0], end, c[2], c[3]
 
@@ -57,7 +57,7 @@ def segment(c, s, step, plan, scale, unroll):
 def start(X):
     """The initial carry (state, k, status, steps)."""
     zeros = jnp.zeros(X[0].shape, jnp.int32)  # X: a tuple of (T,) rows or a (d n, T) array
-    return X, jnp.zeros((), jnp.int32), zeros + MAX_STEPS, zeros
+    return X, jnp.zeros((), jnp.int32), zeros + NOT_CONVERGED, zeros
 
 
 def to_lanes(x0, multiple):

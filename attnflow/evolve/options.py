@@ -1,0 +1,218 @@
+"""Typed options of every entry point that evolves members: how long they run (:class:`Budget`), when they stop
+(:class:`Stop`) and how the work is executed (:class:`Execution`).
+
+Each is a small frozen, validated record (an ``equinox.Module`` with static fields, so it is hashable and can be
+part of a compiled signature), built once -- by the config loader or by the caller -- and taken as it is by
+:func:`attnflow.simulate`, the member pool (:mod:`attnflow.evolve.pool`) and
+:func:`attnflow.analysis.basins.basin_fractions`. The step arithmetic (``t1 / dt`` steps, the default cap, the
+int32 limit) and its error messages exist here and nowhere else.
+
+None of these records changes a result except :class:`Budget` and :class:`Stop`: an :class:`Execution` sets speed
+and memory only (backend, block, pool and group sizes, devices, processes), never which outcome a member gets.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import equinox as eqx
+
+from ..model.dynamics import AbstractDynamics, AbstractFlow, AbstractMap
+
+STEPS_MAX = 2**31 - 1
+"""Step counters are int32: no budget or cap may exceed this."""
+
+DEFAULT_MAX_STEPS = 10_000
+"""The smallest default cap of a study; the default is ``max(10 x budget, DEFAULT_MAX_STEPS)`` (at most
+:data:`STEPS_MAX`)."""
+
+STUDY_TOL = 1e-7
+"""The stop tolerance of a study when none is given."""
+
+BACKENDS = ("auto", "xla", "lanes", "fused")
+
+
+def _positive_int(name: str, v, upper: int = STEPS_MAX) -> None:
+    if v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {v!r}")
+    if not 1 <= int(v) <= upper:
+        raise ValueError(f"{name} must be in [1, {upper}], got {v}")
+
+
+def _positive_float(name: str, v) -> None:
+    if v is None:
+        return
+    if isinstance(v, bool):
+        raise ValueError(f"{name} must be a number, got {v!r}")
+    try:
+        f = float(v)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name} must be a number, got {v!r}") from None
+    if not (math.isfinite(f) and f > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+
+
+class Span(NamedTuple):
+    """A :class:`Budget` resolved for one model and solver.
+
+    - `steps`: fixed steps of a run (maps: iterations; fixed-step flows: t1 / dt); None for the adaptive solver.
+    - `dt`: the fixed step (1.0 for maps; None for the adaptive solver).
+    - `t1`: the end time of a flow (None for maps).
+    - `cap`: a study's cap per member, in steps (attempted steps for the adaptive solver).
+    """
+
+    steps: int | None
+    dt: float | None
+    t1: float | None
+    cap: int
+
+
+class Budget(eqx.Module):
+    """How long each member runs.
+
+    - `steps`: iterations of a map (a :class:`~attnflow.LayerStack` defaults to its layer count, and runs exactly
+      its layers).
+    - `t1`, `dt`: end time and fixed step of a flow; ``t1 / dt`` must be a whole number of steps. The adaptive
+      solver uses `t1` only.
+    - `max_steps`: a study's hard cap per member, in steps (the adaptive solver: attempted steps); members still
+      moving there are ``not_converged``. Default ``max(10 x budget, 10_000)`` with budget = `steps` or
+      ``t1 / dt``; at most ``2^31 - 1``. :func:`attnflow.simulate` runs the budget itself and ignores it.
+    """
+
+    steps: int | None = eqx.field(static=True, default=None)
+    t1: float | None = eqx.field(static=True, default=None)
+    dt: float | None = eqx.field(static=True, default=None)
+    max_steps: int | None = eqx.field(static=True, default=None)
+
+    def __check_init__(self):
+        _positive_int("steps", self.steps)
+        _positive_int("max_steps", self.max_steps)
+        _positive_float("t1", self.t1)
+        _positive_float("dt", self.dt)
+        if self.t1 is not None and self.dt is not None:
+            ratio = float(self.t1) / float(self.dt)
+            if ratio > STEPS_MAX + 0.5:
+                raise ValueError(f"t1 / dt = {ratio:.3g} steps is more than {STEPS_MAX}; use a larger dt or the adaptive solver")
+            k = round(ratio)
+            if k < 1 or abs(k * float(self.dt) - float(self.t1)) > 1e-9 * max(1.0, float(self.t1)):
+                raise ValueError(f"t1 = {self.t1} must be a whole number of steps dt = {self.dt}")
+
+    def resolve(self, dynamics: AbstractDynamics, adaptive: bool = False, *, study: bool = False) -> Span:
+        """The budget for ``dynamics`` (``adaptive``: the adaptive solver): a :class:`Span`, or a ValueError that
+        says what is missing. ``study``: a basin study, which needs only a cap."""
+        if isinstance(dynamics, AbstractMap):
+            if self.t1 is not None or self.dt is not None:
+                raise ValueError("a map takes steps (and max_steps), not t1 or dt")
+            if adaptive:
+                raise ValueError("the adaptive solver integrates flows, not maps")
+            layers = dynamics.num_layers
+            steps = self.steps
+            if layers is not None:
+                if steps is not None and steps > layers:
+                    raise ValueError(f"steps={steps} exceeds the {layers} layers of the stack")
+                steps = layers if steps is None else steps
+                return Span(int(steps), 1.0, None, int(layers))
+            if steps is None:
+                if not (study and self.max_steps is not None):
+                    raise ValueError("a discrete simulation needs steps=" + (" (or max_steps=)" if study else ""))
+                return Span(None, 1.0, None, int(self.max_steps))
+            return Span(int(steps), 1.0, None, self._cap(int(steps)))
+        if not isinstance(dynamics, AbstractFlow):
+            raise TypeError(f"dynamics must be an attnflow model (SphereFlow, LayerMap, ...), got {type(dynamics).__name__}")
+        if self.steps is not None:
+            raise ValueError("a flow takes t1 and dt (t1 / dt steps), not steps")
+        if adaptive:
+            if self.t1 is None and not study:
+                raise ValueError("a continuous simulation needs t1 > 0")
+            return Span(None, None, None if self.t1 is None else float(self.t1),
+                        int(self.max_steps) if self.max_steps is not None else DEFAULT_MAX_STEPS)
+        if self.t1 is None or self.dt is None:
+            raise ValueError("a fixed-step continuous run needs t1 > 0 and dt > 0 (t1 / dt steps)")
+        steps = int(round(float(self.t1) / float(self.dt)))
+        return Span(steps, float(self.dt), float(self.t1), self._cap(steps))
+
+    def _cap(self, budget: int) -> int:
+        if self.max_steps is not None:
+            return int(self.max_steps)
+        return int(min(max(10 * budget, DEFAULT_MAX_STEPS), STEPS_MAX))
+
+
+class Stop(eqx.Module):
+    """When a member stops before its budget: `tol`, the per-step change (max abs over the state; divided by dt for
+    fixed-step flows; for the adaptive solver, max |f(X)|) below which it is ``converged``. None: never early."""
+
+    tol: float | None = eqx.field(static=True, default=None)
+
+    def __check_init__(self):
+        _positive_float("tol", self.tol)
+
+
+class Execution(eqx.Module):
+    """How the work is executed: speed and memory only, never the outcome of a member.
+
+    - `backend`: ``"auto"``, ``"xla"``, ``"lanes"`` or ``"fused"`` (see :mod:`attnflow.evolve.backends`).
+    - `chunk`: members per call of :func:`attnflow.simulate` (results gathered on the host); for a study, samples
+      per block (one Parquet table of a run directory; part of a run's identity).
+    - `pool`: member slots per device of a study (default: 512 on the lanes backend, else
+      ``min(16384, samples, max(chunk, 64))``).
+    - `group`: steps between two retire-and-refill passes of a study's pool (default 8).
+    - `devices`: how many local devices to use (default: all of them). A study runs one pool per device;
+      :func:`attnflow.simulate` splits each call over them.
+    - `process`: ``(index, count)``: this process computes the blocks b with ``b % count == index`` (default: from
+      ``jax.distributed``, else ``(0, 1)``).
+    """
+
+    backend: str = eqx.field(static=True, default="auto")
+    chunk: int | None = eqx.field(static=True, default=None)
+    pool: int | None = eqx.field(static=True, default=None)
+    group: int = eqx.field(static=True, default=8)
+    devices: int | None = eqx.field(static=True, default=None)
+    process: tuple[int, int] | None = eqx.field(static=True, default=None)
+
+    def __check_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; expected one of {', '.join(BACKENDS)}")
+        _positive_int("chunk", self.chunk)
+        _positive_int("pool", self.pool)
+        _positive_int("group", self.group)
+        _positive_int("devices", self.devices, 4096)
+        if self.process is not None:
+            if len(self.process) != 2:
+                raise ValueError(f"process must be (index, count), got {self.process!r}")
+            i, c = self.process
+            _positive_int("process count", c, 1 << 20)
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < c:
+                raise ValueError(f"process index must be in [0, {c}), got {i!r}")
+
+    def local_devices(self) -> list:
+        """The local devices this execution uses (the first `devices` of ``jax.local_devices()``)."""
+        import jax
+
+        devs = jax.local_devices()
+        if self.devices is None:
+            return devs
+        if self.devices > len(devs):
+            raise ValueError(f"devices={self.devices}, but this process has {len(devs)} local device(s)")
+        return devs[: self.devices]
+
+
+def options(budget=None, stop=None, execution=None, *, steps=None, t1=None, dt=None, max_steps=None, tol=None,
+            backend=None, chunk=None) -> tuple[Budget, Stop, Execution]:
+    """The three records from records and/or their shorthand keywords (a keyword must not repeat a record given)."""
+
+    def merge(record, cls, **kw):
+        given = {k: v for k, v in kw.items() if v is not None}
+        if record is None:
+            return cls(**given)
+        if not isinstance(record, cls):
+            raise TypeError(f"expected a {cls.__name__}, got {type(record).__name__}")
+        if given:
+            raise ValueError(f"pass {', '.join(given)} inside the {cls.__name__} or as keywords, not both")
+        return record
+
+    return (merge(budget, Budget, steps=steps, t1=t1, dt=dt, max_steps=max_steps), merge(stop, Stop, tol=tol),
+            merge(execution, Execution, backend=backend, chunk=chunk))

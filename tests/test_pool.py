@@ -1,0 +1,196 @@
+"""The member pool (attnflow.evolve.pool): member by member it equals simulate run for the whole cap, whatever the
+pool size, group, queue blocks, backend (xla, lanes, fused) or number of devices; the cap is exact; the adaptive
+mode agrees with diffrax; bad input is refused.
+
+Reference: :func:`attnflow.simulate` with ``steps=cap`` on the vmapped XLA path, and a plain NumPy loop. Tolerances:
+float64, states to 1e-12 (lanes arithmetic is ordered differently), status and steps exactly.
+"""
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import attnflow as af
+from attnflow.analysis import classify as cl
+from attnflow.evolve import pool as S
+
+V3 = np.diag([1.0, 0.5, -0.3])
+
+
+def mapped(V=V3, alpha=0.1, dtype=np.float64):
+    V = np.asarray(V, dtype)
+    return af.LayerMap(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0), alpha)
+
+
+def run_all(dyn, x0, *, pool, block, cap, tol, dt=None, solver=None, backend="auto", group=8, then=None):
+    """Every member of x0 through a pool, in queue blocks of `block`, then a drain; results by sample index."""
+    n, d = x0.shape[1:]
+    p = S.empty_pool(pool, n, d, x0.dtype)
+    budget = af.Budget(max_steps=cap) if dt is None else af.Budget(t1=cap * dt, dt=dt, max_steps=cap)
+    kw = dict(budget=budget, stop=af.Stop(tol), solver=solver, execution=af.Execution(backend=backend, group=group), then=then)
+    outs = []
+    for j in range(0, len(x0), block):
+        q = np.zeros((block, n, d), x0.dtype)
+        qi = np.full(block, -1, np.int32)
+        m = min(block, len(x0) - j)
+        q[:m], qi[:m] = x0[j : j + m], np.arange(j, j + m)
+        p, r = S.advance_pool(dyn, p, q, qi, m, **kw)
+        outs.append(r.valid())
+    p, r = S.advance_pool(dyn, p, q, qi, 0, drain=True, **kw)
+    outs.append(r.valid())
+    assert p.occupied() == 0
+    idx, fin, st, ns = (np.concatenate([o[i] for o in outs]) for i in range(4))
+    order = np.argsort(idx)
+    assert np.array_equal(idx[order], np.arange(len(x0))), "every member retired exactly once"
+    return fin[order], st[order], ns[order]
+
+
+def sphere(B, n=5, d=3, seed=0, dtype=np.float64):
+    return np.array(af.sample.sphere(jax.random.PRNGKey(seed), (B, n, d), dtype=dtype))
+
+
+@pytest.mark.parametrize("backend", ["xla", "lanes"])
+def test_pool_equals_simulate_member_by_member(backend):
+    """A map with members that converge early, hit the cap, and one NaN member (nonfinite at step 1)."""
+    dyn, cap = mapped(), 300
+    x0 = sphere(300)
+    x0[7] = np.nan
+    ref = af.simulate(dyn, x0, steps=cap, tol=1e-6, backend="xla")
+    fin, st, ns = run_all(dyn, x0, pool=32, block=64, cap=cap, tol=1e-6, backend=backend)
+    assert np.array_equal(st, np.asarray(ref.outcome)) and np.array_equal(ns, np.asarray(ref.steps))
+    ok = np.isfinite(np.asarray(ref.final)).all(axis=(1, 2))
+    np.testing.assert_allclose(fin[ok], np.asarray(ref.final)[ok], atol=1e-12)
+    names = set(af.OUTCOMES[c] for c in st)
+    assert {"converged", "not_converged", "nonfinite"} <= names  # the case covers all three
+    assert ns.max() == cap and np.all(ns[st == af.OUTCOMES.index("not_converged")] == cap)
+
+
+def test_pool_equals_simulate_for_a_flow_and_a_stack():
+    """A sphere flow (RK4, tol divided by dt) on both backends; a layer stack (per-layer weights: the step index is
+    each member's own) on the vmapped path."""
+    flow = af.SphereFlow(af.SelfAttention(af.Heads.single(V3, K=V3), af.Attention("softmax"), 1.0))
+    x0 = sphere(48, seed=1)
+    ref = af.simulate(flow, x0, t1=30.0, dt=0.1, tol=1e-6, backend="xla")
+    for backend in ("xla", "lanes"):
+        fin, st, ns = run_all(flow, x0, pool=16, block=24, cap=300, tol=1e-6, dt=0.1, backend=backend)
+        assert np.array_equal(st, np.asarray(ref.outcome)) and np.array_equal(ns, np.asarray(ref.steps))
+        np.testing.assert_allclose(fin, np.asarray(ref.final), atol=1e-12)
+    rng = np.random.default_rng(0)
+    stack = af.LayerStack.from_layers([mapped(np.diag(rng.uniform(-1, 1, 3)), alpha=0.3) for _ in range(6)])
+    ref = af.simulate(stack, x0, tol=1e-9, backend="xla")
+    fin, st, ns = run_all(stack, x0, pool=16, block=24, cap=6, tol=1e-9, backend="xla")
+    assert np.array_equal(st, np.asarray(ref.outcome)) and np.array_equal(ns, np.asarray(ref.steps))
+    np.testing.assert_allclose(fin, np.asarray(ref.final), atol=1e-12)
+
+
+def test_labels_in_the_same_call_and_degenerate_status():
+    """`then` (a classifier) runs on the retired members; a float32 overflow that zeroes rows is 'degenerate'."""
+    dyn = mapped(alpha=1e20, dtype=np.float32)
+    x0 = sphere(20, dtype=np.float32)
+    p = S.empty_pool(8, 5, 3, np.float32)
+    p, r = S.advance_pool(dyn, p, x0, np.arange(20, dtype=np.int32), 20, budget=af.Budget(max_steps=50),
+                          stop=af.Stop(1e-6), drain=True, then=cl.classifier(dyn))
+    idx, fin, st, ns, labels = r.valid()
+    assert sorted(idx) == list(range(20))
+    assert all(af.OUTCOMES[c] == "degenerate" for c in st)
+    assert np.all(cl.label_rows(labels)[:, 0] == af.OUTCOMES.index("degenerate"))
+    assert set(labels.names()) == {"degenerate"}
+
+
+def test_bad_input_is_refused():
+    dyn = mapped()
+    p = S.empty_pool(4, 5, 3, np.float64)
+    x0 = sphere(6)
+    kw = dict(budget=af.Budget(max_steps=10), stop=af.Stop(1e-6))
+    with pytest.raises(ValueError, match="count"):
+        S.advance_pool(dyn, p, x0, np.arange(6), 7, **kw)
+    with pytest.raises(ValueError, match="holds states"):
+        S.advance_pool(dyn, S.empty_pool(4, 4, 3, np.float64), x0, np.arange(6), 6, **kw)
+    flow = af.SphereFlow(af.SelfAttention(af.Heads.single(V3, K=V3), af.Attention("softmax"), 1.0))
+    with pytest.raises(ValueError, match="xla"):
+        S.advance_pool(flow, p, x0, np.arange(6), 6, solver=af.Adaptive(), execution=af.Execution(backend="lanes"), **kw)
+    with pytest.raises(ValueError, match="t1 > 0 and dt"):
+        S.advance_pool(flow, p, x0, np.arange(6), 6, **kw)
+    with pytest.raises(ValueError, match="at least one slot"):
+        S.empty_pool(0, 5, 3, np.float64)
+    for bad in (dict(steps=0), dict(max_steps=2**31), dict(t1=1.0, dt=0.3), dict(steps=True), dict(t1=float("nan"))):
+        with pytest.raises(ValueError):
+            af.Budget(**bad)
+    for bad in (dict(backend="gpu"), dict(group=0), dict(pool=-1), dict(process=(2, 2))):
+        with pytest.raises(ValueError):
+            af.Execution(**bad)
+    with pytest.raises(ValueError, match="tol"):
+        af.Stop(-1.0)
+
+
+def test_fused_mode_equals_xla_member_by_member():
+    """The fused backend as a mode of the pool (the unrolled step for `group` steps in one Pallas kernel, through the
+    Pallas interpreter here): the same outcome, steps and states as the vmapped path, members that converge, hit
+    the cap, and go non-finite included."""
+    dyn = mapped(alpha=0.3)
+    x0 = sphere(20, n=3, seed=5)
+    x0[3] = np.nan
+    a = run_all(dyn, x0, pool=8, block=10, cap=40, tol=1e-4, backend="xla", group=5)
+    b = run_all(dyn, x0, pool=8, block=10, cap=40, tol=1e-4, backend="fused", group=5)
+    assert {"converged", "not_converged", "nonfinite"} <= {af.OUTCOMES[c] for c in a[1]}
+    assert np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])
+    np.testing.assert_allclose(a[0], b[0], atol=1e-12)
+
+
+def test_fused_group_kernel_lowers_to_triton_for_cuda():
+    """The pool's fused kernel compiles for a GPU: lowered for the cuda platform without one (Triton IR)."""
+    import jax.numpy as jnp
+
+    from attnflow.evolve.backends.fused import fused_group
+    from attnflow.evolve.pool import _Spec
+
+    dyn = mapped(dtype=np.float32)
+    spec = _Spec(tol=1e-6, group=8, continuous=False, backend="fused")
+    X = jnp.zeros((15, 256), jnp.float32)
+    st, ns = jnp.zeros(256, jnp.int32), jnp.zeros(256, jnp.int32)
+    f = lambda X, st, ns: fused_group(dyn, af.Iterate(), 1.0, 100, spec, 5, 3, X, st, ns, None, None, interpret=False)[:3]
+    text = jax.jit(f).trace(X, st, ns).lower(lowering_platforms=("cuda",)).as_text()
+    assert "triton" in text.lower() or "tt." in text
+
+
+def test_adaptive_mode_agrees_with_diffrax_member_by_member():
+    """The adaptive mode (an embedded Tsit5 pair, a step size per member, projected onto the spheres after each
+    accepted step) against diffrax's Tsit5 with tight tolerances, run to each member's own final time: states agree
+    to 1e-5 (float64; the pool's rtol/atol are 1e-6/1e-8). Members stop at steady state max |f| < tol."""
+    import diffrax
+
+    flow = af.SphereFlow(af.SelfAttention(af.Heads.single(V3, K=V3), af.Attention("softmax"), 1.0))
+    x0 = sphere(8, n=4, seed=7)
+    p = S.empty_pool(5, 4, 3, np.float64)
+    kw = dict(budget=af.Budget(max_steps=30), stop=af.Stop(1e-9), solver=af.Adaptive())
+    p, r = S.advance_pool(flow, p, x0, np.arange(8, dtype=np.int32), 8, drain=True, **kw)
+    idx, fin, st, ns, _ = r.valid()
+    times = np.asarray(r.time)[: len(idx)]
+    assert sorted(idx) == list(range(8)) and np.all(ns == 30) and np.all(times > 1.0)
+    term = diffrax.ODETerm(lambda t, y, a: flow.vf(t, y))
+    solve = jax.jit(jax.vmap(lambda y0, t1: diffrax.diffeqsolve(
+        term, diffrax.Tsit5(), 0.0, t1, None, y0, stepsize_controller=diffrax.PIDController(rtol=1e-11, atol=1e-13),
+        max_steps=20_000).ys[-1]))
+    np.testing.assert_allclose(fin, np.asarray(solve(x0[idx], times)), atol=1e-5)
+    # run to steady state: every member converges, with max |f| < tol at its final state
+    p, r = S.advance_pool(flow, S.empty_pool(5, 4, 3, np.float64), x0, np.arange(8, dtype=np.int32), 8, drain=True,
+                          budget=af.Budget(max_steps=5000), stop=af.Stop(1e-6), solver=af.Adaptive())
+    idx, fin, st, ns, _ = r.valid()
+    assert all(af.OUTCOMES[c] == "converged" for c in st)
+    for X in fin:
+        assert np.max(np.abs(np.asarray(flow.vf(0.0, X)))) < 1e-6
+
+
+@settings(max_examples=10)
+@given(backend=st.sampled_from(["xla", "lanes"]), pool=st.sampled_from([3, 16]), group=st.sampled_from([1, 5]),
+       block=st.sampled_from([7, 24]), N=st.integers(1, 40), cap=st.sampled_from([1, 9, 60]))
+def test_property_every_mode_retires_each_member_once_with_simulates_outcome(backend, pool, group, block, N, cap):
+    """Any backend, pool size, group, queue block, study size and cap (pools larger than the study, groups longer than
+    the cap, ragged last blocks): each sample is retired exactly once, with simulate's outcome, steps and state."""
+    dyn = mapped(alpha=0.3)
+    x0 = sphere(40, n=3, seed=11)
+    ref = af.simulate(dyn, x0, steps=cap, tol=1e-6, backend="xla")
+    fin, st_, ns = run_all(dyn, x0[:N], pool=pool, block=block, cap=cap, tol=1e-6, group=group, backend=backend)
+    assert np.array_equal(st_, np.asarray(ref.outcome)[:N]) and np.array_equal(ns, np.asarray(ref.steps)[:N])
+    np.testing.assert_allclose(fin, np.asarray(ref.final)[:N], atol=1e-12)
