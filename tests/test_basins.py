@@ -35,10 +35,12 @@ def test_classifier_labels_constructed_states():
     assert L.kind.tolist() == [cl.CONSENSUS, cl.CONSENSUS, cl.BIPARTITE, cl.CLUSTERING]
     assert L.eigenvector.tolist() == [0, 2, 1, -1] and L.sign.tolist()[:3] == [1, -1, 1]
     assert L.split.tolist()[2] == 2 and L.clusters.tolist() == [1, 1, 2, 2]
-    assert cl.describe(cl.label_rows(cl.classify(dyn, states))[2], n)["label"] == "bipartite v2 2:4"
+    assert cl.describe(cl.label_rows(cl.classify(dyn, states))[2], n)["name"] == "bipartite v2 2:4"
     assert cl.classify(dyn, states).names()[:2] == ["consensus +v1", "consensus -v3"]
-    rows = cl.label_rows(cl.classify(dyn, states, status=np.array([0, 0, 1, 0])))
-    assert rows[0].tolist() == rows[3].tolist() == [cl.NOT_CONVERGED] + [0] * (rows.shape[1] - 1)  # one unconverged class
+    nc = af.OUTCOMES.index("not_converged")
+    rows = cl.label_rows(cl.classify(dyn, states, np.array([nc, nc, af.OUTCOMES.index("converged"), nc])))
+    assert rows[0].tolist() == rows[3].tolist() == [nc] + [0] * (rows.shape[1] - 1)  # one not-converged class
+    assert cl.classify(dyn, states, np.array([nc, 1, 1, 1])).names()[0] == "not converged"
     poly = cl.classify(mapped(V3), eq.polygonal(4, 3)[None])
     assert int(poly.kind[0]) == cl.POLYGONAL
 
@@ -67,19 +69,19 @@ def test_wilson_interval():
 
 
 def axis_fraction(res, kinds=("consensus", "bipartite"), k=0):
-    return sum(a["count"] for a in res.attractors if a["kind"] in kinds and a["eigenvector"] == k) / res.samples
+    return res.union(lambda a: a.kind in kinds and a.eigenvector == k).fraction
 
 
 def test_ss_dominant_positive_and_negative_definite():
     """[SS]: symmetric Q^T K = V; dominant positive eigenvalue -> every token on the v_1 axis; negative definite
     -> sign split on +-v_d (the last eigenvector, index d-1)."""
     N = 400
-    pos = bs.basin_fractions(mapped(V3, K=V3), jax.random.PRNGKey(0), N, tokens=6, chunk_size=N, steps=4000)
+    pos = bs.basin_fractions(mapped(V3, K=V3), jax.random.PRNGKey(0), N, tokens=6, budget=af.Budget(steps=4000))
     assert axis_fraction(pos) == 1.0  # Wilson lower bound at 400/400: 0.990
     neg_V = np.diag([-0.2, -0.5, -1.0])
     flow = af.SphereFlow(af.SelfAttention(af.Heads.single(neg_V, K=neg_V), af.Attention("softmax"), 1.0))
-    neg = bs.basin_fractions(flow, jax.random.PRNGKey(1), N, tokens=6, chunk_size=N, t1=300.0, dt=0.05)
-    split = sum(a["count"] for a in neg.attractors if a["kind"] == "bipartite" and a["eigenvector"] == 2)
+    neg = bs.basin_fractions(flow, jax.random.PRNGKey(1), N, tokens=6, budget=af.Budget(t1=300.0, dt=0.05))
+    split = neg.union(lambda a: a.kind == "bipartite" and a.eigenvector == 2).count
     assert split / N == 1.0, neg.to_json()
 
 
@@ -90,8 +92,8 @@ def test_pm_thm1_multihead_shared_weights_consensus():
     Vs = rng.normal(size=(H, d, d))
     Os = np.stack([V3 @ np.linalg.inv(Vs[h]) / H for h in range(H)])
     heads = af.Heads(Q=rng.normal(size=(H, d, d)) / 2, K=rng.normal(size=(H, d, d)) / 2, V=Vs, O=Os)
-    res = bs.basin_fractions(mapped(None, heads=heads), jax.random.PRNGKey(2), 300, tokens=10, chunk_size=300, steps=4000)
-    cons = sum(a["count"] for a in res.attractors if a["kind"] == "consensus" and a["eigenvector"] == 0)
+    res = bs.basin_fractions(mapped(None, heads=heads), jax.random.PRNGKey(2), 300, tokens=10, budget=af.Budget(steps=4000))
+    cons = res.union(lambda a: a.kind == "consensus" and a.eigenvector == 0).count
     assert cons / res.samples > 0.95, res.to_json()
 
 
@@ -100,33 +102,34 @@ def test_bipartite_basin_small_near_threshold_large_when_decoupled():
     far smaller than that of consensus on v_1; at beta = 2 (antipodal tokens decoupled) it is large.
     Measured: radius 0.41 at beta = 0.553 (1.007 beta_c), 0.75 at 0.56, 1.42 at 0.6, >= 2 (the cap) at 2.0;
     consensus >= 2 throughout."""
-    kw = dict(q=0.9, samples=32, iters=5, steps=20000, r_max=2.0)
+    kw = dict(q=0.9, samples=32, iters=5, budget=af.Budget(steps=20000), r_max=2.0)
     near = mapped(V3, K=V3, beta=0.553)
     lb = bs.local_basin_radius(near, eq.bipartite(near, 0, 3, 6), jax.random.PRNGKey(3), **kw)
     lc = bs.local_basin_radius(near, eq.consensus(near, 0, 6), jax.random.PRNGKey(3), **kw)
     far = mapped(V3, K=V3, beta=2.0)
     lf = bs.local_basin_radius(far, eq.bipartite(far, 0, 3, 6), jax.random.PRNGKey(3), **kw)
-    print(f"local radii: bipartite near threshold {lb['radius']}, consensus {lc}, bipartite decoupled {lf}")
-    assert not lb["lower_bound"] and lb["radius"] <= 0.5 and lb["equilibrium"] == "bipartite v1 3:3"
+    print(f"local radii: bipartite near threshold {lb.radius}, consensus {lc}, bipartite decoupled {lf}")
+    assert not lb.lower_bound and lb.radius <= 0.5 and lb.equilibrium == "bipartite v1 3:3"
     # recovery at the largest radius tried: only a lower bound is known, and it is reported as one
     for r, name in ((lc, "consensus +v1"), (lf, "bipartite v1 3:3")):
-        assert r["lower_bound"] and r["radius"] is None and r["at_least"] == 2.0 and r["equilibrium"] == name
-        assert "≥ 2" in bs.radius_line("local basin radius", r) and "tangent" in r["distance"]
-        json.dumps({k: v for k, v in r.items() if k != "probabilities"}, allow_nan=False)
+        assert r.lower_bound and r.radius is None and r.at_least == 2.0 and r.equilibrium == name
+        assert "≥ 2" in r.line() and "tangent" in r.distance
+        json.dumps(r.to_json(), allow_nan=False)
 
 
 def test_critical_shock_escapes():
     dyn = mapped(V3, K=V3, beta=0.6)
     Xb = eq.bipartite(dyn, 0, 3, 6)
     cs = bs.critical_shock(dyn, Xb, jax.random.PRNGKey(4), steps=300, iters=20, r_max=2.0, candidates=32)
-    assert cs["radius"] is not None and cs["radius"] <= cs["monte_carlo_radius"] + 1e-12
-    assert cs["equilibrium"] == "bipartite v1 3:3" and not cs["lower_bound"] and "tangent" in cs["distance"]
+    assert cs.radius is not None and cs.radius <= cs.monte_carlo_radius + 1e-12
+    assert cs.equilibrium == "bipartite v1 3:3" and not cs.lower_bound and "tangent" in cs.distance
+    assert "an upper bound" in cs.line() and json.dumps(cs.to_json(), allow_nan=False)
     # no escape up to a tiny r_max from the stable consensus: a lower bound, reported as one
     lb = bs.critical_shock(dyn, eq.consensus(dyn, 0, 6), jax.random.PRNGKey(4), steps=20, iters=1, r_max=1e-3, candidates=4)
-    assert lb["radius"] is None and lb["lower_bound"] and lb["at_least"] == 1e-3 and lb["equilibrium"] == "consensus +v1"
-    assert "≥ 0.001" in bs.radius_line("critical shock", lb)
+    assert lb.radius is None and lb.lower_bound and lb.at_least == 1e-3 and lb.equilibrium == "consensus +v1"
+    assert "≥ 0.001" in lb.line()
     # the returned shock really leaves: its end state is far from the bipartite point
-    Y = af.simulate(dyn, af.model.normalize_rows(Xb + cs["delta"])[None], steps=3000).final[0]
+    Y = af.simulate(dyn, af.model.normalize_rows(Xb + cs.delta)[None], steps=3000).final[0]
     assert float(jnp.max(jnp.abs(Y - Xb))) > 0.1
 
 
@@ -156,8 +159,8 @@ def test_cli_json_shape_and_resume_after_sigkill(tmp_path, capsys):
     full = tmp_path / "full"
     assert main(["basins", str(cfg), "--out", str(full), "--json", "--no-progress"]) == 0
     ref = json.loads(capsys.readouterr().out)
-    assert set(ref) >= {"samples", "unclassified", "unconverged", "attractors", "categories", "max_steps"} and ref["samples"] == 3000
-    assert set(ref["attractors"][0]) >= {"label", "kind", "eigenvector", "sign", "split", "fraction", "interval", "count", "equilibrium"}
+    assert set(ref) >= {"samples", "unclassified", "not_converged", "attractors", "categories", "max_steps"} and ref["samples"] == 3000
+    assert set(ref["attractors"][0]) >= {"name", "kind", "outcome", "eigenvector", "sign", "split", "fraction", "interval", "count", "verdict"}
     # one result file, strict JSON, equal to what was printed
     assert not (full / "summary.json").exists()
     assert json.loads((full / "result.json").read_text(), parse_constant=_no_nan) == ref
@@ -190,7 +193,7 @@ SHARD = textwrap.dedent("""
     assert jax.local_device_count() == int(sys.argv[2])
     V = np.diag([1.0, 0.5, -0.3])
     dyn = af.LayerMap(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0), 0.1)
-    r = bs.basin_fractions(dyn, jax.random.PRNGKey(7), 300, tokens=6, chunk_size=100, steps=2000)
+    r = bs.basin_fractions(dyn, jax.random.PRNGKey(7), 300, tokens=6, budget=af.Budget(steps=2000), execution=af.Execution(chunk=100))
     json.dump(r.to_json(), open(sys.argv[1], "w"))
 """)
 
@@ -205,24 +208,27 @@ def test_sharded_basins_equal_one_device(tmp_path):
         r = subprocess.run([sys.executable, str(script), str(tmp_path / f"{ndev}.json"), str(ndev)], env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         outs.append(json.loads((tmp_path / f"{ndev}.json").read_text()))
-    assert [(a["label"], a["count"]) for a in outs[0]["attractors"]] == [(a["label"], a["count"]) for a in outs[1]["attractors"]]
+    assert [(a["name"], a["count"]) for a in outs[0]["attractors"]] == [(a["name"], a["count"]) for a in outs[1]["attractors"]]
 
 
 def test_process_split_merges_to_single_process(tmp_path):
     """Two 'processes' (process_index 0 and 1 of 2) fill one run directory; a resume merges them."""
     dyn = mapped(V3, K=V3)
-    kw = dict(tokens=6, chunk_size=50, steps=2000, manifest={"config": "t"})
-    single = bs.basin_fractions(dyn, jax.random.PRNGKey(5), 200, **kw)
+    kw = dict(tokens=6, budget=af.Budget(steps=2000))
+    ex = lambda **p: af.Execution(chunk=50, **p)  # noqa: E731
+    single = bs.basin_fractions(dyn, jax.random.PRNGKey(5), 200, execution=ex(), **kw)
     run = tmp_path / "mh"
-    af.basin_fractions(dyn, jax.random.PRNGKey(5), 200, run_dir=run, process_index=0, process_count=2, **kw)
-    af.basin_fractions(dyn, jax.random.PRNGKey(5), 200, run_dir=run, resume=True, process_index=1, process_count=2, **kw)
-    merged = af.basin_fractions(dyn, jax.random.PRNGKey(5), 200, run_dir=run, resume=True, **kw)
+    af.basin_fractions(dyn, jax.random.PRNGKey(5), 200, run_dir=run, execution=ex(process=(0, 2)), **kw)
+    af.basin_fractions(dyn, jax.random.PRNGKey(5), 200, run_dir=run, resume=True, execution=ex(process=(1, 2)), **kw)
+    merged = af.basin_fractions(dyn, jax.random.PRNGKey(5), 200, run_dir=run, resume=True, execution=ex(), **kw)
     assert merged.to_json() == single.to_json()
 
 
 # ------------------------------------------------------------------------------------ the pooled study (issue 13)
 
-SMALL = dict(tokens=4, chunk_size=20, tol=1e-7)
+def small(cap, chunk=20, **ex):
+    """The keyword arguments of a small study: 4 tokens, tol 1e-7, a cap, blocks of `chunk`."""
+    return dict(tokens=4, stop=af.Stop(1e-7), budget=af.Budget(max_steps=cap), execution=af.Execution(chunk=chunk, **ex))
 
 
 def _wilson_np(k, N, z=1.96):
@@ -233,40 +239,55 @@ def _wilson_np(k, N, z=1.96):
     return max(0.0, c - h), min(1.0, c + h)
 
 
-def test_results_do_not_depend_on_pool_rounds_or_resume(tmp_path):
-    """Sample i comes from fold_in(key, i): pool size, round length, blocks and a resume change nothing, and the
-    counts equal those of simulating every sample alone for the whole cap."""
+def _members(run):
+    from attnflow.io.results import read_members
+
+    m = read_members(run)
+    return m["name"].tolist(), m["outcome"].tolist(), m["steps"].tolist()
+
+
+def test_members_do_not_depend_on_pool_group_blocks_backend_or_resume(tmp_path):
+    """Sample i comes from fold_in(key, i): every member's name, outcome and steps (the per-sample table of the run
+    directory) are the same for any pool size, group, block size, backend (xla, lanes; float64) and after a resume,
+    and equal simulating every sample alone for the whole cap (reference: simulate + classify, one by one)."""
     from attnflow.io.results import RunDirWriter
 
     dyn, key, N, cap = mapped(V3, K=V3), jax.random.PRNGKey(11), 40, 3000
-    a = bs.basin_fractions(dyn, key, N, pool_size=16, round_steps=10, max_steps=cap, **SMALL)
-    b = bs.basin_fractions(dyn, key, N, pool_size=64, round_steps=100, max_steps=cap, **SMALL)
-    assert a.to_json() == b.to_json() and a.max_steps == cap
-    ref = {}
+    runs = {}
+    for tag, kw in (("a", dict(pool=16, group=10)), ("b", dict(pool=64, group=1, chunk=13)), ("c", dict(pool=5, backend="lanes"))):
+        chunk = kw.pop("chunk", 20)
+        with RunDirWriter(tmp_path / tag, initial=tag == "a") as w:
+            runs[tag] = bs.basin_fractions(dyn, key, N, run_dir=w, **small(cap, chunk, **kw))
+    assert runs["a"].max_steps == cap and runs["a"].to_json() == runs["b"].to_json()
+    assert _members(tmp_path / "a") == _members(tmp_path / "b") == _members(tmp_path / "c")
+    from attnflow.io.results import read_members
+
+    init = read_members(tmp_path / "a")["initial"].reshape(N, 4, 3)
+    names, outcomes, steps = _members(tmp_path / "a")
     for i in range(N):  # one by one, no pool: one simulate call of the whole cap per sample
         x0 = af.sample.sphere(jax.random.fold_in(key, i), (1, 4, 3))
+        np.testing.assert_allclose(init[i], np.asarray(x0)[0], atol=1e-14)  # the table holds sample i
         sol = af.simulate(dyn, x0, steps=cap, tol=1e-7)
-        name = cl.classify(dyn, sol.final, sol.status).names()[0]
-        ref[name] = ref.get(name, 0) + 1
-    assert {x.name: x.count for x in a.attractors + a.categories} == ref
-    run = tmp_path / "run"
-    full = bs.basin_fractions(dyn, key, N, pool_size=16, max_steps=cap, writer=RunDirWriter(run), **SMALL)
-    blocks = sorted((run / "chunks").glob("*.parquet"))
-    assert len(blocks) == 2 and full.to_json() == a.to_json()
+        assert (cl.classify(dyn, sol.final, sol.outcome).names()[0], af.OUTCOMES[int(sol.outcome[0])], int(sol.steps[0])) == (
+            names[i], outcomes[i], steps[i])
+    blocks = sorted((tmp_path / "a" / "chunks").glob("*.parquet"))
+    assert len(blocks) == 2
     blocks[1].unlink()  # as if killed before block 1 was written
-    again = bs.basin_fractions(dyn, key, N, pool_size=64, max_steps=cap, writer=RunDirWriter(run, resume=True), **SMALL)
-    assert again.to_json() == a.to_json()
+    with RunDirWriter(tmp_path / "a", resume=True, initial=True) as w:
+        again = af.basin_fractions(dyn, key, N, run_dir=w, **small(cap, pool=64))
+    assert again.to_json() == runs["a"].to_json() and _members(tmp_path / "a") == (names, outcomes, steps)
 
 
 def test_unclassified_members_widen_the_intervals_and_warn():
     """A short cap leaves members unclassified: each attractor's interval is [Wilson lower of k/N, Wilson upper of
-    (k+u)/N] and contains the fraction a long-budget run of the same samples finds; one warning names max_steps."""
+    (k+u)/N] and contains the fraction a long-budget run of the same samples finds; one warning names max_steps.
+    Unions of attractors get the same kind of interval."""
     dyn, key, N = mapped(V3, K=V3), jax.random.PRNGKey(12), 200
-    short = bs.basin_fractions(dyn, key, N, max_steps=60, round_steps=20, **SMALL)
-    long = bs.basin_fractions(dyn, key, N, max_steps=20000, **SMALL)
+    short = bs.basin_fractions(dyn, key, N, **small(60, group=20))
+    long = bs.basin_fractions(dyn, key, N, **small(20000))
     u = short.unclassified
-    assert short.unconverged == u > 0 and long.unclassified == 0
-    assert [c.name for c in short.categories] == ["not converged"]
+    assert short.not_converged == u > 0 and long.unclassified == 0
+    assert [c.name for c in short.categories] == ["not converged"] and short.categories[0].outcome == "not_converged"
     for a in short.attractors:
         lo, hi = _wilson_np(a.count, N)[0], _wilson_np(a.count + u, N)[1]
         assert a.interval == pytest.approx((lo, hi), abs=1e-12)
@@ -277,6 +298,15 @@ def test_unclassified_members_widen_the_intervals_and_warn():
         assert lo <= b.fraction <= hi, (b.name, b.fraction, lo, hi)
     assert short.warning is not None and "max_steps" in short.warning and short.lines()[-1] == short.warning
     assert long.warning is None
+    onv1 = short.union(lambda a: a.eigenvector == 0, name="on v1")
+    k = sum(a.count for a in short.attractors if a.eigenvector == 0)
+    assert onv1.count == k and onv1.interval == pytest.approx((_wilson_np(k, N)[0], _wilson_np(k + u, N)[1]), abs=1e-12)
+    assert short.union([]).count == 0 and onv1.to_json()["members"] == {a.name: a.count for a in short.attractors if a.eigenvector == 0}
+    with pytest.raises(ValueError, match="categories"):
+        short.union(["not converged"])
+    frame = short.to_frame()
+    assert list(frame["name"]) == [a.name for a in short.attractors + short.categories]
+    assert frame["count"].sum() == N and frame["lower"].tolist() == [a.interval[0] for a in short.attractors + short.categories]
 
 
 def test_degenerate_members_are_failures_and_json_has_no_nan():
@@ -284,8 +314,8 @@ def test_degenerate_members_are_failures_and_json_has_no_nan():
     never an attractor, and the JSON holds no NaN."""
     V = np.diag([1.0, 0.4, -0.3]).astype(np.float32)
     dyn = af.LayerMap(af.SelfAttention(af.Heads.single(V), af.Attention("softmax"), 1.0), 1e20)
-    res = bs.basin_fractions(dyn, jax.random.PRNGKey(0), 32, tokens=4, max_steps=50, dtype=np.float32)
-    assert res.attractors == [] and res.unclassified == 32
+    res = bs.basin_fractions(dyn, jax.random.PRNGKey(0), 32, tokens=4, budget=af.Budget(max_steps=50))
+    assert res.attractors == () and res.unclassified == 32
     assert {c.kind for c in res.categories} <= {"degenerate", "nonfinite"}
     text = json.dumps(res.to_json(), allow_nan=False)
     assert "NaN" not in text and "Infinity" not in text
@@ -301,22 +331,22 @@ def test_slow_passage_near_a_saddle_is_not_counted_as_an_attractor():
     for beta, unstable in ((0.3, True), (2.0, False)):
         dyn = mapped(V3, K=V3, beta=beta)
         Xb = eq.bipartite(dyn, 0, 3, 6)
-        sampler = bs.around_sampler(Xb, 1e-9)
-        res = bs.basin_fractions(dyn, jax.random.PRNGKey(4), N, sampler=sampler, steps=2000, tol=1e-7, chunk_size=N)
+        sampler = bs.Around(Xb, 1e-9)
+        res = bs.basin_fractions(dyn, jax.random.PRNGKey(4), N, sampler=sampler, budget=af.Budget(steps=2000))
         x0 = bs.draw_samples(sampler, jax.random.PRNGKey(4), range(N))
         stopped = af.simulate(dyn, x0, steps=2000, tol=1e-7)
-        naive = cl.classify(dyn, stopped.final, stopped.status).names()
+        naive = cl.classify(dyn, stopped.final, stopped.outcome).names()
         assert naive == ["bipartite v1 3:3"] * N and int(np.max(stopped.steps)) <= 2  # what label counting sees
         free = af.simulate(dyn, x0, steps=20000)  # no early stop: the reference
         left = [nm != "bipartite v1 3:3" for nm in cl.classify(dyn, free.final).names()]
         if unstable:
             assert all(left)
-            assert res.attractors == [] and [c.name for c in res.categories] == ["saddle"]
+            assert res.attractors == () and [c.name for c in res.categories] == ["saddle"]
             sad = res.categories[0]
             assert sad.count == N and sad.members == {"bipartite v1 3:3": N} and sad.interval == pytest.approx(_wilson_np(N, N))
         else:
             assert not any(left)
-            assert [(a.name, a.count, a.equilibrium) for a in res.attractors] == [("bipartite v1 3:3", N, "stable")]
+            assert [(a.name, a.count, a.verdict) for a in res.attractors] == [("bipartite v1 3:3", N, "stable")]
 
 
 def test_equilibrium_names():
@@ -342,13 +372,13 @@ def test_readme_config_default_basins_agree_with_ten_times_the_budget(tmp_path, 
         assert main(["basins", str(tmp_path / f"{name}.toml"), "--json", "--no-progress"]) == 0
         outs[name] = json.loads(capsys.readouterr().out)
     assert outs["default"]["max_steps"] == 20000 and outs["ten"]["max_steps"] == 200000
-    print({k: (v["unclassified"], [(a["label"], a["count"]) for a in v["attractors"]]) for k, v in outs.items()})
+    print({k: (v["unclassified"], [(a["name"], a["count"]) for a in v["attractors"]]) for k, v in outs.items()})
     for run in ("default", "fixed"):
-        mine = {a["label"]: a for a in outs[run]["attractors"]}
+        mine = {a["name"]: a for a in outs[run]["attractors"]}
         u, N = outs[run]["unclassified"], outs[run]["samples"]
         for b in outs["ten"]["attractors"]:
-            lo, hi = mine[b["label"]]["interval"] if b["label"] in mine else (0.0, _wilson_np(u, N)[1])
-            assert lo <= b["fraction"] <= hi, (run, b["label"], b["fraction"], lo, hi)
+            lo, hi = mine[b["name"]]["interval"] if b["name"] in mine else (0.0, _wilson_np(u, N)[1])
+            assert lo <= b["fraction"] <= hi, (run, b["name"], b["fraction"], lo, hi)
 
 
 README_CFG = """
@@ -378,12 +408,13 @@ def test_the_backend_used_is_part_of_the_run_identity(tmp_path):
     from attnflow.io.results import RunDirError
 
     dyn = mapped(V3, K=V3)
-    kw = dict(tokens=4, chunk_size=10, steps=30, max_steps=60, tol=1e-6)
+    kw = dict(tokens=4, budget=af.Budget(steps=30, max_steps=60), stop=af.Stop(1e-6))
     run = tmp_path / "r"
-    af.basin_fractions(dyn, jax.random.PRNGKey(1), 20, run_dir=run, backend="xla", **kw)
+    af.basin_fractions(dyn, jax.random.PRNGKey(1), 20, run_dir=run, execution=af.Execution(chunk=10, backend="xla"), **kw)
     assert json.loads((run / "manifest.json").read_text())["identity"]["backend"] == "xla"
     with pytest.raises(RunDirError, match="backend") as e:
-        af.basin_fractions(dyn, jax.random.PRNGKey(1), 20, run_dir=run, resume=True, backend="lanes", **kw)
+        af.basin_fractions(dyn, jax.random.PRNGKey(1), 20, run_dir=run, resume=True,
+                           execution=af.Execution(chunk=10, backend="lanes"), **kw)
     assert "\n" not in str(e.value)
 
 
@@ -394,7 +425,8 @@ def test_layernorm_maps_are_not_degenerate_in_a_basin_study():
 
     ln = af.LayerMap(af.SelfAttention(af.Heads.single(V3, K=V3), af.Attention("softmax"), 1.0), 0.1, LayerNorm())
     sampler = lambda key, num: jax.vmap(LayerNorm())(jax.random.normal(key, (num, 4, 3)))
-    res = bs.basin_fractions(ln, jax.random.PRNGKey(0), 16, sampler=sampler, chunk_size=16, steps=50, max_steps=100, tol=1e-6)
+    res = bs.basin_fractions(ln, jax.random.PRNGKey(0), 16, sampler=sampler, budget=af.Budget(steps=50, max_steps=100),
+                             stop=af.Stop(1e-6))
     assert {c.name: c.count for c in res.categories}.get("degenerate", 0) == 0
 
 
@@ -409,7 +441,9 @@ def test_unique_rows_equals_numpy_unique_and_survives_collisions(monkeypatch):
         assert sorted(map(tuple, uniq)) == sorted(map(tuple, ref))
         assert np.array_equal(uniq[inv], r) and np.array_equal(r[first], uniq)
         assert all(first[j] == np.flatnonzero(inv == j).min() for j in range(len(uniq)))
-    monkeypatch.setattr(bs, "_HASH", np.zeros_like(bs._HASH))  # every row hashes to 0
+    from attnflow.analysis.basins import tally
+
+    monkeypatch.setattr(tally, "_HASH", np.zeros_like(tally._HASH))  # every row hashes to 0
     uniq, first, inv = bs.unique_rows(rows)
     assert len(uniq) == len(np.unique(rows, axis=0)) and np.array_equal(uniq[inv], rows)
 
@@ -426,7 +460,7 @@ def test_adaptive_ci_width_adds_blocks_until_narrow_and_equals_a_fixed_run():
     """ci_width: blocks are added (the pool drains between them) until every attractor's interval is narrower; the
     result equals a plain study of the same number of samples (sample i is fold_in(key, i) either way)."""
     dyn, key = mapped(V3, K=V3), jax.random.PRNGKey(5)
-    kw = dict(tokens=4, chunk_size=40, steps=2000, tol=1e-7, backend="xla")
+    kw = dict(tokens=4, budget=af.Budget(steps=2000), execution=af.Execution(chunk=40, backend="xla"))
     res = bs.basin_fractions(dyn, key, 40, ci_width=0.25, **kw)
     assert res.samples > 40 and res.samples % 40 == 0
     assert all(a.interval[1] - a.interval[0] < 0.25 for a in res.attractors)
@@ -434,16 +468,18 @@ def test_adaptive_ci_width_adds_blocks_until_narrow_and_equals_a_fixed_run():
     assert plain.to_json() == res.to_json()
 
 
-def test_adaptive_flow_study_runs_in_rounds_and_equals_one_by_one():
-    """An adaptive solve has no fixed step to group, so the study takes the rounds engine (one simulate round of t1
-    per member): its counts equal simulating every sample alone with the same solver."""
+def test_adaptive_flow_study_names_every_member_as_diffrax_does():
+    """The adaptive mode of the pool (an embedded Tsit5 pair per member, to steady state) names every member as a
+    one-by-one diffrax solve (attnflow.simulate with Adaptive: Tsit5, PID controller, steady-state event) does."""
+    from attnflow.io.results import RunDirWriter, read_members
+
     flow = af.SphereFlow(af.SelfAttention(af.Heads.single(V3, K=V3), af.Attention("softmax"), 1.0))
     key, N, solver = jax.random.PRNGKey(3), 12, af.Adaptive()
-    res = bs.basin_fractions(flow, key, N, tokens=4, chunk_size=5, t1=40.0, solver=solver, tol=1e-6)
-    ref = {}
-    for i in range(N):
-        x0 = af.sample.sphere(jax.random.fold_in(key, i), (1, 4, 3))
-        sol = af.simulate(flow, x0, t1=40.0, solver=solver, tol=1e-6)
-        name = cl.classify(flow, sol.final, sol.status).names()[0]
-        ref[name] = ref.get(name, 0) + 1
-    assert {x.name: x.count for x in res.attractors + res.categories} == ref and res.max_steps == 1
+    with RunDirWriter(tmp_dir := __import__("tempfile").mkdtemp() + "/r") as w:
+        res = bs.basin_fractions(flow, key, N, tokens=4, solver=solver, stop=af.Stop(1e-6), run_dir=w,
+                                 execution=af.Execution(chunk=5))
+    names = read_members(tmp_dir)["name"].tolist()
+    x0 = np.stack([np.asarray(af.sample.sphere(jax.random.fold_in(key, i), (1, 4, 3)))[0] for i in range(N)])
+    sol = af.simulate(flow, x0, t1=200.0, solver=solver, tol=1e-6)
+    assert cl.classify(flow, sol.final, sol.outcome).names() == names
+    assert res.unclassified == 0 and res.max_steps == 10_000

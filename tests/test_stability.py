@@ -8,6 +8,8 @@ import pytest
 import attnflow as af
 from attnflow.analysis import equilibria as eq, stability as st
 
+import references as ref
+
 TOL64 = 1e-10
 
 def model_with_W(rng, W, H, kind="softmax", beta=0.7):
@@ -99,12 +101,13 @@ def test_dwell_estimate_matches_simulation():
 
 
 def test_verdicts_are_an_enumeration_with_int_codes():
-    """Verdict codes stay ints (0 stable, 1 unstable, 2 neutral) for array use; names, items and JSON records
-    come from the Verdict enumeration. The case: discrete map, V = diag(1, 0.4, -0.3), M = I (closed forms of
+    """Verdict codes stay ints (0 stable, 1 unstable, 2 neutral, 3 unknown) for array use; names, items and JSON
+    records come from the Verdict enumeration. The case: discrete map, V = diag(1, 0.4, -0.3), M = I (closed forms of
     docs/model.md section 5: consensus on v_1 stable, on v_2, v_3 unstable); a rotation-invariant W = I gives
     neutral directions."""
-    assert (st.STABLE, st.UNSTABLE, st.NEUTRAL) == (0, 1, 2) and st.VERDICTS == ("stable", "unstable", "neutral")
-    assert [st.verdict_name(c) for c in range(3)] == list(st.VERDICTS)
+    assert (st.STABLE, st.UNSTABLE, st.NEUTRAL, st.UNKNOWN) == (0, 1, 2, 3)
+    assert st.VERDICTS == ("stable", "unstable", "neutral", "unknown")
+    assert [st.verdict_name(c) for c in range(4)] == list(st.VERDICTS) and af.Verdict is st.Verdict
     assert "rho < 1" in st.Verdict[st.Verdict.stable]
     V = np.diag([1.0, 0.4, -0.3])
     dyn = af.LayerMap(af.SelfAttention(af.Heads.single(V), af.Attention("softmax"), 1.0), 0.1)
@@ -124,12 +127,295 @@ def test_verdicts_are_an_enumeration_with_int_codes():
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_neutral_directions_survive_float32(dtype):
     """W = I (rotation symmetry): consensus has the closed-form eigenvalue (1 + alpha)/(1 + alpha) = 1 with
-    multiplicity d - 1 = 2 (docs/model.md section 5), i.e. neutral, in float32 as in float64; the tolerance is
-    raised to 100 machine epsilons (float32 rounds rho to 0.99999994, which tol = 1e-8 would call stable)."""
+    multiplicity d - 1 = 2 (docs/model.md section 5), i.e. neutral, in float32 as in float64; the tolerance is the
+    one of attnflow.analysis.eigen for the dtype, 1e-8 or 1e-4 (float32 rounds rho to 0.99999994, which tol = 1e-8
+    would call stable)."""
     dyn = af.LayerMap(af.SelfAttention(af.Heads.single(np.eye(3)).astype(dtype), af.Attention("softmax"), 1.0), 0.1)
     X = jnp.stack([eq.consensus(dyn, 0, 4), eq.bipartite(dyn, 0, 2, 4)]).astype(dtype)
     stab = st.analyse(dyn, X)
     cf = st.consensus_closed_form(np.eye(3), 0, 4, alpha=0.1)
     assert int(np.sum(np.abs(np.abs(cf) - 1) < 1e-12)) == 2
     assert list(stab.verdict_names) == ["neutral", "unstable"] and stab.neutral[0] == 2
-    assert stab.tol == (1e-8 if dtype == "float64" else pytest.approx(100 * np.finfo(np.float32).eps))
+    assert stab.tol == (1e-8 if dtype == "float64" else 1e-4)
+
+
+def test_one_eigenvalue_tolerance_per_dtype():
+    """attnflow.analysis.eigen: 10^floor(log10 sqrt(eps)) per dtype; real / simple / verdicts use it; a non-finite
+    spectrum is 'unknown', never an exception (reference: the definitions, by hand)."""
+    from attnflow.analysis import eigen
+
+    assert (eigen.tolerance(np.float64), eigen.tolerance(np.float32), eigen.tolerance(np.float16)) == (1e-8, 1e-4, 1e-2)
+    lam = np.array([2.0 + 1e-9j, 2.0 - 1e-9j, 1.0 + 0.5j, 1.0 + 5e-5j])
+    assert eigen.is_real(lam).tolist() == [True, True, False, False]
+    assert eigen.is_real(lam, dtype=np.float32).tolist() == [True, True, False, True]
+    assert eigen.is_simple(np.array([1.0, 1.0 + 1e-10, 2.0])).tolist() == [False, False, True]
+    m, v, n0, nu = eigen.verdicts(np.array([[0.5, 1.0 + 5e-9, 0.9], [1.2, 0.1, 0.1], [np.nan, 0.1, 0.2]]), True)
+    assert [eigen.VERDICTS[c] for c in v] == ["neutral", "unstable", "unknown"]
+    assert n0.tolist() == [1, 0, 0] and nu.tolist() == [0, 1, 0] and np.isnan(m[2])
+    dyn = af.LayerMap(af.SelfAttention(af.Heads.single(np.diag([1e30, 1.0, 0.5]).astype(np.float32)), af.Attention("softmax"),
+                                       1.0), 0.1)
+    s = st.analyse(dyn, eq.consensus(dyn, 0, 3)[None].astype(np.float32))
+    assert list(s.verdict_names) in (["unknown"], ["stable"], ["unstable"])  # an overflow is data, never a traceback
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# docs/model.md section 4: when the drift at consensus / bipartite consensus is parallel to the tokens, against the
+# plain NumPy drift of references.py (float64; its loops share no code with attnflow).
+
+BETA = 0.7
+
+
+def _random_heads(seed: int = 0, H: int = 2, d: int = 3):
+    """Q, K, V, O (H, d, d) with independent N(0, 1) entries: W_h v_k is not parallel to v_k."""
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(H, d, d)) for _ in range(4)]
+
+
+def _principal(Wh):
+    """v_1 (unit) and lambda_1 of W = sum_h W_h, by NumPy; the principal eigenvalue must be real."""
+    lam, vecs = np.linalg.eig(Wh.sum(0))
+    k = int(np.argmax(lam.real))
+    assert lam[k].imag == 0
+    v = np.real(vecs[:, k])
+    return v / np.linalg.norm(v), float(lam[k].real)
+
+
+def _np_attention(X, Q, K, kind, mask="full", **kw):
+    """The per-head attention matrices (H, n, n) of plain NumPy."""
+    return np.stack([ref.attention_matrix(BETA * (X @ Q[h].T) @ (X @ K[h].T).T, kind, mask, **kw) for h in range(len(Q))])
+
+
+def _tangent(U, v):
+    """|P(v) u_i| per token."""
+    return np.linalg.norm(U - np.outer(U @ v, v), axis=1)
+
+
+@pytest.mark.parametrize("mask", ["full", "causal"])
+@pytest.mark.parametrize("kind", ["softmax", "uniform", "sinkhorn", "unnormalized", "relu"])
+def test_consensus_drift_is_parallel_when_the_heads_row_sums_agree(kind, mask):
+    """u_i = sum_h c_{h,i} W_h v with c_{h,i} the row sums; the tangent part is (c_{1,i} - c_{2,i}) P W_1 v for two
+    heads: zero for the row-stochastic kernels, nonzero for unnormalized and relu heads (then consensus on v_1 is no
+    equilibrium: the flow's residual is that tangent part, and the map moves the tokens)."""
+    Q, K, V, O = _random_heads()
+    Wh = O @ V
+    v, lam1 = _principal(Wh)
+    X = np.tile(v, (5, 1))
+    U = ref.drift(X, Q, K, V, O, BETA, kind=kind, mask=mask)
+    c = _np_attention(X, Q, K, kind, mask).sum(-1)  # (H, n) row sums
+    np.testing.assert_allclose(U, np.einsum("hi,hd->id", c, Wh @ v), rtol=1e-12, atol=1e-13)
+    attn = af.SelfAttention(af.Heads(Q, K, V, O), af.Attention(kind, mask), BETA)
+    np.testing.assert_allclose(np.asarray(attn(jnp.asarray(X))), U, rtol=1e-12, atol=1e-13)
+    tang = _tangent(U, v)
+    flow_res = np.asarray(eq.residual(af.SphereFlow(attn), jnp.asarray(X)))
+    np.testing.assert_allclose(np.linalg.norm(flow_res, axis=1), tang, atol=1e-13)
+    map_res = np.abs(np.asarray(eq.residual(af.LayerMap(attn, 0.1), jnp.asarray(X)))).max()
+    if kind in ("softmax", "uniform", "sinkhorn"):
+        np.testing.assert_allclose(c, 1.0, atol=1e-14)
+        assert tang.max() < 1e-14 and map_res < 1e-14
+        return
+    PW1v = Wh[0] @ v - (v @ Wh[0] @ v) * v
+    np.testing.assert_allclose(tang, np.abs(c[0] - c[1]) * np.linalg.norm(PW1v), rtol=1e-12)
+    assert tang.min() > 0.05 and map_res > 1e-3
+    if mask == "full":  # the numbers docs/model.md section 4 quotes
+        assert tang.max() == pytest.approx({"unnormalized": 0.4854, "relu": 0.4210}[kind], abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["unnormalized", "relu", "relu_normalize"])
+def test_consensus_drift_parallel_cases_beyond_row_stochastic(kind):
+    """The cases of docs/model.md section 4 where consensus on v_1 is an equilibrium for any kernel: one head; v_1 an
+    eigenvector of every W_h (W_h = W / H); equal q_h = v^T M_h v (a shared score matrix). Row-normalised relu is
+    row-stochastic only while every q_h > 0: a head with q_h < 0 has zero rows and breaks it."""
+    kw = {"relu_normalize": True} if kind == "relu_normalize" else {}
+    kind = "relu" if kind == "relu_normalize" else kind
+    Q, K, V, O = _random_heads()
+    v, _ = _principal(O @ V)
+    M = np.einsum("hed,hef->hdf", Q, K)
+    Q = Q * np.sign(np.einsum("d,hde,e->h", v, M, v))[:, None, None]  # both q_h > 0
+    W = (O @ V).sum(0)
+    cases = {
+        "one head": (Q[:1], K[:1], V[:1], O[:1]),
+        "W_h = W / H": (Q, K, V, np.stack([W @ np.linalg.inv(V[h]) / 2 for h in range(2)])),
+        "shared score matrix": (np.stack([Q[0], Q[0]]), np.stack([K[0], K[0]]), V, O),
+    }
+    for what, (q, k, vv, o) in cases.items():
+        u_axis, _ = _principal(o @ vv)
+        X = np.tile(u_axis, (5, 1))
+        assert _tangent(ref.drift(X, q, k, vv, o, BETA, kind=kind, **kw), u_axis).max() < 1e-13, what
+    X = np.tile(v, (5, 1))
+    if kw:  # row-normalised relu, both q_h > 0: row sums 1; then flip one head's q_h below 0
+        assert _tangent(ref.drift(X, Q, K, V, O, BETA, kind=kind, **kw), v).max() < 1e-13
+        Qf = np.stack([Q[0], -Q[1]])
+        np.testing.assert_allclose(_np_attention(X, Qf, K, kind, **kw).sum(-1), [[1.0] * 5, [0.0] * 5], atol=1e-14)
+        assert _tangent(ref.drift(X, Qf, K, V, O, BETA, kind=kind, **kw), v).min() > 0.05
+    else:
+        assert _tangent(ref.drift(X, Q, K, V, O, BETA, kind=kind), v).min() > 0.05
+
+
+def test_bipartite_drift_needs_equal_signed_sums_across_heads():
+    """At x_i = sigma_i v: u_i = sum_h b_{h,i} W_h v, b_{h,i} = sum_j a^h_ij sigma_j. Row-stochastic is not enough:
+    for softmax b_{h,i} depends on q_h (closed form of docs/model.md section 4). Uniform attention, or W_h = W / H,
+    keeps u_i on the axis."""
+    Q, K, V, O = _random_heads()
+    Wh = O @ V
+    v, _ = _principal(Wh)
+    n, m = 5, 2
+    sigma = np.array([1.0] * m + [-1.0] * (n - m))
+    X = sigma[:, None] * v
+    q = np.einsum("d,hde,e->h", v, np.einsum("hed,hef->hdf", Q, K), v)
+    b = _np_attention(X, Q, K, "softmax") @ sigma  # (H, n)
+    e, f = np.exp(BETA * q), np.exp(-BETA * q)
+    np.testing.assert_allclose(b[:, 0], (m * e - (n - m) * f) / (m * e + (n - m) * f), rtol=1e-13)
+    np.testing.assert_allclose(b[:, -1], (m * f - (n - m) * e) / (m * f + (n - m) * e), rtol=1e-13)
+    U = ref.drift(X, Q, K, V, O, BETA, kind="softmax")
+    np.testing.assert_allclose(U, np.einsum("hi,hd->id", b, Wh @ v), rtol=1e-12, atol=1e-13)
+    tang = _tangent(U, v)
+    assert tang.max() == pytest.approx(0.4187, abs=1e-4) and tang.min() > 0.1  # quoted in docs/model.md section 4
+    assert _tangent(ref.drift(X, Q, K, V, O, BETA, kind="uniform"), v).max() < 1e-13
+    Os = np.stack([Wh.sum(0) @ np.linalg.inv(V[h]) / 2 for h in range(2)])
+    assert _tangent(ref.drift(X, Q, K, V, Os, BETA, kind="softmax"), v).max() < 1e-13
+
+
+def test_off_axis_consensus_of_two_unnormalized_heads():
+    """The consensus set is invariant under the full mask, and every token follows x <- N(x + alpha sum_h c_h(x) W_h x)
+    with c_h(x) = exp(beta x^T M_h x): its fixed point (plain NumPy iteration from v_1) is an equilibrium of attnflow's
+    map off every eigenvector axis, while consensus on v_1 itself is not one (docs/model.md section 4)."""
+    Q, K, V, O = _random_heads()
+    Wh, M, alpha = O @ V, np.einsum("hed,hef->hdf", Q, K), 0.1
+    v, _ = _principal(Wh)
+    x = v.copy()
+    for _ in range(2000):
+        y = x + alpha * sum(np.exp(BETA * x @ M[h] @ x) * Wh[h] @ x for h in range(2))
+        y /= np.linalg.norm(y)
+        if np.max(np.abs(y - x)) < 1e-15:
+            break
+        x = y
+    dyn = af.LayerMap(af.SelfAttention(af.Heads(Q, K, V, O), af.Attention("unnormalized"), BETA), alpha)
+    assert np.abs(np.asarray(eq.residual(dyn, jnp.asarray(np.tile(x, (5, 1)))))).max() < 1e-13
+    assert np.abs(np.asarray(eq.residual(dyn, jnp.asarray(np.tile(v, (5, 1)))))).max() > 1e-3
+    lam, vecs = np.linalg.eig(Wh.sum(0))
+    cos = np.abs(np.real(vecs).T @ x) / np.linalg.norm(np.real(vecs), axis=0)
+    assert cos.max() < 1 - 1e-4  # on no eigenvector axis (cos with v_1: 0.9989)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# docs/model.md section 5: the spectrum at consensus for any mask, from the attention matrix A_0 at consensus.
+
+def _intrinsic_fd(f, X, B, h=1e-6):
+    """B^T J B by central differences of a plain NumPy map or vector field f (tangent perturbations)."""
+    n, d = X.shape
+    cols = []
+    for j in range(n):
+        for a in range(d - 1):
+            E = np.zeros((n, d))
+            E[j] = B[j][:, a] * h
+            D = (f(X + E) - f(X - E)) / (2 * h)
+            cols.append(np.concatenate([B[i].T @ D[i] for i in range(n)]))
+    return np.stack(cols, axis=1)
+
+
+MASKED = [("softmax", "causal", None, "float64"), ("softmax", "window", 2, "float64"), ("sinkhorn", "causal", None, "float64"),
+          ("sinkhorn", "window", 2, "float64"), ("sinkhorn", "full", None, "float64"), ("relu_normalize", "causal", None, "float64"),
+          ("sinkhorn", "causal", None, "float32")]
+
+
+@pytest.mark.parametrize("kind,mask,window,dtype", MASKED)
+def test_masked_consensus_spectrum_from_the_attention_at_consensus(kind, mask, window, dtype):
+    """J_int = (I + alpha A_0 (x) W_perp) / (1 + alpha lambda_1) (map) and A_0 (x) W_perp - lambda_1 I (flow), with A_0
+    the attention at consensus computed in plain NumPy from the mask; its eigenvalues nu are its diagonal (triangular),
+    1/min(i, w) for softmax but not for sinkhorn. Against autodiff (float64: 1e-12; float32: 2e-5) and, in float64,
+    against central differences of the NumPy map and vector field (1e-7). Two random heads (random O), d = 3, n = 5."""
+    kw = {"relu_normalize": True} if kind == "relu_normalize" else {}
+    kind = "relu" if kind == "relu_normalize" else kind
+    Q, K, V, O = _random_heads()
+    Wh = O @ V
+    v, lam1 = _principal(Wh)
+    q = np.einsum("d,hde,e->h", v, np.einsum("hed,hef->hdf", Q, K), v)
+    Q = Q * np.sign(q)[:, None, None]  # every q_h > 0 (needed by row-normalised relu only)
+    n, d, alpha = 5, 3, 0.3
+    X = np.tile(v, (n, 1))
+    A = _np_attention(X, Q, K, kind, mask, window=window, **kw)
+    A0 = A[0]
+    np.testing.assert_allclose(A[1], A0, atol=1e-15)  # the same for every head, and for any constant score:
+    np.testing.assert_allclose(ref.attention_matrix(np.ones((n, n)), kind, mask, window, **kw), A0, atol=1e-15)
+    nu = np.linalg.eigvals(A0)
+    if mask != "full":  # lower triangular: the eigenvalues are the diagonal
+        assert np.all(np.triu(A0, 1) == 0)
+        np.testing.assert_allclose(np.sort(nu.real), np.sort(np.diag(A0)), atol=1e-15)
+    naive = 1.0 / np.minimum(np.arange(1, n + 1), window or n) if mask != "full" else np.r_[1.0, np.zeros(n - 1)]
+    if kind == "sinkhorn" and mask != "full":
+        assert np.max(np.abs(np.diag(A0) - naive)) > 0.05  # not 1/i
+    else:
+        np.testing.assert_allclose(np.sort(nu.real), np.sort(naive), atol=1e-15)
+    attn = af.SelfAttention(af.Heads(Q, K, V, O).astype(dtype), af.Attention(kind, mask, window, relu_normalize=bool(kw)), BETA)
+    tol = 1e-12 if dtype == "float64" else 2e-5
+    Xj = jnp.asarray(X, dtype)
+    B = np.asarray(st.tangent_basis(Xj), np.float64)
+    Wp = B[0].T @ Wh.sum(0) @ B[0]
+    lam_others = np.linalg.eigvals(Wp)
+    for dyn, f in ((af.LayerMap(attn, alpha), lambda Z: ref.layer_map(Z, 1, Q, K, V, O, BETA, alpha, kind=kind, mask=mask, window=window, **kw)[1]),
+                   (af.SphereFlow(attn), lambda Z: ref.sphere_vf(Z, Q, K, V, O, BETA, kind=kind, mask=mask, window=window, **kw))):
+        if isinstance(dyn, af.LayerMap):
+            want = (np.eye(n * (d - 1)) + alpha * np.kron(A0, Wp)) / (1 + alpha * lam1)
+            eigs = ((1 + alpha * np.outer(nu, lam_others)) / (1 + alpha * lam1)).ravel()
+        else:
+            want = np.kron(A0, Wp) - lam1 * np.eye(n * (d - 1))
+            eigs = (np.outer(nu, lam_others) - lam1).ravel()
+        Jint = np.asarray(st.jacobians(dyn, Xj[None])[0][0], np.float64)
+        np.testing.assert_allclose(Jint, want, atol=tol * max(1.0, abs(lam1)))
+        if dtype == "float64":
+            np.testing.assert_allclose(_intrinsic_fd(f, X, B), want, atol=1e-7)
+        if not (kind == "softmax" and mask == "window"):  # repeated nu there: defective, eigenvalues ill-conditioned
+            got = np.linalg.eigvals(Jint)
+            np.testing.assert_allclose(np.sort_complex(got), np.sort_complex(eigs), atol=(1e-11 if dtype == "float64" else 2e-5) * max(1.0, abs(lam1)))
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sinkhorn"])
+def test_full_mask_closed_form_with_random_output_matrices(kind):
+    """The full-mask table of docs/model.md section 5 for two heads with random Q, K, V, O (so W_h v_k is not parallel
+    to v_k), d = 4, n = 5: autodiff spectra of the map and the flow at consensus on every real eigenvector (the map
+    only where 1 + alpha lambda_k > 0) against consensus_closed_form, float64."""
+    Q, K, V, O = _random_heads(seed=5, d=4)
+    attn = af.SelfAttention(af.Heads(Q, K, V, O), af.Attention(kind), BETA)
+    lam = eq.eigenpairs(attn).values
+    real = [k for k in range(4) if lam[k].imag == 0]
+    assert len(real) >= 2
+    err = 0.0
+    for dyn, alpha in ((af.LayerMap(attn, 0.1), 0.1), (af.SphereFlow(attn), None)):
+        ks = [k for k in real if alpha is None or 1 + alpha * lam[k].real > 0]
+        stab = st.analyse(dyn, jnp.stack([eq.consensus(dyn, k, 5) for k in ks]))
+        assert np.all(stab.residual < 1e-13)
+        for i, k in enumerate(ks):
+            cf = st.consensus_closed_form(dyn, k, 5, alpha=alpha)
+            err = max(err, np.max(np.abs(np.sort_complex(stab.eigenvalues[i]) - np.sort_complex(cf))))
+    assert err < 1e-12
+
+
+def test_step_size_threshold_against_an_alpha_scan_with_complex_eigenvalues():
+    """docs/model.md section 5: alpha_max = min over |lambda_j| > lambda_1 of 2 (lambda_1 - Re lambda_j) /
+    (|lambda_j|^2 - lambda_1^2), complex lambda_j included. W has eigenvalues 1, -0.5 +- 3i, -4 (non-normal): the
+    complex pair bounds alpha at 3 / 8.25 = 0.3636, before the real -4 (2 / 3). A scan of alpha (autodiff spectra of
+    the map at consensus on v_1 for 400 values in one call, and the closed form) changes from stable to unstable
+    exactly there. A second W (1, 0.2 +- 0.5i, -3) has a complex pair inside |lambda| < lambda_1: only -3 bounds alpha."""
+    rng = np.random.default_rng(7)
+    S = rng.normal(size=(4, 4)) + 2 * np.eye(4)
+    for pair, last, want in (([[-0.5, 3.0], [-3.0, -0.5]], -4.0, 3.0 / 8.25), ([[0.2, 0.5], [-0.5, 0.2]], -3.0, 1.0)):
+        D = np.zeros((4, 4))
+        D[0, 0], D[1:3, 1:3], D[3, 3] = 1.0, pair, last
+        W = S @ D @ np.linalg.inv(S)
+        thr = st.step_size_threshold(W)
+        assert thr == pytest.approx(want, rel=1e-12)
+        attn = af.SelfAttention(af.Heads.single(W, Q=rng.normal(size=(4, 4)), K=rng.normal(size=(4, 4))), af.Attention("softmax"), BETA)
+        X = eq.consensus(attn, 0, 3)
+        alphas = np.linspace(0.0025, 2 * want, 400)
+        Jint = np.asarray(st.jacobians(af.LayerMap(attn, 0.1), X[None], alpha=alphas)[0][:, 0])
+        rho = np.abs(np.linalg.eigvals(Jint)).max(-1)
+        rho_cf = np.array([np.abs(st.consensus_closed_form(W, 0, 3, alpha=a)).max() for a in alphas])
+        np.testing.assert_allclose(rho, rho_cf, atol=1e-12)
+        stable = rho < 1
+        first = int(np.argmin(stable))  # the first unstable alpha of the scan
+        assert stable[:first].all() and not stable[first:].any()
+        assert alphas[first - 1] < thr <= alphas[first]
+    # it does not check lambda_1 > 0 (docs/model.md section 5): a finite bound where no alpha gives stability
+    neg = np.diag([-1.0, -2.0, -3.0])
+    assert st.step_size_threshold(neg) == pytest.approx(0.5)
+    assert all(np.abs(st.consensus_closed_form(neg, 0, 3, alpha=a)).max() > 1 for a in (0.1, 0.25, 0.5, 0.9))

@@ -16,37 +16,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._types import Array, Batch, Int
-from ..evolve.simulate import STATUS_NAMES
+from ..evolve.outcome import CONVERGED, OUTCOMES, SADDLE, outcome_code
+from .eigen import is_real, is_simple
 from .equilibria import eigenpairs
 
-NOT_CONVERGED, CONSENSUS, BIPARTITE, CLUSTERING, POLYGONAL = 0, 1, 2, 3, 4
-NONFINITE, DEGENERATE, SOLVER_FAILED, SADDLE = 5, 6, 7, 8
-KIND_NAMES = ("not_converged", "consensus", "bipartite", "clustering", "polygonal", "nonfinite", "degenerate",
-              "solver_failed", "saddle")
-"""Label kinds. Codes 0 and 5-8 are outcome categories, not attractors: a member that hit the step cap (0), went
-non-finite (5), left the state space while finite, e.g. a zero row (6), whose solver failed (7), or that stopped at
-an equilibrium verified to be unstable (8, set by the basin study, never by :func:`classify`)."""
-UNCLASSIFIED = (NOT_CONVERGED, NONFINITE, DEGENERATE, SOLVER_FAILED, SADDLE)
+CONSENSUS, BIPARTITE, CLUSTERING, POLYGONAL = 0, 1, 2, 3
+KIND_NAMES = ("consensus", "bipartite", "clustering", "polygonal")
+"""The kinds of equilibria a converged state is labelled with (codes 0-3). What became of a member that did not
+converge is its :class:`~attnflow.Outcome`, never a kind."""
 
-
-def status_to_kind() -> np.ndarray:
-    """Lookup table simulate status code -> label kind for members that did not converge (by status name, so new
-    codes of :data:`attnflow.STATUS_NAMES` map correctly); unknown codes map to "solver_failed"."""
-    names = tuple(STATUS_NAMES)
-    size = max(len(names), 5)
-    table = np.full(size, SOLVER_FAILED, np.int32)
-    for code, name in enumerate(names):
-        table[code] = {"max_steps": NOT_CONVERGED, "converged": -1, "nonfinite": NONFINITE, "degenerate": DEGENERATE,
-                       "solver_failed": SOLVER_FAILED}.get(name, SOLVER_FAILED)
-    if "degenerate" not in names and size > 4:
-        table[4] = DEGENERATE
-    return table
+OUTCOME_LABELS = {"not_converged": "not converged", "nonfinite": "nonfinite", "degenerate": "degenerate",
+                  "solver_failed": "solver failed", "saddle": "saddle"}
+"""How the outcome categories (every outcome but ``converged``) are named in reports, JSON and figures."""
 
 
 class Labels(eqx.Module):
     """Per-state labels (arrays with a leading batch axis).
 
-    - `kind`: code in :data:`KIND_NAMES`.
+    - `outcome`: :class:`~attnflow.Outcome` code of each member (``converged`` when the states were given alone).
+    - `kind`: code in :data:`KIND_NAMES` (the shape of the state, whatever its outcome).
     - `clusters`: number of distinct token positions.
     - `sizes`: ``(b, n)`` cluster sizes, sorted descending, zero-padded.
     - `eigenvector`: index k (descending real part) with every token at +-v_k, or -1.
@@ -55,6 +43,7 @@ class Labels(eqx.Module):
     - `gram`: ``(b, n)`` sorted Gram-matrix eigenvalues, rounded to `decimals` (an invariant feature).
     """
 
+    outcome: Int[Array, " b"]
     kind: Int[Array, " b"]
     clusters: Int[Array, " b"]
     sizes: Int[Array, "b n"]
@@ -65,12 +54,12 @@ class Labels(eqx.Module):
     tokens: int = eqx.field(static=True, default=0)
 
     def rows(self) -> np.ndarray:
-        """One integer row per state that identifies its attractor (see :func:`label_rows`)."""
+        """One integer row per member that identifies its attractor or outcome (see :func:`label_rows`)."""
         return label_rows(self)
 
     def names(self) -> list[str]:
-        """The :func:`equilibrium_name` of every state."""
-        return [describe(r, self.tokens)["label"] for r in self.rows()]
+        """The name of every member: its attractor's :func:`equilibrium_name`, or its outcome category."""
+        return [describe(r, self.tokens)["name"] for r in self.rows()]
 
 
 def _components(X, tol):
@@ -93,22 +82,21 @@ def _gram_spectrum(X):
 
 
 class Classifier(eqx.Module):
-    """The labeller of one model: ``Classifier(...)(final, status=None) -> Labels`` (traceable; :func:`classifier`
+    """The labeller of one model: ``Classifier(...)(final, outcome=None) -> Labels`` (traceable; :func:`classifier`
     builds it, :func:`classify` calls it under ``jit``)."""
 
     vecs: Array
     real: Array
-    table: Array
     tol: float = eqx.field(static=True)
     decimals: int = eqx.field(static=True)
 
-    def __call__(self, final: Batch, status=None) -> Labels:
-        st = jnp.zeros(final.shape[0], jnp.int32) if status is None else status
+    def __call__(self, final: Batch, outcome=None) -> Labels:
+        oc = jnp.full(final.shape[0], CONVERGED, jnp.int32) if outcome is None else jnp.asarray(outcome, jnp.int32)
         vecs = self.vecs.astype(final.dtype)
-        out = jax.vmap(lambda x, s: self._one(x, s, vecs, status is not None))(final, st)
-        return Labels(*out, tokens=final.shape[1])
+        out = jax.vmap(lambda x: self._one(jnp.where(jnp.isfinite(x), x, 0.0), vecs))(final)
+        return Labels(oc, *out, tokens=final.shape[1])
 
-    def _one(self, X, status, vecs, use_status):
+    def _one(self, X, vecs):
         n, tol = X.shape[0], self.tol
         clusters, sizes = _components(X, tol)
         c = X @ vecs  # (n, d): cosines with each eigenvector
@@ -121,9 +109,6 @@ class Classifier(eqx.Module):
         bip = aligned & (clusters == 2)
         poly = (~aligned) & (clusters >= 2) & (jnp.max(jnp.abs(jnp.sum(X, axis=0))) < tol)
         kind = jnp.where(consensus, CONSENSUS, jnp.where(bip, BIPARTITE, jnp.where(poly, POLYGONAL, CLUSTERING)))
-        if use_status:
-            cat = self.table[jnp.clip(status, 0, self.table.shape[0] - 1)]
-            kind = jnp.where(cat < 0, kind, cat)
         sign = jnp.where(consensus & aligned, jnp.where(npos == n, 1, -1), jnp.where(bip, 1, 0))
         split = jnp.where(bip, npos, jnp.where(consensus & aligned, n, 0))
         g = jnp.round(_gram_spectrum(X) * 10**self.decimals) / 10**self.decimals
@@ -131,36 +116,31 @@ class Classifier(eqx.Module):
 
 
 def classifier(model, *, tol: float = 1e-3, decimals: int = 3) -> Classifier:
-    """The :class:`Classifier` of ``model`` (any dynamics, Heads, or W itself); see :func:`classify`."""
+    """The :class:`Classifier` of ``model`` (any dynamics, Heads, or W itself); see :func:`classify`. Only the real,
+    simple eigenvectors of W label states (:mod:`attnflow.analysis.eigen`): an eigenvector of a repeated eigenvalue
+    is an arbitrary basis vector of its eigenspace."""
     lam, V = eigenpairs(model)
-    real = np.abs(lam.imag) < 1e-12
-    # an eigenvector of a repeated eigenvalue is an arbitrary basis vector of its eigenspace: not a label
-    simple = np.array([np.sum(np.abs(lam - l) < 1e-9) == 1 for l in lam])
-    real &= simple
+    real = is_real(lam) & is_simple(lam)
     vecs = np.where(real[None, :], np.real(V), 0.0)
-    return Classifier(jnp.asarray(vecs), jnp.asarray(real), jnp.asarray(status_to_kind()), float(tol), int(decimals))
+    return Classifier(jnp.asarray(vecs), jnp.asarray(real), float(tol), int(decimals))
 
 
-_classify = eqx.filter_jit(lambda c, X, status: c(X, status))
+_classify = eqx.filter_jit(lambda c, X, outcome: c(X, outcome))
 
 
-def classify(model, final: Batch, status=None, *, tol: float = 1e-3, decimals: int = 3) -> Labels:
+def classify(model, final: Batch, outcome=None, *, tol: float = 1e-3, decimals: int = 3) -> Labels:
     """Label final states ``(b, n, d)`` of ``model`` (any dynamics, Heads, or W itself, or a :class:`Classifier`
     already built for it: then `tol` and `decimals` are its own).
 
-    `status` (from :class:`~attnflow.Solution`) marks members that did not converge (kind "not_converged",
-    "nonfinite", "degenerate" or "solver_failed" by status name); `tol` is the distance
-    under which two tokens are one cluster, and how close |cos(x_i, v_k)| must be to 1.
+    `outcome` (``Solution.outcome``) says what became of each member; only ``converged`` members are named by their
+    attractor (the others by their outcome). `tol` is the distance under which two tokens are one cluster, and how
+    close |cos(x_i, v_k)| must be to 1.
     """
     X = jnp.asarray(final)
     if X.ndim == 2:
         X = X[None]
     c = model if isinstance(model, Classifier) else classifier(model, tol=tol, decimals=decimals)
-    return _classify(c, X, None if status is None else jnp.asarray(status))
-
-
-_CATEGORY_NAMES = {"not_converged": "not converged", "nonfinite": "nonfinite", "degenerate": "degenerate",
-                   "solver_failed": "solver failed", "saddle": "saddle"}
+    return _classify(c, X, None if outcome is None else jnp.asarray(outcome, jnp.int32))
 
 
 def equilibrium_name(kind: str, vector: int | None, *, sign: int | None = None, split: int | None = None,
@@ -190,8 +170,8 @@ def equilibrium_name(kind: str, vector: int | None, *, sign: int | None = None, 
     if isinstance(kind, (int, np.integer)):
         kind = KIND_NAMES[int(kind)]
     kind = str(kind).strip().lower().replace(" ", "_").replace("-", "_")
-    if kind in _CATEGORY_NAMES:
-        return _CATEGORY_NAMES[kind]
+    if kind in OUTCOME_LABELS:
+        return OUTCOME_LABELS[kind]
     v = None if vector is None or int(vector) < 0 else f"v{int(vector) + 1}"
     if kind == "consensus":
         if v is None:
@@ -208,37 +188,51 @@ def equilibrium_name(kind: str, vector: int | None, *, sign: int | None = None, 
 
 
 def label_rows(labels: Labels) -> np.ndarray:
-    """One integer row per state that identifies its attractor: (kind, eigenvector, sign, split, sizes...,
-    gram x 10^3...) with the invariant features zeroed for eigenvector-aligned states and everything but the kind
-    zeroed for states that did not converge."""
+    """One integer row per member that identifies its attractor or outcome: (outcome, kind, eigenvector, sign,
+    split, sizes..., gram x 10^3...) with the invariant features zeroed for eigenvector-aligned states, and everything
+    but the outcome zeroed for members that did not converge (one row per outcome category)."""
     L = jax.tree.map(np.asarray, labels)
     aligned = L.eigenvector >= 0
     sizes = np.where(aligned[:, None], 0, L.sizes)
     gram = np.where(aligned[:, None], 0, np.round(L.gram * 1000)).astype(np.int64)
-    rows = np.column_stack([L.kind, L.eigenvector, L.sign, L.split, sizes, gram]).astype(np.int64)
-    rows[np.isin(L.kind, UNCLASSIFIED), 1:] = 0  # one class per outcome category, whatever the state looked like
+    rows = np.column_stack([L.outcome, L.kind, L.eigenvector, L.sign, L.split, sizes, gram]).astype(np.int64)
+    rows[L.outcome != CONVERGED, 1:] = 0
     return rows
 
 
 def describe(row, n: int) -> dict:
-    """Name and fields of an attractor row from :func:`label_rows` of states with `n` tokens.
+    """Name and fields of a row of :func:`label_rows` of states with `n` tokens.
 
-    Returns a dict: ``label`` (the :func:`equilibrium_name`), ``kind``, ``eigenvector`` (0-based index, or None),
-    ``sign``, ``split`` (tokens at +v_k for bipartite) and ``sizes`` (cluster sizes, descending)."""
-    kind, k, sign, split = (int(v) for v in row[:4])
-    sizes = [int(s) for s in row[4 : 4 + n] if s > 0]
-    name = KIND_NAMES[kind]
+    Returns a dict: ``name`` (what the member is reported under: the :func:`equilibrium_name` of its attractor, or
+    its outcome category, e.g. ``"not converged"`` or ``"saddle"``), ``outcome`` (its :class:`~attnflow.Outcome`
+    name), ``equilibrium`` (the name of the equilibrium it stopped at, for ``converged`` and ``saddle`` rows, else
+    None), ``kind`` (the equilibrium kind, or the outcome name for a category), ``eigenvector`` (0-based index, or
+    None), ``sign``, ``split`` (tokens at +v_k for bipartite) and ``sizes`` (cluster sizes, descending)."""
+    outcome, kind, k, sign, split = (int(v) for v in row[:5])
+    oname = OUTCOMES[outcome]
+    if outcome != CONVERGED and outcome != SADDLE:
+        return {"name": OUTCOME_LABELS[oname], "outcome": oname, "equilibrium": None, "kind": oname, "eigenvector": None,
+                "sign": None, "split": None, "sizes": None}
+    sizes = [int(s) for s in row[5 : 5 + n] if s > 0]
+    kname = KIND_NAMES[kind]
     vec = k if k >= 0 and kind in (CONSENSUS, BIPARTITE) else None
     if kind == CONSENSUS:
-        label = equilibrium_name(name, vec, sign=sign)
+        eq = equilibrium_name(kname, vec, sign=sign)
     elif kind == BIPARTITE:
-        label = equilibrium_name(name, vec, split=split, tokens=n)
-    elif kind in UNCLASSIFIED:
-        label = equilibrium_name(name, None)
+        eq = equilibrium_name(kname, vec, split=split, tokens=n)
     else:
-        label = equilibrium_name(name, None, sizes=sizes)
-        gram = [g / 1000 for g in row[4 + n :] if g != 0]
-        label += f" gram {np.round(gram, 2).tolist()}" if kind == CLUSTERING else ""
-    return {"label": label, "kind": name, "eigenvector": vec,
+        eq = equilibrium_name(kname, None, sizes=sizes)
+        gram = [g / 1000 for g in row[5 + n :] if g != 0]
+        eq += f" gram {np.round(gram, 2).tolist()}" if kind == CLUSTERING else ""
+    return {"name": eq if outcome == CONVERGED else OUTCOME_LABELS[oname], "outcome": oname, "equilibrium": eq,
+            "kind": kname if outcome == CONVERGED else oname, "eigenvector": vec,
             "sign": sign if kind in (CONSENSUS, BIPARTITE) and vec is not None else None,
             "split": split if kind == BIPARTITE else None, "sizes": sizes if kind in (CLUSTERING, POLYGONAL) else None}
+
+
+def category_row(outcome: str | int, width: int) -> np.ndarray:
+    """The label row of an outcome category (every field but the outcome zero), of length `width`."""
+    code = outcome_code(outcome) if isinstance(outcome, str) else int(outcome)
+    row = np.zeros(width, np.int64)
+    row[0] = code
+    return row

@@ -16,6 +16,7 @@ import optimistix as optx
 from .._types import Array, Float, Tokens
 from ..model.dynamics import AbstractDynamics, AbstractFlow, AbstractMap, LayerMap, tangent_project
 from ..model.norms import normalize_rows
+from .eigen import is_real
 from .spectral import Eigen, eigenpairs as _eigenpairs, layer_matrix as layer_matrix
 
 
@@ -31,7 +32,7 @@ def _real_eigvec(model, k: int) -> np.ndarray:
     lam, V = eigenpairs(model)
     if not 0 <= k < len(lam):
         raise ValueError(f"eigenvector index k={k} out of range for d={len(lam)}")
-    if abs(lam[k].imag) > 1e-12:
+    if not is_real(lam[k]):
         raise ValueError(f"eigenvalue {k} of W is complex ({lam[k]:.4g}): no consensus on a real eigenvector")
     v = np.real(V[:, k])
     return v / np.linalg.norm(v)
@@ -138,6 +139,9 @@ def refine(dyn: AbstractDynamics, X0: Tokens, *, tol: float | None = None, max_s
     """
     _fix_map(dyn)
     X0 = normalize_rows(jnp.asarray(X0))
+    # solve in JAX's default float (float64 when x64 is on): optimistix builds its damping in that dtype, and a
+    # float32 state against it (or against float64 model parameters) would not solve
+    X0 = X0.astype(jnp.promote_types(X0.dtype, jnp.result_type(float)))
     f64 = X0.dtype == jnp.float64
     tol = (1e-10 if f64 else 1e-5) if tol is None else tol
     X, r, result, steps = _refine(dyn, X0, 1e-14 if f64 else 1e-7, 1e-14 if f64 else 1e-7, max_steps)
@@ -150,7 +154,7 @@ def alignment(model, X: Tokens, tol: float = 1e-6) -> tuple[int, np.ndarray]:
     lam, V = eigenpairs(model)
     X = np.asarray(X)
     for k in range(len(lam)):
-        if abs(lam[k].imag) > 1e-12:
+        if not is_real(lam[k]):
             continue
         c = X @ np.real(V[:, k])
         if np.all(np.abs(np.abs(c) - 1) < tol):

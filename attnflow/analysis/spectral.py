@@ -14,6 +14,8 @@ import dataclasses
 
 import numpy as np
 
+from .eigen import is_real
+
 ORDERS = ("real", "modulus", "skip")
 """``real``: descending Re lambda; ``modulus``: descending |lambda|; ``skip``: descending |1 + lambda|, the
 amplification of eigen-direction k by one layer x + W x with the skip connection (alpha = 1) under
@@ -73,10 +75,9 @@ class Eigen:
         """The principal unit eigenvector ``(d,)``."""
         return self.vectors[:, 0]
 
-    def is_real(self, k: int = 0, tol: float = 1e-10) -> bool:
-        """Whether eigenvalue k is real (relative tolerance)."""
-        lam = self.values[k]
-        return abs(lam.imag) <= tol * max(1.0, abs(lam))
+    def is_real(self, k: int = 0) -> bool:
+        """Whether eigenvalue k is real (:func:`attnflow.analysis.eigen.is_real`)."""
+        return bool(is_real(self.values[k]))
 
 
 def layer_matrix(model) -> np.ndarray:
@@ -112,8 +113,7 @@ def eigenpairs(W, *, order: str) -> Eigen:
     W = _square(W if isinstance(W, np.ndarray) else layer_matrix(W))
     vals, vecs = np.linalg.eig(W)
     # Snap numerically real eigenvalues to the real axis and make their vectors real.
-    scale = max(1.0, float(np.max(np.abs(vals)))) if vals.size else 1.0
-    real = np.abs(vals.imag) <= 1e-12 * scale * W.shape[0]
+    real = is_real(vals)
     vals = np.where(real, vals.real + 0j, vals)
     vecs = vecs.astype(complex)
     for k in np.flatnonzero(real):

@@ -22,26 +22,16 @@ import numpy as np
 
 from .._types import Array, Float, Tokens
 from ..model.dynamics import AbstractDynamics, AbstractFlow, AbstractMap
-from . import _results
+from . import _results, eigen as _eigen
+from .eigen import VERDICTS as VERDICTS, Verdict as Verdict
 from .equilibria import eigenpairs, residual
 
 
-class Verdict(eqx.Enumeration):
-    """The linear-stability verdict of an equilibrium, from its intrinsic spectrum (:attr:`Stability.verdict`
-    holds these codes: 0 stable, 1 unstable, 2 neutral). The measure is rho, the spectral radius of the intrinsic
-    Jacobian (maps), or max Re, its largest real part (flows)."""
-
-    stable = "every intrinsic eigenvalue strictly inside the boundary (rho < 1 for a map, max Re < 0 for a flow)"
-    unstable = "an intrinsic eigenvalue beyond the boundary (rho > 1 for a map, max Re > 0 for a flow)"
-    neutral = "no eigenvalue beyond the boundary, some on it (within tol): linear stability is undecided"
-
-
-STABLE, UNSTABLE, NEUTRAL = (_results.code(getattr(Verdict, k)) for k in ("stable", "unstable", "neutral"))
-VERDICTS = _results.names(Verdict)
+STABLE, UNSTABLE, NEUTRAL, UNKNOWN = _eigen.STABLE, _eigen.UNSTABLE, _eigen.NEUTRAL, _eigen.UNKNOWN
 
 
 def verdict_name(code) -> str:
-    """The :class:`Verdict` name of a code (int) or item: ``"stable"``, ``"unstable"`` or ``"neutral"``."""
+    """The :class:`Verdict` name of a code (int) or item: ``"stable"``, ``"unstable"``, ``"neutral"`` or ``"unknown"``."""
     return _results.name(Verdict, code)
 
 
@@ -119,7 +109,7 @@ class Stability(eqx.Module):
     - `eigenvalues`: intrinsic eigenvalues, complex, sorted by decreasing ``measure`` contribution.
     - `measure`: rho, the spectral radius (maps), or max Re, the maximal real part (flows).
     - `verdict`: :class:`Verdict` codes, 0 stable, 1 unstable, 2 neutral (marginal directions only, no unstable
-      one); :attr:`verdict_names` has the names, :attr:`result` the batch-shaped :class:`Verdict` item.
+      one), 3 unknown (a non-finite Jacobian); :attr:`verdict_names` has the names, :attr:`result` the batch-shaped :class:`Verdict` item.
     - `neutral`: number of eigenvalues within `tol` of the boundary (symmetry directions).
     - `unstable`: number of eigenvalues beyond the boundary.
     - `residual`: max |residual| (how close the state is to an equilibrium).
@@ -135,6 +125,7 @@ class Stability(eqx.Module):
     residual: np.ndarray
     discrete: bool = eqx.field(static=True)
     tol: float = eqx.field(static=True, default=1e-8)
+    """The tolerance used (see :func:`analyse`)."""
 
     @property
     def stable(self) -> np.ndarray:
@@ -169,34 +160,33 @@ class Stability(eqx.Module):
         }
 
 
-def classify_spectrum(eigs: np.ndarray, discrete: bool, tol: float = 1e-8):
-    """(measure, verdict, n_neutral, n_unstable) of an array of eigenvalue sets ``(..., m)``."""
-    eigs = np.asarray(eigs)
-    g = np.abs(eigs) - 1.0 if discrete else eigs.real  # growth exponent: > 0 unstable
-    measure = np.abs(eigs).max(-1) if discrete else eigs.real.max(-1)
-    neutral = (np.abs(g) <= tol).sum(-1)
-    unstable = (g > tol).sum(-1)
-    verdict = np.where(unstable > 0, UNSTABLE, np.where(neutral > 0, NEUTRAL, STABLE))
-    return measure, verdict, neutral, unstable
+def classify_spectrum(eigs: np.ndarray, discrete: bool, tol: float | None = None, *, dtype=np.float64):
+    """(measure, verdict, n_neutral, n_unstable) of an array of eigenvalue sets ``(..., m)``
+    (:func:`attnflow.analysis.eigen.verdicts`)."""
+    return _eigen.verdicts(eigs, discrete, dtype=dtype, tol=tol)
 
 
-def analyse(dyn: AbstractDynamics, states, *, tol: float = 1e-8, beta=None, alpha=None) -> Stability:
+def analyse(dyn: AbstractDynamics, states, *, tol: float | None = None, beta=None, alpha=None) -> Stability:
     """Stability of equilibria: autodiff intrinsic Jacobians (one jit), eigenvalues on the host.
 
     **Arguments:** `dyn` a flow or map; `states` ``(b, n, d)`` (or one ``(n, d)``); `tol` the distance from the
-    boundary within which an eigenvalue counts as neutral, raised to 100 machine epsilons of the states' dtype
-    (float32: 1.2e-5) since the eigenvalues are not resolved more finely (a float32 run would otherwise call
-    neutral directions stable or unstable by rounding); `beta`, `alpha` optional parameter arrays (see
-    :func:`jacobians`).
+    boundary within which an eigenvalue counts as neutral (default :func:`attnflow.analysis.eigen.tolerance` of the
+    states' dtype: 1e-8 in float64, 1e-4 in float32, the accuracy of a repeated eigenvalue); `beta`, `alpha`
+    optional parameter arrays (see :func:`jacobians`).
 
-    **Returns:** a :class:`Stability` (its `tol` is the tolerance used).
+    **Returns:** a :class:`Stability` (its `tol` is the tolerance used). A state whose Jacobian is not finite (an
+    overflow) gets verdict ``unknown``, NaN measure and NaN eigenvalues, never an exception.
     """
     Jint, _, res = jacobians(dyn, states, beta=beta, alpha=alpha)
-    tol = max(float(tol), 100 * float(np.finfo(np.asarray(Jint).dtype).eps))
-    eigs = np.linalg.eigvals(np.asarray(Jint))
+    J = np.asarray(Jint)
+    dtype = J.dtype
+    tol = _eigen.tolerance(dtype) if tol is None else float(tol)
+    finite = np.all(np.isfinite(J), axis=(-2, -1))
+    eigs = np.linalg.eigvals(np.where(finite[..., None, None], J, 0.0)).astype(complex)
+    eigs = np.where(finite[..., None], eigs, np.nan)
     discrete = isinstance(dyn, AbstractMap)
     key = -np.abs(eigs) if discrete else -eigs.real
-    eigs = np.take_along_axis(eigs, np.argsort(key, axis=-1, kind="stable"), axis=-1)
+    eigs = np.take_along_axis(eigs, np.argsort(np.nan_to_num(key, nan=0.0), axis=-1, kind="stable"), axis=-1)
     measure, verdict, neutral, unstable = classify_spectrum(eigs, discrete, tol)
     return Stability(eigs, measure, verdict, neutral, unstable, np.asarray(res), discrete, tol)
 
@@ -252,7 +242,7 @@ def dwell_time(stab: Stability, distance) -> np.ndarray:
     return np.where(stab.verdict == UNSTABLE, t, np.inf)
 
 
-def saddle_flags(dyn: AbstractDynamics, states, *, tol: float = 1e-8, distance: float | None = None):
+def saddle_flags(dyn: AbstractDynamics, states, *, tol: float | None = None, distance: float | None = None):
     """For (apparently converged) final states: which are saddles (an unstable direction), and their dwell
     time, estimated from a perturbation of size `distance` (default: the state's own residual, floored at
     machine epsilon). Returns ``(is_saddle, dwell, Stability)``."""

@@ -1,0 +1,75 @@
+"""Initial states of a study: sample i is always ``sampler(fold_in(key, i), 1)[0]``, so a result does not depend on
+blocks, pools, devices, processes or a resume."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..._types import Array, Tokens
+from ...evolve import sample
+
+
+class Sphere(eqx.Module):
+    """Initial states uniform on the sphere: ``Sphere(tokens, d, dtype)(key, num) -> (num, tokens, d)``."""
+
+    tokens: int = eqx.field(static=True)
+    d: int = eqx.field(static=True)
+    dtype: str = eqx.field(static=True, default="float32")
+
+    def __call__(self, key: Array, num: int):
+        return sample.sphere(key, (num, self.tokens, self.d), dtype=jnp.dtype(self.dtype))
+
+
+class Around(eqx.Module):
+    """Initial states at tangent distance `radius` from `X` (uniform direction; :func:`attnflow.sample.perturb_ball`)."""
+
+    X: Tokens
+    radius: Array
+
+    def __init__(self, X, radius):
+        self.X = jnp.asarray(X)
+        self.radius = jnp.asarray(radius, self.X.dtype)
+
+    def __call__(self, key: Array, num: int):
+        return sample.perturb_ball(key, self.X, self.radius, num)
+
+
+def uniform_sampler(tokens: int, d: int, dtype=None) -> Sphere:
+    """:class:`Sphere` (kept for the name used in earlier releases)."""
+    return Sphere(int(tokens), int(d), str(jnp.dtype(dtype or jnp.result_type(float))))
+
+
+def around_sampler(X, radius: float) -> Around:
+    """:class:`Around` (kept for the name used in earlier releases)."""
+    return Around(X, radius)
+
+
+@eqx.filter_jit
+def _draw(sampler, key, idx):
+    return jax.vmap(lambda i: sampler(jax.random.fold_in(key, i), 1)[0])(idx)
+
+
+def draw_samples(sampler: Callable, key: Array, indices) -> np.ndarray:
+    """Samples ``indices`` of a study: sample i is ``sampler(fold_in(key, i), 1)[0]``. Returns ``(len, n, d)``.
+    Compiled once per sampler structure and number of indices (a :class:`Sphere` or :class:`Around` of the same
+    shapes reuses it; another plain function compiles anew)."""
+    return np.asarray(_draw(sampler, key, jnp.asarray(np.asarray(indices, np.uint32))))
+
+
+def sample_stream(sampler: Callable, key: Array, blocks: Iterator, block_size: int, samples: int) -> Iterator:
+    """Yield ``(indices, states)`` block by block: block b holds the sample indices ``[b*C, min((b+1)*C, end))``,
+    with ``end = samples`` for the blocks inside the study (blocks beyond it, in adaptive mode, are full). `blocks`
+    yields block ids, or None to ask the consumer to drain (adaptive mode): it is passed on as ``(None, None)``."""
+    for b in blocks:
+        if b is None:
+            yield None, None
+            continue
+        lo = b * block_size
+        hi = lo + block_size if lo + block_size <= samples or lo >= samples else samples
+        full = np.arange(lo, lo + block_size)  # a full block: one compiled shape
+        yield full[: hi - lo], draw_samples(sampler, key, full)[: hi - lo]

@@ -1,0 +1,346 @@
+"""The basin study: Monte Carlo basin fractions with intervals that include what is unknown (docs/model.md
+section 9), streamed through the member pool, resumable, split over devices and processes.
+
+**Every member runs until its outcome is decided, or until a hard cap.** The study feeds its samples to the one
+engine, :func:`attnflow.evolve.pool.stream_members`: a pool of member slots per local device retires each member
+the moment it stops (converged, non-finite, failed, or ``max_steps`` steps taken) and labels it in the same compiled
+call. So a stopped member costs no further steps and slow members are not cut off at a short budget.
+
+**Sample i is always drawn from** ``jax.random.fold_in(key, i)``, so the per-member outcomes, steps and labels do
+not depend on the pool size, the group, the block size, the devices, the number of processes or a resume.
+
+**Saddles.** A member's per-step change can drop below ``tol`` while it passes slowly near an unstable
+equilibrium. The first time a label appears, its equilibrium is refined from the member of lowest index and its
+intrinsic spectrum checked (:mod:`attnflow.analysis.basins.verify`); members of labels whose equilibrium is
+unstable get outcome ``saddle``, never an attractor's basin.
+
+**Run directories and processes.** Samples are grouped in blocks of ``execution.chunk`` consecutive indices; a
+block is written through the `run_dir` writer passed in (e.g. :class:`attnflow.io.results.RunDirWriter`) once all
+its members are retired: one row per sample (index, name, outcome, steps, and the initial state if the writer
+keeps it). Finished blocks are read back instead of recomputed; a damaged one is recomputed with a notice.
+Multi-host runs use ``jax.distributed``: process I computes the blocks b with b % P == I, the tallies are
+all-gathered at the end, and every process returns the same result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..._types import Array
+from ...evolve.options import STUDY_TOL, Budget, Execution, Stop
+from ...evolve.outcome import CONVERGED, OUTCOMES, SADDLE
+from ...evolve.pool import check_solver, pool_backend, stream_members
+from ...evolve.solvers import Adaptive
+from ..classify import classifier, describe, label_rows
+from .results import BasinResult, MemberSample, summarize
+from .sampling import Sphere, sample_stream
+from .tally import Tally, gather_tally, unique_rows
+from .verify import Verifier
+
+LANES_POOL = 512
+"""Default pool of a study on the lanes backend, per device. Measured on the 2-core CPU (n = 10, d = 3, cap 1000,
+10^5 samples): 256 slots 8 700 samples/s, 512 slots 10 700, 1024 slots 10 400; the drain at the end of a study
+costs about a pool times the longest member's steps, so smaller is better for small studies (10^4 samples: 9 200,
+9 200 and 7 600)."""
+
+KEEP = 2000
+"""The members of lowest sample index whose final states a result keeps (:attr:`BasinResult.members`)."""
+
+SAMPLES_MAX = 2**31 - 1
+"""Samples are numbered with int32 inside the engine."""
+
+
+class StudyWriter(Protocol):
+    """What :func:`basin_fractions` needs from a run directory (implemented by
+    :class:`attnflow.io.results.RunDirWriter`)."""
+
+    initial: bool
+    """Whether the writer keeps each member's initial state (an ``initial`` column)."""
+
+    def open(self, identity: dict, *, process_index: int, process_count: int, distributed: bool) -> None:
+        """Create or check the run directory for a study with this identity (all processes call it)."""
+
+    def done(self, i: int) -> bool:
+        """Whether block i is written, complete and valid (no side effects)."""
+
+    def damaged(self, i: int) -> str | None:
+        """Why block i's file exists but is not valid (one line), or None."""
+
+    def read_chunk(self, i: int) -> dict:
+        """Block i's columns."""
+
+    def write_chunk(self, i: int, columns: dict) -> None:
+        """Write (or replace) block i's columns atomically."""
+
+
+def basin_fractions(
+    dyn,
+    key: Array,
+    samples: int,
+    *,
+    tokens: int | None = None,
+    sampler: Callable | None = None,
+    solver=None,
+    budget: Budget | None = None,
+    stop: Stop | None = None,
+    execution: Execution | None = None,
+    cluster_tol: float = 1e-3,
+    ci_width: float | None = None,
+    progress: bool | Callable[[int, int], None] = False,
+    run_dir: StudyWriter | None = None,
+) -> BasinResult:
+    """Monte Carlo basin fractions of the attractors of ``dyn`` (see the module docstring for the design).
+
+    **Arguments:**
+
+    - `dyn`, `key`, `samples`: the model, a PRNG key and the number N of initial states (at most ``2^31 - 1``).
+    - `tokens` n (initial states uniform on the sphere, in the dtype of the model's value weights), or
+      `sampler(key, num) -> (num, n, d)` (traceable by JAX, e.g. :class:`Sphere`, :class:`Around`); sample i is
+      ``sampler(fold_in(key, i), 1)[0]``.
+    - `solver`: ``Iterate`` for maps (default), ``RK4`` (default), ``Euler`` or :class:`~attnflow.Adaptive` for
+      flows (adaptive: an embedded Runge-Kutta pair with a step size per member, :mod:`attnflow.evolve.adaptive`).
+    - `budget`: a :class:`~attnflow.Budget`: ``steps`` (maps) or ``t1, dt`` (fixed-step flows) set the default cap
+      ``max(10 x budget, 10_000)``; ``max_steps`` sets it exactly. Members still moving at the cap are
+      ``not_converged``.
+    - `stop`: a :class:`~attnflow.Stop`; its ``tol`` (default 1e-7) decides ``converged``.
+    - `execution`: an :class:`~attnflow.Execution`: backend (``"auto"`` resolved once for the whole study, a pure
+      function of the model, the shapes, N, the cap and the platform), ``chunk`` (samples per block, default
+      ``min(N, 10_000)``), ``pool`` (slots per device), ``group`` (steps between retire passes), ``devices``,
+      ``process``. None of these changes a member's outcome.
+    - `cluster_tol`: the classifier's tolerance (distance under which two tokens are one cluster).
+    - `ci_width`: adaptive mode: keep adding blocks (beyond `samples`, up to 100 x `samples`) until every
+      attractor's interval is narrower than this (one process only).
+    - `progress`: a progress bar (True), or a callable ``(done, total)`` called after each block.
+    - `run_dir`: a :class:`StudyWriter` that streams blocks to a run directory and resumes
+      (``attnflow.basin_fractions(..., run_dir=PATH, resume=...)`` builds one from a path).
+
+    **Returns:** a :class:`BasinResult`. Host memory is bounded by the pools, the blocks in flight and the number of
+    labels, not by `samples`.
+    """
+    sampler = _sampler(dyn, tokens, sampler)
+    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or not 1 <= samples <= SAMPLES_MAX:
+        raise ValueError(f"samples must be an integer in [1, {SAMPLES_MAX}], got {samples!r}")
+    budget = Budget() if budget is None else budget
+    stop = Stop(STUDY_TOL) if stop is None else stop
+    if stop.tol is None:
+        raise ValueError("a basin study needs a stop tolerance (Stop(tol=...))")
+    solver = check_solver(dyn, solver)
+    span = budget.resolve(dyn, isinstance(solver, Adaptive), study=True)
+    shape = jax.eval_shape(lambda k: sampler(k, 1), key)
+    n, d, dtype = int(shape.shape[1]), int(shape.shape[2]), shape.dtype
+    ex, pi, pc, distributed = _execution(execution, dyn, solver, samples, n, d, dtype, span, ci_width)
+    if run_dir is not None:
+        run_dir.open(study_identity(dyn, key, samples, sampler, solver, span.cap, stop.tol, cluster_tol, ex),
+                     process_index=pi, process_count=pc, distributed=distributed)
+    tally, verifier = Tally(n), Verifier(dyn, dtype)
+    report = _progress(progress, samples)
+    blocks = _Blocks(ex.chunk, samples, tally, run_dir, verifier, report)
+    n_blocks = math.ceil(samples / ex.chunk)
+    adaptive = None if ci_width is None else (lambda: all(a.interval[1] - a.interval[0] < ci_width
+                                                          for a in summarize(tally, {}).attractors))
+    ids = _block_ids(n_blocks, ex.chunk, samples, pi, pc, run_dir, blocks, adaptive)
+    stream = blocks.watch(sample_stream(sampler, key, ids, ex.chunk, samples))
+    stream_members(dyn, stream, budget=budget, stop=stop, solver=solver, execution=ex, pool_size=ex.pool,
+                   queue_size=ex.chunk if ci_width is not None else min(ex.chunk, samples),
+                   then=classifier(dyn, tol=cluster_tol), sink=blocks.add)
+    report(None)
+    if blocks.open:  # pragma: no cover - every sample of every started block is retired by construction
+        raise RuntimeError(f"internal error: blocks {sorted(blocks.open)} incomplete")
+    if distributed and pc > 1:
+        tally = gather_tally(tally)
+    return summarize(tally, verifier.complete(tally), max_steps=span.cap, tol=stop.tol, backend=ex.backend,
+                     members=blocks.members())
+
+
+def _sampler(dyn, tokens, sampler):
+    if sampler is not None:
+        if tokens is not None:
+            raise ValueError("pass tokens= or sampler=, not both")
+        return sampler
+    if tokens is None:
+        raise ValueError("basin_fractions needs tokens= (or a sampler)")
+    heads = getattr(getattr(dyn, "attn", None), "heads", None)
+    if heads is None:
+        raise ValueError(f"{type(dyn).__name__} has no attention heads to take d from: pass a sampler")
+    return Sphere(int(tokens), int(heads.dim), str(jnp.dtype(heads.V.dtype)))
+
+
+def _execution(execution, dyn, solver, samples, n, d, dtype, span, ci_width):
+    """The study's execution with every default resolved (backend, chunk, pool, process), and the process split."""
+    ex = Execution() if execution is None else execution
+    chunk = min(samples, 10_000) if ex.chunk is None else ex.chunk
+    backend = pool_backend(ex.backend, dyn, solver, (samples, n, d), dtype, span)
+    pool = ex.pool if ex.pool is not None else (min(LANES_POOL, samples) if backend == "lanes"
+                                                else min(16384, samples, max(chunk, 64)))
+    distributed = jax.process_count() > 1
+    pi, pc = ex.process if ex.process is not None else (jax.process_index(), jax.process_count())
+    if pc > 1 and ci_width is not None:
+        raise ValueError("the adaptive mode (ci_width) runs in one process; pass samples instead")
+    ex = Execution(backend=backend, chunk=chunk, pool=pool, group=ex.group, devices=ex.devices, process=(pi, pc))
+    return ex, pi, pc, distributed
+
+
+def _progress(progress, total: int) -> Callable:
+    """``report(count)`` after each block (``report(None)`` at the end)."""
+    if callable(progress):
+        done = [0]
+
+        def report(c):
+            if c is not None:
+                done[0] += c
+                progress(done[0], total)
+
+        return report
+    if not progress:
+        return lambda c: None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="samples", desc="basins", smoothing=0.1)
+    return lambda c: bar.close() if c is None else bar.update(c)
+
+
+def fingerprint(obj) -> str:
+    """A SHA-256 of a pytree (a model, a solver, a sampler): its structure, static fields and array contents. Plain
+    functions are identified by their qualified name."""
+    h = hashlib.sha256()
+    leaves, treedef = jax.tree.flatten(obj)
+    h.update(str(treedef).encode())
+    for x in leaves:
+        if eqx.is_array(x) or isinstance(x, np.ndarray):
+            a = np.asarray(x)
+            h.update(f"{a.dtype}{a.shape}".encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+        elif callable(x):
+            h.update(f"{getattr(x, '__module__', '')}.{getattr(x, '__qualname__', type(x).__name__)}".encode())
+        else:
+            h.update(repr(x).encode())
+    return h.hexdigest()
+
+
+def study_identity(dyn, key: Array, samples: int, sampler, solver, cap: int, tol: float, cluster_tol: float,
+                   execution: Execution) -> dict:
+    """The settings a resumed study must share with the run it continues: the model, sampler and solver by content,
+    the key, N, the cap, the tolerances, the block size and the resolved backend (float32 results of two backends
+    agree to rounding only)."""
+    kd = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    return {"samples": int(samples), "chunk_size": int(execution.chunk), "key": np.asarray(kd).tolist(), "tol": tol,
+            "cluster_tol": cluster_tol, "max_steps": int(cap), "sampling": "fold_in(key, sample index)",
+            "model": fingerprint(dyn), "sampler": fingerprint(sampler), "solver": fingerprint(solver),
+            "backend": execution.backend}
+
+
+def _block_ids(n_blocks, block, samples, pi, pc, writer, blocks, adaptive) -> Iterator:
+    """Block ids this process must compute; blocks already written are read into the tally instead (a damaged one is
+    recomputed, with a notice). In adaptive mode, yields None before each extra block (the consumer drains first)
+    and stops when `adaptive()` is true."""
+    b = 0
+    while True:
+        if b >= n_blocks:
+            if adaptive is None:
+                return
+            yield None
+            if adaptive() or b * block >= 100 * samples:
+                return
+        if b % pc == pi:
+            if writer is not None and writer.done(b):
+                blocks.read(b)
+            else:
+                why = None if writer is None else writer.damaged(b)
+                if why is not None:
+                    print(f"attnflow: block {b} of the run directory is damaged ({why}); recomputing it",
+                          file=sys.stderr, flush=True)
+                yield b
+        b += 1
+
+
+class _Blocks:
+    """Collects retired members by block: names them (verifying each new label's equilibrium once), and writes (if
+    a writer is given) and tallies each block once all its members are in."""
+
+    def __init__(self, block: int, samples: int, tally: Tally, writer, verifier: Verifier, report: Callable):
+        self.C, self.N, self.tally, self.writer, self.verifier, self.report = block, samples, tally, writer, verifier, report
+        self.keep_initial = bool(getattr(writer, "initial", False))
+        self.open: dict[int, dict] = {}
+        self.initial: dict[int, np.ndarray] = {}
+        self.kept: dict[int, tuple] = {}
+
+    def size(self, b: int) -> int:
+        lo = b * self.C
+        return self.C if lo >= self.N else min(self.C, self.N - lo)
+
+    def watch(self, stream: Iterator) -> Iterator:
+        """Pass the sample stream on, keeping each block's initial states when the writer stores them."""
+        for ii, xx in stream:
+            if ii is not None and self.keep_initial and len(ii):
+                self.initial[int(ii[0]) // self.C] = xx.reshape(len(xx), -1)
+            yield ii, xx
+
+    def read(self, b: int) -> None:
+        """Tally a block already written."""
+        c = self.writer.read_chunk(b)
+        self.tally.add(np.asarray(c["row"]), np.asarray(c["steps"]), np.asarray(c["index"]), np.asarray(c["rep"], np.float64))
+        self.report(len(c["index"]))
+
+    def add(self, idx, outcome, steps, finals, labels) -> None:
+        """Take the members one pool call retired (the sink of :func:`attnflow.evolve.pool.stream_members`)."""
+        rows = label_rows(labels)
+        self._saddles(idx, rows, finals)
+        for j in np.flatnonzero(idx < KEEP):
+            self.kept[int(idx[j])] = (rows[j], finals[j])
+        flat = finals.reshape(len(finals), -1)
+        for b in np.unique(idx // self.C):
+            sel = idx // self.C == b
+            e = self.open.setdefault(int(b), {"index": [], "row": [], "steps": [], "final": []})
+            for k, v in (("index", idx[sel]), ("row", rows[sel]), ("steps", steps[sel]), ("final", flat[sel])):
+                e[k].append(v)
+            if sum(len(a) for a in e["index"]) == self.size(int(b)):
+                self._complete(int(b), {k: np.concatenate(v) for k, v in self.open.pop(int(b)).items()})
+
+    def _saddles(self, idx, rows, finals) -> None:
+        """Verify every new converged label (from its member of lowest index here); members of labels whose
+        equilibrium is unstable get outcome ``saddle`` (their row keeps the equilibrium's fields)."""
+        conv = np.flatnonzero(rows[:, 0] == CONVERGED)
+        if not len(conv):
+            return
+        uniq, _, inv = unique_rows(rows[conv])
+        for j, r in enumerate(uniq):
+            members = conv[inv == j]
+            rep = members[np.argmin(idx[members])]
+            if self.verifier(tuple(int(v) for v in r), finals[rep]) == "unstable":
+                rows[members, 0] = SADDLE
+
+    def _complete(self, b: int, cols: dict) -> None:
+        order = np.argsort(cols["index"])
+        cols = {k: v[order] for k, v in cols.items()}
+        uniq, first, inv = unique_rows(cols["row"])
+        names = np.array([describe(r, self.tally.n)["name"] for r in uniq], dtype=str)
+        rep = np.full(cols["final"].shape, np.nan)
+        rep[first] = np.asarray(cols["final"][first], np.float64)  # one representative per distinct row
+        out = {"index": cols["index"].astype(np.int64), "name": names[inv],
+               "outcome": np.asarray(OUTCOMES)[cols["row"][:, 0]], "steps": cols["steps"].astype(np.int64),
+               "row": cols["row"], "rep": rep}
+        init = self.initial.pop(b, None)
+        if init is not None:
+            out["initial"] = init
+        if self.writer is not None:
+            self.writer.write_chunk(b, out)
+        self.tally.add(out["row"], out["steps"], out["index"], rep)
+        self.report(len(out["index"]))
+
+    def members(self) -> MemberSample | None:
+        """The kept members (lowest sample indices), for figures."""
+        if not self.kept:
+            return None
+        order = sorted(self.kept)
+        rows = [self.kept[i][0] for i in order]
+        return MemberSample(np.asarray(order), tuple(describe(r, self.tally.n)["name"] for r in rows),
+                            np.stack([self.kept[i][1] for i in order]))

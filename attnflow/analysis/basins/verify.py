@@ -1,0 +1,72 @@
+"""Label verification: is the equilibrium behind a label stable? A member's per-step change can drop below tol while
+it passes slowly near an unstable equilibrium; such members are ``saddle``, never in an attractor's basin.
+
+Once per label, its representative final state is refined to an equilibrium
+(:func:`attnflow.analysis.equilibria.refine`) and the intrinsic spectrum there gives its
+:class:`~attnflow.Verdict` (:func:`attnflow.analysis.stability.analyse`, tolerance per dtype from
+:mod:`attnflow.analysis.eigen`). The verdict is ``unknown`` when the model has no fixed points to refine (a finite
+:class:`~attnflow.LayerStack`), when the refinement fails or lands farther than :data:`MAX_SHIFT` from the
+representative (then it is not the equilibrium the member reached), or when the spectrum is not finite.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from ...evolve.outcome import CONVERGED
+from ...model.dynamics import AbstractFlow, LayerMap
+from ..eigen import VERDICTS
+from .tally import Tally
+
+MAX_SHIFT = 1e-2
+"""The largest max-abs distance between a representative and its refined equilibrium for the verdict to count."""
+
+
+def verify_state(dyn, X) -> str:
+    """The :class:`~attnflow.Verdict` name of the equilibrium nearest to the final state X ``(n, d)``."""
+    from ..equilibria import refine
+    from ..stability import analyse
+
+    if not isinstance(dyn, (LayerMap, AbstractFlow)):
+        return "unknown"
+    X = jnp.asarray(X)
+    if not np.all(np.isfinite(np.asarray(X))):
+        return "unknown"
+    ref = refine(dyn, X)
+    Xr = np.asarray(ref.state)
+    if not np.all(np.isfinite(Xr)) or float(np.max(np.abs(Xr - np.asarray(X)))) > MAX_SHIFT:
+        return "unknown"
+    try:
+        st = analyse(dyn, jnp.asarray(Xr)[None])
+    except np.linalg.LinAlgError:  # LAPACK's eigenvalue iteration did not converge
+        return "unknown"
+    return VERDICTS[int(np.asarray(st.verdict).ravel()[0])]
+
+
+class Verifier:
+    """Verdicts of label rows, each computed once (a cache by row): ``verifier(row, X) -> verdict name`` with X the
+    representative final state ``(n, d)`` of that label."""
+
+    def __init__(self, dyn, dtype, enabled: bool = True):
+        self.dyn, self.dtype, self.enabled = dyn, dtype, enabled
+        self.verdicts: dict[tuple, str] = {}
+
+    def __call__(self, row: tuple, X) -> str:
+        if row not in self.verdicts:
+            self.verdicts[row] = verify_state(self.dyn, jnp.asarray(X, self.dtype)) if self.enabled else "unknown"
+        return self.verdicts[row]
+
+    def complete(self, tally: Tally) -> dict:
+        """The verdict of every converged row of `tally` (rows not yet seen are verified from the tally's
+        representative, of the lowest sample index)."""
+        for r, e in tally.table.items():
+            if r[0] == CONVERGED and r not in self.verdicts:
+                self.verdicts[r] = "unknown" if e.rep is None or tally.n is None else self(r, e.rep[1].reshape(tally.n, -1))
+        return {r: v for r, v in self.verdicts.items() if r in tally.table}
+
+
+def verify_labels(dyn, tally: Tally, dtype=None) -> dict:
+    """Once per converged label of `tally`: the :class:`~attnflow.Verdict` name of its equilibrium (from the
+    representative of the lowest sample index)."""
+    return Verifier(dyn, dtype).complete(tally)

@@ -1,0 +1,76 @@
+"""When an eigenvalue is real, neutral or unstable: one helper, one documented tolerance per dtype.
+
+Every question of this kind in attnflow is answered here (docs/model.md section 5):
+
+- is lambda real? ``|Im lambda| <= tol max(1, |lambda|)``;
+- are two eigenvalues the same (a repeated eigenvalue, whose eigenvectors are no label)? ``|lambda - mu| <= tol
+  max(1, |lambda|)``;
+- the growth of an eigenvalue mu of a map's Jacobian is ``|mu| - 1``, of a flow's ``Re mu``: *unstable* when the
+  growth exceeds tol, *neutral* when it is within tol of 0, *stable* below.
+
+The tolerance is :func:`tolerance` of the dtype the matrix was computed in: ``10^floor(log10 sqrt(eps))``, i.e.
+1e-8 for float64 and 1e-4 for float32. The square root is the accuracy of an eigenvalue of multiplicity two (a
+perturbation of size eps of a defective eigenvalue moves it by about sqrt(eps)); neutral directions of symmetric
+models come in such pairs, and a smaller tolerance would call them stable or unstable by rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import equinox as eqx
+import numpy as np
+
+
+def tolerance(dtype=np.float64) -> float:
+    """The tolerance of eigenvalue questions for matrices computed in `dtype`: 1e-8 (float64), 1e-4 (float32)."""
+    eps = float(np.finfo(np.dtype(dtype)).eps)
+    return float(10.0 ** math.floor(math.log10(math.sqrt(eps))))
+
+
+def is_real(values, *, dtype=np.float64, tol: float | None = None) -> np.ndarray:
+    """Which eigenvalues are real: ``|Im lambda| <= tol max(1, |lambda|)`` (default tol: :func:`tolerance`)."""
+    v = np.asarray(values)
+    tol = tolerance(dtype) if tol is None else tol
+    return np.abs(v.imag) <= tol * np.maximum(1.0, np.abs(v))
+
+
+def is_simple(values, *, dtype=np.float64, tol: float | None = None) -> np.ndarray:
+    """Which eigenvalues are simple: no other eigenvalue within ``tol max(1, |lambda|)``."""
+    v = np.asarray(values).ravel()
+    tol = tolerance(dtype) if tol is None else tol
+    close = np.abs(v[:, None] - v[None, :]) <= tol * np.maximum(1.0, np.abs(v))[:, None]
+    return close.sum(axis=1) == 1
+
+
+class Verdict(eqx.Enumeration):
+    """The linear-stability verdict of an equilibrium, from its intrinsic spectrum (codes: 0 stable, 1 unstable,
+    2 neutral, 3 unknown). The measure is rho, the spectral radius of the intrinsic Jacobian (maps), or max Re, its
+    largest real part (flows)."""
+
+    stable = "every intrinsic eigenvalue strictly inside the boundary (rho < 1 for a map, max Re < 0 for a flow)"
+    unstable = "an intrinsic eigenvalue beyond the boundary (rho > 1 for a map, max Re > 0 for a flow)"
+    neutral = "no eigenvalue beyond the boundary, some on it (within tol): linear stability is undecided"
+    unknown = "the spectrum could not be computed (a non-finite Jacobian) or the equilibrium could not be refined"
+
+
+VERDICTS: tuple[str, ...] = tuple(sorted(Verdict._name_to_item, key=lambda k: int(Verdict._name_to_item[k]._value)))
+"""Verdict names by code."""
+STABLE, UNSTABLE, NEUTRAL, UNKNOWN = (VERDICTS.index(k) for k in ("stable", "unstable", "neutral", "unknown"))
+
+
+def verdicts(eigs, discrete: bool, *, dtype=np.float64, tol: float | None = None):
+    """``(measure, verdict, n_neutral, n_unstable)`` of eigenvalue sets ``(..., m)``: the growth is ``|mu| - 1``
+    (maps) or ``Re mu`` (flows); unstable above tol, neutral within tol of 0 (default tol: :func:`tolerance`).
+    A set with a non-finite eigenvalue has verdict ``unknown`` and measure NaN."""
+    eigs = np.asarray(eigs)
+    tol = tolerance(dtype) if tol is None else tol
+    finite = np.all(np.isfinite(eigs), axis=-1)
+    safe = np.where(finite[..., None], eigs, 0.0)
+    g = np.abs(safe) - 1.0 if discrete else safe.real
+    measure = np.abs(safe).max(-1) if discrete else safe.real.max(-1)
+    neutral = (np.abs(g) <= tol).sum(-1)
+    unstable = (g > tol).sum(-1)
+    verdict = np.where(unstable > 0, UNSTABLE, np.where(neutral > 0, NEUTRAL, STABLE))
+    return (np.where(finite, measure, np.nan), np.where(finite, verdict, UNKNOWN), np.where(finite, neutral, 0),
+            np.where(finite, unstable, 0))
