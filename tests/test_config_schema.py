@@ -107,22 +107,67 @@ def test_inline_O_is_used_not_ignored(tmp_path):
     np.testing.assert_array_equal(cfg.weights["O"][0], np.diag([2.0, 3.0]))
 
 
-@pytest.mark.parametrize("module", ["attnflow.cli.energy", "attnflow.cli.stability", "attnflow.cli.basins", "attnflow.cli.simulate"])
-def test_command_docstrings_name_only_schema_keys(module):
-    """Key tables written out in a command's module docstring use the schema's names."""
-    import importlib
+COMMAND_TABLES = {"simulate": ("model", "dynamics"), "stability": ("stability",), "basins": ("basins",), "energy": ("energy",)}
+NOT_KEYS = {"table", "tables", "key", "keys"}  # "[stability] table", "[basins] keys: ..." name no key
 
-    doc = importlib.import_module(module).__doc__ or ""
+
+def schema_mentions(doc: str, help_text: str) -> set[tuple[str, str]]:
+    """Every (table, key) a command's texts name: ``key = ...`` lines under a ``[table]`` line of its docstring,
+    ``[table] key`` phrases anywhere, and the keys of a ``[table] keys: a = 1; b (x | y); ...`` paragraph (the
+    schema's own :func:`describe`, or a command's list ``a (default 1): meaning; ...``)."""
+    found = set()
     table = None
     for line in doc.splitlines():
         line = line.strip()
         if m := re.fullmatch(r"\[(\w+)\]", line):
             table = m.group(1)
-            assert table in C.TABLES, (module, table)
         elif table and (m := re.match(r"(\w+)\s*=", line)):
-            assert m.group(1) in C.keys_of(table), (module, table, m.group(1))
-        elif not line:
-            continue
+            found.add((table, m.group(1)))
+        elif not line.startswith("#"):
+            table = None if not line else table
+    text = " ".join((doc + " " + help_text).split())
+    for t, k in re.findall(r"\[(\w+)\]\s+([A-Za-z_]\w*)", text):
+        if k not in NOT_KEYS:
+            found.add((t, k))
+    for t, body in re.findall(r"\[(\w+)\] keys: (.*?)\.(?:\s|$)", text):
+        for part in body.split(";"):
+            if m := re.match(r"\s*([A-Za-z_]\w*)(?=\s*(?:=|\(|\{|:|$))", part):  # not "(with m; default tr(W_h)/d)"
+                found.add((t, m.group(1)))
+    return found
+
+
+def unknown_mentions(found) -> list[tuple[str, str]]:
+    """The (table, key) pairs that the schema does not have."""
+    return sorted((t, k) for t, k in found if t not in C.TABLES or k not in C.keys_of(t))
+
+
+def test_schema_mention_check_can_fail():
+    """The check below finds misspelled keys and tables in each of the three forms (a check that cannot fail is
+    no check)."""
+    doc = "Optional table::\n\n    [energy]\n    tol = 1e-10\n    epsilon = 1e-3\n"
+    found = schema_mentions(doc, "uses [dynamics] seeds and [basin] samples. [basins] keys: samples = 1000; chunksize; "
+                                 "tol (with m; default 1).")
+    assert unknown_mentions(found) == [("basin", "samples"), ("basins", "chunksize"), ("dynamics", "seeds"),
+                                       ("energy", "epsilon")]
+    assert ("energy", "tol") in found and ("basins", "samples") in found
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_TABLES))
+def test_command_texts_name_only_schema_keys(command, capsys):
+    """A command's module docstring and --help name keys of its own tables, and every ``[table] key`` they name
+    (docstring blocks, phrases, key lists) is a key of the schema."""
+    import importlib
+
+    from attnflow.cli import main
+
+    doc = importlib.import_module(f"attnflow.cli.{command}").__doc__ or ""
+    assert main([command, "--help"]) == 0
+    found = schema_mentions(doc, capsys.readouterr().out)
+    assert not unknown_mentions(found), (command, unknown_mentions(found))
+    for table in COMMAND_TABLES[command]:
+        named = {k for t, k in found if t == table}
+        assert named, (command, table)  # at least one key of its table
+        assert named == set(C.keys_of(table)), (command, table, set(C.keys_of(table)) - named)
 
 
 def test_weights_file_biases_reach_heads_and_unknown_arrays_are_refused(tmp_path):

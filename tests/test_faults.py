@@ -97,14 +97,14 @@ def test_model_strict_types(tmp_path, capsys, no_compute, line, needles):
     refused(capsys, ["simulate", toml(tmp_path, text)], *needles)
 
 
-@pytest.mark.parametrize("value,needle", [("10.7", "integer"), ("true", "integer"), ('"many"', "integer"), ("0", ">= 1")])
+@pytest.mark.parametrize("value,needle", [("10.7", "integer"), ("true", "integer"), ('"many"', "integer"), ("0", "in [1, 2147483647], got 0")])
 def test_basins_samples_strict(tmp_path, capsys, no_compute, value, needle):
     text = MODEL + DYN + BASINS.replace("samples = 40", f"samples = {value}")
     refused(capsys, ["basins", toml(tmp_path, text), "--out", tmp_path / "run"], "[basins] samples", needle, out=tmp_path / "run")
 
 
 def test_basins_chunk_size_zero(tmp_path, capsys, no_compute):
-    refused(capsys, ["basins", toml(tmp_path, MODEL + DYN + BASINS.replace("chunk_size = 10", "chunk_size = 0"))], "chunk_size", ">= 1")
+    refused(capsys, ["basins", toml(tmp_path, MODEL + DYN + BASINS.replace("chunk_size = 10", "chunk_size = 0"))], "chunk_size", "in [1, 2147483647]")
 
 
 @pytest.mark.parametrize("extra,needles", [
@@ -146,7 +146,7 @@ def test_stability_table_refusals(tmp_path, capsys, no_compute, extra, needles):
     ('dtype = "float16"', ["dtype"]),
     ('backend = "gpu"', ["backend", "'auto'"]),
     ("steps = 10.0", ["steps", "integer"]),
-    ("tokens = 0", ["tokens", ">= 1"]),
+    ("tokens = 0", ["tokens", "in [1, 2147483647]"]),
     ('batch = "3"', ["batch", "integer"]),
 ])
 def test_dynamics_refusals(tmp_path, capsys, no_compute, line, needles):
@@ -317,7 +317,7 @@ def test_size_guard_chooses_chunks_when_it_can(tmp_path, capsys, monkeypatch):
     out, err = capsys.readouterr()
     assert "chunks of 2" in err
     got = json.loads(out)
-    for k in ("status", "steps_mean", "consensus_fraction", "mean_min_cos"):
+    for k in ("outcomes", "steps_mean", "consensus_fraction", "mean_min_cos"):
         assert got[k] == ref[k]
 
 
@@ -387,9 +387,13 @@ def test_damaged_chunk_is_recomputed_with_a_notice(tmp_path, capsys):
     shutil.copy(third, second.with_name("00003.parquet"))  # a chunk with another index: foreign
     rc, out, err = _basins(capsys, cfg, tmp_path / "run", "--resume")
     assert rc == 0, err
-    notices = [ln for ln in err.splitlines() if "recomputing chunk" in ln]
-    assert len(notices) == 3 and "Traceback" not in err
+    notices = [ln for ln in err.splitlines() if "is damaged" in ln and "recomputing" in ln]
+    assert len(notices) == 3 and "Traceback" not in err  # the study's notices: reading a chunk never deletes it
     assert json.loads(out) == json.loads(ref)
+    from attnflow.io.results import read_members
+
+    members = read_members(tmp_path / "run")  # repaired in place: every chunk verified (stamp, columns, checksum)
+    np.testing.assert_array_equal(members["index"], np.arange(40))
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "not an object", "missing"])
@@ -703,3 +707,276 @@ def test_fuzz_weight_readers(tmp_path_factory, src, cut, flips):
         assert "\n" not in str(e)
     else:
         assert isinstance(out, dict)
+
+
+# ------------------------------------------------- overflow, strict JSON, hostile sizes, files and hosts
+V_LINE = "V = [[1.0, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, -0.3]]"
+
+
+def strict_json(text: str):
+    """Parse JSON, refusing NaN, Infinity and -Infinity (which Python's json accepts by default)."""
+    def constant(c):
+        raise AssertionError(f"non-standard JSON constant {c} in {text[:200]}")
+
+    return json.loads(text, parse_constant=constant)
+
+
+def as_user(argv) -> int:
+    """The CLI in-process as a user's process runs a float32 config: with JAX's x64 mode off (the test suite turns
+    it on; a float64 config turns it on itself). Set globally, not with the thread-local ``jax.enable_x64``
+    context: a command may run in another thread than the caller's."""
+    import jax
+
+    was = jax.config.read("jax_enable_x64")
+    jax.config.update("jax_enable_x64", False)
+    try:
+        return main([str(a) for a in argv])
+    finally:
+        jax.config.update("jax_enable_x64", was)
+
+
+def _scaled(scale: str) -> str:
+    return MODEL.replace(V_LINE, f"V = [[{scale}, 0.0, 0.0], [0.0, {scale}, 0.0], [0.0, 0.0, {scale}]]")
+
+
+OVERFLOWS = {"alpha 1e20 float32": MODEL + DYN + "alpha = 1e20\n", "V 1e30 float32": _scaled("1e30") + DYN,
+             "V 1e300 float64": _scaled("1e300") + DYN + 'dtype = "float64"\n'}
+
+
+@pytest.mark.parametrize("case", sorted(OVERFLOWS))
+def test_simulate_overflow_gives_strict_json(tmp_path, capsys, case):
+    """An ensemble that overflows its dtype is a result (every member's status says so), and its JSON is strict:
+    statistics without a value are null, never NaN."""
+    rc = as_user(["simulate", toml(tmp_path, OVERFLOWS[case]), "--json", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "Traceback" not in err and "Warning" not in err, err
+    doc = strict_json(out)
+    assert sum(doc["outcomes"].values()) == 3
+    assert doc["mean_min_cos"] is None or -1 <= doc["mean_min_cos"] <= 1
+
+
+@pytest.mark.parametrize("case", ["alpha 1e20 float32", "V 1e30 float32"])
+def test_stability_overflow_reports_unknown_verdicts(tmp_path, capsys, case):
+    """Non-finite Jacobians: each such equilibrium has verdict 'unknown' and no spectrum, in strict JSON and in
+    the text table; never a traceback."""
+    cfg = toml(tmp_path, OVERFLOWS[case])
+    assert as_user(["stability", cfg, "--json"]) == 0
+    out, err = capsys.readouterr()
+    doc = strict_json(out)
+    entries = doc["equilibria"]
+    assert {e["verdict"] for e in entries} <= {"stable", "unstable", "neutral", "unknown"}
+    assert doc["summary"]["unknown"] == sum(e["verdict"] == "unknown" for e in entries) >= 1
+    assert all(e["spectral_radius"] is None and not e["stable"] for e in entries if e["verdict"] == "unknown")
+    assert as_user(["stability", cfg]) == 0
+    out, err = capsys.readouterr()
+    assert "unknown" in out and "Traceback" not in err
+
+
+def test_stability_zero_states_refused(tmp_path, capsys, no_compute):
+    np.save(tmp_path / "z.npy", np.zeros((4, 3)))
+    refused(capsys, ["stability", toml(tmp_path, MODEL + DYN + '[stability]\nstates = "z.npy"\n')],
+            "[stability] states", "norm 0")
+
+
+def test_energy_overflow_gives_strict_json(tmp_path, capsys):
+    """[energy] beta_max = 1e30: T_eps overflows; strict JSON, the quantities without a value as null."""
+    text = MODEL + DYN.replace("steps = 30", "steps = 4").replace("batch = 3", "batch = 1") + "[energy]\nbeta_max = 1e30\npoints = 3\n"
+    assert as_user(["energy", toml(tmp_path, text), "--json"]) == 0
+    out, err = capsys.readouterr()
+    doc = strict_json(out)
+    assert None in doc["clustering"]["T_eps"] and "Traceback" not in err
+
+
+def test_transformer_overflow_gives_strict_json(tmp_path, capsys):
+    """--steer 1e30: the steered tokens overflow float32; strict JSON on stdout and in pm.json, no warnings."""
+    fixture = ROOT / "tests" / "fixtures" / "hf" / "gpt2"
+    argv = ["transformer", fixture, "--steer", "1e30", "--samples", "2", "--tokens", "3", "--json", "--out", tmp_path / "o"]
+    assert as_user(argv) == 0
+    out, err = capsys.readouterr()
+    assert strict_json(out)["steering"]["final_cos"] is None and "Traceback" not in err and "Warning" not in err
+    strict_json((tmp_path / "o" / "pm.json").read_text())
+
+
+def test_cli_json_writer_is_the_strict_one():
+    assert common.to_json({"a": float("nan"), "b": np.float32("inf"), "c": np.arange(2)}) == '{"a": null, "b": null, "c": [0, 1]}'
+
+
+@pytest.mark.parametrize("line,needle", [
+    ("round_steps = 1099511627776", "[basins] round_steps must be in [1, 2147483647], got 1099511627776"),
+    ("samples = 1000000000000", "[basins] samples must be in [1, 2147483647]"),
+    ("pool_size = 4294967296", "[basins] pool_size must be in [1, 2147483647]"),
+    ("max_steps = 2147483648", "[basins] max_steps must be in [1, 2147483647]"),
+    ("local = {samples = 2147483648}", "[basins] local samples must be in [1, 2147483647]"),
+])
+def test_int32_counters_are_bounded_at_load(tmp_path, capsys, no_compute, line, needle):
+    refused(capsys, ["basins", toml(tmp_path, MODEL + DYN + BASINS.replace("samples = 40\n", "") + line + "\n")], needle)
+
+
+@pytest.mark.parametrize("mask,needle", [("window:10^20", "integer W >= 1"),
+                                         ("window:100000000000000000000", "W in [1, 2147483647]"),
+                                         ("window:" + "9" * 5000, "W in [1, 2147483647]"),
+                                         ("window:\u00b2", "integer W >= 1"), ("window:0", "W in [1, 2147483647]")])
+def test_huge_or_odd_window_mask_is_one_line(tmp_path, capsys, no_compute, mask, needle):
+    e = refused(capsys, ["simulate", toml(tmp_path, MODEL + f'mask = "{mask}"\n' + DYN)], "[model] mask", needle)
+    assert len(e) < 300
+
+
+@pytest.mark.parametrize("value,needle", [("[" * 5000 + "1" + "]" * 5000, "nested too deeply"),
+                                          ("{a = " * 3000 + "1" + "}" * 3000, "nested too deeply"),
+                                          ("[" * 40 + "1" + "]" * 40, "[model] V is nested more than 16 levels")])
+def test_deeply_nested_values_are_one_line(tmp_path, capsys, no_compute, value, needle):
+    refused(capsys, ["simulate", toml(tmp_path, MODEL.replace(V_LINE, "V = " + value) + DYN)], "c.toml", needle)
+
+
+def test_nested_dict_is_refused_by_parse_config_too():
+    from attnflow.io.config import ConfigError, parse_config
+
+    deep = 1
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(ConfigError, match=r"\[model\] V is nested more than 16 levels deep"):
+        parse_config({"model": {"d": 3, "V": deep}}, "x.toml")
+
+
+def _npy_bytes(shape, dtype="<f8", data=b"") -> bytes:
+    import io as _io
+
+    b = _io.BytesIO()
+    np.lib.format.write_array_header_1_0(b, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return b.getvalue() + data
+
+
+@pytest.fixture
+def no_array_read(monkeypatch):
+    """Reading any array's data fails: a refusal from the headers must come before."""
+    def boom(*a, **k):
+        raise AssertionError("an array was read before its size was checked")
+
+    monkeypatch.setattr(np.lib.format, "read_array", boom)
+
+
+def test_npz_that_inflates_is_refused_from_its_headers(tmp_path, capsys, no_compute, no_array_read, monkeypatch):
+    """The zip directory's sizes (a small archive whose extra array inflates) and the .npy header's shape x dtype
+    (a member that declares 8 TB) are checked before any array is read."""
+    import attnflow.io.weights as W
+
+    e = np.eye(3)[None]
+    monkeypatch.setattr(W, "MAX_ARRAY_BYTES", 1 << 20)
+    np.savez_compressed(tmp_path / "w.npz", Q=e, K=e, V=e, extra=np.zeros(1 << 18))  # 2 MiB unpacked, ~2 KB file
+    assert (tmp_path / "w.npz").stat().st_size < 20_000
+    text = MODEL.replace(V_LINE, 'weights = "w.npz"') + DYN
+    refused(capsys, ["simulate", toml(tmp_path, text)], "w.npz", "2 MiB once unpacked", "limit of 1 MiB")
+    monkeypatch.setattr(W, "MAX_ARRAY_BYTES", 2 << 30)
+    with zipfile.ZipFile(tmp_path / "w.npz", "w") as z:
+        z.writestr("Q.npy", _npy_bytes((1, 3, 3), data=bytes(72)))
+        z.writestr("extra.npy", _npy_bytes((10**12,), data=bytes(16)))
+    refused(capsys, ["simulate", toml(tmp_path, text)], "w.npz", "7.28 TiB once unpacked", "limit of 2 GiB")
+
+
+def test_npy_header_declaring_a_huge_array_is_refused(tmp_path, capsys, no_compute, no_array_read):
+    (tmp_path / "x.npy").write_bytes(_npy_bytes((10**6, 10**6, 3), data=bytes(64)))
+    refused(capsys, ["simulate", toml(tmp_path, MODEL + DYN + 'init = "x.npy"\n')], "[dynamics] init", "once unpacked")
+    (tmp_path / "x.npy").write_bytes(_npy_bytes((3, 4, 3), data=bytes(64)))
+    refused(capsys, ["simulate", toml(tmp_path, MODEL + DYN + 'init = "x.npy"\n')], "[dynamics] init", "truncated")
+
+
+def _hostile(tmp_path, kind: str, limit: int) -> str:
+    """A path that must never be read: a device, a FIFO, a directory or a (sparse) file over the size limit."""
+    if kind == "device":
+        return "/dev/zero"
+    p = tmp_path / f"hostile-{kind}"
+    if kind == "fifo":
+        os.mkfifo(p)
+    elif kind == "dir":
+        p.mkdir()
+    else:
+        with open(p, "wb") as f:
+            f.truncate(limit + 1)
+    return str(p)
+
+
+@pytest.mark.parametrize("where,kind", [("config", "device"), ("config", "fifo"), ("config", "dir"), ("config", "huge"),
+                                        ("weights", "device"), ("weights", "fifo"), ("weights", "huge"),
+                                        ("init", "device"), ("init", "dir"), ("states", "fifo"), ("states", "huge")])
+def test_only_regular_files_of_bounded_size_are_read(tmp_path, capsys, no_compute, where, kind):
+    from attnflow.io.config import MAX_CONFIG_BYTES, MAX_INPUT_BYTES
+
+    p = _hostile(tmp_path, kind, MAX_CONFIG_BYTES if where == "config" else MAX_INPUT_BYTES)
+    needle = {"device": "not a regular file", "fifo": "not a regular file", "dir": "is a directory",
+              "huge": "more than the limit of"}[kind]
+    if where == "config":
+        refused(capsys, ["simulate", p], "config file", needle)
+        return
+    text = {"weights": MODEL.replace(V_LINE, f'weights = "{p}"') + DYN, "init": MODEL + DYN + f'init = "{p}"\n',
+            "states": MODEL + DYN + f'[stability]\nstates = "{p}"\n'}[where]
+    refused(capsys, ["stability" if where == "states" else "simulate", toml(tmp_path, text)], where, needle)
+
+
+def test_empty_out_is_refused(tmp_path, capsys, no_compute, monkeypatch):
+    cfg = toml(tmp_path, MODEL + DYN)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    for cmd in ("simulate", "stability", "energy", "basins"):
+        refused(capsys, [cmd, cfg, "--out", ""], "--out needs a directory name")
+    assert not any((tmp_path / "cwd").iterdir())
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_coordinator_is_one_line_within_the_timeout(tmp_path, capsys, no_compute, monkeypatch):
+    """JAX aborts the process (exit -6, after 300 s) when the coordinator never answers: the port is probed first,
+    and nothing answering within --coordinator-timeout is one line and exit status 2."""
+    import time
+
+    import jax
+
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: (_ for _ in ()).throw(AssertionError("joined")))
+    cfg = toml(tmp_path, MODEL + DYN + BASINS)
+    t0 = time.monotonic()
+    refused(capsys, ["basins", cfg, "--coordinator", f"127.0.0.1:{_closed_port()}", "--num-processes", "2",
+                     "--process-id", "1", "--coordinator-timeout", "1"], "no coordinator answered within 1 s")
+    assert time.monotonic() - t0 < 10
+    dist = ["--num-processes", "2", "--process-id", "1"]
+    refused(capsys, ["basins", cfg, "--coordinator", "127.0.0.1", *dist], "HOST:PORT")
+    refused(capsys, ["basins", cfg, "--coordinator", "127.0.0.1:99999", *dist], "HOST:PORT")
+    refused(capsys, ["basins", cfg, "--coordinator", "127.0.0.1:1", *dist, "--coordinator-timeout", "nan"],
+            "--coordinator-timeout")
+
+
+def test_identity_compares_values_not_spelling(tmp_path):
+    """beta = 1 and beta = 1.0, a default written out or left out, another order: one identity (strict JSON)."""
+    from attnflow.io.config import load_config
+
+    a = load_config(toml(tmp_path, MODEL + "beta = 1\n" + DYN + BASINS, "a.toml")).identity()
+    b = load_config(toml(tmp_path, MODEL + "heads = 1\nbeta = 1.0\n" + DYN + 'norm = "l2"\nseed = 0\n'
+                         + BASINS + "seed = 0\ncluster_tol = 0.001\n", "b.toml")).identity()
+    assert a == b and json.loads(json.dumps(a, allow_nan=False)) == a
+    assert a["config"]["model"]["beta"] == 1.0 and isinstance(a["config"]["dynamics"]["steps"], int)
+    c = load_config(toml(tmp_path, MODEL + "beta = 2\n" + DYN + BASINS, "c.toml")).identity()
+    assert c != a
+
+
+def test_resume_with_another_spelling_recomputes_nothing(tmp_path, capsys):
+    """A run made with beta = 1, resumed with beta = 1.0: the same run, every chunk already done."""
+    cfg = toml(tmp_path, MODEL + "beta = 1\n" + DYN.replace("steps = 30", "steps = 10") + BASINS.replace("40", "20"))
+    rc, ref, err = _basins(capsys, cfg, tmp_path / "run")
+    assert rc == 0, err
+    strict_json(ref)
+    strict_json((tmp_path / "run" / "result.json").read_text())
+
+    def chunks():
+        return {p: (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size) for p in (tmp_path / "run").rglob("*.parquet")}
+
+    before = chunks()
+    assert before
+    cfg.write_text(cfg.read_text().replace("beta = 1\n", "beta = 1.0\n"))
+    rc, out, err = _basins(capsys, cfg, tmp_path / "run", "--resume")
+    assert rc == 0, err
+    assert chunks() == before and "recomputing" not in err
+    assert strict_json(out) == strict_json(ref)

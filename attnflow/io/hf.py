@@ -25,7 +25,7 @@ import re
 
 import numpy as np
 
-from ..model.attention import Attention
+from ..model.attention import WINDOW_MAX, Attention
 from ..model.heads import Heads
 from .weights import WeightsError, load_safetensors, load_torch_bin
 
@@ -157,14 +157,18 @@ def _read_config(path: pathlib.Path) -> dict:
     if not path.is_dir():
         raise CheckpointError(f"{path}: expected a checkpoint folder with config.json and model.safetensors")
     cfg_path = path / "config.json"
-    if not cfg_path.is_file():
+    if not cfg_path.exists():
         raise CheckpointError(f"{cfg_path}: missing (a Hugging Face checkpoint folder needs config.json)")
+    from .config.validate import MAX_CONFIG_BYTES, ConfigError, read_bytes
+
+    try:  # a regular file of at most 16 MiB: never a device, a FIFO or a directory
+        data = read_bytes("checkpoint file", cfg_path, MAX_CONFIG_BYTES, expected="a JSON file")
+    except ConfigError as e:
+        raise CheckpointError(_one_line(e)) from None
     try:
-        config = json.loads(cfg_path.read_text())
+        config = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(_one_line(f"{cfg_path}: not valid JSON ({type(e).__name__}: {e})")) from None
-    except OSError as e:
-        raise CheckpointError(f"{cfg_path}: cannot be read ({e.strerror or type(e).__name__})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{cfg_path}: expected a JSON object, got a JSON {type(config).__name__}")
     return config
@@ -252,39 +256,47 @@ def _cfg(config, cfg_path, *names, default=_MISSING):
     raise CheckpointError(f"{cfg_path}: missing key {names[0]!r}")
 
 
+def _checked(check, config, cfg_path, names, default, *args):
+    """The value of the first of `names` in config.json, checked by `check` (one of the config validators of
+    :mod:`attnflow.io.config.validate`, shared with the TOML run configuration); its one-line error becomes a
+    :class:`CheckpointError` naming the file and the key."""
+    from .config.validate import ConfigError
+
+    key, v = _cfg(config, cfg_path, *names, default=default)
+    try:
+        return check(f"{cfg_path}: {key!r}", v, *args)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def _cfg_int(config, cfg_path, *names, default=_MISSING, minimum=1, maximum=None, null_default=False) -> int:
     """A strict integer (JSON bools and floats refused) in [minimum, maximum]; ``null`` means `default` if allowed."""
-    key, v = _cfg(config, cfg_path, *names, default=default)
-    if v is None and null_default:
+    from .config.validate import check_int
+
+    if null_default and _cfg(config, cfg_path, *names, default=default)[1] is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise CheckpointError(f"{cfg_path}: {key!r} must be an integer, got {_show(v)}")
-    if v < minimum or (maximum is not None and v > maximum):
-        rng = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise CheckpointError(f"{cfg_path}: {key!r} must be {rng}, got {v}")
-    return v
+    return _checked(check_int, config, cfg_path, names, default, {"ge": minimum, "le": maximum})
 
 
 def _cfg_float(config, cfg_path, *names, default=_MISSING, minimum=0.0) -> float:
     """A strict finite number (JSON bools refused) >= minimum."""
-    key, v = _cfg(config, cfg_path, *names, default=default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < minimum:
-        raise CheckpointError(f"{cfg_path}: {key!r} must be a finite number >= {minimum}, got {_show(v)}")
-    return float(v)
+    from .config.validate import check_float
+
+    return _checked(check_float, config, cfg_path, names, default, {"ge": minimum})
 
 
 def _cfg_str(config, cfg_path, *names, default=_MISSING) -> str:
-    key, v = _cfg(config, cfg_path, *names, default=default)
-    if not isinstance(v, str):
-        raise CheckpointError(f"{cfg_path}: {key!r} must be a string, got {_show(v)}")
-    return v
+    """A string."""
+    from .config.validate import check_str
+
+    return _checked(check_str, config, cfg_path, names, default)
 
 
 def _cfg_bool(config, cfg_path, name, default: bool) -> bool:
-    key, v = _cfg(config, cfg_path, name, default=default)
-    if not isinstance(v, bool):
-        raise CheckpointError(f"{cfg_path}: {key!r} must be true or false, got {_show(v)}")
-    return v
+    """A JSON boolean (``true``/``false``; no ``"false"``, no 0/1)."""
+    from .config.validate import check_bool
+
+    return _checked(check_bool, config, cfg_path, (name,), default)
 
 
 def load_hf(path) -> HFModel:
@@ -477,7 +489,7 @@ def _gpt_neo_types(config, cfg_path, L):
 def _gpt_neo(config, tensors, wfile, cfg_path, d, H, dh, L):
     T = _Tensors(tensors, wfile, "h.0.attn.attention.q_proj.weight")
     m = _cfg_int(config, cfg_path, "intermediate_size", default=None, null_default=True) or 4 * d
-    window = _cfg_int(config, cfg_path, "window_size")
+    window = min(_cfg_int(config, cfg_path, "window_size"), WINDOW_MAX)  # wider than any sequence: the same mask
     types = _gpt_neo_types(config, cfg_path, L)
     act = _cfg_str(config, cfg_path, "activation_function", default="gelu_new")
     layers = []

@@ -15,17 +15,26 @@ KINDS = ("softmax", "unnormalized", "uniform", "relu", "sinkhorn")
 MASKS = ("full", "causal", "window")
 
 
+WINDOW_MAX = 2**31 - 1
+"""The largest window width: token indices are int32 (a window wider than the sequence is the causal mask)."""
+
+
 def parse_mask(spec: str) -> tuple[str, int | None]:
-    """Parse ``"full"``, ``"causal"`` or ``"window:W"`` into ``(mask, window)``."""
+    """Parse ``"full"``, ``"causal"`` or ``"window:W"`` (an integer 1 <= W <= 2^31 - 1) into ``(mask, window)``;
+    a ``ValueError`` with a short message otherwise."""
     spec = str(spec).strip()
+    shown = repr(spec) if len(spec) <= 40 else repr(spec[:37] + "...")
     if spec in ("full", "causal"):
         return spec, None
     if spec.startswith("window:"):
-        w = spec.split(":", 1)[1]
-        if not w.isdigit() or int(w) < 1:
-            raise ValueError(f"mask 'window:W' needs an integer W >= 1, got {spec!r}")
+        w = spec.split(":", 1)[1].strip()
+        if not (w.isascii() and w.isdigit()):
+            raise ValueError(f"mask 'window:W' needs an integer W >= 1, got {shown}")
+        w = w.lstrip("0") or "0"
+        if len(w) > len(str(WINDOW_MAX)) or not 1 <= int(w) <= WINDOW_MAX:
+            raise ValueError(f"mask 'window:W' needs an integer W in [1, {WINDOW_MAX}], got {shown}")
         return "window", int(w)
-    raise ValueError(f"unknown mask {spec!r}; expected 'full', 'causal' or 'window:W'")
+    raise ValueError(f"unknown mask {shown}; expected 'full', 'causal' or 'window:W'")
 
 
 def allowed_set(n: int, mask: str, window: int | None = None) -> Bool[Array, "n n"]:
@@ -78,8 +87,8 @@ class Attention(eqx.Module):
             raise ValueError(f"unknown attention kind {self.kind!r}; expected one of {', '.join(KINDS)}")
         if self.mask not in MASKS:
             raise ValueError(f"unknown mask {self.mask!r}; expected one of {', '.join(MASKS)}")
-        if self.mask == "window" and (self.window is None or self.window < 1):
-            raise ValueError(f"mask='window' needs window >= 1, got {self.window!r}")
+        if self.mask == "window" and (self.window is None or not 1 <= self.window <= WINDOW_MAX):
+            raise ValueError(f"mask='window' needs 1 <= window <= {WINDOW_MAX}, got {self.window!r}")
         if self.sinkhorn_iters < 1:
             raise ValueError(f"sinkhorn_iters must be >= 1, got {self.sinkhorn_iters}")
 

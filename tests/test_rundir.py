@@ -1,0 +1,385 @@
+"""Run directories (attnflow.io.results): one lock held by a context manager, reading without side effects,
+checksummed chunks, stale temporary files, the per-sample table, lazy pyarrow, and output directories that belong
+to one command."""
+
+from __future__ import annotations
+
+import gc
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from filelock import FileLock, Timeout
+
+from attnflow.io import results as R
+from attnflow.io.results import RunDir, RunDirError, RunDirWriter, claim_dir, dir_owners, read_members
+
+FIX = Path(__file__).parent / "fixtures" / "hf"
+MAN = {"identity": {"samples": 6, "chunk_size": 3}}
+
+
+def columns(lo: int, n: int = 3, *, initial: bool = True) -> dict:
+    """A basin study's per-sample table for samples lo .. lo + n - 1 (every kind of column the writer stores)."""
+    idx = np.arange(lo, lo + n, dtype=np.int64)
+    rep = np.full((n, 6), np.nan)
+    rep[0] = np.linspace(-1, 1, 6) + lo
+    cols = {
+        "index": idx,
+        "name": np.array(["consensus +v1", "bipartite v1 3:7", "not converged"])[idx % 3],
+        "outcome": np.array(["converged", "converged", "max_steps"], dtype=object)[idx % 3],
+        "steps": (idx * 7).astype(np.int32),
+        "flag": idx % 2 == 0,
+        "row": np.stack([idx, -idx, idx * 0]).T.astype(np.int64),
+        "rep": rep,
+    }
+    if initial:
+        cols["initial"] = (np.arange(n * 6, dtype=np.float32).reshape(n, 6) + lo) / 7
+    return cols
+
+
+def same(a: dict, b: dict) -> None:
+    """Equal tables: same columns, values (NaN == NaN), shapes and dtypes (strings as NumPy str arrays)."""
+    assert sorted(a) == sorted(b)
+    for k in a:
+        x, y = np.asarray(a[k]), np.asarray(b[k])
+        if x.dtype.kind == "O":
+            x = x.astype(str)
+        assert y.shape == x.shape and (y.dtype == x.dtype if x.dtype.kind != "U" else y.dtype.kind == "U"), (k, x.dtype, y.dtype)
+        np.testing.assert_array_equal(y, x, err_msg=k)
+
+
+def lock_is_free(path: Path) -> bool:
+    """Whether another holder (a separate lock object, as another process would have) can take DIR/.lock now."""
+    other = FileLock(str(path / ".lock"))
+    try:
+        other.acquire(timeout=0)
+    except Timeout:
+        return False
+    other.release()
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ imports
+def test_import_attnflow_loads_neither_pyarrow_nor_matplotlib():
+    code = "import attnflow, sys; print(sorted(m for m in ('pyarrow', 'matplotlib') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert r.stdout.strip() == "[]", r.stdout
+
+
+# ------------------------------------------------------------------------------------------------ the lock
+def test_run_dir_holds_one_lock_and_releases_it_on_exit(tmp_path):
+    with RunDir(tmp_path / "r", MAN) as rd:
+        assert not lock_is_free(rd.path)
+    assert lock_is_free(rd.path) and rd.closed
+    rd.close()  # idempotent
+    with pytest.raises(RunDirError, match="closed"):
+        rd.write_chunk(0, columns(0))
+    rd = RunDir(tmp_path / "r", MAN, resume=True)
+    assert not lock_is_free(rd.path)
+    del rd
+    gc.collect()  # collected without close: released all the same
+    assert lock_is_free(tmp_path / "r")
+    assert "__del__" not in vars(RunDir) and "__del__" not in vars(RunDirWriter)
+
+
+def test_writer_takes_the_lock_when_created_and_releases_it_on_exit(tmp_path):
+    run = tmp_path / "r"
+    with RunDirWriter(run, manifest={"config_path": "c.toml"}) as w:
+        assert not lock_is_free(run)  # before open: a second writer is refused before any work
+        w.open({"samples": 6})
+        w.write_chunk(0, columns(0))
+        assert w.done(0) and w.damaged(0) is None
+    assert lock_is_free(run)
+    w.close()
+    with pytest.raises(RunDirError, match="closed"):
+        w.open({"samples": 6})
+    other = FileLock(str(run / ".lock"))
+    with other:  # another process's lock
+        with pytest.raises(RunDirError, match="in use by another attnflow process") as e:
+            RunDirWriter(run, resume=True)
+        assert "\n" not in str(e.value)
+    joined = RunDirWriter(run, resume=True, lock=False)  # a process > 0 of a jax.distributed job
+    joined.open({"samples": 6})
+    assert joined.done(0) and lock_is_free(run)
+    joined.close()
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def test_done_and_damaged_read_only_and_repair_is_explicit(tmp_path):
+    with RunDir(tmp_path / "r", MAN) as rd:
+        assert not rd.done(0) and rd.damaged(0) is None  # absent
+        for i in range(4):
+            rd.write_chunk(i, columns(3 * i))
+        assert all(rd.done(i) and rd.damaged(i) is None for i in range(4))
+        p = [rd.chunk_path(i) for i in range(4)]
+        p[0].write_bytes(p[0].read_bytes()[: p[0].stat().st_size // 2])  # truncated
+        p[1].write_bytes(b"garbage")
+        p[3].write_bytes(p[2].read_bytes())  # chunk 2's table under chunk 3's name
+        before = {q: q.read_bytes() for q in p}
+        assert not rd.done(0) and "unreadable" in rd.damaged(0)
+        assert not rd.done(1) and "unreadable" in rd.damaged(1)
+        assert not rd.done(3) and rd.damaged(3) == "it is stamped as chunk 2, not 3"
+        assert {q: q.read_bytes() for q in p} == before  # nothing deleted or written
+        for i in (0, 1, 3):
+            assert "\n" not in rd.damaged(i)
+            with pytest.raises(RunDirError, match="damaged"):
+                rd.read_chunk(i)
+            rd.write_chunk(i, columns(3 * i))  # the repair: recompute, overwrite atomically
+        assert all(rd.done(i) for i in range(4))
+        same(columns(9), rd.read_chunk(3))
+    with RunDir(tmp_path / "other", {"identity": {"samples": 7}}) as other:  # another run's chunk
+        (other.chunks / "00002.parquet").write_bytes(p[2].read_bytes())
+        assert other.damaged(2) == "it belongs to another run" and not other.done(2)
+
+
+def test_altered_values_or_a_dropped_column_with_the_stamp_kept_are_damaged(tmp_path):
+    import pyarrow.parquet as pq
+
+    with RunDir(tmp_path / "r", MAN) as rd:
+        rd.write_chunk(0, columns(0))
+        rd.write_chunk(1, columns(3))
+        p0, p1 = rd.chunk_path(0), rd.chunk_path(1)
+        t = pq.read_table(p0)
+        steps = t.column("steps").to_numpy().copy()
+        steps[1] += 1
+        pq.write_table(t.set_column(t.column_names.index("steps"), "steps", [steps]).replace_schema_metadata(t.schema.metadata), p0)
+        assert pq.read_table(p0).schema.metadata == t.schema.metadata  # identity stamp kept
+        assert not rd.done(0) and rd.damaged(0) == "its contents do not match their SHA-256 checksum"
+        t1 = pq.read_table(p1)
+        pq.write_table(t1.drop_columns(["rep"]).replace_schema_metadata(t1.schema.metadata), p1)
+        assert not rd.done(1) and rd.damaged(1) == "column 'rep' is missing"
+        with pytest.raises(RunDirError, match="column 'rep' is missing") as e:
+            rd.read_chunk(1)
+        assert "\n" not in str(e.value)
+    with pytest.raises(RunDirError, match="00000.parquet is damaged"):
+        read_members(tmp_path / "r")
+
+
+# ------------------------------------------------------------------------------------------------ the table
+def test_every_kind_of_column_round_trips_with_its_dtype_and_shape(tmp_path):
+    with RunDir(tmp_path / "r", MAN) as rd:
+        rd.write_chunk(0, columns(0))
+        got = rd.read_chunk(0)
+    same(columns(0), got)
+    assert got["name"].dtype.kind == "U" and got["outcome"].dtype.kind == "U"  # strings as NumPy str arrays
+    assert got["row"].shape == (3, 3) and got["initial"].dtype == np.float32 and np.isnan(got["rep"][1:]).all()
+    with RunDir(tmp_path / "r", MAN, resume=True) as rd:  # another process reading it back
+        same(columns(0), rd.read_chunk(0))
+        rd.write_chunk(1, {k: v[:0] for k, v in columns(3).items()})  # an empty chunk keeps its column kinds
+        empty = rd.read_chunk(1)
+        assert empty["rep"].shape == (0, 6) and empty["name"].dtype.kind == "U" and empty["steps"].dtype == np.int32
+
+
+@pytest.mark.parametrize("bad,error", [({"name": np.array([1, "a"], dtype=object)}, TypeError),
+                                       ({"x": np.zeros((2, 2, 2))}, ValueError), ({"z": np.zeros(2, complex)}, TypeError),
+                                       ({"a": np.zeros(2), "b": np.zeros(3)}, ValueError), ({"w": np.zeros((2, 0))}, ValueError)])
+def test_columns_that_cannot_be_stored_are_refused(tmp_path, bad, error):
+    with RunDir(tmp_path / "r", MAN) as rd:
+        with pytest.raises(error):
+            rd.write_chunk(0, bad)
+        assert not rd.chunk_path(0).exists() and not any(rd.chunks.iterdir())
+
+
+def test_read_members_concatenates_finished_chunks_sorted_by_index(tmp_path):
+    with RunDirWriter(tmp_path / "r", initial=True) as w:
+        w.open({"samples": 9})
+        assert read_members(tmp_path / "r") == {}
+        for i in (2, 0, 1):
+            c = columns(3 * i)
+            w.write_chunk(i, {k: v[::-1] for k, v in c.items()})  # rows in any order
+    m = read_members(tmp_path / "r")
+    np.testing.assert_array_equal(m["index"], np.arange(9))
+    full = {k: np.concatenate([columns(3 * i)[k] for i in range(3)]) for k in columns(0)}
+    same(full, m)
+    (tmp_path / "r" / "manifest.json").write_text("{")
+    with pytest.raises(RunDirError, match="manifest.json is damaged"):
+        read_members(tmp_path / "r")
+
+
+def test_the_writer_stores_initial_states_only_when_asked(tmp_path):
+    with RunDirWriter(tmp_path / "a") as w:
+        w.open({"samples": 3})
+        w.write_chunk(0, columns(0))
+        assert "initial" not in w.read_chunk(0)
+    with RunDirWriter(tmp_path / "b", initial=True) as w:
+        w.open({"samples": 3})
+        w.write_chunk(0, columns(0))
+        same(columns(0), w.read_chunk(0))
+    with RunDirWriter(tmp_path / "a", resume=True, initial=True) as w:  # one run's chunks hold the same columns
+        with pytest.raises(RunDirError, match="initial was '<absent>', now True"):
+            w.open({"samples": 3})
+
+
+# ------------------------------------------------------------------------------------------------ stale temporaries
+def test_stale_temporary_files_are_removed_by_the_lock_holder_only(tmp_path, capsys):
+    run = tmp_path / "r"
+    with RunDir(run, MAN) as rd:
+        rd.write_chunk(0, columns(0))
+    stale = [run / "chunks" / ".00001.parquet.4242.0123456789ab.tmp", run / ".manifest.json.77.fedcba987654.tmp"]
+    keep = [run / "chunks" / ".notes", run / "chunks" / "00001.parquet.tmp", run / ".attnflow-probe.1.ab"]
+    for f in stale + keep:
+        f.write_bytes(b"x")
+    capsys.readouterr()
+    with RunDir(run, MAN, resume=True, lock=False):  # a process > 0 of a jax.distributed job: does not clean
+        pass
+    assert all(f.exists() for f in stale) and capsys.readouterr().err == ""
+    with RunDir(run, MAN, resume=True) as rd:
+        assert rd.done(0)
+    err = capsys.readouterr().err
+    assert err == f"attnflow: removed 2 stale temporary files from {run} and {run / 'chunks'}\n"
+    assert not any(f.exists() for f in stale) and all(f.exists() for f in keep)
+    stale[0].write_bytes(b"x")
+    with RunDirWriter(run, resume=True) as w:
+        w.open(MAN["identity"])
+    assert capsys.readouterr().err == f"attnflow: removed 1 stale temporary file from {run / 'chunks'}\n"
+
+
+def test_temporary_files_being_written_are_not_stale(tmp_path):
+    seen = []
+
+    def write(tmp):
+        tmp.write_bytes(b"partial")
+        assert R.remove_stale_temporaries(tmp_path) == 0  # this process's own file, in flight
+        seen.append(tmp.exists())
+
+    R._write_atomic(tmp_path / "x.json", write)
+    assert seen == [True] and (tmp_path / "x.json").read_bytes() == b"partial"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
+
+
+# ------------------------------------------------------------------------------------------------ output ownership
+CONFIG = """
+[model]
+d = 3
+V = [[1.0, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, -0.3]]
+[dynamics]
+tokens = 4
+steps = 20
+batch = 3
+[basins]
+samples = 6
+chunk_size = 3
+"""
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text(CONFIG)
+    return p
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+    """Every simulation fails loudly: a refusal must come before any work."""
+    import attnflow as af
+    import attnflow.analysis.basins as bs
+
+    def boom(*a, **k):
+        raise AssertionError("computed before refusing")
+
+    monkeypatch.setattr(af, "simulate", boom)
+    monkeypatch.setattr(bs, "basin_fractions", boom)
+
+
+def refused(capsys, argv, *needles):
+    from attnflow.cli import main
+
+    rc = main([str(a) for a in argv])
+    o, e = capsys.readouterr()
+    assert rc == 2 and o == "" and len(e.strip().splitlines()) == 1 and "Traceback" not in e, (rc, o, e)
+    for n in needles:
+        assert n in e, (n, e)
+    return e
+
+
+def listing(d: Path) -> dict:
+    return {p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def basins_run(d: Path, *, marker: bool = True) -> Path:
+    """A finished basin run directory (written through the writer, as the study does)."""
+    d.mkdir(parents=True, exist_ok=True)
+    if marker:
+        claim_dir(d, "basins")
+    with RunDirWriter(d) as w:
+        w.open({"samples": 6})
+        w.write_chunk(0, columns(0))
+        w.write_chunk(1, columns(3))
+        w.write_json("result.json", {"samples": 6})
+    return d
+
+
+@pytest.mark.parametrize("command", ["simulate", "stability", "energy", "demo", "transformer"])
+def test_other_commands_refuse_a_basins_run_directory(tmp_path, capsys, cfg, no_compute, command):
+    run = basins_run(tmp_path / "run")
+    before = listing(run)
+    args = {"demo": ["demo", "--samples", "1"], "transformer": ["transformer", FIX / "bert", "--samples", "1", "--tokens", "3"]}
+    refused(capsys, args.get(command, [command, cfg]) + ["--out", run], "holds the output of 'attnflow basins'",
+            f"'attnflow {command}'")
+    assert listing(run) == before
+
+
+def test_a_basins_run_without_its_marker_is_still_recognised(tmp_path, capsys, cfg, no_compute):
+    run = basins_run(tmp_path / "run", marker=False)
+    assert dir_owners(run) == ["basins"] and not (run / R.MARKER).exists()
+    refused(capsys, ["simulate", cfg, "--out", run], "attnflow basins")
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_basins_refuses_a_simulate_output(tmp_path, capsys, cfg, no_compute, legacy):
+    out = tmp_path / "sim"
+    out.mkdir()
+    (out / "trajectories.npz").write_bytes(b"npz")
+    (out / "sphere.png").write_bytes(b"png")  # a name both commands write
+    if not legacy:
+        claim_dir(out, "simulate")
+    before = listing(out)
+    refused(capsys, ["basins", cfg, "--out", out], "holds the output of 'attnflow simulate'")
+    refused(capsys, ["basins", cfg, "--out", out, "--resume"], "holds the output of 'attnflow simulate'")
+    assert listing(out) == before and not (out / "chunks").exists() and not (out / "manifest.json").exists()
+
+
+def test_a_damaged_marker_is_refused_in_one_line(tmp_path, capsys, cfg, no_compute):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / R.MARKER).write_text("not json")
+    refused(capsys, ["simulate", cfg, "--out", out], ".attnflow is damaged")
+
+
+def test_claim_writes_the_marker_and_lets_a_command_reuse_its_own_directory(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "notes.txt").write_text("mine")  # unrelated files are not another command's output
+    claim_dir(d, "simulate")
+    assert json.loads((d / R.MARKER).read_text()) == {"command": "simulate"}
+    claim_dir(d, "simulate")
+    assert dir_owners(d) == ["simulate"] and sorted(p.name for p in d.iterdir()) == [".attnflow", "notes.txt"]
+    with pytest.raises(RunDirError, match="attnflow simulate") as e:
+        claim_dir(d, "energy")
+    assert "\n" not in str(e.value)
+    (d / "chunks").mkdir()  # an empty chunks/ folder is nobody's output
+    assert dir_owners(d) == ["simulate"]
+
+
+def test_simulate_overwrites_its_own_output(tmp_path, capsys, cfg):
+    from attnflow.cli import main
+
+    out = tmp_path / "o"
+    out.mkdir()
+    claim_dir(out, "simulate")
+    (out / "trajectories.npz").write_bytes(b"an earlier run")
+    assert main(["simulate", str(cfg), "--out", str(out), "--json", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert json.loads((out / R.MARKER).read_text()) == {"command": "simulate"}
+    assert set(np.load(out / "trajectories.npz")) >= {"final", "outcome", "steps"}
+
+
+def test_basins_reusing_its_own_directory_needs_resume(tmp_path, capsys, cfg):
+    run = basins_run(tmp_path / "run")
+    refused(capsys, ["basins", cfg, "--out", run], "already holds a run", "--resume")
