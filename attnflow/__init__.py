@@ -6,22 +6,28 @@ Public API; see the README for an overview. Models (what the dynamics are) live 
 
 __version__ = "0.1.0"
 
+import sys as _sys
+
+if (getattr(_sys, "argv", None) or [""])[0].rsplit("/", 1)[-1] in ("-m", "attnflow", "attnflow.exe"):  # maybe the command
+    from .cli._interrupt import guard_startup as _guard_startup  # the standard library only
+
+    _guard_startup()  # in the attnflow command's own process: Ctrl-C / SIGTERM while JAX loads exit 130 / 143 in one line
+del _sys
+
 from . import evolve as evolve, model as model
 from .evolve import (
     BACKENDS as BACKENDS,
-    CONVERGED as CONVERGED,
-    DEGENERATE as DEGENERATE,
-    Status as Status,
-    chunk_backend as chunk_backend,
-    MAX_STEPS as MAX_STEPS,
-    NONFINITE as NONFINITE,
+    OUTCOMES as OUTCOMES,
     RK4 as RK4,
-    SOLVER_FAILED as SOLVER_FAILED,
-    STATUS_NAMES as STATUS_NAMES,
     Adaptive as Adaptive,
+    Budget as Budget,
     Euler as Euler,
+    Execution as Execution,
     Iterate as Iterate,
+    Outcome as Outcome,
     Solution as Solution,
+    Stop as Stop,
+    chunk_backend as chunk_backend,
     sample as sample,
     simulate as simulate,
     simulate_chunks as simulate_chunks,
@@ -65,11 +71,17 @@ from .analysis import (
     transformer as transformer,
 )
 from .analysis.basins import (
+    Attractor as Attractor,
     BasinResult as BasinResult,
+    Continuation as Continuation,
+    CriticalShock as CriticalShock,
+    LocalRadius as LocalRadius,
     critical_shock as critical_shock,
     local_basin_radius as local_basin_radius,
+    wilson as wilson,
 )
 from .analysis.classify import Labels as Labels
+from .analysis.eigen import Verdict as Verdict
 from .analysis.continuation import continue_equilibrium as continue_equilibrium
 from .analysis.equilibria import (
     bipartite as bipartite,
@@ -80,7 +92,6 @@ from .analysis.equilibria import (
 )
 from .analysis.stability import (
     Stability as Stability,
-    Verdict as Verdict,
     analyse as analyse,
     consensus_closed_form as consensus_closed_form,
     intrinsic_jacobian as intrinsic_jacobian,

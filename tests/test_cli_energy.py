@@ -110,7 +110,7 @@ def test_energy_discrete_scalar_heads_clustering_figure(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "extra, msg",
-    [("bogus = 1", "unknown key"), ("eps = 2.0", "eps must lie"), ("w = [1.0]", "both w and m"), ("members = 0", "members")],
+    [("bogus = 1", "unknown key"), ("eps = 2.0", "eps must be a finite number in (0, 1)"), ("w = [1.0]", "both w and m"), ("members = 0", "members")],
 )
 def test_energy_bad_input_is_one_line(tmp_path, capsys, extra, msg):
     cfg = tmp_path / "d.toml"

@@ -48,7 +48,7 @@ def test_simulate_json_and_files(tmp_path, capsys):
     rc, out, err = run_cli(["simulate", str(cfg), "--out", str(tmp_path / "o"), "--json"], capsys)
     assert rc == 0, err
     s = json.loads(out)
-    assert s["status"]["max_steps"] == 6 and s["batch"] == 6
+    assert s["outcomes"]["not_converged"] == 6 and s["batch"] == 6
     z = np.load(tmp_path / "o" / "trajectories.npz")
     assert z["final"].shape == (6, 5, 3) and z["trajectory"].shape == (5, 6, 5, 3)
     np.testing.assert_array_equal(z["ts"], [0, 10, 20, 30, 40])

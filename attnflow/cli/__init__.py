@@ -1,6 +1,11 @@
 """The ``attnflow`` command line. Thin: parse, call the public API, print/write.
 
-Each subcommand is a module ``attnflow.cli.<name>`` with ``add_parser(subparsers)`` and ``run(args)``.
+Each subcommand is a module ``attnflow.cli.<name>`` with ``add_parser(subparsers)`` and ``run(args)``. A command runs
+under :func:`attnflow.cli._interrupt.call`: SIGINT (Ctrl-C) and SIGTERM stop it at any moment, the first compile
+included, with one line on stderr and exit status 130 or 143.
+
+Importing this package imports the standard library only (``attnflow`` imports :mod:`._interrupt` first thing in the
+command's own process, before JAX).
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ import argparse
 import importlib
 import sys
 
-from ._common import UsageError
+from . import _interrupt
 
 COMMANDS = ("simulate", "demo", "stability", "basins", "energy", "transformer", "bench")
 
@@ -49,9 +54,15 @@ def main(argv=None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    return _interrupt.call(lambda: _dispatch(args), command=args.command, out=getattr(args, "out", None))
+
+
+def _dispatch(args) -> int:
+    """Run the parsed command; bad input becomes one line on stderr and exit status 2, anything else is raised."""
     from ..io.config import ConfigError
     from ..io.results import RunDirError
     from ..io.weights import WeightsError
+    from ._common import UsageError
 
     try:
         return int(args._run(args) or 0)
@@ -66,8 +77,8 @@ def main(argv=None) -> int:
         if "RESOURCE_EXHAUSTED" in str(e):  # an allocation the memory estimate did not foresee
             return _fail(args.command, "out of device memory; use a smaller batch, --chunk-size / chunk_size, or tokens")
         raise
-    except KeyboardInterrupt:
-        print(f"attnflow {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # only when called from a thread other than the main one (no handlers there)
+        print(f"attnflow {args.command}: interrupted (SIGINT)", file=sys.stderr)
         return 130
 
 

@@ -2,44 +2,37 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
-
-import numpy as np
 
 
 class UsageError(ValueError):
     """Bad command-line input: printed as one line on stderr, exit status 2."""
 
 
-def _default(o):
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (np.floating, np.integer, np.bool_)):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "__array__"):
-        return np.asarray(o).tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+def to_json(obj, *, indent: int | None = None) -> str:
+    """Strict JSON text of a command's result: the one writer :func:`attnflow._json.dumps` (NumPy values as plain
+    ones, every non-finite number as ``null``, never ``NaN`` or ``Infinity``)."""
+    from .._json import dumps
 
-
-def to_json(obj) -> str:
-    return json.dumps(obj, default=_default)
+    return dumps(obj, indent=indent)
 
 
 def emit_json(obj) -> None:
-    """Print one JSON document on stdout."""
+    """Print one strict JSON document on stdout (:func:`to_json`)."""
     sys.stdout.write(to_json(obj) + "\n")
     sys.stdout.flush()
 
 
-def out_dir(path) -> Path | None:
-    """Create the output directory and check that it is writable, before any work (None when no --out)."""
+def out_dir(path, command: str | None = None) -> Path | None:
+    """Create the output directory and check that it is writable, before any work (None when no --out). With
+    `command` (the subcommand's name), also claim it for that command: a directory holding another command's
+    output is refused in one line, and the marker ``DIR/.attnflow`` is written (:func:`attnflow.io.results.claim_dir`)."""
     if path is None:
         return None
+    if str(path) == "":  # Path("") is the current directory: never write there by accident
+        raise UsageError("--out needs a directory name, got an empty string")
     import os
     import uuid
 
@@ -53,6 +46,15 @@ def out_dir(path) -> Path | None:
         probe.unlink()
     except OSError as e:
         raise UsageError(f"--out {str(p)!r} is not writable ({e.strerror or type(e).__name__}); choose another directory") from None
+    if command is not None:
+        from ..io.results import RunDirError, claim_dir
+
+        try:
+            claim_dir(p, command)
+        except RunDirError as e:
+            raise UsageError(str(e)) from None
+        except OSError as e:
+            raise UsageError(f"--out {str(p)!r} is not writable ({e.strerror or type(e).__name__}); choose another directory") from None
     return p
 
 
@@ -99,7 +101,7 @@ def available_memory() -> tuple[int, int]:
         try:
             st = d.memory_stats() or {}
             dev = int(st.get("bytes_limit", 0)) - int(st.get("bytes_in_use", 0)) or host
-        except Exception:  # noqa: BLE001 - a backend without memory statistics: use the host's
+        except (RuntimeError, NotImplementedError, AttributeError, TypeError, ValueError):  # no memory statistics: the host's
             dev = host
     return dev, host
 

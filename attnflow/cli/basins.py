@@ -31,6 +31,9 @@ def add_parser(sub):
     g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator service")
     g.add_argument("--num-processes", type=int, metavar="P")
     g.add_argument("--process-id", type=int, metavar="I")
+    g.add_argument("--coordinator-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="how long to wait for the coordinator and the other processes (default 60): a process > 0 "
+                   "retries connecting to --coordinator until then, and refuses in one line if nothing answers")
     return p
 
 
@@ -53,12 +56,16 @@ def run(args) -> int:
 
 
 def run_identity(cfg) -> dict:
-    """Manifest entries that identify a run beyond its config: input files by SHA-256 (their paths are recorded
-    but are not identity: hosts may mount them differently), dtype, computing path (backend, platform)."""
+    """Manifest entries that identify a run, by value (:meth:`attnflow.io.config.RunConfig.identity`): the config
+    as parsed and typed (``beta = 1`` and ``beta = 1.0`` are the same run; defaults filled in), input files by
+    SHA-256 (their paths are recorded but are not identity: hosts may mount them differently), dtype, computing
+    path (backend, platform). The file as written is recorded for humans under ``config_toml``, not identity."""
     import jax
 
-    return {"inputs": {k: v["sha256"] for k, v in cfg.inputs.items()}, "input_paths": {k: v["path"] for k, v in cfg.inputs.items()},
-            "dtype": cfg.dtype, "backend": cfg.backend, "platform": jax.default_backend()}
+    ident = cfg.identity()
+    return {"config": ident["config"], "config_toml": cfg.raw, "inputs": ident["inputs"],
+            "input_paths": {k: v["path"] for k, v in cfg.inputs.items()}, "dtype": ident["dtype"],
+            "backend": ident["backend"], "platform": jax.default_backend()}
 
 
 def _peek_config(path) -> dict:
@@ -68,8 +75,10 @@ def _peek_config(path) -> dict:
     return read_toml(path)
 
 
-def _equilibrium(cfg, eq, dyn, k: int, m: int, where: str):
+def _equilibrium(cfg, dyn, k: int, m: int, where: str):
     """The consensus (m = 0) or bipartite (m > 0) state on real eigenvector k; one-line error otherwise."""
+    from attnflow.analysis import equilibria as eq
+
     try:
         return eq.consensus(dyn, k, cfg.tokens) if m == 0 else eq.bipartite(dyn, k, m, cfg.tokens)
     except ValueError as e:
@@ -79,69 +88,100 @@ def _equilibrium(cfg, eq, dyn, k: int, m: int, where: str):
 def _run(args):
     import jax
 
-    from attnflow.analysis import basins as bs, equilibria as eq
-    from attnflow.io.results import RunDirError, RunDirWriter, hold_lock
+    from attnflow.io.results import RunDirError, RunDirWriter
 
     dist = _check_args(args)
-    out = out_dir(args.out)  # before any work: an unwritable --out is refused now
+    out = out_dir(args.out, "basins")  # before any work: an unwritable --out is refused now
     _peek_config(args.config)  # a missing or malformed file is refused before joining a distributed job
     if any(v is not None for v in dist):  # before anything initialises JAX's backend (the config's model does)
-        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id)
+        _join(jax, args)
     cfg = load_run_config(args.config)
-    b = cfg.basins
     lead = jax.process_index() == 0
-    samples = b.samples
-    chunk = min(samples, 10_000) if b.chunk_size is None else b.chunk_size  # part of the run's identity: never chosen from free memory
-    pool_size = _pool_size(cfg, b, samples, chunk)
-    lock = hold_lock(out) if out is not None and lead else None  # noqa: F841 - one writer per run directory, held until return
+    pool = _pool_size(cfg, cfg.basins, cfg.basins.samples, cfg.basins_chunk_size)
+    try:  # the run directory's one lock is taken now, before any compile, and released on return
+        writer = None if out is None else RunDirWriter(out, resume=args.resume, initial=cfg.basins.initial, manifest={
+            "config_path": str(cfg.path), **run_identity(cfg)})
+    except RunDirError as e:
+        raise UsageError(str(e)) from None
+    with writer if writer is not None else contextlib.nullcontext():
+        return _study(args, cfg, pool, writer, out, lead)
+
+
+def _study(args, cfg, pool, writer, out, lead):
+    """The study, the optional local radius and continuation, and the outputs (lines, or the JSON document)."""
+    import jax
+
+    from attnflow.analysis import basins as bs
+    from attnflow.io.results import RunDirError
+
+    b = cfg.basins
     dyn = cfg.build()
-    key = jax.random.PRNGKey(cfg.seed if b.seed is None else b.seed)
+    key = jax.random.PRNGKey(cfg.basins_seed)
     sampler = None
     if not isinstance(b.sampler, str):
         sp = b.sampler
-        X = _equilibrium(cfg, eq, dyn, sp.eigenvector, sp.split, "sampler")
-        sampler = bs.around_sampler(X.astype(cfg.dtype), sp.radius)
-    sim = cfg.simulate_kwargs()
-    sim.pop("saves", None)
-    sim.pop("tol", None)
-    kw = dict(tokens=cfg.tokens, sampler=sampler, chunk_size=chunk, tol=b.tol if b.tol is not None else (cfg.tol or 1e-7),
-              cluster_tol=b.cluster_tol, dtype=cfg.dtype, max_steps=b.max_steps, round_steps=b.round_steps,
-              pool_size=pool_size, **sim)
+        sampler = bs.Around(_equilibrium(cfg, dyn, sp.eigenvector, sp.split, "sampler").astype(cfg.dtype), sp.radius)
+    kw = dict(tokens=None if sampler is not None else cfg.tokens, sampler=sampler, solver=cfg.solver_object(),
+              budget=cfg.budget, stop=cfg.basins_stop, execution=cfg.basins_execution(pool=pool), cluster_tol=b.cluster_tol)
     progress = (not args.no_progress) and sys.stderr.isatty() and not args.json and lead
     try:
-        writer = None if out is None else RunDirWriter(out, resume=args.resume, manifest={
-            "config": cfg.raw, "config_path": str(cfg.path), **run_identity(cfg)})
-        res = bs.basin_fractions(dyn, key, samples, writer=writer, progress=progress,
-                                 ci_width=b.ci_width, keep_finals=out is not None and cfg.d == 3, **kw)
+        res = bs.basin_fractions(dyn, key, b.samples, ci_width=b.ci_width, run_dir=writer,
+                                 progress=True if progress else (_estimate() if lead else False), **kw)
     except RunDirError as e:
         raise UsageError(str(e)) from None
     result = res.to_json()
+    local = None
     if b.local is not None:
         loc = b.local
-        k, m = loc.eigenvector, loc.split
-        X = _equilibrium(cfg, eq, dyn, k, m, "local")
-        lb = bs.local_basin_radius(dyn, X, jax.random.fold_in(key, 10**6), q=loc.q, samples=loc.samples, **sim)
-        result["local"] = {k_: lb[k_] for k_ in ("equilibrium", "distance", "q", "radius", "lower_bound", "at_least", "bracket")}
+        X = _equilibrium(cfg, dyn, loc.eigenvector, loc.split, "local")
+        local = bs.local_basin_radius(dyn, X, jax.random.fold_in(key, 10**6), q=loc.q, samples=loc.samples,
+                                      budget=cfg.budget, solver=cfg.solver_object(), stop=cfg.basins_stop)
+        result["local"] = local.to_json()
     cont = None
     if b.continuation is not None:
         c = b.continuation
-        cont = bs.continuation(dyn, key, samples, param=c.param, values=list(c.values), **kw)
-        result["continuation"] = {"param": cont["param"], "values": cont["values"], "fractions": cont["fractions"]}
+        cont = bs.continuation(dyn, key, b.samples, param=c.param, values=list(c.values), **kw)
+        result["continuation"] = {k: v for k, v in cont.to_json().items() if k != "results"}
     if not lead:
         return None  # every process holds the global result; process 0 reports it
     if out is not None:
         _write_outputs(out, cfg, res, cont, result, writer)
     if args.json:
         return result
-    lines = res.lines()
-    if "local" in result:
-        lines.append(bs.radius_line("local basin radius", result["local"]))
-    return lines
+    return res.lines() + ([local.line()] if local is not None else [])
+
+
+def _estimate():
+    """``progress(done, total)`` for a run without a progress bar: one line on stderr with the rate and the time
+    left, once, after 10 s, when the study will take more than a minute more."""
+    import time
+
+    t0, said = time.monotonic(), [False]
+
+    def report(done: int, total: int) -> None:
+        dt = time.monotonic() - t0
+        if said[0] or dt < 10 or done <= 0:
+            return
+        left = (total - done) * dt / done
+        if left > 60:
+            said[0] = True
+            info(f"attnflow basins: {done} of {total} samples in {dt:.0f} s ({done / dt:.3g} samples/s); about "
+                 f"{_duration(left)} to go")
+
+    return report
+
+
+def _duration(s: float) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if s >= 2 * size:
+            return f"{s / size:.3g} {unit}"
+    return f"{s:.0f} s"
 
 
 def _check_args(args):
     """Refuse inconsistent flags in one line; returns (coordinator, num_processes, process_id)."""
+    import math
+
     if args.resume and not args.out:
         raise UsageError("--resume needs --out DIR (the run directory to continue)")
     dist = (args.coordinator, args.num_processes, args.process_id)
@@ -150,7 +190,53 @@ def _check_args(args):
             raise UsageError("--coordinator, --num-processes and --process-id go together")
         if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
             raise UsageError(f"--process-id must be in [0, --num-processes), got {args.process_id} of {args.num_processes}")
+        _address(args.coordinator)
+    t = args.coordinator_timeout
+    if not (math.isfinite(t) and 0 < t <= 86400):
+        raise UsageError(f"--coordinator-timeout must be a number of seconds in (0, 86400], got {t}")
     return dist
+
+
+def _address(spec: str) -> tuple[str, int]:
+    """(host, port) of ``HOST:PORT`` (``[v6]:PORT`` for an IPv6 address); one line otherwise."""
+    host, sep, port = str(spec).rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UsageError(f"--coordinator must be HOST:PORT with a port in [1, 65535], got {spec!r}")
+    return host, int(port)
+
+
+def _join(jax, args) -> None:
+    """Join the ``jax.distributed`` job within ``--coordinator-timeout`` seconds.
+
+    JAX aborts the whole process (a C++ check failure, exit -6, after its own timeout) when it cannot reach the
+    coordinator, which no Python code can catch. So a process > 0 first probes the coordinator's port with plain
+    TCP connections, retried until the timeout, and refuses in one line when nothing answers; then JAX gets the
+    time left as its ``initialization_timeout``. Process 0 runs the coordinator service itself: it waits up to the
+    timeout for the other processes (past it, JAX's own abort ends the process: it cannot be turned into one line)."""
+    import math
+    import socket
+    import time
+
+    timeout = args.coordinator_timeout
+    deadline = time.monotonic() + timeout
+    if args.process_id != 0:
+        host, port = _address(args.coordinator)
+        last = "no answer"
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise UsageError(f"--coordinator {args.coordinator}: no coordinator answered within {timeout:g} s ({last}); "
+                                 "start process 0 first, check HOST:PORT, or raise --coordinator-timeout")
+            try:
+                with socket.create_connection((host, port), timeout=min(left, 2.0)):
+                    break
+            except OSError as e:  # refused, unreachable, unknown host, timed out: retry until the deadline
+                last = e.strerror or str(e) or type(e).__name__
+                time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+    left = max(1, math.ceil(deadline - time.monotonic()))
+    jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                               process_id=args.process_id, initialization_timeout=left)
 
 
 def _pool_size(cfg, b, samples, chunk):
@@ -173,6 +259,8 @@ def _write_outputs(out, cfg, res, cont, result, writer) -> None:
     pb.fractions(res.attractors, out / "fractions.png", title=f"{cfg.path.name}: {res.samples} samples")
     if cont is not None:
         pb.continuation(cont, out / "continuation.png")
-    if res.finals is not None:
-        pb.sphere_by_label(res.finals, res.names, out / "sphere.png")
-    writer.write_json("result.json", result)  # the one result file of the run (strict JSON, atomic)
+    if res.members is not None and cfg.d == 3:
+        pb.sphere_by_label(res.members.finals, list(res.members.names), out / "sphere.png")
+    from attnflow._json import plain
+
+    writer.write_json("result.json", plain(result))  # the one result file of the run (strict JSON: no NaN, atomic)

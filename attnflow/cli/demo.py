@@ -33,8 +33,8 @@ def add_parser(sub):
 
 
 def models(seed: int = 0):
-    """One head (Q = I, K = V: score matrix M = Q^T K = V) and five random heads whose layer matrix
-    sum_h O_h V_h is the same V = diag(1, 0.4, -0.3).
+    """One head (Q = I, K = V: score matrix M = Q^T K = V; the model the README's "Ten lines" build) and five
+    random heads whose layer matrix sum_h O_h V_h is the same V = diag(1, 0.4, -0.3), each head's W_h = V / 5.
 
     **Returns:** ``({"single head": model, "five heads": model}, V)``.
     """
@@ -91,13 +91,10 @@ def model_lines(mods, n: int, seed: int = 0) -> list[str]:
     return out
 
 
-def _names(dyn, final, status, n: int) -> list[str]:
-    from attnflow.analysis.classify import classify, describe, label_rows
+def _names(dyn, final, outcome) -> list[str]:
+    from attnflow.analysis.classify import classify
 
-    lab = classify(dyn, final, status)
-    if hasattr(lab, "names") and getattr(lab, "tokens", n):
-        return list(lab.names())
-    return [describe(r, n)["label"] for r in label_rows(lab)]
+    return list(classify(dyn, final, outcome).names())
 
 
 def _pick_members(names: list[str], k: int = 4) -> list[int]:
@@ -123,7 +120,7 @@ def run(args) -> int:
         from ._common import UsageError
 
         raise UsageError(f"--samples must be a positive integer, got {args.samples}")
-    out = out_dir(args.out)
+    out = out_dir(args.out, "demo")
     mods, _ = models(args.seed)
     n, steps = TOKENS, STEPS
     key = jax.random.PRNGKey(args.seed)
@@ -147,9 +144,10 @@ def run(args) -> int:
     return 0
 
 
-def _radius_of(r: dict) -> float:
-    """The measured radius, or r_max (reported as a lower bound) when samples still recover at the largest radius."""
-    return float(r["at_least"]) if r.get("radius") is None else float(r["radius"])
+def _radius_of(r) -> float:
+    """The measured radius of a :class:`~attnflow.LocalRadius`, or r_max (reported as a lower bound) when samples
+    still recover at the largest radius."""
+    return float(r.at_least) if r.radius is None else float(r.radius)
 
 
 def _radius(r: float) -> str:
@@ -160,11 +158,11 @@ def report_lines(summary: dict) -> list[str]:
     """The printed report of a demo summary: one block per model, each table with its header."""
     out = []
     for name, e in summary["models"].items():
-        out += ["", f"{name}: basins of attraction ({summary['samples']} samples, {e['unconverged']} not converged "
-                f"within {summary['steps']} steps)",
+        out += ["", f"{name}: basins of attraction ({summary['samples']} samples, {e['not_converged']} not converged "
+                f"at the cap of {e['max_steps']} steps)",
                 f"  {'attractor':24s} {'fraction':>8s}  {'95% Wilson interval':>20s}  {'count':>6s}"]
         for a in e["attractors"]:
-            lo, hi = a["ci95"]
+            lo, hi = a["interval"]
             ci = f"[{lo:.3f}, {hi:.3f}]"
             out.append(f"  {a['name']:24s} {a['fraction']:8.3f}  {ci:>20s}  {a['count']:6d}")
         out += [f"  {'equilibrium on v1':24s} {'verdict':>8s}  {'spectral radius':>20s}"]
@@ -198,12 +196,13 @@ def _study(name, dyn, args, key, out, cons) -> dict:
     n, steps = TOKENS, STEPS
     tag = name.replace(" ", "_")
     info(f"[demo] {name}: {args.samples} samples, n={n}, d=3, up to {steps} steps", quiet=args.json)
-    res = bs.basin_fractions(dyn, key, args.samples, tokens=n, chunk_size=min(args.samples, 1000), steps=steps)
+    res = bs.basin_fractions(dyn, key, args.samples, tokens=n, budget=af.Budget(steps=steps),
+                             execution=af.Execution(chunk=min(args.samples, 1000)))
     pb.fractions(res.attractors, out / f"{tag}_fractions.png", title=f"{name}: basin fractions ({res.samples} samples)")
     # token paths of members with distinct outcomes (the rarest first, so a non-consensus outcome shows)
     x0 = af.sample.sphere(jax.random.fold_in(key, 1), (64, n, 3))
     sol = af.simulate(dyn, x0, steps=steps, saves=150, tol=1e-7)
-    names = _names(dyn, sol.final, sol.status, n)
+    names = _names(dyn, sol.final, sol.outcome)
     pick = _pick_members(names)
     sphere_trajectories(sol.trajectory, out / f"{tag}_paths.png", select=pick, titles=[names[i] for i in pick],
                         title=f"{name}: token paths on the sphere, members with different outcomes")
@@ -211,16 +210,15 @@ def _study(name, dyn, args, key, out, cons) -> dict:
         (equilibrium_name("bipartite", 0, split=m, tokens=n), eq.bipartite(dyn, 0, m, n)) for m in range(1, n)]
     stab = st.analyse(dyn, jnp.stack([X for _, X in states]))
     verdicts = [st.verdict_name(int(v)) for v in np.asarray(stab.verdict)]
-    entry = {"attractors": [{"name": a["label"], "fraction": float(a["fraction"]), "ci95": [float(c) for c in a["ci95"]],
-                             "count": int(a["count"])} for a in res.attractors],
-             "unconverged": int(res.unconverged),
+    entry = {"attractors": [a.to_json() for a in res.attractors], "categories": [c.to_json() for c in res.categories],
+             "not_converged": int(res.not_converged), "max_steps": int(res.max_steps),
              "equilibria": [{"name": lab, "verdict": v, "spectral_radius": float(r)}
                             for (lab, _), v, r in zip(states, verdicts, np.asarray(stab.measure))],
              "paths": [names[i] for i in pick]}
     stable_bip = [(lab, X) for (lab, X), v in zip(states[1:], verdicts[1:]) if v == "stable"]
     if stable_bip:
         lab, Xb = stable_bip[len(stable_bip) // 2]
-        kw = dict(q=0.9, samples=64, iters=6, steps=steps, r_max=2.0)
+        kw = dict(q=0.9, samples=64, iters=6, budget=af.Budget(steps=steps), r_max=2.0)
         entry["local_radius"] = {lab: _radius_of(bs.local_basin_radius(dyn, Xb, key, **kw)),
                                  cons: _radius_of(bs.local_basin_radius(dyn, states[0][1], key, **kw))}
     return entry
@@ -230,6 +228,7 @@ def _near_threshold(single, key) -> dict | None:
     """[PM Fig. 13b]: just above the beta where the bipartite point becomes stable, its basin is tiny."""
     from attnflow.analysis import basins as bs, continuation as co, equilibria as eq
     from attnflow.analysis.classify import equilibrium_name
+    from attnflow.evolve.options import Budget
 
     n = TOKENS
     Xb = eq.bipartite(single, 0, n // 2, n)
@@ -237,10 +236,10 @@ def _near_threshold(single, key) -> dict | None:
     if len(branch.changes):
         bc = float(branch.changes[0])
         near = single.with_params(beta=1.01 * bc)
-        kw = dict(q=0.9, samples=64, iters=6, steps=20000, r_max=2.0)
+        kw = dict(q=0.9, samples=64, iters=6, budget=Budget(steps=20000), r_max=2.0)
         rb = bs.local_basin_radius(near, Xb, key, **kw)
         rc = bs.local_basin_radius(near, eq.consensus(near, 0, n), key, **kw)
         return {"equilibrium": equilibrium_name("bipartite", 0, split=n // 2, tokens=n),
                 "beta_threshold": bc, "beta": 1.01 * bc, "bipartite_radius": _radius_of(rb),
-                "bipartite_bracket": rb["bracket"], "consensus_radius": _radius_of(rc)}
+                "bipartite_bracket": list(rb.bracket), "consensus_radius": _radius_of(rc)}
     return None

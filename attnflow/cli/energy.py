@@ -110,7 +110,7 @@ def run(args) -> int:
     import attnflow as af
     from attnflow.analysis import energy as en
 
-    out = out_dir(args.out)  # before any work
+    out = out_dir(args.out, "energy")  # before any work
     cfg = load_run_config(args.config)
     st = _settings(cfg)
     item = 4 if cfg.dtype == "float32" else 8
@@ -120,11 +120,9 @@ def run(args) -> int:
                          "whole trajectory); reduce batch")
     dyn = cfg.build()
     x0 = cfg.initial()
-    kw = cfg.simulate_kwargs()
-    kw["saves"] = _saves(cfg)
-    kw["tol"] = None  # keep every saved state: the trace needs the whole trajectory
     info(f"energy: simulating {cfg.batch} x {cfg.tokens} tokens ({cfg.time}, {cfg.attention}, {cfg.num_heads} head(s))", quiet=args.json)
-    sol = af.simulate(dyn, x0, **kw)
+    # no stop: the trace needs every saved state of the whole trajectory
+    sol = af.simulate(dyn, x0, cfg.budget, solver=cfg.solver_object(), saves=_saves(cfg), execution=cfg.execution())
     traj = np.asarray(sol.trajectory)[:, : st["members"]]
     trace = en.energy_trace(dyn, traj, sol.ts, tol=st["tol"])
     cond = en.monotonicity_condition(dyn) if cfg.mask == "full" else None
@@ -203,13 +201,15 @@ def _write_files(out, cfg, trace, c) -> list[str]:
         out / "energy.npz", ts=trace.ts, energy=trace.energy, head_energy=trace.head_energy, entropy=trace.entropy,
         rate=trace.rate, head_rate=trace.head_rate, monotone=trace.monotone,
     )
-    files = [out / "energy.npz", pl.energy_entropy(trace, out / "energy_entropy.png", title=cfg.path.name),
-             pl.head_contributions(trace, out / "head_contributions.png", title=cfg.path.name)]
+    pl.energy_entropy(trace, out / "energy_entropy.png", title=cfg.path.name)  # figures return the Figure drawn
+    pl.head_contributions(trace, out / "head_contributions.png", title=cfg.path.name)
+    files = [out / "energy.npz", out / "energy_entropy.png", out / "head_contributions.png"]
     if c is not None:
         label = "" if c["exact_scalar_heads"] else " (isotropic part tr/d of the configured heads)"
         title = f"T_eps(beta), w = {np.round(c['w'], 3).tolist()}, m = {np.round(c['m'], 3).tolist()}{label}"
-        files.append(pl.clustering_time(c["betas"], c["T_eps"], c["beta_c"], out / "clustering_time.png", eps=c["eps"],
-                                        rho0=c["rho0"], n=c["n"], speed_ratio=c["speed_ratio"], title=title))
+        pl.clustering_time(c["betas"], c["T_eps"], c["beta_c"], out / "clustering_time.png", eps=c["eps"],
+                           rho0=c["rho0"], n=c["n"], speed_ratio=c["speed_ratio"], title=title)
+        files.append(out / "clustering_time.png")
     return [str(f) for f in files]
 
 

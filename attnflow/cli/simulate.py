@@ -17,7 +17,7 @@ def add_parser(sub):
         "simulate",
         help="simulate an ensemble from a TOML config",
         description="Simulate the ensemble described by CONFIG.toml. Writes DIR/trajectories.npz (final; trajectory "
-        "and ts when [dynamics] saves is set; status; steps) and a figure. The memory of the call is estimated "
+        "and ts when [dynamics] saves is set; outcome; steps) and a figure. The memory of the call is estimated "
         "first: a batch that does not fit is run in chunks (or refused with a suggested --chunk-size). "
         + _schema_help(),
     )
@@ -36,17 +36,23 @@ def _schema_help() -> str:
 
 
 def summarize(final) -> dict:
-    """Per-member cosine statistics of the final states."""
+    """Per-member cosine statistics of the final states. A member whose final state is not finite, or has a token
+    of zero norm (an overflowed or degenerate run), has no cosines: it counts as neither consensus nor aligned, and
+    ``mean_min_cos`` is the mean over the other members (None when there is none)."""
     X = np.asarray(final, dtype=float)
-    X = X / np.linalg.norm(X, axis=-1, keepdims=True)
-    G = np.einsum("bid,bjd->bij", X, X)
+    with np.errstate(all="ignore"):
+        norms = np.linalg.norm(X, axis=-1, keepdims=True)
+        ok = np.all(np.isfinite(X), axis=(1, 2)) & np.all((norms > 0) & np.isfinite(norms), axis=(1, 2))
+        X = np.where(ok[:, None, None], X / np.where(norms > 0, norms, 1.0), 0.0)
+        G = np.einsum("bid,bjd->bij", X, X)
     n = X.shape[1]
     iu = np.triu_indices(n, 1)
     off = G[:, iu[0], iu[1]] if n > 1 else np.ones((X.shape[0], 1))
     return {
-        "consensus_fraction": float(np.mean(np.all(off > 1 - 1e-4, axis=1))),
-        "antipodal_or_aligned_fraction": float(np.mean(np.all(np.abs(off) > 1 - 1e-4, axis=1))),
-        "mean_min_cos": float(np.mean(off.min(axis=1))),
+        "consensus_fraction": float(np.mean(ok & np.all(off > 1 - 1e-4, axis=1))),
+        "antipodal_or_aligned_fraction": float(np.mean(ok & np.all(np.abs(off) > 1 - 1e-4, axis=1))),
+        "mean_min_cos": float(np.mean(off.min(axis=1)[ok])) if ok.any() else None,
+        "members_with_cosines": int(np.sum(ok)),
     }
 
 
@@ -56,7 +62,7 @@ def run(args) -> int:
 
     if args.chunk_size is not None and args.chunk_size < 1:
         raise UsageError(f"--chunk-size must be >= 1, got {args.chunk_size}")
-    out = out_dir(args.out)  # before any work: an unwritable --out is refused now, not after the run
+    out = out_dir(args.out, "simulate")  # before any work: an unwritable --out is refused now, not after the run
     cfg = load_run_config(args.config)
     quiet = args.json
     item = 4 if cfg.dtype == "float32" else 8
@@ -69,9 +75,8 @@ def run(args) -> int:
     x0 = cfg.initial()
     info(f"simulating {cfg.batch} x {cfg.tokens} tokens in d={cfg.d} ({cfg.time}, {cfg.attention}, {cfg.num_heads} head(s))", quiet=quiet)
     t0 = time.perf_counter()
-    sol = af.simulate(
-        dyn, x0, chunk_size=chunk, progress=(not args.no_progress) and sys.stderr.isatty(), **cfg.simulate_kwargs()
-    )
+    sol = af.simulate(dyn, x0, cfg.budget, solver=cfg.solver_object(), saves=cfg.saves, stop=cfg.stop,
+                      execution=cfg.execution(chunk=chunk), progress=(not args.no_progress) and sys.stderr.isatty())
     np.asarray(sol.final)
     wall = time.perf_counter() - t0
     summary = {
@@ -83,7 +88,7 @@ def run(args) -> int:
         "heads": cfg.num_heads,
         "dtype": cfg.dtype,
         "backend": sol.backend,
-        "status": sol.status_counts(),
+        "outcomes": sol.outcome_counts(),
         "steps_mean": float(np.mean(np.asarray(sol.steps))),
         "steps_max": int(np.max(np.asarray(sol.steps))),
         "seconds": wall,
@@ -95,7 +100,7 @@ def run(args) -> int:
     if args.json:
         emit_json(summary)
     else:
-        st = ", ".join(f"{k} {v}" for k, v in summary["status"].items() if v)
+        st = ", ".join(f"{k} {v}" for k, v in summary["outcomes"].items() if v)
         print(f"{cfg.batch} members in {wall:.2f} s: {st}; mean steps {summary['steps_mean']:.1f}")
         print(f"consensus {summary['consensus_fraction']:.3f}, all tokens on one axis {summary['antipodal_or_aligned_fraction']:.3f}")
         for f in summary["files"]:
@@ -106,7 +111,7 @@ def run(args) -> int:
 def _write_outputs(out, sol, x0, cfg) -> list[str]:
     """trajectories.npz (written atomically) and the figures; returns the paths written."""
     files: list[str] = []
-    arrays = {"final": np.asarray(sol.final), "status": np.asarray(sol.status), "steps": np.asarray(sol.steps)}
+    arrays = {"final": np.asarray(sol.final), "outcome": np.asarray(sol.outcome), "steps": np.asarray(sol.steps)}
     if sol.trajectory is not None:
         arrays["trajectory"] = np.asarray(sol.trajectory)
         arrays["ts"] = np.asarray(sol.ts)
@@ -124,6 +129,8 @@ def _write_outputs(out, sol, x0, cfg) -> list[str]:
         traj = np.stack([np.asarray(x0), arrays["final"]])
         ts = np.array([0.0, float(cfg.steps if cfg.time == "discrete" else cfg.t1)])
     if cfg.d == 3:
-        files.append(str(sphere_trajectories(traj, out / "sphere.png", title=f"{cfg.path.name}")))
-    files.append(str(pairwise_cosines(traj, ts, out / "cosines.png")))
+        sphere_trajectories(traj, out / "sphere.png", title=f"{cfg.path.name}")  # returns the Figure drawn
+        files.append(str(out / "sphere.png"))
+    pairwise_cosines(traj, ts, out / "cosines.png")
+    files.append(str(out / "cosines.png"))
     return files

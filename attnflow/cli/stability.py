@@ -55,14 +55,43 @@ def _name(kind, k, sign, split, n, sizes=None):
     return equilibrium_name(kind, k, sign=sign, split=split if kind == "bipartite" else None, tokens=n)
 
 
-def _entry(label, stab, i):
-    """One equilibrium's JSON record: its name and fields, then :meth:`Stability.to_json` (verdict by name,
-    rho or max Re, neutral and unstable direction counts, residual, eigenvalues)."""
+def _entry(label, record):
+    """One equilibrium's JSON record: its name and fields, then its :meth:`Stability.to_json` record (verdict by
+    name, rho or max Re, neutral and unstable direction counts, residual, eigenvalues)."""
     name, kind, k, sign, split = label
     e = {"name": name, "kind": kind, "eigenvector": None if k < 0 else f"v{k + 1}",
          "sign": sign if kind == "consensus" else None, "split": split if kind == "bipartite" else None}
-    e.update(stab.to_json(i))
+    e.update(record)
     return e
+
+
+def _analyse(st, dyn, states, tol, discrete: bool):
+    """(a :class:`Stability` of the states whose spectrum could be computed, one JSON record per state). A state
+    whose intrinsic Jacobian is not finite (the model overflows the dtype there) is reported with verdict
+    ``unknown`` and no spectrum, never an exception."""
+    try:
+        stab = st.analyse(dyn, states, tol=tol)
+        return stab, [stab.to_json(i) for i in range(len(states))]
+    except np.linalg.LinAlgError:  # a non-finite Jacobian among the states: analyse the others
+        pass
+    records = [_unknown(discrete) for _ in range(len(states))]
+    finite = np.flatnonzero(np.all(np.isfinite(np.asarray(st.jacobians(dyn, states)[0])), axis=(-2, -1)))
+    if len(finite):
+        try:
+            stab = st.analyse(dyn, states[finite], tol=tol)
+            for j, i in enumerate(finite):
+                records[i] = stab.to_json(j)
+            return stab, records
+        except np.linalg.LinAlgError:
+            pass
+    return st.Stability(*(np.zeros((0,)) for _ in range(6)), discrete=discrete, tol=float(tol)), records
+
+
+def _unknown(discrete: bool) -> dict:
+    """The record of a state whose spectrum could not be computed (a non-finite Jacobian)."""
+    return {"verdict": "unknown", "stable": False, ("spectral_radius" if discrete else "max_real"): None, "neutral": None,
+            "unstable_directions": None, "residual": None, "eigenvalues": [],
+            "reason": "the intrinsic Jacobian is not finite (the model overflows its dtype at this state)"}
 
 
 def _meaning(discrete: bool, tol: float) -> str:
@@ -85,11 +114,22 @@ def _print_text(cfg, entries, branch_lines, discrete, tol):
     print(f"{'equilibrium':{width}s}  {'verdict':9s}  {mname:>12s}  {'neutral':>7s}  {'residual':>8s}")
     for e in entries:
         meas = e.get("spectral_radius", e.get("max_real"))
-        print(f"{e['name']:{width}s}  {e['verdict']:9s}  {meas:12.6g}  {e['neutral']:7d}  {e['residual']:8.1e}")
-    counts = {v: sum(e["verdict"] == v for e in entries) for v in ("stable", "neutral", "unstable")}
-    print(f"{counts['stable']} of {len(entries)} equilibria stable ({counts['neutral']} neutral, {counts['unstable']} unstable)")
+        print(f"{e['name']:{width}s}  {e['verdict']:9s}  {_num(meas, '12.6g')}  {_num(e['neutral'], '7d')}  "
+              f"{_num(e['residual'], '8.1e')}")
+    counts = {v: sum(e["verdict"] == v for e in entries) for v in ("stable", "neutral", "unstable", "unknown")}
+    unknown = f", {counts['unknown']} unknown: non-finite Jacobian, the model overflows its dtype" if counts["unknown"] else ""
+    print(f"{counts['stable']} of {len(entries)} equilibria stable ({counts['neutral']} neutral, {counts['unstable']} unstable"
+          f"{unknown})")
     for line in branch_lines:
         print(f"continuation: {line}")
+
+
+def _num(v, spec: str) -> str:
+    """A number formatted with `spec`, or '-' right-aligned in its width when it is unknown (None or not finite)."""
+    width = int("".join(c for c in spec.split(".")[0] if c.isdigit()) or 0)
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return f"{'-':>{width}s}"
+    return format(v, spec)
 
 
 def _candidates(cfg, dyn, *, quiet):
@@ -149,7 +189,7 @@ def run(args) -> int:
     from attnflow.analysis import continuation as co, equilibria as eq, stability as st
     from attnflow.model.dynamics import AbstractMap
 
-    out = out_dir(args.out)  # before any work
+    out = out_dir(args.out, "stability")  # before any work
     cfg = load_run_config(args.config)
     S = cfg.stability  # validated [stability] table
     _check_memory(cfg)
@@ -159,10 +199,11 @@ def run(args) -> int:
     labels, states = _candidates(cfg, dyn, quiet=args.json)
     if not states:
         raise UsageError(f"{cfg.path}: W has no real eigenvector and no states were given")
-    stab = st.analyse(dyn, jnp.stack([jnp.asarray(X, dtype=states[0].dtype) for X in states]), tol=S.tol)
-    entries = [_entry(label, stab, i) for i, label in enumerate(labels)]
+    stab, records = _analyse(st, dyn, jnp.stack([jnp.asarray(X, dtype=states[0].dtype) for X in states]), S.tol, discrete)
+    entries = [_entry(label, records[i]) for i, label in enumerate(labels)]
     result = {"equilibria": entries,
-              "summary": {"stable": int(np.sum(stab.stable)), "total": len(entries), "measure": stab.measure_name,
+              "summary": {"stable": sum(bool(e["stable"]) for e in entries), "total": len(entries),
+                          "unknown": sum(e["verdict"] == "unknown" for e in entries), "measure": stab.measure_name,
                           "meaning": _meaning(discrete, stab.tol)}}  # "continuation" only when requested
     branch, branch_lines = None, []
     if S.continuation is not None:
@@ -175,6 +216,9 @@ def run(args) -> int:
             raise UsageError(f"{cfg.path}: [stability] continuation: {e}") from None
         try:
             branch = co.continue_equilibrium(dyn, X0, param=param, values=values)
+        except np.linalg.LinAlgError:
+            raise UsageError(f"{cfg.path}: [stability] continuation: the Jacobians along the branch are not finite "
+                             f"(the model overflows {cfg.dtype}); use smaller weights, beta or alpha, or dtype = 'float64'") from None
         except ValueError as e:
             raise UsageError(f"{cfg.path}: [stability] continuation: {e}") from None
         bname = _name("consensus", k, 1, n, n) if m == 0 else _name("bipartite", k, 1, m, n)
@@ -183,7 +227,7 @@ def run(args) -> int:
     if out is not None:
         from attnflow.plots.stability import continuation, spectra
 
-        shown = [e for e in entries if e["kind"] != "bipartite" or e["stable"]][:12]
+        shown = [e for e in entries if e["verdict"] != "unknown" and (e["kind"] != "bipartite" or e["stable"])][:12]
         spectra([(e["name"], np.array([complex(*z) for z in e["eigenvalues"]]), e["stable"]) for e in shown],
                 out / "spectra.png", discrete=discrete)
         if branch is not None:

@@ -89,7 +89,7 @@ def run(args) -> int:
         if bad:
             raise UsageError(f"--ffn: unsupported FFN activation {bad[0]!r} in config.json (supported: {', '.join(ACTIVATIONS)})")
     _check_memory(model, args)
-    out = out_dir(args.out)
+    out = out_dir(args.out, "transformer")
     key, ukey = jax.random.split(jax.random.key(args.seed))
     kw = dict(tokens=args.tokens, samples=args.samples, order=args.order, biases=args.biases,
               fold_layernorm=args.fold_layernorm, ffn=args.ffn, embedding=args.embedding, layernorm=args.layernorm,
@@ -107,7 +107,8 @@ def run(args) -> int:
         steer = {"gamma": gamma, "trace": trace}
         sr = None
         if gamma is not None:
-            sr = T.steer_experiment(model, u, gamma, key=key, **kw)
+            with np.errstate(all="ignore"):  # a gain that overflows float32 gives null cosines, not warnings
+                sr = T.steer_experiment(model, u, gamma, key=key, **kw)
             steer.update(final_cos=sr.final_cos, final_cos_min=sr.final_cos_min,
                          lambda1=[sr.steering.lambda1.real, sr.steering.lambda1.imag],
                          lambda1_new=[sr.steering.achieved.real, sr.steering.achieved.imag],

@@ -52,7 +52,7 @@ class AbstractDynamics(eqx.Module):
 
     def state_residual(self, X: Tokens) -> Float[Array, ""]:
         """How far X ``(n, d)`` is from the state space (0 where there is no constraint to check). A simulated
-        member whose final state is off by more than ``attnflow.evolve.status.DEGENERATE_TOL`` is ``degenerate``."""
+        member whose final state is off by more than ``attnflow.evolve.outcome.DEGENERATE_TOL`` is ``degenerate``."""
         return jnp.zeros((), X.dtype)
 
 
