@@ -6,7 +6,7 @@ Two designs are measured in the same run, each study in a fresh subprocess (so t
 ru_maxrss, is its own), after a warm-up study of the same shapes in that process (compiles excluded):
 
 - ``pool``: :func:`attnflow.analysis.basins.basin_fractions`: a pool of member slots on the device
-  (:func:`attnflow.evolve.stream.advance_pool`); every 8 steps, members that stopped are retired and labelled in the
+  (:func:`attnflow.evolve.pool.advance_pool`, one pool per device); every 8 steps, members that stopped are retired and labelled in the
   same compiled call and their slots refilled, so a member costs about its own steps.
 - ``fixed``: the previous design, written out here: chunks of ``--chunk`` states simulated for the whole budget
   (the chunk runs until its slowest member stops), then labelled.
@@ -45,19 +45,20 @@ def fixed(key, N):
         num = min(chunk, N - i * chunk)
         x0 = af.sample.sphere(jax.random.fold_in(key, i), (chunk, 10, 3), dtype=np.float32)
         sol = af.simulate(dyn, x0, steps=CAP, tol=TOL)
-        rows = cl.label_rows(cl.classify(dyn, sol.final, sol.status))[:num]
+        rows = cl.label_rows(cl.classify(dyn, sol.final, sol.outcome))[:num]
         st = np.asarray(sol.steps)[:num]
         steps += int(st.sum())
         paid += int(np.asarray(sol.steps).max()) * num
-        unclassified += int(np.isin(rows[:, 0], cl.UNCLASSIFIED).sum())
+        unclassified += int((rows[:, 0] != af.OUTCOMES.index("converged")).sum())
         for r in map(tuple, rows):
             counts[r] = counts.get(r, 0) + 1
-    names = sorted(((cl.describe(np.array(r), 10)["label"], c / N) for r, c in counts.items()), key=lambda t: -t[1])
+    names = sorted(((cl.describe(np.array(r), 10)["name"], c / N) for r, c in counts.items()), key=lambda t: -t[1])
     return {"unclassified": unclassified, "steps_mean": steps / N, "steps_paid_mean": paid / N, "attractors": names[:4]}
 
 
 def pool(key, N):
-    r = bs.basin_fractions(dyn, key, N, tokens=10, chunk_size=chunk, max_steps=CAP, tol=TOL, dtype=np.float32)
+    r = bs.basin_fractions(dyn, key, N, tokens=10, budget=af.Budget(max_steps=CAP), stop=af.Stop(TOL),
+                           execution=af.Execution(chunk=chunk))
     total = sum(a.count * a.steps_mean for a in r.attractors + r.categories)
     return {"unclassified": r.unclassified, "steps_mean": total / N, "steps_paid_mean": None, "backend": r.backend,
             "attractors": [(a.name, a.fraction) for a in r.attractors[:4]]}

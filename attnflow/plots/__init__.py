@@ -2,10 +2,17 @@
 
 Importing it has no side effects: figures are built on :class:`matplotlib.figure.Figure` directly, so no backend
 is chosen and no pyplot state is touched (the figures are written to files and never shown).
+
+Every figure function writes its file through :func:`save`, which writes atomically (a unique temporary file in the
+same directory, then ``os.replace``: an interrupted run leaves the previous file or none, never half a PNG), and
+returns the :class:`~matplotlib.figure.Figure` it drew, closed, so that its axes, texts and artists can be inspected.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +33,40 @@ def figure(*, figsize=None):
     return Figure(figsize=figsize)
 
 
-def save(fig, path) -> Path:
-    """Lay out and write (110 dpi) a figure; returns the path."""
+def write_atomic(fig, path, **savefig_kw) -> Path:
+    """Write `fig` to `path` atomically: render into a new file with a unique name in the same directory (so on the
+    same file system), flush it to disk, then ``os.replace`` it onto `path`. Readers see the old file or the new one,
+    never a partial one; on any error (an interrupt included) the temporary file is removed and `path` is untouched.
+    The format comes from the suffix of `path` (default png). Returns `path`."""
     path = Path(path)
+    fmt = path.suffix[1:].lower() or "png"
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # new and unique; the umask applies as usual
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format=fmt, **savefig_kw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def close(fig) -> None:
+    """Release a figure. The figures of this package are not registered with pyplot, so there is nothing to
+    release unless pyplot is in use (a notebook) and manages `fig`; pyplot is never imported here."""
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is not None:
+        plt.close(fig)
+
+
+def save(fig, path):
+    """Lay out a figure, write it (110 dpi) with :func:`write_atomic` and close it.
+
+    **Returns:** the figure, for inspection (its axes, texts and artists stay readable after closing).
+    """
     fig.tight_layout()
     sup = getattr(fig, "_suptitle", None)
     if sup is not None and sup.get_text():  # keep the panels' titles clear of the suptitle
@@ -37,8 +75,9 @@ def save(fig, path) -> Path:
         t = max((1.4 * (x.get_text().count("\n") + 1) * x.get_fontsize() if x is not None else 0.0) for x in titles)
         room = (1.6 * lines * sup.get_fontsize() + t + 6) / (72 * fig.get_figheight())
         fig.subplots_adjust(top=min(fig.subplotpars.top, 1 - room))
-    fig.savefig(path, dpi=110)
-    return path
+    write_atomic(fig, path, dpi=110)
+    close(fig)
+    return fig
 
 
 def settle_time(ts, Y, *, rtol: float = 2e-3) -> float:

@@ -3,47 +3,55 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import figure, save, subplots
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-def fractions(attractors, path, *, title: str = "", top: int = 12) -> Path:
+
+def fractions(attractors, path: str | Path, *, title: str = "", top: int = 12) -> Figure:
     """Horizontal bars of basin fractions with 95% intervals, each fraction printed next to its bar.
 
-    **Arguments:** `attractors` records with ``label``, ``fraction`` and ``ci95`` (mappings or
-    :class:`~attnflow.analysis.basins.Attractor`); `path` the PNG to write; `title`; `top` how many to draw.
+    **Arguments:** `attractors` records with attributes ``name``, ``fraction`` and ``interval`` (lo, hi), such as
+    the attractor records of a basin study's ``attractors`` (nothing else is read);
+    `path` the PNG to write; `title`; `top` how many to draw (the first `top`, top to bottom).
 
-    **Returns:** the path written.
+    **Returns:** the figure drawn (written to `path`, closed): one bar per drawn record.
     """
-    a = attractors[:top]
+    a = list(attractors)[:top]
     fig, ax = subplots(figsize=(7.5, 0.45 * len(a) + 1.4))
     y = np.arange(len(a))[::-1]
-    f = np.array([x["fraction"] for x in a])
-    lo = f - np.array([x["ci95"][0] for x in a])
-    hi = np.array([x["ci95"][1] for x in a]) - f
+    f = np.array([float(x.fraction) for x in a])
+    lo = f - np.array([float(x.interval[0]) for x in a])
+    hi = np.array([float(x.interval[1]) for x in a]) - f
     ax.barh(y, f, xerr=[lo, hi], color="tab:blue", alpha=0.8, capsize=3)
     for yi, fi, right in zip(y, f, f + hi):  # the fraction, printed right of its interval
         ax.text(min(right + 0.015, 0.9), yi, f"{fi:.3f}", va="center", fontsize=7, color="0.25")
-    ax.set_yticks(y, [x["label"] for x in a], fontsize=8)
-    ax.set_xlabel("basin fraction (95% Wilson interval)")
+    ax.set_yticks(y, [str(x.name) for x in a], fontsize=8)
+    ax.set_xlabel("basin fraction (95% interval: Wilson, widened by the unclassified members)")
     ax.set_xlim(0, 1)
     ax.grid(axis="x", alpha=0.3)
     ax.set_title(title or "basins of attraction")
     return save(fig, path)
 
 
-def continuation(cont, path, *, title: str = "") -> Path:
-    """Stacked basin fractions against the continued parameter."""
+def continuation(cont, path: str | Path, *, title: str = "") -> Figure:
+    """Stacked basin fractions against the continued parameter.
+
+    **Returns:** the figure drawn (written to `path`, closed).
+    """
     fig, ax = subplots(figsize=(7, 4))
-    v = np.asarray(cont["values"])
-    labels = list(cont["fractions"])
-    ax.stackplot(v, *[cont["fractions"][lab] for lab in labels], labels=labels, alpha=0.85)
-    ax.set_xlabel(cont["param"])
+    v = np.asarray(cont.values)
+    labels = list(cont.fractions)
+    ax.stackplot(v, *[cont.fractions[lab] for lab in labels], labels=labels, alpha=0.85)
+    ax.set_xlabel(cont.param)
     ax.set_ylabel("basin fraction")
     ax.set_ylim(0, 1)
-    ax.set_title(title or f"basin fractions vs {cont['param']}")
+    ax.set_title(title or f"basin fractions vs {cont.param}")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return save(fig, path)
 
@@ -62,7 +70,7 @@ def _groups(P, tol: float = 0.05):
     return [(s / np.linalg.norm(s), m) for s, m in out]
 
 
-def sphere_by_label(finals, labels, path, *, max_points: int = 400, panels: int = 6) -> Path:
+def sphere_by_label(finals, labels, path: str | Path, *, max_points: int = 400, panels: int = 6) -> Figure:
     """Final tokens (d = 3) on the sphere, one panel per attractor (the most frequent `panels`), equal aspect.
 
     Each panel draws the final tokens of up to 40 samples with that label as small dots, and one sample's tokens
@@ -71,7 +79,7 @@ def sphere_by_label(finals, labels, path, *, max_points: int = 400, panels: int 
     **Arguments:** `finals` ``(m, n, 3)``; `labels` one name per sample; `path` the PNG to write; `max_points`
     how many samples to read; `panels` how many attractors to draw.
 
-    **Returns:** the path written.
+    **Returns:** the figure drawn (written to `path`, closed).
     """
     from .trajectories import sphere_axes
 

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import crop_time, save, subplots
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def _xlabel(ts):
     return "layer step k" if np.allclose(ts, np.round(ts)) and len(ts) > 1 and np.all(np.diff(ts) >= 1) else "time t"
 
 
-def energy_entropy(trace, path: str | Path, *, member: int = 0, title: str = "") -> Path:
+def energy_entropy(trace, path: str | Path, *, member: int = 0, title: str = "") -> Figure:
     """Total energy E and mean attention entropy of one member along its trajectory.
 
     **Arguments:** `trace` an :class:`~attnflow.analysis.energy.EnergyTrace`; `path` the PNG to write.
+
+    **Returns:** the figure drawn (written to `path`, closed).
     """
     ts = np.asarray(trace.ts)
     E = np.asarray(trace.energy)[:, member]
@@ -48,9 +54,12 @@ def energy_entropy(trace, path: str | Path, *, member: int = 0, title: str = "")
     return save(fig, path)
 
 
-def head_contributions(trace, path: str | Path, *, member: int = 0, title: str = "") -> Path:
+def head_contributions(trace, path: str | Path, *, member: int = 0, title: str = "") -> Figure:
     """Per-head energies E_h and (flows) the split of each dE_h/dt into own gradient part, cross-head terms and
-    radial shadow terms."""
+    radial shadow terms.
+
+    **Returns:** the figure drawn (written to `path`, closed).
+    """
     ts = np.asarray(trace.ts)
     Eh = np.asarray(trace.head_energy)[:, member]
     H = Eh.shape[1]
@@ -94,12 +103,14 @@ def head_contributions(trace, path: str | Path, *, member: int = 0, title: str =
 
 def clustering_time(
     betas, T, beta_c: float, path: str | Path, *, eps: float, rho0: float, n: int, simulated=None, speed_ratio=None, title: str = ""
-) -> Path:
+) -> Figure:
     """T_eps(beta) of the equiangular reduction on a log scale, with beta_c marked.
 
     **Arguments:** `betas`, `T` ``(p,)``; `beta_c`; `path`; `eps`, `rho0`, `n` for the labels;
     `simulated` optional ``(betas, T)`` from full simulations, drawn as markers; `speed_ratio` optional ``(p,)``
     F(rho0; beta)/F(rho0; 0), drawn on a second axis with its critical level n/(2(n-1)).
+
+    **Returns:** the figure drawn (written to `path`, closed).
     """
     betas = np.asarray(betas, float)
     T = np.asarray(T, float)

@@ -4,14 +4,21 @@ cumulative products (Fig. 8) and the steering curve."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import save, subplots
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-def alignment(result, path: str | Path, *, title: str = "") -> Path:
-    """c vs c-bar, Delta vs Delta-bar (mean +- std over tokens) and p vs p-bar across layers ([PM] Fig. 2(b))."""
+
+def alignment(result, path: str | Path, *, title: str = "") -> Figure:
+    """c vs c-bar, Delta vs Delta-bar (mean +- std over tokens) and p vs p-bar across layers ([PM] Fig. 2(b)).
+
+    **Returns:** the figure drawn (written to `path`, closed).
+    """
     m = result.metrics
     L = np.arange(1, len(m.c) + 1)
     fig, ax = subplots(3, 1, figsize=(6.5, 8), sharex=True)
@@ -35,8 +42,11 @@ def alignment(result, path: str | Path, *, title: str = "") -> Path:
     return save(fig, path)
 
 
-def eigenvalues(result, path: str | Path, *, title: str = "") -> Path:
-    """Real parts and moduli of the leading eigenvalues of each layer matrix ([PM] Fig. 6)."""
+def eigenvalues(result, path: str | Path, *, title: str = "") -> Figure:
+    """Real parts and moduli of the leading eigenvalues of each layer matrix ([PM] Fig. 6).
+
+    **Returns:** the figure drawn (written to `path`, closed).
+    """
     ev = result.metrics.eigenvalues
     L = np.arange(1, ev.shape[0] + 1)
     fig, (a1, a2) = subplots(1, 2, figsize=(11, 4))
@@ -54,8 +64,11 @@ def eigenvalues(result, path: str | Path, *, title: str = "") -> Path:
     return save(fig, path)
 
 
-def cumulative(result, path: str | Path, *, title: str = "") -> Path:
-    """Alignment with the principal eigenvector of W_l ... W_1 vs the all-eigenvector mean ([PM] Fig. 8)."""
+def cumulative(result, path: str | Path, *, title: str = "") -> Figure:
+    """Alignment with the principal eigenvector of W_l ... W_1 vs the all-eigenvector mean ([PM] Fig. 8).
+
+    **Returns:** the figure drawn (written to `path`, closed).
+    """
     m = result.metrics
     L = np.arange(1, len(m.c) + 1)
     fig, ax = subplots(figsize=(6.5, 3.8))
@@ -70,8 +83,11 @@ def cumulative(result, path: str | Path, *, title: str = "") -> Path:
     return save(fig, path)
 
 
-def steering_curve(trace, path: str | Path, *, target: float = 0.99, title: str = "") -> Path:
-    """Final mean |cos(x, u)| against the steering gain gamma."""
+def steering_curve(trace, path: str | Path, *, target: float = 0.99, title: str = "") -> Figure:
+    """Final mean |cos(x, u)| against the steering gain gamma.
+
+    **Returns:** the figure drawn (written to `path`, closed).
+    """
     g = np.array([t[0] for t in trace], float)
     c = np.array([t[1] for t in trace], float)
     fig, ax = subplots(figsize=(6.5, 3.8))

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import save, subplots
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def _margin(eigs, discrete: bool):
@@ -19,7 +23,7 @@ def _margin(eigs, discrete: bool):
     return meas, (1.0 - meas) if discrete else -meas, complex(eigs[k])
 
 
-def spectra(entries, path, *, discrete: bool, title: str = "") -> Path:
+def spectra(entries, path: str | Path, *, discrete: bool, title: str = "") -> Figure:
     """Eigenvalues of several equilibria, zoomed on where they lie, with the stability margin printed.
 
     Each panel shows the eigenvalues together with the nearest part of the boundary (the unit circle for a map,
@@ -29,7 +33,7 @@ def spectra(entries, path, *, discrete: bool, title: str = "") -> Path:
     **Arguments:** `entries` list of (label, eigenvalues, stable); `path` the PNG to write; `discrete` map or flow;
     `title`.
 
-    **Returns:** the path written.
+    **Returns:** the figure drawn (written to `path`, closed).
     """
     from matplotlib.patches import Rectangle
 
@@ -82,8 +86,11 @@ def spectra(entries, path, *, discrete: bool, title: str = "") -> Path:
     return save(fig, path)
 
 
-def continuation(branch, path, *, label: str = "") -> Path:
-    """Stability measure along a continuation branch, stable parts green, switches marked."""
+def continuation(branch, path: str | Path, *, label: str = "") -> Figure:
+    """Stability measure along a continuation branch, stable parts green, switches marked.
+
+    **Returns:** the figure drawn (written to `path`, closed).
+    """
     fig, ax = subplots(figsize=(6.5, 4))
     v, m = branch.values, branch.measure
     st = branch.verdict == 0

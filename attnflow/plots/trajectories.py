@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import crop_time, figure, save, subplots
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def _sphere_wireframe(ax):
@@ -51,14 +55,14 @@ def geodesic(points, per_segment: int = 12):
     return np.concatenate([seg.reshape(-1, 3), P[-1:]], axis=0)
 
 
-def sphere_trajectories(trajectory, path: str | Path, *, title: str = "", members: int = 4, select=None, titles=None) -> Path:
+def sphere_trajectories(trajectory, path: str | Path, *, title: str = "", members: int = 4, select=None, titles=None) -> Figure:
     """Token paths on the unit sphere for a few ensemble members, drawn along great circles between saves.
 
     **Arguments:** `trajectory` ``(s, b, n, 3)``; `path` the PNG to write; `members` how many members (the first
     ones) when `select` is not given; `select` optional member indices to draw; `titles` optional one title per
     drawn member (e.g. the outcome's name).
 
-    **Returns:** the path written.
+    **Returns:** the figure drawn (written to `path`, closed).
     """
     import matplotlib
 
@@ -85,14 +89,14 @@ def sphere_trajectories(trajectory, path: str | Path, *, title: str = "", member
     return save(fig, path)
 
 
-def pairwise_cosines(trajectory, ts, path: str | Path, *, member: int = 0, title: str = "") -> Path:
+def pairwise_cosines(trajectory, ts, path: str | Path, *, member: int = 0, title: str = "") -> Figure:
     """All pairwise cosines <x_i, x_j>/(|x_i||x_j|) of one ensemble member against time.
 
     The time axis is cropped to where the cosines change, and the figure says until when they stay flat.
 
     **Arguments:** `trajectory` ``(s, b, n, d)``; `ts` ``(s,)``; `path` the PNG to write.
 
-    **Returns:** the path written.
+    **Returns:** the figure drawn (written to `path`, closed).
     """
     traj = np.asarray(trajectory)[:, member]
     ts = np.asarray(ts, float)

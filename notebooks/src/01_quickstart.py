@@ -31,12 +31,12 @@ print("layer matrix W =\n", model.attn.heads.layer_matrix())
 
 # %% [markdown]
 # ## Simulate an ensemble
-# `tol` stops each member once its per-step change is below it; `status` reports per member whether it converged.
+# `tol` stops each member once its per-step change is below it; `outcome` reports per member whether it converged.
 
 # %%
 x0 = af.sample.sphere(jax.random.PRNGKey(0), (B, 6, 3))
 sol = af.simulate(model, x0, steps=4000, tol=1e-8)
-print(sol.status_counts(), "median steps:", int(np.median(sol.steps)))
+print(sol.outcome_counts(), "median steps:", int(np.median(sol.steps)))
 
 traj = af.simulate(model, x0[:3], steps=1500, saves=150)
 fig = plt.figure(figsize=(12, 4))
@@ -59,10 +59,10 @@ fig.tight_layout()
 # %%
 from attnflow.analysis.classify import describe, equilibrium_name, label_rows
 
-rows = label_rows(af.classify.classify(model, sol.final, sol.status))
+rows = label_rows(af.classify.classify(model, sol.final, sol.outcome))
 uniq, counts = np.unique(rows, axis=0, return_counts=True)
 for r, c in sorted(zip(uniq, counts), key=lambda t: -t[1]):
-    print(f"{describe(r, 6)['label']:22s} {c / B:.3f}")
+    print(f"{describe(r, 6)['name']:22s} {c / B:.3f}")
 
 # %% [markdown]
 # ## Certify the equilibria

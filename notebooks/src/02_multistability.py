@@ -49,13 +49,13 @@ print("polygonal (uniform attention), n = 3..6:", [["stable", "unstable", "neutr
 # ## Basin fractions with intervals
 
 # %%
-res = af.basin_fractions(flow, jax.random.PRNGKey(0), N, tokens=n, chunk_size=min(N, 2000), t1=200.0, dt=0.05)
+res = af.basin_fractions(flow, jax.random.PRNGKey(0), N, tokens=n, budget=af.Budget(t1=200.0, dt=0.05))
 for a in res.attractors:
-    print(f"{a['label']:22s} {a['fraction']:.3f}  95% CI [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]")
+    print(f"{a.name:22s} {a.fraction:.3f}  95% interval [{a.interval[0]:.3f}, {a.interval[1]:.3f}]")
 fig, ax = plt.subplots(figsize=(7, 3.5))
 a = res.attractors
-ax.barh([x["label"] for x in a][::-1], [x["fraction"] for x in a][::-1],
-        xerr=np.array([[x["fraction"] - x["ci95"][0], x["ci95"][1] - x["fraction"]] for x in a][::-1]).T, capsize=3)
+ax.barh([x.name for x in a][::-1], [x.fraction for x in a][::-1],
+        xerr=np.array([[x.fraction - x.interval[0], x.interval[1] - x.fraction] for x in a][::-1]).T, capsize=3)
 ax.set(xlabel="basin fraction (95% Wilson interval)", title=f"{res.samples} uniform starts")
 fig.tight_layout()
 
@@ -67,12 +67,12 @@ fig.tight_layout()
 # %%
 betas = [0.3, 1.0, 2.0] if SMOKE else [0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]
 mp = af.LayerMap(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0), alpha=0.1)
-cont = af.basins.continuation(mp, jax.random.PRNGKey(2), N // 2, param="beta", values=betas, tokens=n, chunk_size=min(N // 2, 2000), steps=4000)
+cont = af.basins.continuation(mp, jax.random.PRNGKey(2), N // 2, param="beta", values=betas, tokens=n, budget=af.Budget(steps=4000))
 branch = af.continue_equilibrium(mp, af.bipartite(mp, 0, 3, n), param="beta", values=np.linspace(0.2, 1.0, 9))
 print("bipartite v1 3:3 becomes stable at beta =", branch.changes)
 fig, ax = plt.subplots(1, 2, figsize=(12, 4))
-labels = list(cont["fractions"])
-ax[0].stackplot(cont["values"], *[cont["fractions"][k] for k in labels], labels=labels)
+labels = list(cont.fractions)
+ax[0].stackplot(cont.values, *[cont.fractions[k] for k in labels], labels=labels)
 ax[0].set(xlabel="beta", ylabel="basin fraction", title="basin fractions vs beta (layer map)")
 ax[0].legend(fontsize=7)
 ax[1].plot(branch.values, branch.measure, "o-")

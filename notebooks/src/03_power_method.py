@@ -36,16 +36,16 @@ N = 100 if SMOKE else 3000
 # %%
 mods, V = models(0)
 for name, dyn in mods.items():
-    res = af.basin_fractions(dyn, jax.random.PRNGKey(0), N, tokens=10, chunk_size=min(N, 1000), steps=1000 if SMOKE else 3000)
-    print(f"{name}: " + ", ".join(f"{a['label']} {a['fraction']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]" for a in res.attractors))
+    res = af.basin_fractions(dyn, jax.random.PRNGKey(0), N, tokens=10, budget=af.Budget(steps=1000 if SMOKE else 3000))
+    print(f"{name}: " + ", ".join(f"{a.name} {a.fraction:.3f} [{a.interval[0]:.3f}, {a.interval[1]:.3f}]" for a in res.attractors))
 
 # %%
 single = mods["single head"]
 Xb = af.bipartite(single, 0, 5, 10)
 branch = af.continue_equilibrium(single, Xb, param="beta", values=np.linspace(0.2, 1.0, 9))
 bc = float(branch.changes[0])
-kw = dict(q=0.9, samples=16 if SMOKE else 96, iters=3 if SMOKE else 7, steps=4000 if SMOKE else 20000, r_max=2.0)
-radius = lambda r: r["at_least"] if r.get("radius") is None else r["radius"]  # noqa: E731  (a lower bound when capped)
+kw = dict(q=0.9, samples=16 if SMOKE else 96, iters=3 if SMOKE else 7, budget=af.Budget(steps=4000 if SMOKE else 20000), r_max=2.0)
+radius = lambda r: r.at_least if r.radius is None else r.radius  # noqa: E731  (a lower bound when capped)
 radii = {}
 for f in ([1.5] if SMOKE else [1.005, 1.01, 1.05, 1.2, 1.5, 3.0]):
     near = single.with_params(beta=f * bc)

@@ -64,7 +64,7 @@ for kind in ("softmax", "unnormalized"):
     lo, hi = wilson(k, SAMPLES)
     results[kind] = (on, cons, split)
     print(f"{kind:12s}: on the v_1 axis {on:.3f} (95% CI [{lo:.3f}, {hi:.3f}]) = consensus {cons:.3f} + sign split {split:.3f};"
-          f" converged {sol.status_counts()['converged']}/{SAMPLES}")
+          f" converged {sol.outcome_counts()['converged']}/{SAMPLES}")
 
 # %% [markdown]
 # **[SS] claim:** alignment with the dominant eigendirection. **attnflow measured:** the table above. Both consensus

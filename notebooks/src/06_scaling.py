@@ -40,13 +40,13 @@ work = Path(tempfile.mkdtemp(prefix="attnflow-scaling-"))
 
 # %%
 t = time.perf_counter()
-res = af.basin_fractions(model, jax.random.PRNGKey(0), SAMPLES, tokens=10, chunk_size=CHUNK, steps=1000, tol=1e-6,
-                         run_dir=work / "run", manifest={"config": "notebook 06"})
+study = dict(tokens=10, budget=af.Budget(steps=1000), stop=af.Stop(1e-6), execution=af.Execution(chunk=CHUNK))
+res = af.basin_fractions(model, jax.random.PRNGKey(0), SAMPLES, run_dir=work / "run", **study)
 dt = time.perf_counter() - t
 peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(f"{SAMPLES} samples in {dt:.1f} s ({SAMPLES / dt:.0f} samples/s), peak RSS {peak_mb:.0f} MB")
 for a in res.attractors:
-    print(f"  {a['label']:22s} {a['fraction']:.4f}  [{a['ci95'][0]:.4f}, {a['ci95'][1]:.4f}]  mean steps {a['steps_mean']:.0f}")
+    print(f"  {a.name:22s} {a.fraction:.4f}  [{a.interval[0]:.4f}, {a.interval[1]:.4f}]  mean steps {a.steps_mean:.0f}")
 print("run directory:", sorted(p.name for p in (work / "run").iterdir()), f"{len(list((work / 'run' / 'chunks').iterdir()))} chunk files")
 
 # %% [markdown]
@@ -59,14 +59,14 @@ print("run directory:", sorted(p.name for p in (work / "run").iterdir()), f"{len
 for name in sorted((work / "run" / "chunks").glob("*.parquet"))[-2:]:
     name.unlink()
 t = time.perf_counter()
-again = af.basin_fractions(model, jax.random.PRNGKey(0), SAMPLES, tokens=10, chunk_size=CHUNK, steps=1000, tol=1e-6,
-                           run_dir=work / "run", resume=True, manifest={"config": "notebook 06"})
+again = af.basin_fractions(model, jax.random.PRNGKey(0), SAMPLES, run_dir=work / "run", resume=True, **study)
 print(f"resumed in {time.perf_counter() - t:.1f} s (the full run took {dt:.1f} s); identical: {again.to_json() == res.to_json()}")
 
 # %% [markdown]
 # ## Several devices
-# `simulate` shards each chunk's batch over all local devices. On a CPU we can ask XLA for 4 host devices (this
-# must happen before JAX starts, hence a subprocess) and check that the fractions do not change.
+# A study runs one member pool per local device, each on its share of every block (`simulate` shards each chunk's
+# batch over the devices). On a CPU we can ask XLA for 4 host devices (this must happen before JAX starts, hence a
+# subprocess) and check that the result does not change.
 
 # %%
 script = textwrap.dedent('''
@@ -75,15 +75,16 @@ script = textwrap.dedent('''
     import jax, numpy as np, attnflow as af
     V = np.diag([1.0, 0.5, -0.3]).astype(np.float32)
     m = af.LayerMap(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0), alpha=0.1)
-    r = af.basin_fractions(m, jax.random.PRNGKey(0), int(sys.argv[1]), tokens=10, chunk_size=int(sys.argv[2]), steps=1000, tol=1e-6)
+    r = af.basin_fractions(m, jax.random.PRNGKey(0), int(sys.argv[1]), tokens=10, budget=af.Budget(steps=1000),
+                           stop=af.Stop(1e-6), execution=af.Execution(chunk=int(sys.argv[2])))
     print(json.dumps({"devices": jax.local_device_count(), "result": r.to_json()}))
 ''')
 n_dev = min(SAMPLES, 4 * CHUNK)
 out = subprocess.run([sys.executable, "-c", script, str(n_dev), str(CHUNK)], capture_output=True, text=True, check=True)
 multi = json.loads(out.stdout.strip().splitlines()[-1])
-single = af.basin_fractions(model, jax.random.PRNGKey(0), n_dev, tokens=10, chunk_size=CHUNK, steps=1000, tol=1e-6)
+single = af.basin_fractions(model, jax.random.PRNGKey(0), n_dev, **study)
 print(f"{multi['devices']} devices vs 1 device, {n_dev} samples: identical counts:",
-      [(a["label"], a["count"]) for a in multi["result"]["attractors"]] == [(a["label"], a["count"]) for a in single.to_json()["attractors"]])
+      [(a["name"], a["count"]) for a in multi["result"]["attractors"]] == [(a.name, a.count) for a in single.attractors])
 
 # %% [markdown]
 # ## Several processes (multi-host) with `jax.distributed`
@@ -122,7 +123,7 @@ outs = [p.communicate() for p in procs]
 assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
 two = json.loads(outs[0][0])
 print("2 processes vs 1 process, identical counts:",
-      sorted((a["label"], a["count"]) for a in two["attractors"]) == sorted((a["label"], a["count"]) for a in single.to_json()["attractors"]))
+      sorted((a["name"], a["count"]) for a in two["attractors"]) == sorted((a.name, a.count) for a in single.attractors))
 print("chunk files written:", sorted(p.name for p in (work / "two" / "chunks").glob("*.parquet")))
 
 # %% [markdown]
