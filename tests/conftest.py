@@ -20,3 +20,17 @@ settings.load_profile("explore" if os.environ.get("ATTNFLOW_HYPOTHESIS") == "exp
 @pytest.fixture
 def key():
     return jax.random.PRNGKey(0)
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+    """Make every simulation and study fail loudly: a refusal must come before any work."""
+    import attnflow as af
+    import attnflow.analysis.basins as bs
+
+    def boom(*a, **k):
+        raise AssertionError("computed before refusing")
+
+    monkeypatch.setattr(af, "simulate", boom)
+    monkeypatch.setattr(bs, "basin_fractions", boom)
+    return boom

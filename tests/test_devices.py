@@ -71,3 +71,23 @@ def test_members_identical_on_1_2_and_4_devices_float32(tmp_path):
 @pytest.mark.slow  # about a minute: the flows in float64 (adaptive and RK4) on 1, 2 and 4 host devices
 def test_members_identical_on_1_2_and_4_devices_flows_float64(tmp_path):
     _run(tmp_path, "float64", ["adaptive", "rk4", "lanes"])
+
+
+@pytest.mark.slow  # about 30 s: the size at which concurrent pool calls on 4 forced CPU devices once deadlocked
+def test_no_hang_on_4_cpu_devices_at_size(tmp_path):
+    """20 000 samples in blocks of 5 000 on 4 forced host devices: running the four devices' pool calls at once
+    deadlocked XLA's CPU thread pool (no CPU time, forever); on CPU devices the calls now run one after another."""
+    script = tmp_path / "big.py"
+    script.write_text(textwrap.dedent("""
+        import os
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+        import jax, numpy as np, attnflow as af
+        V = np.diag([1.0, 0.5, -0.3]).astype(np.float32)
+        m = af.LayerMap(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0), alpha=0.1)
+        r = af.basin_fractions(m, jax.random.PRNGKey(0), 20000, tokens=10, budget=af.Budget(steps=1000), stop=af.Stop(1e-6),
+                               execution=af.Execution(chunk=5000, devices=4))
+        print(r.samples)
+    """))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0 and r.stdout.strip() == "20000", r.stderr[-2000:]

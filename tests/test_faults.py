@@ -62,20 +62,6 @@ def refused(capsys, argv, *needles, out=None):
     return e
 
 
-@pytest.fixture
-def no_compute(monkeypatch):
-    """Make every simulation fail loudly: a refusal must come before any work."""
-    import attnflow as af
-    import attnflow.analysis.basins as bs
-
-    def boom(*a, **k):
-        raise AssertionError("computed before refusing")
-
-    monkeypatch.setattr(af, "simulate", boom)
-    monkeypatch.setattr(bs, "basin_fractions", boom)
-    return boom
-
-
 # --------------------------------------------------------------------------------- schema: tables and types
 @pytest.mark.parametrize("table,hint", [("dynamic", "dynamics"), ("basin", "basins"), ("stabilty", "stability"),
                                         ("energie", "energy"), ("modle", "model")])

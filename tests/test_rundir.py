@@ -274,19 +274,6 @@ def cfg(tmp_path):
     return p
 
 
-@pytest.fixture
-def no_compute(monkeypatch):
-    """Every simulation fails loudly: a refusal must come before any work."""
-    import attnflow as af
-    import attnflow.analysis.basins as bs
-
-    def boom(*a, **k):
-        raise AssertionError("computed before refusing")
-
-    monkeypatch.setattr(af, "simulate", boom)
-    monkeypatch.setattr(bs, "basin_fractions", boom)
-
-
 def refused(capsys, argv, *needles):
     from attnflow.cli import main
 

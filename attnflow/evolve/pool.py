@@ -286,6 +286,9 @@ def stream_members(dynamics, stream: Iterator, *, budget: Budget, stop: Stop, so
     """
     devices = execution.local_devices()
     ndev = len(devices)
+    # Several CPU devices share one process's threads: their programs run one at a time (running them at once, each
+    # waiting on the same thread pool, was seen to deadlock); accelerators run theirs concurrently.
+    serial = ndev > 1 and devices[0].platform == "cpu"
     share = -(-queue_size // ndev)
     pools: list[Pool | None] = [None] * ndev
     pending: list[Retired] = []
@@ -307,6 +310,8 @@ def stream_members(dynamics, stream: Iterator, *, budget: Budget, stop: Stop, so
         for j in range(ndev):
             if pools[j] is not None:
                 pools[j], out = call(j, blank[0], blank[1], 0, True)
+                if serial:
+                    out.count.block_until_ready()
                 outs.append(out)
         hand(pending)
         hand(outs)
@@ -331,6 +336,8 @@ def stream_members(dynamics, stream: Iterator, *, budget: Budget, stop: Stop, so
             q, qi = blank[0].copy(), blank[1].copy()
             q[: hi - lo], qi[: hi - lo] = xx[lo:hi], ii[lo:hi]
             pools[j], out = call(j, q, qi, hi - lo, False)
+            if serial:
+                out.count.block_until_ready()
             outs.append(out)
         hand(pending)  # the host takes the previous calls' members while these calls run
         pending = outs

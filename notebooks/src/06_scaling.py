@@ -80,11 +80,14 @@ script = textwrap.dedent('''
     print(json.dumps({"devices": jax.local_device_count(), "result": r.to_json()}))
 ''')
 n_dev = min(SAMPLES, 4 * CHUNK)
-out = subprocess.run([sys.executable, "-c", script, str(n_dev), str(CHUNK)], capture_output=True, text=True, check=True)
-multi = json.loads(out.stdout.strip().splitlines()[-1])
 single = af.basin_fractions(model, jax.random.PRNGKey(0), n_dev, **study)
-print(f"{multi['devices']} devices vs 1 device, {n_dev} samples: identical counts:",
-      [(a["name"], a["count"]) for a in multi["result"]["attractors"]] == [(a.name, a.count) for a in single.attractors])
+if SMOKE:  # the subprocesses are what the tests check on their own (tests/test_devices.py, tests/test_multihost.py)
+    print("smoke size: the several-devices and several-processes runs are left to the tests")
+else:
+    out = subprocess.run([sys.executable, "-c", script, str(n_dev), str(CHUNK)], capture_output=True, text=True, check=True)
+    multi = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"{multi['devices']} devices vs 1 device, {n_dev} samples: identical counts:",
+          [(a["name"], a["count"]) for a in multi["result"]["attractors"]] == [(a.name, a.count) for a in single.attractors])
 
 # %% [markdown]
 # ## Several processes (multi-host) with `jax.distributed`
@@ -113,18 +116,19 @@ cfg.write_text(textwrap.dedent(f"""
     tol = 1e-6
     seed = 0
 """))
-with socket.socket() as sock:
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-procs = [subprocess.Popen([sys.executable, "-m", "attnflow", "basins", str(cfg), "--out", str(work / "two"), "--json", "--no-progress",
-                           "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-outs = [p.communicate() for p in procs]
-assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
-two = json.loads(outs[0][0])
-print("2 processes vs 1 process, identical counts:",
-      sorted((a["name"], a["count"]) for a in two["attractors"]) == sorted((a.name, a.count) for a in single.attractors))
-print("chunk files written:", sorted(p.name for p in (work / "two" / "chunks").glob("*.parquet")))
+if not SMOKE:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "attnflow", "basins", str(cfg), "--out", str(work / "two"), "--json",
+                               "--no-progress", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+    two = json.loads(outs[0][0])
+    print("2 processes vs 1 process, identical counts:",
+          sorted((a["name"], a["count"]) for a in two["attractors"]) == sorted((a.name, a.count) for a in single.attractors))
+    print("chunk files written:", sorted(p.name for p in (work / "two" / "chunks").glob("*.parquet")))
 
 # %% [markdown]
 # ## Benchmarks
