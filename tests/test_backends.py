@@ -246,8 +246,8 @@ import numpy as np, attnflow as af
 assert jax.local_device_count() == 4
 m = af.LayerMap(af.SelfAttention(af.Heads.single(np.diag([1.0, 0.4, -0.2]))), alpha=0.1)
 x0 = af.sample.sphere(jax.random.PRNGKey(5), (10, 4, 3))
-runs = [dict(backend="xla")] + [dict(backend=b, **kw) for b in ("lanes", "fused") for kw in ({}, {"chunk_size": 6}, {"execution": af.Execution(devices=1)})]
-outs = [af.simulate(m, x0, steps=30, tol=1e-9, saves=5, **kw) for kw in runs]
+runs = [dict(backend="xla")] + [dict(backend=b, **kw) for b in ("lanes", "fused") for kw in ({}, {"chunk_size": 6}, {"devices": 1})]
+outs = [af.simulate(m, x0, steps=30, tol=1e-9, saves=5, execution=af.Execution(**kw)) for kw in ({("chunk" if k == "chunk_size" else k): v for k, v in r.items()} for r in runs)]
 assert [o.backend for o in outs] == [r["backend"] for r in runs]
 np.savez(sys.argv[1], **{f"t{i}": np.asarray(o.trajectory) for i, o in enumerate(outs)}, **{f"s{i}": np.asarray(o.outcome) for i, o in enumerate(outs)})
 """

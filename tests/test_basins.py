@@ -483,3 +483,18 @@ def test_adaptive_flow_study_names_every_member_as_diffrax_does():
     sol = af.simulate(flow, x0, t1=200.0, solver=solver, tol=1e-6)
     assert cl.classify(flow, sol.final, sol.outcome).names() == names
     assert res.unclassified == 0 and res.max_steps == 10_000
+
+
+def test_public_basin_fractions_shows_its_real_signature():
+    """attnflow.basin_fractions names its parameters (no *args/**kwargs): about a dozen, run_dir and resume among
+    them, the rest the analysis function's own, with the same defaults."""
+    import inspect
+
+    top = inspect.signature(af.basin_fractions).parameters
+    lib = inspect.signature(bs.basin_fractions).parameters
+    kinds = {p.kind for p in top.values()}
+    assert inspect.Parameter.VAR_POSITIONAL not in kinds and inspect.Parameter.VAR_KEYWORD not in kinds
+    assert {"run_dir", "resume", "budget", "stop", "execution", "tokens", "sampler", "solver"} <= set(top)
+    assert len(top) <= 15 and len(lib) <= 14
+    assert all(top[k].default == lib[k].default for k in lib if k != "run_dir")
+    assert "resume" in (af.basin_fractions.__doc__ or "")
