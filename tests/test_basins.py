@@ -226,9 +226,10 @@ def test_process_split_merges_to_single_process(tmp_path):
 
 # ------------------------------------------------------------------------------------ the pooled study (issue 13)
 
-def small(cap, chunk=20, **ex):
+def small(cap, chunk=20, certify=True, **ex):
     """The keyword arguments of a small study: 4 tokens, tol 1e-7, a cap, blocks of `chunk`."""
-    return dict(tokens=4, stop=af.Stop(1e-7), budget=af.Budget(max_steps=cap), execution=af.Execution(chunk=chunk, **ex))
+    return dict(tokens=4, stop=af.Stop(1e-7, certify=certify), budget=af.Budget(max_steps=cap),
+                execution=af.Execution(chunk=chunk, **ex))
 
 
 def _wilson_np(k, N, z=1.96):
@@ -249,7 +250,8 @@ def _members(run):
 def test_members_do_not_depend_on_pool_group_blocks_backend_or_resume(tmp_path):
     """Sample i comes from fold_in(key, i): every member's name, outcome and steps (the per-sample table of the run
     directory) are the same for any pool size, group, block size, backend (xla, lanes; float64) and after a resume,
-    and equal simulating every sample alone for the whole cap (reference: simulate + classify, one by one)."""
+    and equal simulating every sample alone for the whole cap (reference: simulate + classify, one by one; without
+    certificates, which decide members before they converge: tests/test_certify.py)."""
     from attnflow.io.results import RunDirWriter
 
     dyn, key, N, cap = mapped(V3, K=V3), jax.random.PRNGKey(11), 40, 3000
@@ -257,7 +259,7 @@ def test_members_do_not_depend_on_pool_group_blocks_backend_or_resume(tmp_path):
     for tag, kw in (("a", dict(pool=16, group=10)), ("b", dict(pool=64, group=1, chunk=13)), ("c", dict(pool=5, backend="lanes"))):
         chunk = kw.pop("chunk", 20)
         with RunDirWriter(tmp_path / tag, initial=tag == "a") as w:
-            runs[tag] = bs.basin_fractions(dyn, key, N, run_dir=w, **small(cap, chunk, **kw))
+            runs[tag] = bs.basin_fractions(dyn, key, N, run_dir=w, **small(cap, chunk, certify=False, **kw))
     assert runs["a"].max_steps == cap and runs["a"].to_json() == runs["b"].to_json()
     assert _members(tmp_path / "a") == _members(tmp_path / "b") == _members(tmp_path / "c")
     from attnflow.io.results import read_members
@@ -274,7 +276,7 @@ def test_members_do_not_depend_on_pool_group_blocks_backend_or_resume(tmp_path):
     assert len(blocks) == 2
     blocks[1].unlink()  # as if killed before block 1 was written
     with RunDirWriter(tmp_path / "a", resume=True, initial=True) as w:
-        again = af.basin_fractions(dyn, key, N, run_dir=w, **small(cap, pool=64))
+        again = af.basin_fractions(dyn, key, N, run_dir=w, **small(cap, certify=False, pool=64))
     assert again.to_json() == runs["a"].to_json() and _members(tmp_path / "a") == (names, outcomes, steps)
 
 

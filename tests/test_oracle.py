@@ -69,13 +69,18 @@ def engine_members(dyn, x0, tol, cap, tmp_path):
         return jnp.broadcast_to(table[i], (num,) + table.shape[1:])
 
     assert np.array_equal(bs.draw_samples(sampler, key, range(N)), x0, equal_nan=True)
-    budget, stop = af.Budget(max_steps=cap), af.Stop(tol)
+    budget, stop = af.Budget(max_steps=cap), af.Stop(tol, certify=False)
     with RunDirWriter(tmp_path / "run") as w:
         res = af.basin_fractions(dyn, key, N, sampler=sampler, budget=budget, stop=stop,
                                  execution=af.Execution(chunk=N, pool=32), run_dir=w)
     m = read_members(tmp_path / "run")
     assert np.array_equal(m["index"], np.arange(N))
     study = [(_oracle_vocabulary(str(nm)), _oracle_outcome(str(o)), int(k)) for nm, o, k in zip(m["name"], m["outcome"], m["steps"])]
+    with RunDirWriter(tmp_path / "certified") as w:  # the same study deciding members early, by certificates
+        af.basin_fractions(dyn, key, N, sampler=sampler, budget=budget, stop=af.Stop(tol),
+                           execution=af.Execution(chunk=N, pool=32), run_dir=w)
+    c = read_members(tmp_path / "certified")
+    certified = [(_oracle_vocabulary(str(nm)), str(o), int(k)) for nm, o, k in zip(c["name"], c["outcome"], c["steps"])]
     saddles = set()
     for c in res.categories:
         if c.name == "saddle":
@@ -97,7 +102,7 @@ def engine_members(dyn, x0, tol, cap, tmp_path):
     order = np.argsort(idx)
     names = labels.names()
     pooled = named([names[j] for j in order], oc[order], ns[order])
-    return {"simulate": sim, "pool": pooled, "study": study, "counts": counts}
+    return {"simulate": sim, "pool": pooled, "study": study, "counts": counts, "certified": certified}
 
 
 # ------------------------------------------------------------------------------------------------------ the case
@@ -146,3 +151,17 @@ def test_basin_engine_matches_the_numpy_oracle_member_by_member(tmp_path):
                if e != ref[b]]
         assert not bad, f"{path}: {len(bad)} members differ from the oracle (index, oracle, engine): {bad[:5]}"
     assert eng["counts"] == dict(counts)
+    # certificates decide members early: the oracle's name for every member, the oracle's outcome or "certified"
+    # (then in fewer steps)
+    # (then in fewer steps); a member still moving at the cap may be certified before it: the oracle run 20 times
+    # longer must then reach the certified attractor
+    late = [b for b, e in enumerate(eng["certified"]) if e[1] == "certified" and ref[b][1] == "not_converged"]
+    longer = dict(zip(late, numpy_basin_members(V, K, Q, ALPHA, BETA, x0[late], tol=TOL, cap=20 * CAP))) if late else {}
+    bad = []
+    for b, e in enumerate(eng["certified"]):
+        o = longer.get(b, ref[b])
+        e = (e[0], _oracle_outcome(e[1]), e[2])
+        if e[0] != o[0] or not (e[1:] == o[1:] or (e[1] == "certified" and o[1] == "converged" and e[2] <= o[2])):
+            bad.append((b, o, e))
+    assert not bad, f"certified study: {len(bad)} members differ from the oracle: {bad[:5]}"
+    assert sum(e[1] == "certified" for e in eng["certified"]) > 100 and len(late) > 0

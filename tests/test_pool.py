@@ -139,19 +139,54 @@ def test_fused_mode_equals_xla_member_by_member():
 
 
 def test_fused_group_kernel_lowers_to_triton_for_cuda():
-    """The pool's fused kernel compiles for a GPU: lowered for the cuda platform without one (Triton IR)."""
+    """The pool's fused kernel compiles for a GPU, with and without certified regions: lowered for the cuda platform
+    without one (Triton IR)."""
     import jax.numpy as jnp
 
     from attnflow.evolve.backends.fused import fused_group
     from attnflow.evolve.pool import _Spec
+    from attnflow.evolve.regions import Regions
 
     dyn = mapped(dtype=np.float32)
     spec = _Spec(tol=1e-6, group=8, continuous=False, backend="fused")
     X = jnp.zeros((15, 256), jnp.float32)
-    st, ns = jnp.zeros(256, jnp.int32), jnp.zeros(256, jnp.int32)
-    f = lambda X, st, ns: fused_group(dyn, af.Iterate(), 1.0, 100, spec, 5, 3, X, st, ns, None, None, interpret=False)[:3]
-    text = jax.jit(f).trace(X, st, ns).lower(lowering_platforms=("cuda",)).as_text()
-    assert "triton" in text.lower() or "tt." in text
+    st, ns, tg = jnp.zeros(256, jnp.int32), jnp.zeros(256, jnp.int32), jnp.full(256, -1, jnp.int32)
+    reg = Regions(jnp.eye(3, dtype=jnp.float32)[:1], ((1e-4, -1.0, -1.0, -1.0, -1.0, 1e-4),), (0,))
+    for regions in (None, reg):
+        f = lambda X, st, ns, tg: fused_group(dyn, af.Iterate(), 1.0, 100, regions, spec, 5, 3, X, st, ns, None, None, tg,  # noqa: E731
+                                              interpret=False)
+        text = jax.jit(f).trace(X, st, ns, tg).lower(lowering_platforms=("cuda",)).as_text()
+        assert "triton" in text.lower() or "tt." in text
+
+
+def test_certified_regions_on_every_mode():
+    """A member that enters a certified region stops there as 'certified' with the region's tag, after the same
+    number of steps on the xla, lanes and fused (interpreted) backends and in the adaptive mode's own test."""
+    import jax.numpy as jnp
+
+    from attnflow.evolve.regions import Regions, test_state
+
+    dyn = mapped(alpha=0.3)
+    x0 = sphere(16, n=3, seed=9)
+    reg = Regions(jnp.eye(3)[:1], ((0.05, -1.0, -1.0, 0.05),), (0,))  # consensus on -e1 and +e1: |X - X*|^2 <= 0.05
+    outs = {}
+    for backend in ("xla", "lanes", "fused"):
+        p = S.empty_pool(8, 3, 3, np.float64)
+        p, r = S.advance_pool(dyn, p, x0, np.arange(16, dtype=np.int32), 16, budget=af.Budget(max_steps=400),
+                              stop=af.Stop(1e-9), execution=af.Execution(backend=backend, group=3), drain=True, regions=reg)
+        idx, fin, oc, ns, _ = r.valid()
+        order = np.argsort(idx)
+        outs[backend] = (oc[order], ns[order], np.asarray(r.tag)[: len(idx)][order], fin[order])
+    oc, ns, tg, fin = outs["xla"]
+    cert = oc == af.OUTCOMES.index("certified")
+    assert cert.sum() >= 4 and set(tg[cert]) <= {0, 3} and np.all(tg[~cert] == -1)
+    for b in ("lanes", "fused"):
+        assert np.array_equal(outs[b][0], oc) and np.array_equal(outs[b][1], ns) and np.array_equal(outs[b][2], tg)
+    for X, t in zip(fin[cert], tg[cert]):  # in the region now, and its test agrees
+        v = np.array([1.0, 0, 0]) * (1 if t == 3 else -1)
+        assert np.sum((X - v) ** 2) <= 0.05
+        h, tt = test_state(reg, jnp.asarray(X))
+        assert bool(h) and int(tt) == t
 
 
 def test_adaptive_mode_agrees_with_diffrax_member_by_member():

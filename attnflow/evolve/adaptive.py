@@ -103,22 +103,30 @@ def _rows(X):
     return jnp.transpose(X, (2, 1, 0)).reshape(d * n, P)
 
 
-def run_group(dyn, ctl: Controller, tol: float, cap: int, group: int, n: int, d: int, rows, st, ns, t, h):
+def run_group(dyn, ctl: Controller, tol: float, cap, regions, group: int, n: int, d: int, rows, st, ns, t, h, tag):
     """`group` attempts of every running member (outcome ``not_converged`` and fewer than `cap` steps) of a pool
-    ``(d n, P)``; the others are frozen."""
+    ``(d n, P)``; the others are frozen. With `regions`, a member whose accepted step lands in a certified region
+    stops as ``certified`` (:mod:`attnflow.evolve.regions`)."""
+    from .outcome import CERTIFIED
+    from .regions import test_state
 
     def one(_, c):
-        X, st, ns, t, h = c
+        X, st, ns, t, h, tag = c
         Xn, tn, hn, oc, moved = jax.vmap(lambda x, tt, hh: _attempt(dyn, ctl, tol, x, tt, hh))(X, t, h)
         run = (st == NOT_CONVERGED) & (ns < cap)
+        if regions is not None:
+            hit, tg = jax.vmap(lambda x: test_state(regions, x))(Xn)
+            cert = run & moved & (tn != t) & hit & (oc < 0)
+            oc = jnp.where(cert, CERTIFIED, oc)
+            tag = jnp.where(cert, tg, tag)
         X = jnp.where(run[:, None, None], Xn, X)
         t, h = jnp.where(run, tn, t), jnp.where(run, hn, h)
         st = jnp.where(run & (oc >= 0), oc, st).astype(st.dtype)
         ns = ns + (run & moved).astype(ns.dtype)
-        return X, st, ns, t, h
+        return X, st, ns, t, h, tag
 
-    X, st, ns, t, h = jax.lax.fori_loop(0, group, one, (_members(rows, n, d), st, ns, t, h))
-    return _rows(X), st, ns, t, h
+    X, st, ns, t, h, tag = jax.lax.fori_loop(0, group, one, (_members(rows, n, d), st, ns, t, h, tag))
+    return _rows(X), st, ns, t, h, tag
 
 
 def _initial_one(dyn, ctl: Controller, X):

@@ -143,12 +143,17 @@ class Budget(eqx.Module):
 
 class Stop(eqx.Module):
     """When a member stops before its budget: `tol`, the per-step change (max abs over the state; divided by dt for
-    fixed-step flows; for the adaptive solver, max |f(X)|) below which it is ``converged``. None: never early."""
+    fixed-step flows; for the adaptive solver, max |f(X)|) below which it is ``converged`` (None: never early); and,
+    in a basin study, `certify`: retire a member as soon as it enters a certified ball around a stable equilibrium
+    (:mod:`attnflow.analysis.basins.certify`), with that equilibrium's label and outcome ``certified``."""
 
     tol: float | None = eqx.field(static=True, default=None)
+    certify: bool = eqx.field(static=True, default=True)
 
     def __check_init__(self):
         _positive_float("tol", self.tol)
+        if not isinstance(self.certify, bool):
+            raise ValueError(f"certify must be True or False, got {self.certify!r}")
 
 
 class Execution(eqx.Module):
@@ -157,7 +162,8 @@ class Execution(eqx.Module):
     - `backend`: ``"auto"``, ``"xla"``, ``"lanes"`` or ``"fused"`` (see :mod:`attnflow.evolve.backends`).
     - `chunk`: members per call of :func:`attnflow.simulate` (results gathered on the host); for a study, samples
       per block (one Parquet table of a run directory; part of a run's identity).
-    - `pool`: member slots per device of a study (default: 512 on the lanes backend, else
+    - `pool`: member slots per device of a study (default: on the lanes backend, the slots that fit the L2 cache,
+      :func:`attnflow.evolve.backends.cache_slots`; else
       ``min(16384, samples, max(chunk, 64))``).
     - `group`: steps between two retire-and-refill passes of a study's pool (default 8).
     - `devices`: how many local devices to use (default: all of them). A study runs one pool per device;

@@ -2,7 +2,8 @@
 
 ``Solution.outcome`` and every basin study hold these as int32 codes (cheap to vmap and store); the enumeration
 gives each code its name and meaning, like ``optimistix.RESULTS``. A simulation produces the first five; a basin
-study adds ``saddle`` after checking the equilibrium a converged member reached.
+study adds ``saddle`` after checking the equilibrium a converged member reached, and ``certified`` for members it
+decided early, inside a certified region (:mod:`attnflow.evolve.regions`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import numpy as np
 
 class Outcome(eqx.Enumeration):
     """What became of a member (``Solution.outcome`` holds the int code, :data:`OUTCOMES` ``[code]`` its name,
-    :func:`outcome_message` its meaning). Only ``converged`` members are named by the attractor they reached;
-    every other outcome is reported as a category of its own."""
+    :func:`outcome_message` its meaning). Only ``converged`` and ``certified`` members are named by the attractor
+    they reached (the outcome says which rule decided it); every other outcome is reported as a category of its
+    own."""
 
     not_converged = "still moving when it reached its step cap (max_steps) without meeting tol"
     converged = "its per-step change fell below tol: it reached an attractor (a verified stable or neutral equilibrium)"
@@ -23,6 +25,7 @@ class Outcome(eqx.Enumeration):
     solver_failed = "the adaptive solver failed (its step size collapsed)"
     degenerate = "its state stayed finite but left the state space (e.g. a zero token after an overflow)"
     saddle = "it stopped (per-step change below tol) at an equilibrium verified to be unstable: a slow passage, not an attractor"
+    certified = "it entered a certified ball around a verified stable equilibrium, in which the dynamics contract: its attractor is decided before it converges"
 
 
 OUTCOMES: tuple[str, ...] = tuple(sorted(Outcome._name_to_item, key=lambda k: int(Outcome._name_to_item[k]._value)))
@@ -42,7 +45,7 @@ def outcome_message(code: int) -> str:
 
 
 # The codes, for code that works on int32 arrays inside jit. These are the only outcome integers in attnflow.
-NOT_CONVERGED, CONVERGED, NONFINITE, SOLVER_FAILED, DEGENERATE, SADDLE = (outcome_code(n) for n in OUTCOMES)
+NOT_CONVERGED, CONVERGED, NONFINITE, SOLVER_FAILED, DEGENERATE, SADDLE, CERTIFIED = (outcome_code(n) for n in OUTCOMES)
 
 DEGENERATE_TOL = 1e-3
 """A member whose final state is farther than this from the model's state space (``state_residual``, e.g.

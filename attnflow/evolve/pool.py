@@ -39,6 +39,7 @@ from . import adaptive as _adaptive, backends
 from .backends import machine, one_step
 from .options import Budget, Execution, Span, Stop
 from .outcome import CONVERGED, NOT_CONVERGED, mark_degenerate
+from .regions import Regions, test_rows
 from .solvers import RK4, Adaptive, Iterate
 
 GROUP = 8
@@ -50,7 +51,8 @@ stopped, and each pass moves ``d n`` numbers per slot. Measured on the 2-core CP
 class Pool(eqx.Module):
     """Member slots on one device: ``x`` ``(d n, P)`` states as rows (row ``a n + i`` is coordinate a of token i),
     ``index`` the sample index of each slot's member (-1: free), ``outcome`` and ``steps`` as in
-    :class:`~attnflow.Solution`; ``t`` and ``h`` the time and next step size of each member (adaptive solver)."""
+    :class:`~attnflow.Solution`; ``t`` and ``h`` the time and next step size of each member (adaptive solver);
+    ``tag`` the certified region a member entered (-1: none)."""
 
     x: Float[Array, "D P"]
     index: Int[Array, " P"]
@@ -58,6 +60,7 @@ class Pool(eqx.Module):
     steps: Int[Array, " P"]
     t: Float[Array, " P"]
     h: Float[Array, " P"]
+    tag: Int[Array, " P"]
 
     def occupied(self) -> int:
         """How many slots hold a member."""
@@ -70,21 +73,23 @@ def empty_pool(size: int, tokens: int, d: int, dtype, device=None) -> Pool:
         raise ValueError(f"a pool needs at least one slot, got {size}")
     free = np.full((size,), -1, np.int32)
     arrs = (np.zeros((d * tokens, size), dtype), free, np.full((size,), CONVERGED, np.int32), np.zeros((size,), np.int32),
-            np.zeros((size,), dtype), np.zeros((size,), dtype))
+            np.zeros((size,), dtype), np.zeros((size,), dtype), free.copy())
     return Pool(*(jax.device_put(a, device) for a in arrs))
 
 
 class Retired(eqx.Module):
     """The members one call retired, in order of retirement; the first ``count`` entries are valid (the buffer holds
     queue + pool entries). ``outcome`` includes ``degenerate``; ``time`` is each member's final time (steps x dt for
-    fixed-step flows, steps for maps, the accepted time for the adaptive solver); ``extra`` is
-    ``then(final, outcome)`` of :func:`advance_pool` (e.g. labels), or None."""
+    fixed-step flows, steps for maps, the accepted time for the adaptive solver); ``tag`` the certified region of a
+    ``certified`` member (-1 otherwise); ``extra`` is ``then(final, outcome)`` of :func:`advance_pool` (e.g. labels),
+    or None."""
 
     index: Int[Array, " R"]
     final: Float[Array, "R n d"]
     outcome: Int[Array, " R"]
     steps: Int[Array, " R"]
     time: Float[Array, " R"]
+    tag: Int[Array, " R"]
     count: Int[Array, ""]
     extra: object = None
 
@@ -134,15 +139,17 @@ def pool_backend(backend: str, dynamics, solver, shape, dtype, span: Span) -> st
 
 
 def advance_pool(dynamics, pool: Pool, queue, queue_index, count: int, *, budget: Budget, stop: Stop, solver=None,
-                 execution: Execution = Execution(), drain: bool = False, then: Callable | None = None) -> tuple[Pool, Retired]:
+                 execution: Execution = Execution(), drain: bool = False, then: Callable | None = None,
+                 regions: Regions | None = None) -> tuple[Pool, Retired]:
     """Run the pool on the first `count` states of `queue` ``(M, n, d)`` (sample indices `queue_index` ``(M,)``,
     int32), until the queue is used up; with `drain`, until every slot is empty.
 
     **Arguments:** the model; the pool (:func:`empty_pool`, or the one a previous call returned); the queue;
     `budget` (its cap, and dt for fixed-step flows: :meth:`Budget.resolve`), `stop` (tol), `solver` (default
     ``Iterate`` / ``RK4``), `execution` (its backend and group; ``"auto"`` is resolved for P members running the
-    whole cap: a study passes the backend it resolved for itself), `drain`, and `then` (traceable, run on the
-    retired members in the same call). One compiled program per shape: `count` and `drain` are data. The call is
+    whole cap: a study passes the backend it resolved for itself), `drain`, `then` (traceable, run on the
+    retired members in the same call), and `regions` (:class:`~attnflow.evolve.regions.Regions`: a member that
+    enters one after a step is retired as ``certified``, with the region's tag). One compiled program per shape: `count` and `drain` are data. The call is
     dispatched asynchronously and runs on the device that holds the pool.
 
     **Returns:** the pool (keep it for the next call) and the :class:`Retired` members.
@@ -164,7 +171,7 @@ def advance_pool(dynamics, pool: Pool, queue, queue_index, count: int, *, budget
     dt = 1.0 if span.dt is None else span.dt
     return _advance(dynamics, solver, pool, put(jnp.asarray(queue)), put(jnp.asarray(queue_index, jnp.int32)),
                     put(jnp.asarray(count, jnp.int32)), put(jnp.asarray(bool(drain))), put(jnp.asarray(dt, queue.dtype)),
-                    put(jnp.asarray(span.cap, jnp.int32)), spec, then)
+                    put(jnp.asarray(span.cap, jnp.int32)), None if regions is None else jax.device_put(regions, dev), spec, then)
 
 
 def make_spec(dynamics, solver, span: Span, stop: Stop, execution: Execution, backend: str) -> _Spec:
@@ -177,16 +184,16 @@ def make_spec(dynamics, solver, span: Span, stop: Stop, execution: Execution, ba
     return _Spec(stop.tol, int(execution.group), isinstance(dynamics, AbstractFlow), backend, ctrl)
 
 
-def _group_runner(dyn, solver, dt, cap, spec: _Spec, n: int, d: int, P: int, dtype):
-    """``run(X, outcome, steps, t, h) -> (X, outcome, steps, t, h)``: `spec.group` steps of every member that still
-    runs (the others are frozen), on ``(d n, P)`` rows."""
+def _group_runner(dyn, solver, dt, cap, regions, spec: _Spec, n: int, d: int, P: int, dtype):
+    """``run(X, outcome, steps, t, h, tag) -> (X, outcome, steps, t, h, tag)``: `spec.group` steps of every member
+    that still runs (the others are frozen), on ``(d n, P)`` rows."""
     scale = dt if spec.continuous else None
     if spec.adaptive is not None:
-        return functools.partial(_adaptive.run_group, dyn, spec.adaptive, spec.tol, cap, spec.group, n, d)
+        return functools.partial(_adaptive.run_group, dyn, spec.adaptive, spec.tol, cap, regions, spec.group, n, d)
     if spec.backend == "fused":
         from .backends.fused import fused_group
 
-        return functools.partial(fused_group, dyn, solver, dt, cap, spec, n, d)
+        return functools.partial(fused_group, dyn, solver, dt, cap, regions, spec, n, d)
     if spec.backend == "lanes":
         prog = backends.lane_program(dyn, solver, dt, n, d, dtype)
         scal = prog.scalars(prog.prepare((dyn, solver, dt)))
@@ -198,34 +205,37 @@ def _group_runner(dyn, solver, dt, cap, spec: _Spec, n: int, d: int, P: int, dty
             Y = jax.vmap(lambda x, kk: one_step((dyn, solver, dt), kk, x))(Xm, k)
             return jnp.transpose(Y, (2, 1, 0)).reshape(d * n, P)
 
-    def run(X, st, ns, t, h):
-        def one(_, c):
-            X, st, ns = c
-            X, _, st, ns = machine.advance((X, ns, st, ns), step, spec.tol, scale, cap)
-            return X, st, ns
+    check = None if regions is None else (lambda Y: test_rows(regions, Y, n, d))
 
-        X, st, ns = jax.lax.fori_loop(0, spec.group, one, (X, st, ns))
-        return X, st, ns, t, h
+    def run(X, st, ns, t, h, tag):
+        def one(_, c):
+            X, st, ns, tag = c
+            out = machine.advance((X, ns, st, ns, tag), step, spec.tol, scale, cap, check)
+            return out[0], out[2], out[3], (tag if check is None else out[4])
+
+        X, st, ns, tag = jax.lax.fori_loop(0, spec.group, one, (X, st, ns, tag))
+        return X, st, ns, t, h, tag
 
     return run
 
 
-def _advance_impl(dyn, solver, pool: Pool, queue, qidx, count, drain, dt, cap, spec: _Spec, then):
+def _advance_impl(dyn, solver, pool: Pool, queue, qidx, count, drain, dt, cap, regions, spec: _Spec, then):
     M, n, d = queue.shape
     D, P = pool.x.shape
     R = M + P
     Q = jnp.transpose(queue, (2, 1, 0)).reshape(D, M)
-    run = _group_runner(dyn, solver, dt, cap, spec, n, d, P, queue.dtype)
+    run = _group_runner(dyn, solver, dt, cap, regions, spec, n, d, P, queue.dtype)
     start = None if spec.adaptive is None else functools.partial(_adaptive.initial_step, dyn, spec.adaptive, n, d)
 
     def retire(c):
-        (x, idx, st, ns, t, h), head, (ox, oi, os_, on, ot), nout = c
+        (x, idx, st, ns, t, h, tg), head, (ox, oi, os_, on, ot, og), nout = c
         occ = idx >= 0
         done = occ & ((st != NOT_CONVERGED) | (ns >= cap))
         pos = jnp.where(done, nout + jnp.cumsum(done, dtype=jnp.int32) - 1, R)  # R: out of bounds, dropped
         ox, oi = ox.at[:, pos].set(x, mode="drop"), oi.at[pos].set(idx, mode="drop")
         os_, on = os_.at[pos].set(st, mode="drop"), on.at[pos].set(ns, mode="drop")
         ot = ot.at[pos].set(t if spec.adaptive is not None else ns.astype(t.dtype) * dt, mode="drop")
+        og = og.at[pos].set(tg, mode="drop")
         want = done | ~occ
         q = head + jnp.cumsum(want, dtype=jnp.int32) - 1
         take = want & (q < count)
@@ -235,26 +245,28 @@ def _advance_impl(dyn, solver, pool: Pool, queue, qidx, count, drain, dt, cap, s
         st = jnp.where(take, NOT_CONVERGED, jnp.where(want, CONVERGED, st))
         ns = jnp.where(take, 0, ns)
         t = jnp.where(take, 0.0, t)
+        tg = jnp.where(want, -1, tg)
         if start is not None:  # a first step size for each new member (two evaluations of f, once per member)
             h = jax.lax.cond(jnp.any(take), lambda: jnp.where(take, start(x), h), lambda: h)
-        return (x, idx, st, ns, t, h), head + jnp.sum(take, dtype=jnp.int32), (ox, oi, os_, on, ot), nout + jnp.sum(done, dtype=jnp.int32)
+        return ((x, idx, st, ns, t, h, tg), head + jnp.sum(take, dtype=jnp.int32), (ox, oi, os_, on, ot, og),
+                nout + jnp.sum(done, dtype=jnp.int32))
 
     def body(c):
-        (x, idx, st, ns, t, h), head, out, nout = retire(c)
-        x, st, ns, t, h = run(x, st, ns, t, h)
-        return (x, idx, st, ns, t, h), head, out, nout
+        (x, idx, st, ns, t, h, tg), head, out, nout = retire(c)
+        x, st, ns, t, h, tg = run(x, st, ns, t, h, tg)
+        return (x, idx, st, ns, t, h, tg), head, out, nout
 
     cond = lambda c: (c[1] < count) | (drain & jnp.any(c[0][1] >= 0))  # noqa: E731
     zero = jnp.zeros((), jnp.int32)
     out = (jnp.zeros((D, R), queue.dtype), jnp.full((R,), -1, jnp.int32), jnp.zeros((R,), jnp.int32), jnp.zeros((R,), jnp.int32),
-           jnp.zeros((R,), queue.dtype))
-    c = ((pool.x, pool.index, pool.outcome, pool.steps, pool.t, pool.h), zero, out, zero)
+           jnp.zeros((R,), queue.dtype), jnp.full((R,), -1, jnp.int32))
+    c = ((pool.x, pool.index, pool.outcome, pool.steps, pool.t, pool.h, pool.tag), zero, out, zero)
     c = retire(jax.lax.while_loop(cond, body, c))
-    slots, _, (ox, oi, os_, on, ot), nout = c
+    slots, _, (ox, oi, os_, on, ot, og), nout = c
     final = jnp.transpose(ox.reshape(d, n, R), (2, 1, 0))
     os_ = mark_degenerate(dyn, final, os_)
     extra = None if then is None else then(final, os_)
-    return Pool(*slots), Retired(oi, final, os_, on, ot, nout, extra)
+    return Pool(*slots), Retired(oi, final, os_, on, ot, og, nout, extra)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -274,14 +286,15 @@ def _advance(*args):
 
 
 def stream_members(dynamics, stream: Iterator, *, budget: Budget, stop: Stop, solver=None, execution: Execution,
-                   pool_size: int, queue_size: int, then: Callable | None, sink: Callable, drain: Callable | None = None) -> None:
+                   pool_size: int, queue_size: int, then: Callable | None, sink: Callable, drain: Callable | None = None,
+                   regions: Regions | None = None) -> None:
     """Run every member of a sample stream through one pool per local device (``execution.local_devices()``).
 
     `stream` yields ``(indices, states)`` blocks of at most `queue_size` members (or ``(None, None)``: a drain
     request, after which `drain()` is called once every member is retired). Each block is split into contiguous
     shares, one per device; every device runs its own compiled call on its share (same program, dispatched
     asynchronously, no collective), and the host hands the previous calls' members to
-    ``sink(index, outcome, steps, final, extra)`` while the next calls run. `execution.backend` must be resolved
+    ``sink(index, outcome, steps, final, extra, tag)`` while the next calls run. `execution.backend` must be resolved
     (not ``"auto"``), so that every device takes the same path.
     """
     devices = execution.local_devices()
@@ -298,11 +311,11 @@ def stream_members(dynamics, stream: Iterator, *, budget: Budget, stop: Stop, so
         for out in outs:
             idx, fin, st, steps, extra = out.valid()
             if len(idx):
-                sink(idx, st, steps, fin, extra)
+                sink(idx, st, steps, fin, extra, np.asarray(out.tag)[: len(idx)])
 
     def call(j, q, qi, count, drain_):
         return advance_pool(dynamics, pools[j], q, qi, count, budget=budget, stop=stop, solver=solver,
-                            execution=execution, drain=drain_, then=then)
+                            execution=execution, drain=drain_, then=then, regions=regions)
 
     def empty_all():
         nonlocal pending

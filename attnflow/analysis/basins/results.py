@@ -33,6 +33,8 @@ class Attractor:
       ``"unknown"``; unstable ones are the ``saddle`` category), None for categories.
     - `members`: for ``saddle``, the unstable equilibria and their counts; for a union, its attractors and counts.
     - `row`: the integer label row (the tally key), None for a union.
+    - `certified`: how many of its members were decided by a certificate (outcome ``certified``: they entered a
+      contracting ball around its verified stable equilibrium) rather than by convergence.
     """
 
     name: str
@@ -52,6 +54,7 @@ class Attractor:
     verdict: str | None = None
     members: dict | None = None
     row: tuple | None = None
+    certified: int = 0
 
     @property
     def is_attractor(self) -> bool:
@@ -66,7 +69,8 @@ class Attractor:
                "steps_median": self.steps_median, "steps_max": self.steps_max}
         if self.is_attractor and self.kind != "union":
             out.update(eigenvector=None if self.eigenvector is None else f"v{self.eigenvector + 1}", sign=self.sign,
-                       split=self.split, sizes=None if self.sizes is None else list(self.sizes), verdict=self.verdict)
+                       split=self.split, sizes=None if self.sizes is None else list(self.sizes), verdict=self.verdict,
+                       certified=self.certified)
         if self.members is not None:
             out["members"] = dict(self.members)
         return plain(out)
@@ -190,7 +194,8 @@ def summarize(tally: Tally, verdicts: dict, *, max_steps: int | None = None, tol
         e, d = tally.table[r], describe(np.array(r), n)
         atts.append(Attractor(d["name"], d["kind"], "converged", e.count, e.count / N, interval_with_unknown(e.count, u, N),
                               wilson(e.count, N), e.steps_sum / e.count, e.median(), e.steps_max, d["eigenvector"], d["sign"],
-                              d["split"], None if d["sizes"] is None else tuple(d["sizes"]), verdicts.get(r, "unknown"), None, r))
+                              d["split"], None if d["sizes"] is None else tuple(d["sizes"]), verdicts.get(r, "unknown"), None, r,
+                              e.certified))
     atts.sort(key=lambda a: (-a.count, a.name, a.row))  # a total order: the same result whatever the order of the tally
     cats = []
     for code in sorted(by_outcome):

@@ -37,7 +37,7 @@ import numpy as np
 
 from ..._types import Array
 from ...evolve.options import STUDY_TOL, Budget, Execution, Stop
-from ...evolve.outcome import CONVERGED, OUTCOMES, SADDLE
+from ...evolve.outcome import CERTIFIED, CONVERGED, OUTCOMES, SADDLE
 from ...evolve.pool import check_solver, pool_backend, stream_members
 from ...evolve.solvers import Adaptive
 from ..classify import classifier, describe, label_rows
@@ -46,11 +46,13 @@ from .sampling import Sphere, sample_stream
 from .tally import Tally, gather_tally, unique_rows
 from .verify import Verifier
 
-LANES_POOL = 512
-"""Default pool of a study on the lanes backend, per device. Measured on the 2-core CPU (n = 10, d = 3, cap 1000,
-10^5 samples): 256 slots 8 700 samples/s, 512 slots 10 700, 1024 slots 10 400; the drain at the end of a study
-costs about a pool times the longest member's steps, so smaller is better for small studies (10^4 samples: 9 200,
-9 200 and 7 600)."""
+def _lanes_pool(dyn, solver, span, n, d, dtype) -> int:
+    """The default pool of a study on the lanes backend, per device: the slots whose working set fits the L2 cache
+    (:func:`attnflow.evolve.backends.cache_slots` of the unrolled step's size)."""
+    from ...evolve import backends
+
+    prog = backends.lane_program(dyn, solver, 1.0 if span.dt is None else span.dt, n, d, dtype)
+    return backends.cache_slots(prog.cost, np.dtype(dtype).itemsize)
 
 KEEP = 2000
 """The members of lowest sample index whose final states a result keeps (:attr:`BasinResult.members`)."""
@@ -139,11 +141,12 @@ def basin_fractions(
     n, d, dtype = int(shape.shape[1]), int(shape.shape[2]), shape.dtype
     ex, pi, pc, distributed = _execution(execution, dyn, solver, samples, n, d, dtype, span, ci_width)
     if run_dir is not None:
-        run_dir.open(study_identity(dyn, key, samples, sampler, solver, span.cap, stop.tol, cluster_tol, ex),
+        run_dir.open(study_identity(dyn, key, samples, sampler, solver, span.cap, stop, cluster_tol, ex),
                      process_index=pi, process_count=pc, distributed=distributed)
     tally, verifier = Tally(n), Verifier(dyn, dtype)
+    regions, tag_rows = _certified(dyn, solver, span, stop, n, dtype, cluster_tol, verifier)
     report = _progress(progress, samples)
-    blocks = _Blocks(ex.chunk, samples, tally, run_dir, verifier, report)
+    blocks = _Blocks(ex.chunk, samples, tally, run_dir, verifier, report, tag_rows)
     n_blocks = math.ceil(samples / ex.chunk)
     adaptive = None if ci_width is None else (lambda: all(a.interval[1] - a.interval[0] < ci_width
                                                           for a in summarize(tally, {}).attractors))
@@ -151,7 +154,7 @@ def basin_fractions(
     stream = blocks.watch(sample_stream(sampler, key, ids, ex.chunk, samples))
     stream_members(dyn, stream, budget=budget, stop=stop, solver=solver, execution=ex, pool_size=ex.pool,
                    queue_size=ex.chunk if ci_width is not None else min(ex.chunk, samples),
-                   then=classifier(dyn, tol=cluster_tol), sink=blocks.add)
+                   then=classifier(dyn, tol=cluster_tol), sink=blocks.add, regions=regions)
     report(None)
     if blocks.open:  # pragma: no cover - every sample of every started block is retired by construction
         raise RuntimeError(f"internal error: blocks {sorted(blocks.open)} incomplete")
@@ -159,6 +162,25 @@ def basin_fractions(
         tally = gather_tally(tally)
     return summarize(tally, verifier.complete(tally), max_steps=span.cap, tol=stop.tol, backend=ex.backend,
                      members=blocks.members())
+
+
+def _certified(dyn, solver, span, stop, n, dtype, cluster_tol, verifier):
+    """The certified regions of the study (:mod:`.certify`) and the label row of each region's tag; their
+    equilibria are verified stable by construction."""
+    from .certify import certificates, regions as make_regions
+
+    if not stop.certify:
+        return None, {}
+    certs = certificates(dyn, solver, span.dt, tokens=n, dtype=dtype)
+    regions, eqs = make_regions(certs, dyn, n, dtype)
+    if regions is None:
+        return None, {}
+    tags = sorted(eqs)
+    rows = label_rows(classifier(dyn, tol=cluster_tol)(jnp.asarray(np.stack([eqs[t] for t in tags]), dtype)))
+    tag_rows = {t: r for t, r in zip(tags, rows)}
+    for r in rows:
+        verifier.verdicts[tuple(int(v) for v in r)] = "stable"
+    return regions, tag_rows
 
 
 def _sampler(dyn, tokens, sampler):
@@ -179,7 +201,7 @@ def _execution(execution, dyn, solver, samples, n, d, dtype, span, ci_width):
     ex = Execution() if execution is None else execution
     chunk = min(samples, 10_000) if ex.chunk is None else ex.chunk
     backend = pool_backend(ex.backend, dyn, solver, (samples, n, d), dtype, span)
-    pool = ex.pool if ex.pool is not None else (min(LANES_POOL, samples) if backend == "lanes"
+    pool = ex.pool if ex.pool is not None else (min(_lanes_pool(dyn, solver, span, n, d, dtype), samples) if backend == "lanes"
                                                 else min(16384, samples, max(chunk, 64)))
     distributed = jax.process_count() > 1
     pi, pc = ex.process if ex.process is not None else (jax.process_index(), jax.process_count())
@@ -226,13 +248,14 @@ def fingerprint(obj) -> str:
     return h.hexdigest()
 
 
-def study_identity(dyn, key: Array, samples: int, sampler, solver, cap: int, tol: float, cluster_tol: float,
+def study_identity(dyn, key: Array, samples: int, sampler, solver, cap: int, stop: Stop, cluster_tol: float,
                    execution: Execution) -> dict:
     """The settings a resumed study must share with the run it continues: the model, sampler and solver by content,
-    the key, N, the cap, the tolerances, the block size and the resolved backend (float32 results of two backends
-    agree to rounding only)."""
+    the key, N, the cap, the stop rule (tol, certificates), the block size and the resolved backend (float32
+    results of two backends agree to rounding only)."""
     kd = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    return {"samples": int(samples), "chunk_size": int(execution.chunk), "key": np.asarray(kd).tolist(), "tol": tol,
+    return {"samples": int(samples), "chunk_size": int(execution.chunk), "key": np.asarray(kd).tolist(), "tol": stop.tol,
+            "certify": stop.certify,
             "cluster_tol": cluster_tol, "max_steps": int(cap), "sampling": "fold_in(key, sample index)",
             "model": fingerprint(dyn), "sampler": fingerprint(sampler), "solver": fingerprint(solver),
             "backend": execution.backend}
@@ -266,8 +289,15 @@ class _Blocks:
     """Collects retired members by block: names them (verifying each new label's equilibrium once), and writes (if
     a writer is given) and tallies each block once all its members are in."""
 
-    def __init__(self, block: int, samples: int, tally: Tally, writer, verifier: Verifier, report: Callable):
+    def __init__(self, block: int, samples: int, tally: Tally, writer, verifier: Verifier, report: Callable, tag_rows: dict):
         self.C, self.N, self.tally, self.writer, self.verifier, self.report = block, samples, tally, writer, verifier, report
+        self.tag_rows = tag_rows
+        self.tag_table = None  # the label row of every region tag, as one array (a lookup per member)
+        if tag_rows:
+            width = len(next(iter(tag_rows.values())))
+            self.tag_table = np.zeros((max(tag_rows) + 1, width), np.int64)
+            for t, r in tag_rows.items():
+                self.tag_table[t] = r
         self.keep_initial = bool(getattr(writer, "initial", False))
         self.open: dict[int, dict] = {}
         self.initial: dict[int, np.ndarray] = {}
@@ -287,28 +317,34 @@ class _Blocks:
     def read(self, b: int) -> None:
         """Tally a block already written."""
         c = self.writer.read_chunk(b)
-        self.tally.add(np.asarray(c["row"]), np.asarray(c["steps"]), np.asarray(c["index"]), np.asarray(c["rep"], np.float64))
+        self.tally.add(np.asarray(c["row"]), np.asarray(c["steps"]), np.asarray(c["index"]), np.asarray(c["rep"], np.float64),
+                       certified=np.asarray(c["outcome"]) == "certified")
         self.report(len(c["index"]))
 
-    def add(self, idx, outcome, steps, finals, labels) -> None:
-        """Take the members one pool call retired (the sink of :func:`attnflow.evolve.pool.stream_members`)."""
+    def add(self, idx, outcome, steps, finals, labels, tag) -> None:
+        """Take the members one pool call retired (the sink of :func:`attnflow.evolve.pool.stream_members`): certified
+        members get their region's label row, the others the classifier's."""
         rows = label_rows(labels)
-        self._saddles(idx, rows, finals)
+        cert = outcome == CERTIFIED
+        if cert.any():
+            rows[cert] = self.tag_table[tag[cert]]
+        self._saddles(idx, rows, finals, cert)
         for j in np.flatnonzero(idx < KEEP):
             self.kept[int(idx[j])] = (rows[j], finals[j])
         flat = finals.reshape(len(finals), -1)
+        oc = np.where(cert, CERTIFIED, rows[:, 0])  # what became of each member (the row holds its attractor)
         for b in np.unique(idx // self.C):
             sel = idx // self.C == b
-            e = self.open.setdefault(int(b), {"index": [], "row": [], "steps": [], "final": []})
-            for k, v in (("index", idx[sel]), ("row", rows[sel]), ("steps", steps[sel]), ("final", flat[sel])):
+            e = self.open.setdefault(int(b), {"index": [], "row": [], "steps": [], "final": [], "outcome": []})
+            for k, v in (("index", idx[sel]), ("row", rows[sel]), ("steps", steps[sel]), ("final", flat[sel]), ("outcome", oc[sel])):
                 e[k].append(v)
             if sum(len(a) for a in e["index"]) == self.size(int(b)):
                 self._complete(int(b), {k: np.concatenate(v) for k, v in self.open.pop(int(b)).items()})
 
-    def _saddles(self, idx, rows, finals) -> None:
+    def _saddles(self, idx, rows, finals, cert) -> None:
         """Verify every new converged label (from its member of lowest index here); members of labels whose
         equilibrium is unstable get outcome ``saddle`` (their row keeps the equilibrium's fields)."""
-        conv = np.flatnonzero(rows[:, 0] == CONVERGED)
+        conv = np.flatnonzero((rows[:, 0] == CONVERGED) & ~cert)
         if not len(conv):
             return
         uniq, _, inv = unique_rows(rows[conv])
@@ -321,19 +357,23 @@ class _Blocks:
     def _complete(self, b: int, cols: dict) -> None:
         order = np.argsort(cols["index"])
         cols = {k: v[order] for k, v in cols.items()}
-        uniq, first, inv = unique_rows(cols["row"])
+        cert = cols["outcome"] == CERTIFIED
+        uniq, _, inv = unique_rows(cols["row"])
         names = np.array([describe(r, self.tally.n)["name"] for r in uniq], dtype=str)
         rep = np.full(cols["final"].shape, np.nan)
-        rep[first] = np.asarray(cols["final"][first], np.float64)  # one representative per distinct row
+        for j in range(len(uniq)):  # one representative per distinct row: its first converged member
+            ok = np.flatnonzero((inv == j) & ~cert)
+            if len(ok):
+                rep[ok[0]] = np.asarray(cols["final"][ok[0]], np.float64)
         out = {"index": cols["index"].astype(np.int64), "name": names[inv],
-               "outcome": np.asarray(OUTCOMES)[cols["row"][:, 0]], "steps": cols["steps"].astype(np.int64),
+               "outcome": np.asarray(OUTCOMES)[cols["outcome"]], "steps": cols["steps"].astype(np.int64),
                "row": cols["row"], "rep": rep}
         init = self.initial.pop(b, None)
         if init is not None:
             out["initial"] = init
         if self.writer is not None:
             self.writer.write_chunk(b, out)
-        self.tally.add(out["row"], out["steps"], out["index"], rep)
+        self.tally.add(out["row"], out["steps"], out["index"], rep, certified=cert)
         self.report(len(out["index"]))
 
     def members(self) -> MemberSample | None:

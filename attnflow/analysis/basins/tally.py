@@ -35,14 +35,16 @@ def _exact_unique(rows):
 
 @dataclasses.dataclass
 class Entry:
-    """One row of the tally: count, sum and max of the steps, the histogram of steps, and the representative
-    ``(sample index, final state (n d,) float64)`` of the lowest sample index (or None)."""
+    """One row of the tally: count, sum and max of the steps, the histogram of steps, the representative
+    ``(sample index, final state (n d,) float64)`` of the lowest sample index (or None), and how many of its members
+    were decided by a certificate."""
 
     count: int = 0
     steps_sum: int = 0
     steps_max: int = 0
     hist: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(1, np.int64))
     rep: tuple | None = None
+    certified: int = 0
 
     def median(self) -> float:
         """The median number of steps."""
@@ -57,14 +59,19 @@ class Tally:
         self.n = tokens
         self.total = 0
 
-    def add(self, rows: np.ndarray, steps: np.ndarray, index: np.ndarray | None = None, finals=None) -> None:
+    def add(self, rows: np.ndarray, steps: np.ndarray, index: np.ndarray | None = None, finals=None,
+            certified: np.ndarray | None = None) -> None:
         """Tally rows ``(b, r)`` with their steps; `index` (sample indices) and `finals` ``(b, n*d)`` give
-        representatives (rows with a non-finite final state are skipped)."""
+        representatives (rows with a non-finite final state are skipped); `certified` marks the members decided by
+        a certificate (their final state is no representative: it has not converged)."""
         self.total += len(rows)
         if not len(rows):
             return
         uniq, _, inv = unique_rows(rows)
         finite = None if finals is None else np.all(np.isfinite(finals), axis=1)
+        cert = np.zeros(len(rows), bool) if certified is None else np.asarray(certified, bool)
+        if finite is not None:
+            finite = finite & ~cert
         for j, r in enumerate(uniq):
             sel = inv == j
             s = steps[sel].astype(np.int64)
@@ -74,18 +81,20 @@ class Tally:
                 if len(ok):
                     m = ok[np.argmin(index[ok])]
                     rep = (int(index[m]), np.asarray(finals[m], np.float64))
-            self._accumulate(tuple(int(v) for v in r), len(s), int(s.sum()), int(s.max()), np.bincount(s), rep)
+            self._accumulate(tuple(int(v) for v in r), len(s), int(s.sum()), int(s.max()), np.bincount(s), rep,
+                             int(np.sum(cert[sel])))
 
     def merge(self, other: "Tally") -> None:
         """Add another tally (e.g. another process's) into this one."""
         self.n = self.n if self.n is not None else other.n
         self.total += other.total
         for r, e in other.table.items():
-            self._accumulate(r, e.count, e.steps_sum, e.steps_max, e.hist, e.rep)
+            self._accumulate(r, e.count, e.steps_sum, e.steps_max, e.hist, e.rep, e.certified)
 
-    def _accumulate(self, r, count, ssum, smax, hist, rep) -> None:
+    def _accumulate(self, r, count, ssum, smax, hist, rep, certified=0) -> None:
         e = self.table.setdefault(r, Entry())
         e.count += count
+        e.certified += certified
         e.steps_sum += ssum
         e.steps_max = max(e.steps_max, smax)
         if len(hist) > len(e.hist):
@@ -100,7 +109,7 @@ class Tally:
         for r, e in self.table.items():
             nz = np.flatnonzero(e.hist)
             tab.append([list(r), e.count, e.steps_sum, e.steps_max, nz.tolist(), e.hist[nz].tolist(),
-                        None if e.rep is None else [e.rep[0], e.rep[1].tolist()]])
+                        None if e.rep is None else [e.rep[0], e.rep[1].tolist()], e.certified])
         return json.dumps({"n": self.n, "total": self.total, "table": tab}).encode()
 
     @classmethod
@@ -109,10 +118,10 @@ class Tally:
         obj = json.loads(b.decode())
         t = cls(obj["n"])
         t.total = obj["total"]
-        for r, c, s, m, nz, hv, rep in obj["table"]:
+        for r, c, s, m, nz, hv, rep, cert in obj["table"]:
             h = np.zeros(max(nz) + 1 if nz else 1, np.int64)
             h[nz] = hv
-            t.table[tuple(r)] = Entry(c, s, m, h, None if rep is None else (rep[0], np.asarray(rep[1], np.float64)))
+            t.table[tuple(r)] = Entry(c, s, m, h, None if rep is None else (rep[0], np.asarray(rep[1], np.float64)), cert)
         return t
 
     def counts(self) -> dict[tuple, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -99,13 +100,13 @@ def fused_run(dyn, solver, x0, dt, plan, *, block: int = 128, interpret: bool | 
     return machine.shard(f, plan, plan.shards)(x0, jnp.asarray(dt), *flats)
 
 
-def _group_kernel(*refs, prog, nflat, D, tol, group, continuous, bools):
+def _group_kernel(*refs, prog, nflat, D, tol, group, continuous, bools, n, d, regions):
     """One program of the member pool's fused mode: ``block`` slots, `group` steps (each member's own step index,
     the cap, tol). ``refs``: the prepared weights, dt, the cap, the state ``(d n, block)``, outcome and steps
     ``(1, block)``; outputs: the same three."""
-    flat_refs, dt_ref, cap_ref = refs[:nflat], refs[nflat], refs[nflat + 1]
-    x_ref, st_ref, ns_ref = refs[nflat + 2], refs[nflat + 3], refs[nflat + 4]
-    o_ref, sto_ref, nso_ref = refs[nflat + 5:]
+    flat_refs, dt_ref, cap_ref, ax_ref = refs[:nflat], refs[nflat], refs[nflat + 1], refs[nflat + 2]
+    x_ref, st_ref, ns_ref, tg_ref = refs[nflat + 3], refs[nflat + 4], refs[nflat + 5], refs[nflat + 6]
+    o_ref, sto_ref, nso_ref, tgo_ref = refs[nflat + 7:]
     cap = cap_ref[0]
 
     def get(i, j):
@@ -117,21 +118,31 @@ def _group_kernel(*refs, prog, nflat, D, tol, group, continuous, bools):
     step = lambda X, k: prog.step(scal, k, X, T)  # noqa: E731
     scale = dt_ref[0] if continuous else None
 
-    def one(_, c):
-        X, st, ns = c
-        X, _, st, ns = machine.advance((X, ns, st, ns), step, tol, scale, cap)
-        return X, st, ns
+    check = None
+    if regions is not None:
+        from ..regions import test_rows
 
-    X, st, ns = jax.lax.fori_loop(0, group, one, (tuple(x_ref[r, :] for r in range(D)), st_ref[0, :], ns_ref[0, :]))
+        check = lambda Y: test_rows(regions, Y, n, d, get_axis=lambda a, b: ax_ref[a * d + b])  # noqa: E731
+
+    def one(_, c):
+        X, st, ns, tg = c
+        out = machine.advance((X, ns, st, ns, tg), step, tol, scale, cap, check)
+        return out[0], out[2], out[3], (tg if check is None else out[4])
+
+    init = (tuple(x_ref[r, :] for r in range(D)), st_ref[0, :], ns_ref[0, :], tg_ref[0, :])
+    X, st, ns, tg = jax.lax.fori_loop(0, group, one, init)
     for r in range(D):
         o_ref[r, :] = X[r]
     sto_ref[0, :] = st
     nso_ref[0, :] = ns
+    tgo_ref[0, :] = tg
 
 
-def fused_group(dyn, solver, dt, cap, spec, n, d, X, st, ns, t, h, *, block: int = 128, interpret: bool | None = None):
+def fused_group(dyn, solver, dt, cap, regions, spec, n, d, X, st, ns, t, h, tag, *, block: int = 128,
+                interpret: bool | None = None):
     """`spec.group` steps of every running slot of a member pool ``(d n, P)`` in one launch of the fused kernel
-    (members frozen once stopped or at the cap, as :func:`machine.advance`). Returns ``(X, outcome, steps, t, h)``."""
+    (members frozen once stopped, at the cap or in a certified region, as :func:`machine.advance`). Returns
+    ``(X, outcome, steps, t, h, tag)``."""
     from jax.experimental import pallas as pl
 
     from ..outcome import CONVERGED
@@ -148,20 +159,24 @@ def fused_group(dyn, solver, dt, cap, spec, n, d, X, st, ns, t, h, *, block: int
     Xp = jnp.pad(X, ((0, 0), (0, pad)))
     stp = jnp.pad(st, (0, pad), constant_values=CONVERGED)[None]  # padding lanes never run
     nsp = jnp.pad(ns, (0, pad))[None]
+    tgp = jnp.pad(tag, (0, pad), constant_values=-1)[None]
+    axv = jnp.zeros((1,), X.dtype) if regions is None else jnp.ravel(regions.axes).astype(X.dtype)
+    static = None if regions is None else eqx.tree_at(lambda r: r.axes, regions, None)  # radii and tags: static
     kern = functools.partial(_group_kernel, prog=prog, nflat=len(flats), D=D, tol=spec.tol, group=int(spec.group),
-                             continuous=spec.continuous, bools=bools)
+                             continuous=spec.continuous, bools=bools, n=n, d=d, regions=static)
     lanes = pl.BlockSpec((D, block), lambda g: (0, g))
     row = pl.BlockSpec((1, block), lambda g: (0, g))
     whole = lambda a: pl.BlockSpec(a.shape, lambda g: (0,))  # noqa: E731
     dtv = jnp.reshape(jnp.asarray(dt).astype(X.dtype), (1,))
     capv = jnp.reshape(jnp.asarray(cap, jnp.int32), (1,))
-    Xo, sto, nso = pl.pallas_call(
+    Xo, sto, nso, tgo = pl.pallas_call(
         kern,
-        out_shape=(jax.ShapeDtypeStruct((D, Pp), X.dtype), jax.ShapeDtypeStruct((1, Pp), st.dtype), jax.ShapeDtypeStruct((1, Pp), ns.dtype)),
+        out_shape=(jax.ShapeDtypeStruct((D, Pp), X.dtype), jax.ShapeDtypeStruct((1, Pp), st.dtype),
+                   jax.ShapeDtypeStruct((1, Pp), ns.dtype), jax.ShapeDtypeStruct((1, Pp), tag.dtype)),
         grid=(Pp // block,),
-        in_specs=[whole(f) for f in flats] + [whole(dtv), whole(capv), lanes, row, row],
-        out_specs=(lanes, row, row),
+        in_specs=[whole(f) for f in flats] + [whole(dtv), whole(capv), whole(axv), lanes, row, row, row],
+        out_specs=(lanes, row, row, row),
         interpret=interpret,
         **({} if interpret else _gpu_params()),
-    )(*flats, dtv, capv, Xp, stp, nsp)
-    return Xo[:, :P], sto[0, :P], nso[0, :P], t, h
+    )(*flats, dtv, capv, axv, Xp, stp, nsp, tgp)
+    return Xo[:, :P], sto[0, :P], nso[0, :P], t, h, tgo[0, :P]

@@ -9,7 +9,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ..outcome import CONVERGED, NONFINITE, NOT_CONVERGED
+from ..outcome import CERTIFIED, CONVERGED, NONFINITE, NOT_CONVERGED
 
 
 def over_rows(op, v):
@@ -20,16 +20,21 @@ def over_rows(op, v):
     return op.reduce(v, axis=0)
 
 
-def advance(c, step, tol, scale, cap=None):
-    """One step of every member. ``c``: (state, k, status, steps); ``step(X, k)`` maps a state (rows, see
-    :func:`over_rows`) to the next in the same form; with ``tol`` a member whose max-abs change (divided by
-    ``scale``, dt for flows) is below tol stops as converged. With ``cap``, a member that has taken ``cap``
-    steps no longer moves (its status stays "max_steps")."""
-    X, k, st, ns = c
+def advance(c, step, tol, scale, cap=None, check=None):
+    """One step of every member. ``c``: (state, k, status, steps), plus the region tag with `check`; ``step(X, k)``
+    maps a state (rows, see :func:`over_rows`) to the next in the same form; with ``tol`` a member whose max-abs
+    change (divided by ``scale``, dt for flows) is below tol stops as converged. With ``cap``, a member that has
+    taken ``cap`` steps no longer moves (its status stays "not_converged"). With ``check`` (``check(Y) -> (hit,
+    tag)``, :mod:`attnflow.evolve.regions`), a member whose new state lies in a certified region stops as
+    certified with that region's tag (unless the same step also meets tol: converged)."""
+    X, k, st, ns = c[:4]
     Y = step(X, k)
     rowwise = (lambda f, *a: tuple(map(f, *a))) if isinstance(Y, tuple) else (lambda f, *a: f(*a))
     finite = over_rows(jnp.logical_and, rowwise(jnp.isfinite, Y))
     new = jnp.where(finite, st, NONFINITE)
+    if check is not None:
+        hit, tag_new = check(Y)
+        new = jnp.where(finite & hit, CERTIFIED, new)
     if tol is not None:
         change = over_rows(jnp.maximum, rowwise(lambda y, x: jnp.abs(y - x), Y, X))
         if scale is not None:
@@ -40,7 +45,10 @@ def advance(c, step, tol, scale, cap=None):
         run = run & (ns < cap)
     keep = run & finite
     X = rowwise(lambda y, x: jnp.where(keep, y, x), Y, X)
-    return X, k + 1, jnp.where(run, new, st), ns + run.astype(ns.dtype)
+    out = (X, k + 1, jnp.where(run, new, st), ns + run.astype(ns.dtype))
+    if check is None:
+        return out
+    return out + (jnp.where(run & (new == CERTIFIED), tag_new, c[4]),)
 
 
 def segment(c, s, step, plan, scale, unroll):

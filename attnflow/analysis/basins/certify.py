@@ -1,0 +1,213 @@
+"""Certificates: balls around stable equilibria in which the step map contracts, so that a member entering one is
+decided (docs/model.md section 9, "Early decisions").
+
+For every real, simple eigenvector v of the layer matrix W and every split m (m tokens at +v, n - m at -v; m = n
+and m = 0 are consensus on +v and -v, the others bipartite consensus, which need a permutation-equivariant model: the
+full mask), the candidate arrangement is kept when it is a fixed point of the step map G of the study (the map
+itself, or one fixed step of the flow's solver) to 100 machine epsilons, and G is linearised there:
+
+1. ``A = D(G o N)(X*)``, N the row normalisation, whose spectrum is the intrinsic spectrum plus zeros; its spectral
+   radius must be below 1 (a strictly stable fixed point of G; neutral and unstable ones get no certificate).
+2. The Lyapunov metric ``S = sum_k (A^T)^k A^k`` (the solution of ``A^T S A - S = -I``, by doubling), in which
+   ``|A|_S = q0 = sqrt(1 - 1 / lambda_max(S)) < 1``.
+3. A radius r (in the S-norm) such that ``|D(G o N)(Y)|_S <= q1 = (1 + q0) / 2`` for every Y with
+   ``|Y - X*|_S <= r``: then G o N maps that ball into itself and contracts it, so every member in it converges to
+   X*. The sup is estimated numerically: at points of the ball (random directions, the directions of A's largest
+   singular vectors, at 1/4, 1/2, 3/4 and all of the radius), and r is then halved again for margin. This is a
+   numerical certificate, not an interval-arithmetic proof (the tests check it member by member against runs to
+   convergence).
+4. The engine tests the Euclidean ball ``|X - X*|_2 <= r / sqrt(lambda_max(S))``, which lies inside the S-ball, as
+   the distance to the nearest arrangement of X* (:mod:`attnflow.evolve.regions`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ...evolve.backends import one_step
+from ...evolve.regions import Regions
+from ...evolve.solvers import Adaptive
+from ...model.dynamics import LayerMap, SphereFlow
+from ...model.norms import L2Norm, normalize_rows
+from ..eigen import is_real, is_simple
+from ..equilibria import eigenpairs
+
+RADII = tuple(0.5 * 2.0**-k for k in range(12))
+"""The S-norm radii tried, largest first (0.5 down to about 2.4e-4)."""
+
+DIRECTIONS = 32
+"""Random directions sampled in the ball at each radius (plus the leading singular directions of A)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Certificate:
+    """One certified equilibrium: its axis index `axis` and split `m` (tokens at +v), the equilibrium `X` ``(n, d)``,
+    `q0` (the contraction of the linearisation in the Lyapunov metric), `lyapunov` (lambda_max of S), `radius`
+    (the Euclidean radius the engine tests, over the whole state) and `margin` (the largest ``|DG|_S`` found in the
+    ball of twice the certified radius, at most ``(1 + q0) / 2``)."""
+
+    axis: int
+    m: int
+    X: np.ndarray
+    q0: float
+    lyapunov: float
+    radius: float
+    margin: float
+
+
+@eqx.filter_jit
+def _linearise(dyn, solver, dt, Z, n: int):
+    """``(G(N(z)), D(G o N)(z))`` for every row z of ``Z`` ``(b, n d)``: G one step of the study's dynamics (step
+    index 0: the certified models are autonomous), N the row normalisation. Compiled once per model structure and
+    batch shape."""
+
+    def Gn(z):
+        X = normalize_rows(z.reshape(n, -1))
+        return one_step((dyn, solver, dt), jnp.zeros((), jnp.int32), X).ravel()
+
+    return jax.vmap(lambda z: (Gn(z), jax.jacfwd(Gn)(z)))(Z)
+
+
+def _lyapunov(A: np.ndarray) -> np.ndarray:
+    """``S = sum_k (A^T)^k A^k`` by doubling (A with spectral radius < 1)."""
+    S, Ak = np.eye(A.shape[0]), A.copy()
+    for _ in range(64):
+        S_next = S + Ak.T @ S @ Ak
+        Ak = Ak @ Ak
+        if np.max(np.abs(S_next - S)) <= 1e-13 * np.max(np.abs(S_next)):
+            return S_next
+        S = S_next
+    return S
+
+
+def _norm_S(J: np.ndarray, half: np.ndarray, half_inv: np.ndarray) -> np.ndarray:
+    """``|J|_S = |S^(1/2) J S^(-1/2)|_2`` for a batch of matrices ``(b, m, m)``."""
+    return np.linalg.norm(half @ J @ half_inv, ord=2, axis=(-2, -1))
+
+
+def certificates(dyn, solver=None, dt=None, *, tokens: int, dtype=np.float64, equivariant: bool | None = None,
+                 seed: int | None = None) -> list[Certificate]:
+    """The certified equilibria of ``dyn`` (see the module doc) for members of `tokens` tokens, the study's `solver`
+    and step `dt` (fixed-step flows). Only models on the product of unit spheres with a layer matrix (a
+    :class:`~attnflow.LayerMap` with the l2 norm, a :class:`~attnflow.SphereFlow`) get certificates, and not with the
+    adaptive solver (its steps have no fixed map)."""
+    from ...evolve.pool import check_solver
+
+    on_spheres = isinstance(dyn, SphereFlow) or (isinstance(dyn, LayerMap) and isinstance(dyn.norm, L2Norm))
+    if isinstance(solver, Adaptive) or not on_spheres:
+        return []
+    solver = check_solver(dyn, solver)
+    if getattr(getattr(dyn, "attn", None), "heads", None) is None:
+        return []
+    n = int(tokens)
+    if equivariant is None:
+        equivariant = getattr(getattr(dyn.attn, "attention", None), "mask", "full") == "full"
+    lam, V = eigenpairs(dyn)
+    axes = [k for k in range(len(lam)) if is_real(lam[k]) and is_simple(lam)[k]]
+    cands, where = [], []
+    for a, k in enumerate(axes):
+        v = np.real(V[:, k])
+        v = v / np.linalg.norm(v)
+        for m in range(n + 1):
+            if 0 < m < n and not equivariant:
+                continue
+            cands.append(np.concatenate([np.tile(v, (m, 1)), np.tile(-v, (n - m, 1))]))
+            where.append((a, m))
+    if not cands:
+        return []
+    Xr = np.stack(cands)
+    nd = Xr.shape[1] * Xr.shape[2]
+    dt_arr = jnp.asarray(1.0 if dt is None else dt, dtype)
+    batch = 4 * (DIRECTIONS + 8)  # one compiled shape for the candidates and every ball (see _certify_one)
+
+    def lin(Z):
+        """``(G o N (Z), its Jacobians)`` of rows ``Z`` ``(k, n d)``, float64, in fixed batches of one shape."""
+        outs = []
+        for s0 in range(0, len(Z), batch):
+            part = Z[s0 : s0 + batch]
+            pad = np.concatenate([part, np.broadcast_to(part[:1], (batch - len(part), nd))])
+            g, J = _linearise(dyn, solver, dt_arr, jnp.asarray(pad, dtype), n)
+            outs.append((np.asarray(g, np.float64)[: len(part)], np.asarray(J, np.float64)[: len(part)]))
+        return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+
+    g, A = lin(Xr.reshape(len(cands), nd))
+    Xr = np.asarray(jnp.asarray(Xr, dtype), np.float64)  # the candidates in the study's dtype
+    eps = float(np.finfo(np.dtype(dtype)).eps)
+    # only arrangements that are fixed points of the step map themselves (one head, or heads whose drifts stay on
+    # the axis: docs/model.md section 4) are certified; the others are left to converge
+    fixed = np.max(np.abs(g - Xr.reshape(len(cands), nd)), axis=1)
+    ok = fixed <= 100 * eps
+    jac = lambda Y: lin(Y)[1]  # noqa: E731
+    seed = 20261202 if seed is None else int(seed)
+    out = []
+    for j in np.flatnonzero(ok):
+        cert = _certify_one(jac, Xr[j], A[j], seed + j, nd, eps, dtype)
+        if cert is not None:
+            a, m = where[j]
+            out.append(Certificate(a, m, np.asarray(Xr[j]), *cert))
+    return out
+
+
+def _certify_one(jac, X, A, seed, nd, eps, dtype):
+    """``(q0, lambda_max(S), Euclidean radius, margin)`` of one fixed point, or None when it is not certified."""
+    rho = float(np.max(np.abs(np.linalg.eigvals(A))))
+    if not (rho < 1 - 1e3 * eps):
+        return None
+    S = _lyapunov(A)
+    w, U = np.linalg.eigh((S + S.T) / 2)
+    if not (np.all(np.isfinite(w)) and w.min() > 0):
+        return None
+    half, half_inv = (U * np.sqrt(w)) @ U.T, (U / np.sqrt(w)) @ U.T
+    lmax = float(w.max())
+    q0 = float(np.sqrt(max(0.0, 1.0 - 1.0 / lmax)))
+    q1 = 0.5 * (1.0 + q0)
+    u = np.random.default_rng(seed).standard_normal((DIRECTIONS, nd))  # NumPy: the same directions in every process
+    sv = np.linalg.svd(half @ A @ half_inv)[2][:4]  # the directions A stretches most, in the S-metric
+    u = np.concatenate([u, sv, -sv])
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    dirs = u @ half_inv.T  # |dirs_i|_S = 1
+    x = np.asarray(X, np.float64).ravel()
+    fracs = np.array([0.25, 0.5, 0.75, 1.0])
+
+    def worst(r):
+        Y = x[None, None] + (r * fracs)[:, None, None] * dirs[None]
+        J = jac(Y.reshape(-1, nd))
+        return float(np.max(_norm_S(J, half, half_inv))) if np.all(np.isfinite(J)) else np.inf
+
+    # the largest radius of RADII whose ball passes, by bisection over the (descending) radii
+    lo, hi = -1, len(RADII)  # RADII[hi] passes (hi == len: none known), RADII[lo] fails (lo == -1: none known)
+    found = None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        w = worst(RADII[mid])
+        if w <= q1:
+            hi, found = mid, w
+        else:
+            lo = mid
+    if found is None:
+        return None
+    return q0, lmax, 0.5 * RADII[hi] / np.sqrt(lmax), found  # half the radius found, for margin
+
+
+def regions(certs: list[Certificate], dyn, tokens: int, dtype) -> tuple[Regions | None, dict]:
+    """The :class:`~attnflow.evolve.regions.Regions` of these certificates (only the axes that have one), and
+    ``{tag: X}`` (the equilibrium of each certified region: tag ``axis (n + 1) + m``, axis its index among the real
+    simple eigenvectors)."""
+    if not certs:
+        return None, {}
+    lam, V = eigenpairs(dyn)
+    axes = [k for k in range(len(lam)) if is_real(lam[k]) and is_simple(lam)[k]]
+    used = sorted({c.axis for c in certs})
+    vecs = np.stack([np.real(V[:, axes[a]]) / np.linalg.norm(np.real(V[:, axes[a]])) for a in used])
+    r2 = {a: [-1.0] * (tokens + 1) for a in used}
+    eqs = {}
+    for c in certs:
+        r2[c.axis][c.m] = float(c.radius) ** 2
+        eqs[c.axis * (tokens + 1) + c.m] = c.X
+    return (Regions(jnp.asarray(vecs, dtype), tuple(tuple(r2[a]) for a in used), tuple(a * (tokens + 1) for a in used)),
+            eqs)

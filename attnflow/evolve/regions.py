@@ -1,0 +1,100 @@
+"""Certified regions: balls around equilibria inside which a member's fate is decided before it converges.
+
+A :class:`Regions` holds, for each of A unit axes v_a (eigenvectors of the layer matrix), a squared radius
+``radius2[a, m]`` for the equilibria with m tokens at +v_a and n - m at -v_a (m = n: consensus on +v_a, m = 0:
+consensus on -v_a, otherwise bipartite consensus), or a negative number where none is certified. A member X is in
+region (a, m) when, assigning each token to the nearer of +v_a and -v_a, exactly m tokens go to +v_a and the squared
+distance to that arrangement, ``sum_i min(|x_i - v_a|^2, |x_i + v_a|^2)``, is at most ``radius2[a, m]``. That is the
+exact Euclidean distance to the nearest arrangement of the equilibrium with m tokens at +v_a (the tokens can be
+permuted: the regions of a study are made for permutation-equivariant models, or, with a mask, for consensus only).
+
+The engine (:mod:`attnflow.evolve.pool`) tests every running member after each of its steps and retires a member in
+a region with outcome ``certified`` and the region's index ``a (n + 1) + m``; what makes a region (a ball in which
+the step map provably contracts) is computed by :mod:`attnflow.analysis.basins.certify`. The test is written on the
+rows of a member's state (row ``b n + i`` is coordinate b of token i), as a tuple of ``(T,)`` rows (the Pallas
+kernel) or a ``(d n, T)`` array (XLA), and on one ``(n, d)`` state (the adaptive mode).
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax.numpy as jnp
+
+from .._types import Array, Float
+
+
+class Regions(eqx.Module):
+    """Certified regions (see the module doc): `axes` ``(A, d)`` unit vectors (only axes with a certified region);
+    `radius2` (static) the squared Euclidean radii over the whole state, ``radius2[a][m]`` for m tokens at +axes[a]
+    (negative: none); `tags` (static) the tag base of each axis (its index among all the axes of the model, times
+    n + 1). The radii are static: the few that exist are constants of the compiled test, never read from memory."""
+
+    axes: Float[Array, "A d"]
+    radius2: tuple = eqx.field(static=True)
+    tags: tuple = eqx.field(static=True)
+
+    @property
+    def count(self) -> int:
+        """How many regions are certified."""
+        return sum(r >= 0 for row in self.radius2 for r in row)
+
+
+def _test(regions: Regions, dot, sq, n: int):
+    """``(hit, tag)``: ``dot(a, i)`` = <x_i, v_a> and ``sq(i)`` = |x_i|^2 as lane vectors (or scalars)."""
+    hit, tag = None, None
+    norms = [sq(i) for i in range(n)]
+    for a, (radii, base) in enumerate(zip(regions.radius2, regions.tags)):
+        s = [dot(a, i) for i in range(n)]
+        plus = sum(jnp.where(si > 0, 1, 0) for si in s)
+        dist = sum(q + 1.0 - 2.0 * jnp.abs(si) for q, si in zip(norms, s))
+        for m, r2 in enumerate(radii):
+            if r2 < 0:
+                continue
+            h = (plus == m) & (dist <= r2)
+            hit = h if hit is None else hit | h
+            tag = jnp.where(h, base + m, -1) if tag is None else jnp.where(h, base + m, tag)
+    if hit is None:
+        return jnp.zeros_like(norms[0], dtype=bool), jnp.zeros_like(norms[0], dtype=jnp.int32) - 1
+    return hit, tag
+
+
+def test_rows(regions: Regions, X, n: int, d: int, get_axis=None):
+    """``(hit, tag)`` for members stored as rows: a tuple of ``d n`` rows (the Pallas kernel; `get_axis(a, b)` reads
+    its axes) or a ``(d n, T)`` array (XLA: whole-array operations, which keep the compiled step loop small)."""
+    if not isinstance(X, tuple):
+        Y = X.reshape(d, n, X.shape[-1])
+        ax = regions.axes.astype(X.dtype)
+        c = jnp.stack([sum(ax[a, b] * Y[b] for b in range(d)) for a in range(ax.shape[0])])  # <x_i, v_a>, (A, n, T)
+        q = sum(Y[b] * Y[b] for b in range(d))  # |x_i|^2, (n, T)
+        return _test_arrays(regions, c, q)
+    rows = X
+    axis = get_axis or (lambda a, b: regions.axes[a, b])
+
+    def dot(a, i):
+        return sum(rows[b * n + i] * axis(a, b) for b in range(d))
+
+    def sq(i):
+        return sum(rows[b * n + i] * rows[b * n + i] for b in range(d))
+
+    return _test(regions, dot, sq, n)
+
+
+def _test_arrays(regions: Regions, c, q):
+    """:func:`_test` on arrays: ``c`` ``(A, n, T)`` the cosines, ``q`` ``(n, T)`` the squared norms."""
+    plus = jnp.sum(c > 0, axis=1)  # (A, T)
+    dist = jnp.sum(q[None] + 1.0 - 2.0 * jnp.abs(c), axis=1)  # (A, T)
+    hit, tag = jnp.zeros(q.shape[1:], bool), jnp.full(q.shape[1:], -1, jnp.int32)
+    for a, (radii, base) in enumerate(zip(regions.radius2, regions.tags)):
+        for m, r2 in enumerate(radii):
+            if r2 >= 0:
+                h = (plus[a] == m) & (dist[a] <= r2)
+                hit, tag = hit | h, jnp.where(h, base + m, tag)
+    return hit, tag
+
+
+def test_state(regions: Regions, X):
+    """``(hit, tag)`` of one member ``(n, d)``."""
+    c = (X @ regions.axes.astype(X.dtype).T).T[:, :, None]  # (A, n, 1)
+    q = jnp.sum(X * X, axis=1)[:, None]
+    hit, tag = _test_arrays(regions, c, q)
+    return hit[0], tag[0]

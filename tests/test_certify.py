@@ -1,0 +1,89 @@
+"""Certified balls (docs/model.md section 9, "Early decisions"): the Lyapunov metric against SciPy, the contraction
+checked by applying the step map itself at random points of each ball, and, member by member, the same names with
+certificates as without them (maps and RK4 flows, float32 and float64).
+
+Tolerances: the Lyapunov solution to 1e-9 relative (float64); contraction by the certified factor q1 = (1 + q0)/2 at
+every sampled point; names exactly equal."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+
+import attnflow as af
+from attnflow.analysis.basins import certify
+from attnflow.io.results import RunDirWriter, read_members
+from attnflow.model.norms import normalize_rows
+
+V3 = np.diag([1.0, 0.5, -0.3])
+
+
+def test_lyapunov_metric_against_scipy():
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(12, 12))
+    A *= 0.95 / np.max(np.abs(np.linalg.eigvals(A)))
+    S = certify._lyapunov(A)
+    ref = scipy.linalg.solve_discrete_lyapunov(A.T, np.eye(12))  # A^T S A - S + I = 0
+    np.testing.assert_allclose(S, ref, rtol=1e-9, atol=1e-9)
+    # |A|_S = sqrt(1 - 1/lambda_max(S)), the contraction of the linearisation in the Lyapunov metric
+    w, U = np.linalg.eigh(S)
+    half, half_inv = (U * np.sqrt(w)) @ U.T, (U / np.sqrt(w)) @ U.T
+    assert np.linalg.norm(half @ A @ half_inv, 2) == pytest.approx(np.sqrt(1 - 1 / w.max()), rel=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, pytest.param(np.float64, marks=pytest.mark.slow)])
+def test_certified_balls_contract_under_the_step_map(dtype):
+    """Every certified equilibrium is stable; at random points Y of its Euclidean ball (on the spheres), one step of
+    the map G itself (no Jacobian) brings Y closer in the Lyapunov metric by at least q1 = (1 + q0)/2."""
+    dyn = af.LayerMap(af.SelfAttention(af.Heads.single(V3.astype(dtype), K=V3.astype(dtype)), af.Attention("softmax"), 1.0), 0.1)
+    n = 6
+    certs = certify.certificates(dyn, tokens=n, dtype=dtype)
+    got = {(c.axis, c.m) for c in certs}
+    assert {(0, 0), (0, n)} <= got  # consensus on -v1 and +v1
+    assert not any(a > 0 and m in (0, n) for a, m in got)  # consensus on v2, v3: unstable, never certified
+    stab = af.analyse(dyn, jnp.stack([jnp.asarray(c.X, dtype) for c in certs]))
+    assert set(stab.verdict_names) == {"stable"}
+    rng = np.random.default_rng(1)
+    G = jax.jit(jax.vmap(lambda X: dyn.step(0, X)))
+    for c in certs:
+        A = np.asarray(jax.jacfwd(lambda z: dyn.step(0, normalize_rows(z.reshape(n, 3))).ravel())(jnp.asarray(c.X.ravel(), dtype)), np.float64)
+        S = certify._lyapunov(A)
+        q1 = 0.5 * (1 + np.sqrt(1 - 1 / np.linalg.eigvalsh(S).max()))
+        u = rng.normal(size=(200, n, 3))
+        u *= (c.radius * rng.uniform(0.2, 1.0, size=(200, 1, 1))) / np.linalg.norm(u, axis=(1, 2), keepdims=True)
+        Y = np.asarray(normalize_rows(jnp.asarray(c.X[None] + u)), np.float64)
+        Y = Y[np.linalg.norm(Y - c.X[None], axis=(1, 2)) <= c.radius]  # on the spheres and in the ball
+        assert len(Y) > 100
+        e0 = (Y - c.X[None]).reshape(len(Y), -1)
+        e1 = (np.asarray(G(jnp.asarray(Y, dtype)), np.float64) - c.X[None]).reshape(len(Y), -1)
+        r0 = np.sqrt(np.einsum("bi,ij,bj->b", e0, S, e0))
+        r1 = np.sqrt(np.einsum("bi,ij,bj->b", e1, S, e1))
+        slack = 1e-5 if dtype == np.float32 else 1e-12  # rounding of G in float32
+        assert np.all(r1 <= q1 * r0 + slack), (c.axis, c.m, float(np.max(r1 / r0)), q1)
+
+
+def _names(tmp_path, tag, model, certify_, dtype, **kw):
+    with RunDirWriter(tmp_path / tag) as w:
+        res = af.basin_fractions(model, jax.random.PRNGKey(3), 240, tokens=6, stop=af.Stop(1e-6, certify=certify_),
+                                 run_dir=w, execution=af.Execution(chunk=120), **kw)
+    m = read_members(tmp_path / tag)
+    return res, m["name"].tolist(), m["outcome"].tolist(), m["steps"]
+
+
+@pytest.mark.parametrize("kind, dtype", [("map", np.float32), ("rk4", np.float64),
+                                         pytest.param("map", np.float64, marks=pytest.mark.slow),
+                                         pytest.param("rk4", np.float32, marks=pytest.mark.slow)])
+def test_certified_members_have_the_names_of_running_to_convergence(tmp_path, kind, dtype):
+    """Member by member, a study with certificates names every member as the same study run to convergence, and
+    decides members earlier (fewer steps on average)."""
+    att = af.SelfAttention(af.Heads.single(V3.astype(dtype), K=V3.astype(dtype)), af.Attention("softmax"), 1.0)
+    model, kw = (af.LayerMap(att, 0.1), dict(budget=af.Budget(max_steps=6000))) if kind == "map" else \
+        (af.SphereFlow(att), dict(budget=af.Budget(t1=20.0, dt=0.1, max_steps=6000)))
+    r1, n1, o1, s1 = _names(tmp_path, "cert", model, True, dtype, **kw)
+    r0, n0, o0, s0 = _names(tmp_path, "conv", model, False, dtype, **kw)
+    assert n1 == n0
+    assert "certified" in o1 and "certified" not in o0
+    assert s1.mean() < 0.9 * s0.mean(), (s1.mean(), s0.mean())
+    assert [(a.name, a.count) for a in r1.attractors] == [(a.name, a.count) for a in r0.attractors]
+    assert sum(a.certified for a in r1.attractors) == o1.count("certified")
