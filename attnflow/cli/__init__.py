@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         "equilibria, measure basins of attraction, analyse real transformer weights.",
     )
     p.add_argument("--version", action="version", version=f"attnflow {__version__}")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="do not use JAX's persistent compilation cache (by default compiled programs are kept in "
+                        f"{compile_cache_dir()} and reused by later runs)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         mod = importlib.import_module(f"attnflow.cli.{name}")
@@ -57,6 +60,32 @@ def main(argv=None) -> int:
     return _interrupt.call(lambda: _dispatch(args), command=args.command, out=getattr(args, "out", None))
 
 
+def compile_cache_dir():
+    """Where the command keeps JAX's compiled programs: ``$XDG_CACHE_HOME/attnflow/jax`` (default
+    ``~/.cache/attnflow/jax``)."""
+    import os
+    from pathlib import Path
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "attnflow" / "jax"
+
+
+def use_compile_cache(path=None) -> None:
+    """Turn on JAX's persistent compilation cache in `path` (default :func:`compile_cache_dir`): a program compiled
+    once (for the same model structure, shapes, backend and JAX version) is loaded from disk by every later run
+    instead of compiled again. Programs that compiled in under 0.2 s are not stored."""
+    import jax
+
+    path = compile_cache_dir() if path is None else path
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home: run without the cache
+        return
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def _dispatch(args) -> int:
     """Run the parsed command; bad input becomes one line on stderr and exit status 2, anything else is raised."""
     from ..io.config import ConfigError
@@ -64,6 +93,8 @@ def _dispatch(args) -> int:
     from ..io.weights import WeightsError
     from ._common import UsageError
 
+    if not args.no_compile_cache:
+        use_compile_cache()
     try:
         return int(args._run(args) or 0)
     except (ConfigError, UsageError, RunDirError, WeightsError) as e:

@@ -122,7 +122,8 @@ def _study(args, cfg, pool, writer, out, lead):
         sp = b.sampler
         sampler = bs.Around(_equilibrium(cfg, dyn, sp.eigenvector, sp.split, "sampler").astype(cfg.dtype), sp.radius)
     kw = dict(tokens=None if sampler is not None else cfg.tokens, sampler=sampler, solver=cfg.solver_object(),
-              budget=cfg.budget, stop=cfg.basins_stop, execution=cfg.basins_execution(pool=pool), cluster_tol=b.cluster_tol)
+              budget=cfg.budget, stop=_checked_stop(cfg, dyn), execution=cfg.basins_execution(pool=pool),
+              cluster_tol=b.cluster_tol)
     progress = (not args.no_progress) and sys.stderr.isatty() and not args.json and lead
     try:
         res = bs.basin_fractions(dyn, key, b.samples, ci_width=b.ci_width, run_dir=writer,
@@ -149,6 +150,23 @@ def _study(args, cfg, pool, writer, out, lead):
     if args.json:
         return result
     return res.lines() + ([local.line()] if local is not None else [])
+
+
+def _checked_stop(cfg, dyn):
+    """The study's Stop with its tol resolved: the config's, or the default of the dtype; one line when the config's
+    tol is below the floor the dtype can resolve."""
+    import dataclasses
+
+    from attnflow.evolve.options import check_tol
+    from attnflow.evolve.solvers import Adaptive
+
+    stop, solver = cfg.basins_stop, cfg.solver_object()
+    dt = None if (cfg.time == "discrete" or isinstance(solver, Adaptive)) else cfg.dt
+    try:
+        return dataclasses.replace(stop, tol=check_tol(stop.tol, dyn, solver, dt, cfg.dtype, study=True))
+    except ValueError as e:
+        where = "[basins] tol" if cfg.basins.tol is not None else "[dynamics] tol"
+        raise UsageError(f"{cfg.path}: {where}: {e}") from None
 
 
 def _estimate():

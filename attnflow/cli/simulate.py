@@ -73,6 +73,15 @@ def run(args) -> int:
         info(f"attnflow simulate: the batch does not fit in memory at once; simulating in chunks of {chunk} (--chunk-size to choose)")
     dyn = cfg.build()
     x0 = cfg.initial()
+    if cfg.tol is not None:  # a tol below what the dtype resolves would never stop a member: one line now
+        from attnflow.evolve.options import check_tol
+        from attnflow.evolve.solvers import Adaptive
+
+        solver = cfg.solver_object()
+        try:
+            check_tol(cfg.tol, dyn, solver, None if (cfg.time == "discrete" or isinstance(solver, Adaptive)) else cfg.dt, cfg.dtype)
+        except ValueError as e:
+            raise UsageError(f"{cfg.path}: [dynamics] tol: {e}") from None
     info(f"simulating {cfg.batch} x {cfg.tokens} tokens in d={cfg.d} ({cfg.time}, {cfg.attention}, {cfg.num_heads} head(s))", quiet=quiet)
     t0 = time.perf_counter()
     sol = af.simulate(dyn, x0, cfg.budget, solver=cfg.solver_object(), saves=cfg.saves, stop=cfg.stop,

@@ -29,7 +29,8 @@ DEFAULT_MAX_STEPS = 10_000
 :data:`STEPS_MAX`)."""
 
 STUDY_TOL = 1e-7
-"""The stop tolerance of a study when none is given."""
+"""The smallest default stop tolerance of a study; the default is ``max(STUDY_TOL, 8 x floor)`` with the floor of
+:func:`tol_floor` (so it is 1e-7 in float64 and follows the dtype and the model's scale in float32)."""
 
 BACKENDS = ("auto", "xla", "lanes", "fused")
 
@@ -154,6 +155,49 @@ class Stop(eqx.Module):
         _positive_float("tol", self.tol)
         if not isinstance(self.certify, bool):
             raise ValueError(f"certify must be True or False, got {self.certify!r}")
+
+
+def tol_floor(dynamics: AbstractDynamics, solver=None, dt: float | None = None, dtype="float32") -> tuple[float, str]:
+    """The smallest stop tolerance a member can reach in `dtype`: ``(floor, why)``.
+
+    A step of a member near an equilibrium changes its coordinates by whole roundings: by nothing, or by about one
+    unit in the last place (eps) of its largest coordinate. So the per-step change of a map can only be trusted
+    below tol when ``tol >= eps x scale`` (scale: 1 for tokens on the unit sphere, sqrt(d) for LayerNorm tokens); a
+    fixed-step flow divides its change by dt, so its floor is ``eps x scale / dt``; the adaptive solver stops on
+    max |f(X)|, which rounding leaves at about ``4 eps |W|`` (|W| the spectral norm of the layer matrix, the size of
+    the drift; 4: measured 2.3 eps for |W| = 1 in float32)."""
+    import numpy as np
+
+    from ..model.dynamics import AbstractMap
+    from .solvers import Adaptive
+
+    eps = float(np.finfo(np.dtype(dtype)).eps)
+    norm = type(getattr(dynamics, "norm", None)).__name__
+    attn = getattr(dynamics, "attn", None)
+    d = getattr(getattr(attn, "heads", None), "dim", None)
+    scale = math.sqrt(d) if (norm == "LayerNorm" and d) else 1.0
+    if isinstance(solver, Adaptive):
+        w = 1.0
+        if attn is not None:
+            w = float(np.linalg.norm(np.asarray(attn.heads.layer_matrix(), np.float64), 2))
+        return 4.0 * eps * max(w, 1e-30), f"the rounding of the vector field max |f(X)| in {np.dtype(dtype).name}, |W| = {w:.3g}"
+    if isinstance(dynamics, AbstractMap) or dt is None:
+        return eps * scale, f"one rounding of a coordinate of size {scale:.3g} per step in {np.dtype(dtype).name}"
+    return eps * scale / float(dt), f"one rounding of a coordinate of size {scale:.3g} per step, divided by dt = {dt:g}, in {np.dtype(dtype).name}"
+
+
+def check_tol(tol: float | None, dynamics: AbstractDynamics, solver=None, dt: float | None = None, dtype="float32",
+              *, study: bool = False) -> float | None:
+    """The stop tolerance to use: `tol` checked against :func:`tol_floor` (a ValueError that names the floor when it
+    is below), or, for a study without one, the default ``max(STUDY_TOL, 8 x floor)``."""
+    floor, why = tol_floor(dynamics, solver, dt, dtype)
+    default = max(STUDY_TOL, 8.0 * floor)
+    if tol is None:
+        return default if study else None
+    if tol < floor:
+        raise ValueError(f"tol = {tol:g} is below {floor:.3g}, the smallest per-step change a member can resolve "
+                         f"({why}); use tol >= {floor:.2g} (the default of a study here is {default:.2g})")
+    return float(tol)
 
 
 class Execution(eqx.Module):

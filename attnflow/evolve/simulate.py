@@ -27,7 +27,7 @@ from .solvers import RK4, AbstractSolver, Adaptive, Iterate
 
 from ._plan import Plan
 from .backends import one_step, resolve_backend
-from .options import Budget, Execution, Stop, options
+from .options import Budget, Execution, Stop, check_tol, options
 from .outcome import (
     CONVERGED,
     NONFINITE,
@@ -327,6 +327,8 @@ def simulate(
     budget, stop, execution = options(budget, stop, execution, steps=steps, t1=t1, dt=dt, tol=tol, backend=backend,
                                       chunk=chunk_size)
     x0, plan, solver_, dt_used, _ = _prepare(dynamics, x0, budget, stop, execution, solver, saves, _sweep)
+    if stop.tol is not None:  # a tol below what the dtype can resolve would never fire: refused, naming the floor
+        check_tol(stop.tol, dynamics, solver_, None if plan.adaptive or not plan.continuous else dt_used, x0.dtype)
     B = x0.shape[0]
     ax = 0 if _sweep is None else 1
     bar = None

@@ -162,10 +162,12 @@ def critical_shock(dyn, X_eq: Tokens, key: Array, *, steps: int = 200, candidate
         Y = jax.lax.fori_loop(0, steps, lambda k, Z: dyn.step(k, Z), Y)
         return jnp.sqrt(jnp.sum((Y - X) ** 2))
 
+    dist_one = jax.jit(final_dist)  # compiled once: every candidate and every iterate below reuses it
+    dist_many = jax.jit(jax.vmap(lambda Y: final_dist(Y - X)))
     best = None
     for j, r in enumerate(np.linspace(r_max / 16, r_max, 16)):
         x0 = sample.perturb_ball(jax.random.fold_in(key, j), X, float(r), candidates)
-        dists = jax.vmap(lambda Y: final_dist(Y - X))(x0)
+        dists = dist_many(x0)
         esc = np.flatnonzero(np.asarray(dists) >= escape)
         if len(esc):
             best = x0[esc[0]] - X
@@ -182,7 +184,7 @@ def critical_shock(dyn, X_eq: Tokens, key: Array, *, steps: int = 200, candidate
     best_delta = delta
     for _ in range(iters):
         delta, state = step(delta, state)
-        if float(final_dist(delta)) >= escape and float(jnp.linalg.norm(delta)) < best_norm:
+        if float(dist_one(delta)) >= escape and float(jnp.linalg.norm(delta)) < best_norm:
             best_norm, best_delta = float(jnp.linalg.norm(delta)), delta
     return CriticalShock(name, DISTANCE, best_norm, False, None, np.asarray(best_delta),
                          float(jnp.linalg.norm(tangent_project(X, best))))

@@ -24,6 +24,7 @@ all-gathered at the end, and every process returns the same result.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import sys
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..._types import Array
-from ...evolve.options import STUDY_TOL, Budget, Execution, Stop
+from ...evolve.options import Budget, Execution, Stop, check_tol
 from ...evolve.outcome import CERTIFIED, CONVERGED, OUTCOMES, SADDLE
 from ...evolve.pool import check_solver, pool_backend, stream_members
 from ...evolve.solvers import Adaptive
@@ -113,7 +114,9 @@ def basin_fractions(
     - `budget`: a :class:`~attnflow.Budget`: ``steps`` (maps) or ``t1, dt`` (fixed-step flows) set the default cap
       ``max(10 x budget, 10_000)``; ``max_steps`` sets it exactly. Members still moving at the cap are
       ``not_converged``.
-    - `stop`: a :class:`~attnflow.Stop`; its ``tol`` (default 1e-7) decides ``converged``.
+    - `stop`: a :class:`~attnflow.Stop`; its ``tol`` decides ``converged`` (default ``max(1e-7, 8 x floor)``, the
+      floor of :func:`attnflow.evolve.options.tol_floor`: 1e-7 in float64, about 1e-6 for a float32 map; a tol below
+      the floor is refused), its ``certify`` whether members are decided early by certificates.
     - `execution`: an :class:`~attnflow.Execution`: backend (``"auto"`` resolved once for the whole study, a pure
       function of the model, the shapes, N, the cap and the platform), ``chunk`` (samples per block, default
       ``min(N, 10_000)``), ``pool`` (slots per device), ``group`` (steps between retire passes), ``devices``,
@@ -132,13 +135,12 @@ def basin_fractions(
     if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or not 1 <= samples <= SAMPLES_MAX:
         raise ValueError(f"samples must be an integer in [1, {SAMPLES_MAX}], got {samples!r}")
     budget = Budget() if budget is None else budget
-    stop = Stop(STUDY_TOL) if stop is None else stop
-    if stop.tol is None:
-        raise ValueError("a basin study needs a stop tolerance (Stop(tol=...))")
+    stop = Stop() if stop is None else stop
     solver = check_solver(dyn, solver)
     span = budget.resolve(dyn, isinstance(solver, Adaptive), study=True)
     shape = jax.eval_shape(lambda k: sampler(k, 1), key)
     n, d, dtype = int(shape.shape[1]), int(shape.shape[2]), shape.dtype
+    stop = dataclasses.replace(stop, tol=check_tol(stop.tol, dyn, solver, span.dt, dtype, study=True))
     ex, pi, pc, distributed = _execution(execution, dyn, solver, samples, n, d, dtype, span, ci_width)
     if run_dir is not None:
         run_dir.open(study_identity(dyn, key, samples, sampler, solver, span.cap, stop, cluster_tol, ex),

@@ -196,11 +196,12 @@ class RunConfig:
 
     @property
     def basins_stop(self):
-        """The :class:`~attnflow.Stop` of a basin study: ``[basins] tol``, else ``[dynamics] tol``, else 1e-7."""
-        from ...evolve.options import STUDY_TOL, Stop
+        """The :class:`~attnflow.Stop` of a basin study: ``[basins] tol``, else ``[dynamics] tol``, else None (the
+        study's default for the dtype: :func:`attnflow.evolve.options.check_tol`); ``[basins] certify``."""
+        from ...evolve.options import Stop
 
         b = self.basins
-        return Stop(b.tol if b.tol is not None else (self.tol if self.tol is not None else STUDY_TOL))
+        return Stop(b.tol if b.tol is not None else self.tol, certify=b.certify)
 
     def execution(self, *, chunk: int | None = None):
         """The :class:`~attnflow.Execution` of a simulation: ``[dynamics] backend`` and a chunk (memory)."""
