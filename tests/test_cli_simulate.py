@@ -135,3 +135,20 @@ def test_backend_from_config_reaches_simulate(tmp_path, capsys, backend):
     rc, out, err = run_cli(["simulate", str(cfg), "--json"], capsys)
     assert rc == 0, err
     assert json.loads(out)["backend"] == backend
+
+
+def test_compile_cache_is_used_and_can_be_turned_off(tmp_path):
+    """The command keeps compiled programs in $XDG_CACHE_HOME/attnflow/jax; --no-compile-cache leaves it empty."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[model]\nd = 3\nV = [[1.0, 0, 0], [0, 0.4, 0], [0, 0, -0.3]]\n[dynamics]\ntokens = 5\nsteps = 50\nbatch = 8\n')
+    for flag, cache in ((["--no-compile-cache"], tmp_path / "off"), ([], tmp_path / "on")):
+        env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+        r = subprocess.run([sys.executable, "-m", "attnflow", *flag, "simulate", str(cfg), "--json"], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        stored = list((cache / "attnflow" / "jax").glob("*")) if (cache / "attnflow" / "jax").exists() else []
+        assert bool(stored) == (not flag), (flag, stored)

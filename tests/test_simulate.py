@@ -232,3 +232,27 @@ def test_sharding_on_four_cpu_devices_matches_one(tmp_path):
     for k in ("sharded", "chunked", "single"):
         np.testing.assert_allclose(z[k], ref1.trajectory, rtol=1e-12, atol=1e-14)
     np.testing.assert_array_equal(z["status"], z["status1"])
+
+
+def test_tolerance_floor_per_dtype_and_model():
+    """A tol below what the dtype can resolve never fires: refused in one line naming the floor (one rounding of a
+    unit coordinate per step: eps; divided by dt for a fixed-step flow; 4 eps |W| for the adaptive solver's |f|).
+    A study's default is max(1e-7, 8 floor)."""
+    from attnflow.evolve.options import check_tol, tol_floor
+
+    V32 = np.diag([1.0, 0.4, -0.3]).astype(np.float32)
+    att = af.SelfAttention(af.Heads.single(V32, K=V32), af.Attention("softmax"), 1.0)
+    m, flow = af.LayerMap(att, 0.1), af.SphereFlow(att)
+    eps32, eps64 = float(np.finfo(np.float32).eps), float(np.finfo(np.float64).eps)
+    assert tol_floor(m, None, None, np.float32)[0] == eps32 and tol_floor(m, None, None, np.float64)[0] == eps64
+    assert tol_floor(flow, af.RK4(), 0.05, np.float32)[0] == pytest.approx(eps32 / 0.05)
+    assert tol_floor(flow, af.Adaptive(), None, np.float32)[0] == pytest.approx(4 * eps32 * 1.0)
+    assert check_tol(None, m, None, None, np.float32, study=True) == pytest.approx(8 * eps32)
+    assert check_tol(None, m, None, None, np.float64, study=True) == 1e-7 and check_tol(None, m, None, None, np.float64) is None
+    x0 = af.sample.sphere(jax.random.PRNGKey(0), (4, 5, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"tol = 1e-07 is below 1.19e-07") as e:
+        af.simulate(m, x0, steps=10, tol=1e-7)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="divided by dt = 0.05"):
+        af.basin_fractions(flow, jax.random.PRNGKey(0), 4, tokens=5, budget=af.Budget(t1=1.0, dt=0.05), stop=af.Stop(1e-6))
+    af.simulate(m, x0, steps=10, tol=2e-7)  # above the floor: runs
