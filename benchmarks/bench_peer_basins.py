@@ -12,7 +12,8 @@ for every method).
   consensus on +-v1), named as attnflow names them.
 - ``attnflow``: :func:`attnflow.basin_fractions` on the same states, with certificates (a member is retired once it
   enters a certified ball around a stable equilibrium), in each of its modes: fixed RK4 (dt = 0.05) on the lanes
-  backend, and the adaptive Tsit5 pair per member.
+  backend, and the adaptive Tsit5 pair per member (a flow study's default, on lanes).
+- ``layer_map``: the toy layer-map study of ``bench_basins.py`` (n = 10, cap 1000), for its three times only.
 
 Each method runs in fresh processes: once with an empty JAX compilation cache (cold), once more with the cache that
 run filled, and then a second time in that process (warm). Reported: samples/s for each, the labels' agreement member
@@ -72,7 +73,7 @@ def study(N, solver):
     from attnflow.io.results import RunDirWriter, read_members
     import tempfile, shutil
     d = tempfile.mkdtemp()
-    kw = dict(budget=af.Budget(t1=30.0, dt=0.05)) if solver == "rk4" else dict(solver=af.Adaptive())
+    kw = dict(budget=af.Budget(t1=30.0, dt=0.05)) if solver == "rk4" else {}  # adaptive: a flow study's default
     with RunDirWriter(Path(d) / "r") as w:
         af.basin_fractions(flow, key, N, sampler=sampler, run_dir=w, **kw)
     names = read_members(Path(d) / "r")["name"]
@@ -80,7 +81,16 @@ def study(N, solver):
     return names
 
 
-run = {"peer": peer, "rk4": lambda N: study(N, "rk4"), "adaptive": lambda N: study(N, "adaptive")}[method]
+def layer_map(N):
+    # the toy layer-map study of bench_basins.py (n = 10, cap 1000): its times only, no peer
+    Vm = np.diag([1.0, 0.5, -0.3]).astype(np.float32)
+    toy = af.LayerMap(af.SelfAttention(af.Heads.single(Vm, K=Vm), af.Attention("softmax"), 1.0), 0.1)
+    r = af.basin_fractions(toy, key, N, tokens=10, budget=af.Budget(max_steps=1000), stop=af.Stop(1e-6))
+    return [a.name for a in r.attractors]
+
+
+run = {"peer": peer, "rk4": lambda N: study(N, "rk4"), "adaptive": lambda N: study(N, "adaptive"),
+       "layer_map": layer_map}[method]
 times = []
 for _ in range(2):  # the first call is cold (or loads the cache), the second warm
     t = time.perf_counter()
@@ -104,7 +114,8 @@ def main():
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, nargs="+", default=[10_000])
-    p.add_argument("--methods", nargs="+", default=["peer", "rk4", "adaptive"])
+    p.add_argument("--methods", nargs="+", default=["peer", "rk4", "adaptive", "layer_map"])
+    p.add_argument("--out", help="record file name under benchmarks/results (default peer_basins_<device>.json)")
     a = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,7 +126,8 @@ def main():
                 load = os.getloadavg()
                 cold = child(m, N, cache, os.path.join(tmp, f"{m}_{N}.npy"))  # empty cache
                 filled = child(m, N, cache, os.path.join(tmp, f"{m}_{N}.npy"))  # the cache cold filled
-                labels[m] = np.load(os.path.join(tmp, f"{m}_{N}.npy"))
+                if m != "layer_map":  # another model: its times only
+                    labels[m] = np.load(os.path.join(tmp, f"{m}_{N}.npy"))
                 r = {"method": m, "samples": N, "cold_samples_per_s": N / cold["first_s"],
                      "filled_cache_samples_per_s": N / filled["first_s"], "warm_samples_per_s": N / filled["warm_s"],
                      "cold_s": cold["first_s"], "filled_cache_s": filled["first_s"], "warm_s": filled["warm_s"],
@@ -132,8 +144,14 @@ def main():
                             if r["method"] == m and r["samples"] == N:
                                 r["label_agreement_with_peer"] = agree
                         print(f"  {m}: labels equal to the peer's for {agree:.4%} of the members")
+            if "rk4" in labels and "adaptive" in labels:
+                agree = float(np.mean(labels["rk4"] == labels["adaptive"]))
+                for r in rows:
+                    if r["method"] == "adaptive" and r["samples"] == N:
+                        r["label_agreement_with_rk4"] = agree
+                print(f"  adaptive: labels equal to fixed RK4's for {agree:.4%} of the members")
             for r in rows:
-                if r["samples"] == N and r["method"] != "peer" and "peer" in labels:
+                if r["samples"] == N and r["method"] not in ("peer", "layer_map") and "peer" in labels:
                     peer = next(x for x in rows if x["method"] == "peer" and x["samples"] == N)
                     for k in ("cold", "filled_cache", "warm"):
                         r[f"{k}_over_peer"] = r[f"{k}_samples_per_s"] / peer[f"{k}_samples_per_s"]
@@ -143,7 +161,7 @@ def main():
     rec = {"benchmark": "basins_against_pybasin_method", "n": 8, "d": 3, "dtype": "float32", "results": rows,
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    path = Path(__file__).parent / "results" / f"peer_basins_{dev}.json"
+    path = Path(__file__).parent / "results" / (a.out or f"peer_basins_{dev}.json")
     path.write_text(json.dumps(rec, indent=2) + "\n")
     print(f"wrote {path}")
 

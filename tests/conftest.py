@@ -1,6 +1,7 @@
 """Tests compare numerics in float64; float32 tests set their dtype explicitly."""
 
 import os
+import tempfile
 
 import jax
 import pytest
@@ -8,6 +9,9 @@ from hypothesis import HealthCheck, settings
 
 jax.config.update("jax_enable_x64", True)
 os.environ.setdefault("MPLBACKEND", "Agg")
+# the CLI keeps compiled programs in $XDG_CACHE_HOME/attnflow/jax: tests (and the commands they start) use a cache of
+# their own, never the user's
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="attnflow-test-cache-")
 
 # CI must not go red on a draw it has never seen: the default profile is derandomized (the same examples every
 # run). ATTNFLOW_HYPOTHESIS=explore draws fresh examples, for hunting counter-examples locally.

@@ -64,8 +64,9 @@ def test_certified_balls_contract_under_the_step_map(dtype):
 
 
 def _names(tmp_path, tag, model, certify_, dtype, **kw):
+    tol = 1e-6 if dtype == np.float64 or isinstance(model, af.LayerMap) else 4e-6  # float32 flow, dt = 0.1: floor 1.2e-6
     with RunDirWriter(tmp_path / tag) as w:
-        res = af.basin_fractions(model, jax.random.PRNGKey(3), 240, tokens=6, stop=af.Stop(1e-6, certify=certify_),
+        res = af.basin_fractions(model, jax.random.PRNGKey(3), 240, tokens=6, stop=af.Stop(tol, certify=certify_),
                                  run_dir=w, execution=af.Execution(chunk=120), **kw)
     m = read_members(tmp_path / tag)
     return res, m["name"].tolist(), m["outcome"].tolist(), m["steps"]

@@ -7,6 +7,7 @@ float64, states to 1e-12 (lanes arithmetic is ordered differently), status and s
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -67,7 +68,7 @@ def test_pool_equals_simulate_member_by_member(backend):
 
 
 def test_pool_equals_simulate_for_a_flow_and_a_stack():
-    """A sphere flow (RK4, tol divided by dt) on both backends; a layer stack (per-layer weights: the step index is
+    """A sphere flow (RK4, tol divided by dt) on both backends (lanes: a loop over the four stages); a layer stack (per-layer weights: the step index is
     each member's own) on the vmapped path."""
     flow = af.SphereFlow(af.SelfAttention(af.Heads.single(V3, K=V3), af.Attention("softmax"), 1.0))
     x0 = sphere(48, seed=1)
@@ -108,8 +109,8 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="holds states"):
         S.advance_pool(dyn, S.empty_pool(4, 4, 3, np.float64), x0, np.arange(6), 6, **kw)
     flow = af.SphereFlow(af.SelfAttention(af.Heads.single(V3, K=V3), af.Attention("softmax"), 1.0))
-    with pytest.raises(ValueError, match="xla"):
-        S.advance_pool(flow, p, x0, np.arange(6), 6, solver=af.Adaptive(), execution=af.Execution(backend="lanes"), **kw)
+    with pytest.raises(ValueError, match="'xla' or 'lanes'"):
+        S.advance_pool(flow, p, x0, np.arange(6), 6, solver=af.Adaptive(), execution=af.Execution(backend="fused"), **kw)
     with pytest.raises(ValueError, match="t1 > 0 and dt"):
         S.advance_pool(flow, p, x0, np.arange(6), 6, **kw)
     with pytest.raises(ValueError, match="at least one slot"):
@@ -215,6 +216,41 @@ def test_adaptive_mode_agrees_with_diffrax_member_by_member():
     assert all(af.OUTCOMES[c] == "converged" for c in st)
     for X in fin:
         assert np.max(np.abs(np.asarray(flow.vf(0.0, X)))) < 1e-6
+
+
+def test_adaptive_lanes_equal_xla_member_by_member_float64():
+    """The adaptive mode unrolled into lanes (the CPU default) and under vmap (xla) take the same accepted and rejected
+    steps in float64: the same outcome and number of steps for every member, states equal to 1e-11 (the two order
+    the same sums differently)."""
+    flow = af.SphereFlow(af.SelfAttention(af.Heads.single(V3, K=V3), af.Attention("softmax"), 1.0))
+    x0 = sphere(24, n=4, seed=5)
+    out = {}
+    for backend in ("xla", "lanes"):
+        p = S.empty_pool(7, 4, 3, np.float64)
+        p, r = S.advance_pool(flow, p, x0, np.arange(24, dtype=np.int32), 24, drain=True, budget=af.Budget(max_steps=400),
+                              stop=af.Stop(1e-7), solver=af.Adaptive(), execution=af.Execution(backend=backend))
+        idx, fin, st_, ns, _ = r.valid()
+        o = np.argsort(idx)
+        out[backend] = (fin[o], st_[o], ns[o])
+    assert np.array_equal(out["xla"][1], out["lanes"][1]) and np.array_equal(out["xla"][2], out["lanes"][2])
+    assert len(set(out["xla"][2].tolist())) > 3  # members really take different numbers of steps
+    np.testing.assert_allclose(out["lanes"][0], out["xla"][0], atol=1e-11)
+
+
+def test_adaptive_mode_of_a_time_dependent_flow_runs_under_vmap():
+    """A flow whose vector field reads t is not unrolled into lanes (the lanes adaptive mode evaluates f at t = 0):
+    "auto" takes xla, and backend='lanes' is refused in one line that says why."""
+    from attnflow.evolve.pool import _adaptive_backend
+
+    class Pulsed(af.SphereFlow):
+        def vf(self, t, X):
+            return super().vf(t, X) * (1.0 + 0.5 * jnp.sin(t))
+
+    base = af.SelfAttention(af.Heads.single(V3, K=V3), af.Attention("softmax"), 1.0)
+    assert _adaptive_backend("auto", af.SphereFlow(base), (10, 4, 3), np.float64) == "lanes"
+    assert _adaptive_backend("auto", Pulsed(base), (10, 4, 3), np.float64) == "xla"
+    with pytest.raises(ValueError, match="depends on t"):
+        _adaptive_backend("lanes", Pulsed(base), (10, 4, 3), np.float64)
 
 
 @settings(max_examples=10)

@@ -75,8 +75,9 @@ def _chunks(run: Path) -> list[str]:
 def _interrupt(argv, sig, *, after=None, until=None, limit=180.0):
     """Start ``python -m attnflow ARGV``, send `sig` `after` seconds later or once `until()` holds; returns
     (returncode, stdout, stderr, seconds from the signal to the exit, process id)."""
-    proc = subprocess.Popen([sys.executable, "-m", "attnflow", *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    # --no-compile-cache: the signal must meet a command that compiles, as a first run does
+    proc = subprocess.Popen([sys.executable, "-m", "attnflow", "--no-compile-cache", *argv], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t0 = time.monotonic()
     try:
         if until is None:
@@ -314,7 +315,7 @@ def test_the_attnflow_script_handles_signals_too(basins_cfg, reference, tmp_path
     if not exe.exists():
         pytest.skip("no attnflow script next to this interpreter")
     run = tmp_path / "r"
-    proc = subprocess.Popen([str(exe), "basins", str(basins_cfg), "--out", str(run), "--no-progress"], cwd=ROOT,
+    proc = subprocess.Popen([str(exe), "--no-compile-cache", "basins", str(basins_cfg), "--out", str(run), "--no-progress"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(2.0)
     ts = time.monotonic()

@@ -130,12 +130,39 @@ def pool_backend(backend: str, dynamics, solver, shape, dtype, span: Span) -> st
 
     adaptive = isinstance(solver, Adaptive)
     if adaptive:
-        if backend in ("lanes", "fused"):
-            raise ValueError(f"the adaptive solver runs on the 'xla' backend, not {backend!r}")
-        return "xla"
+        return _adaptive_backend(backend, dynamics, shape, dtype)
     plan = Plan(n_seg=1, seg_len=int(span.cap), save=False, tol=None, continuous=isinstance(dynamics, AbstractFlow),
                 adaptive=False, unroll=1)
     return backends.resolve_backend(backend, dynamics, solver, plan, tuple(shape), dtype)
+
+
+def _adaptive_backend(backend: str, dynamics, shape, dtype) -> str:
+    """The backend of an adaptive pool: ``"xla"`` (the model under vmap) or ``"lanes"`` (its vector field and
+    projection unrolled into lanes); ``"auto"`` takes lanes on a CPU when both unroll and the state is small (the
+    rules of :func:`attnflow.evolve.backends.choose_backend`)."""
+    import jax as _jax
+
+    if backend == "fused":
+        raise ValueError("the adaptive solver runs on the 'xla' or 'lanes' backend, not 'fused'")
+    if backend == "xla" or (backend == "auto" and _jax.default_backend() != "cpu"):
+        return "xla"
+    _, n, d = shape
+    why = None
+    if n * d > backends.MAX_STATE:
+        why = f"the state has n d = {n * d} scalars, more than MAX_STATE = {backends.MAX_STATE}"
+    else:
+        try:
+            cost = backends.lane_function("vf", dynamics, n, d, dtype).cost
+            backends.lane_function("project", dynamics, n, d, dtype)
+            if cost > backends.MAX_COST:
+                why = f"its unrolled vector field has {cost} operations, more than MAX_COST = {backends.MAX_COST}"
+        except backends.Unsupported as e:
+            why = f"the model's vector field cannot be unrolled into lanes ({e})"
+    if why is None:
+        return "lanes"
+    if backend == "lanes":
+        raise ValueError(f"backend='lanes' cannot run this adaptive pool: {why}")
+    return "xla"
 
 
 def advance_pool(dynamics, pool: Pool, queue, queue_index, count: int, *, budget: Budget, stop: Stop, solver=None,
@@ -184,20 +211,51 @@ def make_spec(dynamics, solver, span: Span, stop: Stop, execution: Execution, ba
     return _Spec(stop.tol, int(execution.group), isinstance(dynamics, AbstractFlow), backend, ctrl)
 
 
+def _rk4_stage_loop(dyn, solver, dt, n: int, d: int, P: int, dtype):
+    """RK4 on lanes for an autonomous flow, as a loop over its four stages around one copy of the unrolled vector
+    field (the stages unrolled hold four copies: several times the compile time); the arithmetic of
+    :meth:`~attnflow.RK4.step`, in its order. None when the model's vector field does not unroll on its own (then
+    the whole step is unrolled)."""
+    if type(solver) is not RK4 or not isinstance(dyn, AbstractFlow):
+        return None
+    try:
+        ops = _adaptive.lane_ops(dyn, n, d, P, dtype)
+    except backends.Unsupported:
+        return None
+    half, whole = jnp.asarray(0.5, dtype) * dt, jnp.asarray(1.0, dtype) * dt
+    shifts = jnp.stack([jnp.zeros((), dtype), half, half, whole])  # stage i evaluates f at X + shifts[i] k_(i-1)
+    weights = jnp.asarray([1.0, 2.0, 2.0, 1.0], dtype)
+
+    def step(X, k):
+        def stage(i, c):
+            acc, prev = c
+            ki = ops.f(None, X + shifts[i] * prev)
+            return acc + weights[i] * ki, ki
+
+        zero = jnp.zeros_like(X)
+        acc, _ = jax.lax.fori_loop(0, 4, stage, (zero, zero))
+        return ops.project(X + (dt / 6) * acc)
+
+    return step
+
+
 def _group_runner(dyn, solver, dt, cap, regions, spec: _Spec, n: int, d: int, P: int, dtype):
     """``run(X, outcome, steps, t, h, tag) -> (X, outcome, steps, t, h, tag)``: `spec.group` steps of every member
     that still runs (the others are frozen), on ``(d n, P)`` rows."""
     scale = dt if spec.continuous else None
     if spec.adaptive is not None:
-        return functools.partial(_adaptive.run_group, dyn, spec.adaptive, spec.tol, cap, regions, spec.group, n, d)
+        return functools.partial(_adaptive.run_group, dyn, spec.adaptive, spec.tol, cap, regions, spec.group, n, d,
+                                 lanes=spec.backend == "lanes")
     if spec.backend == "fused":
         from .backends.fused import fused_group
 
         return functools.partial(fused_group, dyn, solver, dt, cap, regions, spec, n, d)
     if spec.backend == "lanes":
-        prog = backends.lane_program(dyn, solver, dt, n, d, dtype)
-        scal = prog.scalars(prog.prepare((dyn, solver, dt)))
-        step = lambda X, k: jnp.stack(prog.step(scal, k, tuple(X), P))  # noqa: E731
+        step = _rk4_stage_loop(dyn, solver, dt, n, d, P, dtype)
+        if step is None:
+            prog = backends.lane_program(dyn, solver, dt, n, d, dtype)
+            scal = prog.scalars(prog.prepare((dyn, solver, dt)))
+            step = lambda X, k: jnp.stack(prog.step(scal, k, tuple(X), P))  # noqa: E731
     else:
 
         def step(X, k):
@@ -225,7 +283,6 @@ def _advance_impl(dyn, solver, pool: Pool, queue, qidx, count, drain, dt, cap, r
     R = M + P
     Q = jnp.transpose(queue, (2, 1, 0)).reshape(D, M)
     run = _group_runner(dyn, solver, dt, cap, regions, spec, n, d, P, queue.dtype)
-    start = None if spec.adaptive is None else functools.partial(_adaptive.initial_step, dyn, spec.adaptive, n, d)
 
     def retire(c):
         (x, idx, st, ns, t, h, tg), head, (ox, oi, os_, on, ot, og), nout = c
@@ -245,9 +302,8 @@ def _advance_impl(dyn, solver, pool: Pool, queue, qidx, count, drain, dt, cap, r
         st = jnp.where(take, NOT_CONVERGED, jnp.where(want, CONVERGED, st))
         ns = jnp.where(take, 0, ns)
         t = jnp.where(take, 0.0, t)
+        h = jnp.where(take, 0.0, h)  # a new member takes its first step size in its first attempt
         tg = jnp.where(want, -1, tg)
-        if start is not None:  # a first step size for each new member (two evaluations of f, once per member)
-            h = jax.lax.cond(jnp.any(take), lambda: jnp.where(take, start(x), h), lambda: h)
         return ((x, idx, st, ns, t, h, tg), head + jnp.sum(take, dtype=jnp.int32), (ox, oi, os_, on, ot, og),
                 nout + jnp.sum(done, dtype=jnp.int32))
 

@@ -40,7 +40,8 @@ from ..._types import Array
 from ...evolve.options import Budget, Execution, Stop, check_tol
 from ...evolve.outcome import CERTIFIED, CONVERGED, OUTCOMES, SADDLE
 from ...evolve.pool import check_solver, pool_backend, stream_members
-from ...evolve.solvers import Adaptive
+from ...evolve.solvers import RK4, Adaptive
+from ...model import AbstractFlow
 from ..classify import classifier, describe, label_rows
 from .results import BasinResult, MemberSample, summarize
 from .sampling import Sphere, sample_stream
@@ -52,8 +53,16 @@ def _lanes_pool(dyn, solver, span, n, d, dtype) -> int:
     (:func:`attnflow.evolve.backends.cache_slots` of the unrolled step's size)."""
     from ...evolve import backends
 
-    prog = backends.lane_program(dyn, solver, 1.0 if span.dt is None else span.dt, n, d, dtype)
-    return backends.cache_slots(prog.cost, np.dtype(dtype).itemsize)
+    stages = len(solver.solver.tableau.b_sol) if isinstance(solver, Adaptive) else 4 if type(solver) is RK4 else 0
+    cost = None
+    if stages and isinstance(dyn, AbstractFlow):  # a loop over stages around one vector field (evolve.pool); the
+        try:  # stages hold a state and a vector field each: about (stages + 1) fields
+            cost = backends.lane_function("vf", dyn, n, d, dtype).cost + 8 * n * d * stages
+        except backends.Unsupported:
+            pass
+    if cost is None:
+        cost = backends.lane_program(dyn, solver, 1.0 if span.dt is None else span.dt, n, d, dtype).cost
+    return backends.cache_slots(cost, np.dtype(dtype).itemsize)
 
 KEEP = 2000
 """The members of lowest sample index whose final states a result keeps (:attr:`BasinResult.members`)."""
@@ -109,8 +118,9 @@ def basin_fractions(
     - `tokens` n (initial states uniform on the sphere, in the dtype of the model's value weights), or
       `sampler(key, num) -> (num, n, d)` (traceable by JAX, e.g. :class:`Sphere`, :class:`Around`); sample i is
       ``sampler(fold_in(key, i), 1)[0]``.
-    - `solver`: ``Iterate`` for maps (default), ``RK4`` (default), ``Euler`` or :class:`~attnflow.Adaptive` for
-      flows (adaptive: an embedded Runge-Kutta pair with a step size per member, :mod:`attnflow.evolve.adaptive`).
+    - `solver`: ``Iterate`` for maps (default); for flows :class:`~attnflow.Adaptive` (an embedded Runge-Kutta pair
+      with a step size per member, :mod:`attnflow.evolve.adaptive`; the default when `budget` sets no ``dt``),
+      ``RK4`` (the default when it does) or ``Euler``.
     - `budget`: a :class:`~attnflow.Budget`: ``steps`` (maps) or ``t1, dt`` (fixed-step flows) set the default cap
       ``max(10 x budget, 10_000)``; ``max_steps`` sets it exactly. Members still moving at the cap are
       ``not_converged``.
@@ -136,6 +146,8 @@ def basin_fractions(
         raise ValueError(f"samples must be an integer in [1, {SAMPLES_MAX}], got {samples!r}")
     budget = Budget() if budget is None else budget
     stop = Stop() if stop is None else stop
+    if solver is None and isinstance(dyn, AbstractFlow) and budget.dt is None:
+        solver = Adaptive()  # a flow study without a fixed step: the adaptive pair, per member
     solver = check_solver(dyn, solver)
     span = budget.resolve(dyn, isinstance(solver, Adaptive), study=True)
     shape = jax.eval_shape(lambda k: sampler(k, 1), key)

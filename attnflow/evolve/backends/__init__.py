@@ -86,6 +86,34 @@ def lane_program(dyn, solver, dt, n: int, d: int, dtype) -> LaneProgram:
     return _program(_ByKey(key, args), n, d, str(jnp.dtype(dtype)))
 
 
+_FUNCTIONS = {"vf": lambda dyn, k, X: dyn.vf(0.0, X), "project": lambda dyn, k, X: dyn.project(X)}
+
+
+@functools.lru_cache(maxsize=32)
+def _function(name: str, k: _ByKey, n: int, d: int, dtype: str) -> LaneProgram:
+    return LaneProgram(_FUNCTIONS[name], k.args, n, d, dtype)
+
+
+def _uses_time(dyn, n: int, d: int, dtype) -> bool:
+    """Whether ``dyn.vf(t, X)`` reads t (its traced program uses the argument t)."""
+    X = jax.ShapeDtypeStruct((n, d), jnp.dtype(dtype))
+    jaxpr = jax.make_jaxpr(lambda t, X: dyn.vf(t, X))(jax.ShapeDtypeStruct((), jnp.dtype(dtype)), X).jaxpr
+    t = jaxpr.invars[0]
+    return any(v is t for e in jaxpr.eqns for v in e.invars) or any(v is t for v in jaxpr.outvars)
+
+
+def lane_function(name: str, dyn, n: int, d: int, dtype) -> LaneProgram:
+    """The :class:`LaneProgram` of one of the model's own functions of a state: ``"vf"`` (the vector field of an
+    autonomous flow) or ``"project"`` (its projection onto the state space); ``prepare`` and ``step`` take the
+    model itself. Cached like :func:`lane_program`."""
+    if name == "vf" and _uses_time(dyn, n, d, dtype):
+        raise Unsupported("its vector field depends on t (the lanes adaptive mode takes autonomous flows)")
+    key = _key(dyn, n, d, dtype)
+    if key is None:
+        return LaneProgram(_FUNCTIONS[name], dyn, n, d, dtype)
+    return _function(name, _ByKey(key, dyn), n, d, str(jnp.dtype(dtype)))
+
+
 def lanes_support(dyn, solver, plan, shape, dtype) -> str | None:
     """Why the lanes/fused backends cannot run this call (a sentence), or None when they can."""
     from ..solvers import Adaptive
