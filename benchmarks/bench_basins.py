@@ -33,6 +33,7 @@ import jax, numpy as np
 import attnflow as af
 from attnflow.analysis import basins as bs, classify as cl
 design, samples, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+pool_size = None if sys.argv[4] == "default" else int(sys.argv[4])
 CAP, TOL = 1000, 1e-6
 V = np.diag([1.0, 0.5, -0.3]).astype(np.float32)
 dyn = af.LayerMap(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0), 0.1)
@@ -58,9 +59,14 @@ def fixed(key, N):
 
 def pool(key, N):
     r = bs.basin_fractions(dyn, key, N, tokens=10, budget=af.Budget(max_steps=CAP), stop=af.Stop(TOL),
-                           execution=af.Execution(chunk=chunk))
+                           execution=af.Execution(chunk=chunk, pool=pool_size))
     total = sum(a.count * a.steps_mean for a in r.attractors + r.categories)
+    from attnflow.evolve import backends
+    from attnflow.analysis.basins.study import _lanes_pool
+    default = _lanes_pool(dyn, af.Iterate(), af.Budget(max_steps=CAP).resolve(dyn, study=True), 10, 3, np.float32)
     return {"unclassified": r.unclassified, "steps_mean": total / N, "steps_paid_mean": None, "backend": r.backend,
+            "pool": default if pool_size is None else pool_size, "default_pool": default,
+            "l2_cache_bytes": backends.l2_cache_bytes(), "certified": sum(a.certified for a in r.attractors),
             "attractors": [(a.name, a.fraction) for a in r.attractors[:4]]}
 
 
@@ -80,37 +86,41 @@ def main():
     p.add_argument("--samples", type=int, nargs="+", default=[10_000, 100_000])
     p.add_argument("--chunk", type=int, default=10_000)
     p.add_argument("--designs", nargs="+", default=["fixed", "pool"], choices=["fixed", "pool"])
+    p.add_argument("--pools", nargs="+", default=["default"],
+                   help="slots per device of the pool design: integers, or 'default' (from the L2 cache size)")
+    p.add_argument("--out", help="record file name under benchmarks/results (default basins_<device>.json)")
     a = p.parse_args()
     rows, path = [], None
-    for s in a.samples:
-        for design in a.designs:
-            load = os.getloadavg()
-            out = subprocess.run([sys.executable, "-c", CHILD, design, str(s), str(a.chunk)], capture_output=True, text=True)
-            if out.returncode != 0:
-                sys.exit(out.stderr[-3000:])
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            r["load_average_before"] = [round(v, 2) for v in load]
-            r["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
-            rows.append(r)
-            print(f"{design:5s} {s:>9d} samples: {r['seconds']:8.1f} s, {r['samples_per_s']:9.0f} samples/s, peak RSS "
-                  f"{r['peak_rss_mb']:.0f} MB, unclassified {r['unclassified']}, mean steps {r['steps_mean']:.1f}, "
-                  f"load {r['load_average_before'][0]:.1f}", flush=True)
-            path = record(rows)  # after every study, so an interrupted run keeps what it measured
+    runs = [(s, design, pool) for s in a.samples for design in a.designs for pool in (a.pools if design == "pool" else ["default"])]
+    for s, design, pool in runs:
+        load = os.getloadavg()
+        out = subprocess.run([sys.executable, "-c", CHILD, design, str(s), str(a.chunk), str(pool)], capture_output=True,
+                             text=True)
+        if out.returncode != 0:
+            sys.exit(out.stderr[-3000:])
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r["load_average_before"] = [round(v, 2) for v in load]
+        r["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+        rows.append(r)
+        print(f"{design:5s} {s:>9d} samples{'' if design == 'fixed' else ', pool ' + str(r['pool'])}: {r['seconds']:8.1f} s, {r['samples_per_s']:9.0f} samples/s, peak RSS "
+              f"{r['peak_rss_mb']:.0f} MB, unclassified {r['unclassified']}, mean steps {r['steps_mean']:.1f}, "
+              f"load {r['load_average_before'][0]:.1f}", flush=True)
+        path = record(rows, a.out)  # after every study, so an interrupted run keeps what it measured
     print(f"wrote {path}")
 
 
-def record(rows):
+def record(rows, out=None):
     dev = "gpu" if "cuda" in rows[0]["device"].lower() or "gpu" in rows[0]["device"].lower() else "cpu"
     ratios = {}
     for r in rows:
         f = next((x for x in rows if x["design"] == "fixed" and x["samples"] == r["samples"]), None)
-        if r["design"] == "pool" and f is not None:
+        if r["design"] == "pool" and f is not None and r.get("pool") == r.get("default_pool"):
             ratios[str(r["samples"])] = r["samples_per_s"] / f["samples_per_s"]
     rec = {"benchmark": "basins_end_to_end", "n": 10, "d": 3, "cap_steps": 1000, "dtype": "float32", "tol": 1e-6,
            "results": rows, "pool_over_fixed_samples_per_s": ratios,
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    path = Path(__file__).parent / "results" / f"basins_{dev}.json"
+    path = Path(__file__).parent / "results" / (out or f"basins_{dev}.json")
     path.write_text(json.dumps(rec, indent=2) + "\n")
     return path
 

@@ -42,7 +42,7 @@ from ...evolve.outcome import CERTIFIED, CONVERGED, OUTCOMES, SADDLE
 from ...evolve.pool import check_solver, pool_backend, stream_members
 from ...evolve.solvers import RK4, Adaptive
 from ...model import AbstractFlow
-from ..classify import classifier, describe, label_rows
+from ..classify import classifier, classify, describe, label_rows
 from .results import BasinResult, MemberSample, summarize
 from .sampling import Sphere, sample_stream
 from .tally import Tally, gather_tally, unique_rows
@@ -190,7 +190,7 @@ def _certified(dyn, solver, span, stop, n, dtype, cluster_tol, verifier):
     if regions is None:
         return None, {}
     tags = sorted(eqs)
-    rows = label_rows(classifier(dyn, tol=cluster_tol)(jnp.asarray(np.stack([eqs[t] for t in tags]), dtype)))
+    rows = label_rows(classify(classifier(dyn, tol=cluster_tol), jnp.asarray(np.stack([eqs[t] for t in tags]), dtype)))
     tag_rows = {t: r for t, r in zip(tags, rows)}
     for r in rows:
         verifier.verdicts[tuple(int(v) for v in r)] = "stable"
