@@ -39,10 +39,13 @@ def parse_mask(spec: str) -> tuple[str, int | None]:
 
 def allowed_set(n: int, mask: str, window: int | None = None) -> Bool[Array, "n n"]:
     """The allowed set N(i) as a boolean (n, n) matrix: ``allowed[i, j]`` iff j in N(i)."""
-    i = jnp.arange(n)[:, None]
-    j = jnp.arange(n)[None, :]
+    return allowed(jnp.arange(n)[:, None], jnp.arange(n)[None, :], mask, window)
+
+
+def allowed(i, j, mask: str, window: int | None = None):
+    """Whether key j is in N(i), for broadcastable integer index arrays i (queries) and j (keys)."""
     if mask == "full":
-        return jnp.ones((n, n), dtype=bool)
+        return jnp.ones(jnp.broadcast_shapes(jnp.shape(i), jnp.shape(j)), dtype=bool)
     if mask == "causal":
         return j <= i
     if mask == "window":
@@ -91,6 +94,45 @@ class Attention(eqx.Module):
             raise ValueError(f"mask='window' needs 1 <= window <= {WINDOW_MAX}, got {self.window!r}")
         if self.sinkhorn_iters < 1:
             raise ValueError(f"sinkhorn_iters must be >= 1, got {self.sinkhorn_iters}")
+
+    @property
+    def streams(self) -> bool:
+        """Whether the kernel is a row-wise function of each row's scores that can be accumulated over blocks of
+        keys (every kind but ``sinkhorn``, whose column sweeps need the whole matrix)."""
+        return self.kind != "sinkhorn"
+
+    def block(self, carry, scores, keep, values):
+        """Fold one block of keys into the running sums of each query row: ``carry = (m, l, acc)`` (running max
+        of the scores, the sum of the weights before normalisation, the weighted sum of the values, ``(n,)``,
+        ``(n,)``, ``(n, e)``), `scores` ``(n, b)`` of the block, `keep` ``(n, b)`` its allowed set (and the padding),
+        `values` ``(b, e)``. The softmax is the online softmax: sums taken relative to the running max, rescaled
+        by exp(m_old - m_new) when the max grows. :meth:`finish` gives the rows of ``A @ values``."""
+        m, l, acc = carry
+        if self.kind == "softmax":
+            s = jnp.where(keep, scores, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            ref = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing allowed yet: all weights 0
+            e = jnp.exp(s - ref[:, None])
+            r = jnp.exp(m - ref)
+            return m_new, l * r + jnp.sum(e, axis=-1), acc * r[:, None] + e @ values
+        if self.kind == "unnormalized":
+            w = jnp.where(keep, jnp.exp(jnp.where(keep, scores, 0.0)), 0.0)
+        elif self.kind == "uniform":
+            w = keep.astype(scores.dtype)
+        elif self.kind == "relu":
+            w = jnp.where(keep, jnp.maximum(scores, 0.0), 0.0)
+        else:
+            raise ValueError(f"attention kind {self.kind!r} cannot be computed over blocks of keys")
+        return m, l + jnp.sum(w, axis=-1), acc + w @ values
+
+    def finish(self, carry, n: int):
+        """The rows ``sum_j a_ij values_j`` from the running sums of :meth:`block` (n the number of keys)."""
+        m, l, acc = carry
+        if self.kind in ("softmax", "uniform"):
+            return acc * (1.0 / l)[:, None]
+        if self.kind == "relu" and self.relu_normalize:
+            return acc * _safe_div(jnp.ones_like(l), l)[:, None]
+        return acc / n
 
     def __call__(self, scores: Scores) -> AttnMatrix:
         """Attention matrix from the scores s_ij = beta <q_i, k_j>."""

@@ -11,7 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._types import Array, Float, Tokens
-from .attention import Attention
+from .attention import Attention, allowed
+
+AUTO_DENSE_MAX = 512
+"""``key_block="auto"`` keeps the dense (n, n) attention up to this many tokens (per member, 512^2 scores of 4 or 8
+bytes per head: 1-2 MiB); above it the keys stream in blocks of :data:`AUTO_BLOCK`."""
+
+AUTO_BLOCK = 256
+"""The key block of ``key_block="auto"`` above :data:`AUTO_DENSE_MAX` tokens."""
 
 
 def _as_float_array(x):
@@ -113,51 +120,122 @@ class SelfAttention(eqx.Module):
     - `heads`: the weights, a :class:`Heads`.
     - `attention`: the kernel and mask, an :class:`Attention`.
     - `beta`: inverse temperature, a scalar array (swept values stay arrays: no recompilation).
+    - `key_block`: how the attention is formed: None, the dense ``(h, n, n)`` matrices; an integer b, streamed over
+      blocks of b keys with running sums per query (the online softmax, docs/model.md section 2; memory O(n b) per
+      member, for thousands of tokens; every kernel but ``sinkhorn``); ``"auto"`` (default), dense up to
+      :data:`AUTO_DENSE_MAX` tokens, streamed in blocks of :data:`AUTO_BLOCK` above.
     """
 
     heads: Heads
     attention: Attention = eqx.field(default_factory=Attention)
     beta: Float[Array, ""] = eqx.field(default=1.0, converter=_as_float_array)
+    key_block: int | str | None = eqx.field(static=True, default="auto")
 
     def __check_init__(self):
         b = np.asarray(self.beta) if not isinstance(self.beta, jax.core.Tracer) else None
         if b is not None and (b.ndim == 0) and not (np.isfinite(b) and b > 0):
             raise ValueError(f"beta must be a finite number > 0, got {float(b)}")
+        kb = self.key_block
+        if not (kb is None or kb == "auto" or (isinstance(kb, int) and not isinstance(kb, bool) and kb >= 1)):
+            raise ValueError(f"key_block must be None (dense), 'auto' or a block size >= 1, got {kb!r}")
+        if isinstance(kb, int) and not self.attention.streams:
+            raise ValueError(f"attention kind {self.attention.kind!r} needs the whole attention matrix: key_block "
+                             "must be None or 'auto'")
+
+    def block_size(self, n: int) -> int | None:
+        """The key block of the streamed path for n tokens, or None for the dense path: `key_block`, or for
+        ``"auto"`` :data:`AUTO_BLOCK` keys when n > :data:`AUTO_DENSE_MAX` and the kernel streams (a pure
+        function of the shapes)."""
+        if self.key_block == "auto":
+            return AUTO_BLOCK if n > AUTO_DENSE_MAX and self.attention.streams else None
+        return self.key_block
 
     def _small_d(self) -> bool:
         """Contract through the d x d matrices M_h, W_h (cheaper when d <= 2 d_h) rather than the
         d_h-dimensional projections. Decided from static shapes, so it costs nothing at run time."""
         return self.heads.dim <= 2 * self.heads.head_dim
 
-    def scores(self, X: Tokens) -> Float[Array, "h n n"]:
-        """s^h_ij = beta <Q_h x_i + bq_h, K_h x_j + bk_h>."""
+    def _factors(self, X: Tokens):
+        """``(q, k, scale)`` with ``s^h_ij = scale <q^h_i, k^h_j>`` (k ``(n, e)`` shared by the heads, or
+        ``(h, n, e)``; scale None for 1): the one place the scores' arithmetic is written."""
         hd = self.heads
         beta = self.beta.astype(X.dtype)
         if self._small_d() and hd.bq is None and hd.bk is None:
             XM = jnp.einsum("nd,hde->hne", X, (beta * hd.score_matrices()).astype(X.dtype))  # beta folded into M_h
-            return jnp.einsum("hne,me->hnm", XM, X)
+            return XM, X, None
         q = jnp.einsum("hed,nd->hne", hd.Q, X)
         k = jnp.einsum("hed,nd->hne", hd.K, X)
         if hd.bq is not None:
             q = q + hd.bq[:, None, :]
         if hd.bk is not None:
             k = k + hd.bk[:, None, :]
-        return beta * jnp.einsum("hie,hje->hij", q, k)
+        return q, k, beta
+
+    @staticmethod
+    def _scores_of(q, k, scale):
+        s = jnp.einsum("hne,me->hnm", q, k) if k.ndim == 2 else jnp.einsum("hie,hje->hij", q, k)
+        return s if scale is None else scale * s
+
+    def scores(self, X: Tokens) -> Float[Array, "h n n"]:
+        """s^h_ij = beta <Q_h x_i + bq_h, K_h x_j + bk_h>."""
+        return self._scores_of(*self._factors(X))
 
     def weights(self, X: Tokens) -> Float[Array, "h n n"]:
         """Attention matrices a^h_ij, one per head."""
         return jax.vmap(self.attention)(self.scores(X))
 
-    def _mixed(self, X: Tokens):
-        """Per-head attention-weighted inputs: (A_h X, True) for the W_h path, (A_h (V_h X + bv_h), False) otherwise."""
+    def _values(self, X: Tokens):
+        """``(values, small)``: X itself (``(n, d)``, shared by the heads) on the W_h path (small True), else
+        ``V_h X + bv_h`` ``(h, n, e)``."""
         hd = self.heads
-        a = self.weights(X)
         if self._small_d() and hd.bv is None:
-            return jnp.einsum("hij,jd->hid", a, X), True
+            return X, True
         v = jnp.einsum("hed,nd->hne", hd.V, X)
         if hd.bv is not None:
             v = v + hd.bv[:, None, :]
+        return v, False
+
+    def _mixed(self, X: Tokens):
+        """Per-head attention-weighted inputs: (A_h X, True) for the W_h path, (A_h (V_h X + bv_h), False) otherwise;
+        over blocks of keys (memory O(n b), not O(n^2)) when :meth:`block_size` gives a block."""
+        b = self.block_size(X.shape[0])
+        if b is not None:
+            return self._mixed_streamed(X, b)
+        a = self.weights(X)
+        v, small = self._values(X)
+        if small:
+            return jnp.einsum("hij,jd->hid", a, v), True
         return jnp.einsum("hij,hje->hie", a, v), False
+
+    def _mixed_streamed(self, X: Tokens, b: int):
+        """:meth:`_mixed` with the keys taken b at a time (a scan over ceil(n / b) blocks; the kernel's
+        :meth:`~attnflow.Attention.block` accumulates each block into running sums per query), so that no
+        ``(n, n)`` array is formed. The scores, values and allowed set are those of the dense path."""
+        n = X.shape[0]
+        q, k, scale = self._factors(X)
+        v, small = self._values(X)
+        H = q.shape[0]
+        k = jnp.broadcast_to(k, (H,) + k.shape) if k.ndim == 2 else k
+        v = jnp.broadcast_to(v, (H,) + v.shape) if v.ndim == 2 else v
+        nb = -(-n // b)
+        pad = nb * b - n
+        k = jnp.pad(k, ((0, 0), (0, pad), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, pad), (0, 0)))
+        att = self.attention
+        rows = jnp.arange(n)[:, None]
+
+        def step(carry, t):
+            j = t * b + jnp.arange(b)[None, :]
+            kb = jax.lax.dynamic_slice_in_dim(k, t * b, b, axis=1)
+            vb = jax.lax.dynamic_slice_in_dim(v, t * b, b, axis=1)
+            s = self._scores_of(q, kb, scale)  # (h, n, b)
+            keep = allowed(rows, j, att.mask, att.window) & (j < n)
+            return jax.vmap(lambda c, sh, vh: att.block(c, sh, keep, vh))(carry, s, vb), None
+
+        e = v.shape[-1]
+        init = (jnp.full((H, n), -jnp.inf, X.dtype), jnp.zeros((H, n), X.dtype), jnp.zeros((H, n, e), X.dtype))
+        carry, _ = jax.lax.scan(step, init, jnp.arange(nb))
+        return jax.vmap(lambda c: att.finish(c, n))(carry), small
 
     def head_outputs(self, X: Tokens) -> Float[Array, "h n d"]:
         """f^h_i = O_h sum_j a^h_ij (V_h x_j + bv_h); the drift is their sum (plus bo)."""
