@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import attnflow as af
 from attnflow.analysis import basins as bs, classify as cl, equilibria as eq
@@ -66,6 +66,20 @@ def test_wilson_interval():
     lo, hi = bs.wilson(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
     assert bs.wilson(0, 10)[0] == 0.0
+
+
+def test_simultaneous_z_is_bonferronis_normal_quantile():
+    """z_K = Phi^-1(1 - 0.05 / (2K)) against SciPy; bad K or level are refused."""
+    from scipy.stats import norm
+
+    for K in (1, 2, 3, 7, 50):
+        assert bs.simultaneous_z(K) == pytest.approx(norm.ppf(1 - 0.05 / (2 * K)), abs=1e-12)
+    assert bs.simultaneous_z(4, 0.9) == pytest.approx(norm.ppf(1 - 0.1 / 8), abs=1e-12)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError):
+            bs.simultaneous_z(bad)
+    with pytest.raises(ValueError):
+        bs.simultaneous_z(3, 1.0)
 
 
 def axis_fraction(res, kinds=("consensus", "bipartite"), k=0):
@@ -301,6 +315,17 @@ def test_unclassified_members_widen_the_intervals_and_warn():
         assert lo <= b.fraction <= hi, (b.name, b.fraction, lo, hi)
     assert short.warning is not None and "max_steps" in short.warning and short.lines()[-1] == short.warning
     assert long.warning is None
+    # simultaneous intervals: the same formulas with z = Phi^-1(1 - 0.05 / (2K)), K attractors and categories (SciPy)
+    from scipy.stats import norm
+
+    zK = norm.ppf(1 - 0.05 / (2 * (len(short.attractors) + len(short.categories))))
+    for a in short.attractors:
+        want = (_wilson_np(a.count, N, zK)[0], _wilson_np(a.count + u, N, zK)[1])
+        assert a.simultaneous_interval == pytest.approx(want, abs=1e-12)
+        assert a.simultaneous_interval[0] <= a.interval[0] and a.simultaneous_interval[1] >= a.interval[1]
+    for c in short.categories:
+        assert c.simultaneous_interval == pytest.approx(_wilson_np(c.count, N, zK), abs=1e-12)
+    assert short.to_json()["attractors"][0]["simultaneous_interval"] == list(short.attractors[0].simultaneous_interval)
     onv1 = short.union(lambda a: a.eigenvector == 0, name="on v1")
     k = sum(a.count for a in short.attractors if a.eigenvector == 0)
     assert onv1.count == k and onv1.interval == pytest.approx((_wilson_np(k, N)[0], _wilson_np(k + u, N)[1]), abs=1e-12)
@@ -501,3 +526,38 @@ def test_public_basin_fractions_shows_its_real_signature():
     assert len(top) <= 15 and len(lib) <= 14
     assert all(top[k].default == lib[k].default for k in lib if k != "run_dir")
     assert "resume" in (af.basin_fractions.__doc__ or "")
+
+
+@settings(max_examples=3)
+@given(seed=st.integers(0, 2**16), flow=st.booleans())
+def test_property_odd_dynamics_give_equal_plus_and_minus_consensus_fractions(seed, flow):
+    """A symmetric V with the full mask makes the dynamics odd (X -> -X maps trajectories onto trajectories), and the
+    uniform sampler is symmetric: so the +v1 and -v1 consensus basins have equal fractions. Checked exactly: the
+    study of the mirrored samples (-X) names every member as the mirror image of the study of X (consensus +v1 <->
+    -v1, bipartite m:(n-m) <-> (n-m):m), so over the two studies the +v1 and -v1 counts are equal."""
+    rng = np.random.default_rng(seed)
+    Qm, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+    V = Qm @ np.diag([1.0, rng.uniform(-0.8, 0.8), rng.uniform(-0.8, 0.8)]) @ Qm.T  # symmetric, top eigenvalue 1
+    att = af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0)
+    dyn = af.SphereFlow(att) if flow else af.LayerMap(att, 0.2)
+    kw = {} if flow else dict(budget=af.Budget(max_steps=3000))
+    base = bs.Sphere(5, 3, "float64")
+    mirrored = lambda k, num: -base(k, num)  # noqa: E731
+    a = bs.basin_fractions(dyn, jax.random.PRNGKey(seed), 40, sampler=base, **kw)
+    b = bs.basin_fractions(dyn, jax.random.PRNGKey(seed), 40, sampler=mirrored, **kw)
+
+    def mirror(name):
+        if name.startswith("consensus"):
+            return name.replace("+", "#").replace("-", "+").replace("#", "-")
+        if name.startswith("bipartite"):
+            head, split = name.rsplit(" ", 1)
+            m, r = split.split(":")
+            return f"{head} {r}:{m}"
+        return name
+
+    counts_a = {x.name: x.count for x in a.attractors + a.categories}
+    counts_b = {mirror(x.name): x.count for x in b.attractors + b.categories}
+    assert counts_a == counts_b
+    plus = counts_a.get("consensus +v1", 0) + counts_b.get("consensus -v1", 0)  # the -v1 count of b, mirrored
+    minus = counts_a.get("consensus -v1", 0) + counts_b.get("consensus +v1", 0)
+    assert plus == minus

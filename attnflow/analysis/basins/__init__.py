@@ -1,13 +1,13 @@
 """Basins of attraction: Monte Carlo fractions with intervals that include what is unknown, label verification,
 local basin radius, critical shocks, continuation in beta/alpha.
 
-A package by concept: :mod:`~.intervals` (Wilson intervals, widened by the unknown), :mod:`~.results` (frozen
+A package by concept: :mod:`~.intervals` (Wilson intervals, widened by the unknown; simultaneous ones), :mod:`~.results` (frozen
 result records, one JSON form), :mod:`~.tally` (streaming per-label counts), :mod:`~.sampling` (sample i from
 ``fold_in(key, i)``), :mod:`~.study` (:func:`basin_fractions` on the member pool of :mod:`attnflow.evolve.pool`),
 :mod:`~.verify` (saddles), :mod:`~.local` (radius, shock, continuation).
 """
 
-from .intervals import interval_with_unknown as interval_with_unknown, wilson as wilson
+from .intervals import interval_with_unknown as interval_with_unknown, simultaneous_z as simultaneous_z, wilson as wilson
 from .local import (
     DISTANCE as DISTANCE,
     Continuation as Continuation,

@@ -10,7 +10,7 @@ import numpy as np
 from ..._json import plain
 from ...evolve.outcome import CONVERGED, NOT_CONVERGED, OUTCOMES, SADDLE
 from ..classify import OUTCOME_LABELS, describe
-from .intervals import interval_with_unknown, wilson
+from .intervals import interval_with_unknown, simultaneous_z, wilson
 from .tally import Tally
 
 
@@ -35,6 +35,9 @@ class Attractor:
     - `row`: the integer label row (the tally key), None for a union.
     - `certified`: how many of its members were decided by a certificate (outcome ``certified``: they entered a
       contracting ball around its verified stable equilibrium) rather than by convergence.
+    - `simultaneous_interval`: like `interval`, with the Bonferroni-adjusted z of the K attractors and categories of
+      its study (:func:`~attnflow.analysis.basins.intervals.simultaneous_z`), so that all K hold together with
+      probability at least 95%; None for a union.
     """
 
     name: str
@@ -55,6 +58,7 @@ class Attractor:
     members: dict | None = None
     row: tuple | None = None
     certified: int = 0
+    simultaneous_interval: tuple[float, float] | None = None
 
     @property
     def is_attractor(self) -> bool:
@@ -65,7 +69,9 @@ class Attractor:
         """The JSON form (finite numbers or null only; ``eigenvector`` written as ``"v1"``, 1-based)."""
         out = {"name": self.name, "kind": self.kind, "outcome": self.outcome, "count": self.count,
                "fraction": self.fraction, "interval": list(self.interval),
-               "sampling_interval": list(self.sampling_interval), "steps_mean": self.steps_mean,
+               "sampling_interval": list(self.sampling_interval),
+               "simultaneous_interval": None if self.simultaneous_interval is None else list(self.simultaneous_interval),
+               "steps_mean": self.steps_mean,
                "steps_median": self.steps_median, "steps_max": self.steps_max}
         if self.is_attractor and self.kind != "union":
             out.update(eigenvector=None if self.eigenvector is None else f"v{self.eigenvector + 1}", sign=self.sign,
@@ -157,13 +163,17 @@ class BasinResult:
         for a in self.attractors + self.categories:
             rows.append({"name": a.name, "kind": a.kind, "outcome": a.outcome, "count": a.count, "fraction": a.fraction,
                          "lower": a.interval[0], "upper": a.interval[1], "sampling_lower": a.sampling_interval[0],
-                         "sampling_upper": a.sampling_interval[1], "steps_mean": a.steps_mean,
+                         "sampling_upper": a.sampling_interval[1],
+                         "simultaneous_lower": None if a.simultaneous_interval is None else a.simultaneous_interval[0],
+                         "simultaneous_upper": None if a.simultaneous_interval is None else a.simultaneous_interval[1],
+                         "steps_mean": a.steps_mean,
                          "steps_median": a.steps_median, "steps_max": a.steps_max,
                          "eigenvector": None if a.eigenvector is None else f"v{a.eigenvector + 1}", "sign": a.sign,
                          "split": a.split, "sizes": None if a.sizes is None else ":".join(map(str, a.sizes)),
                          "verdict": a.verdict})
         return pd.DataFrame(rows, columns=["name", "kind", "outcome", "count", "fraction", "lower", "upper",
-                                           "sampling_lower", "sampling_upper", "steps_mean", "steps_median", "steps_max",
+                                           "sampling_lower", "sampling_upper", "simultaneous_lower",
+                                           "simultaneous_upper", "steps_mean", "steps_median", "steps_max",
                                            "eigenvector", "sign", "split", "sizes", "verdict"])
 
     def lines(self) -> list[str]:
@@ -215,6 +225,10 @@ def summarize(tally: Tally, verdicts: dict, *, max_steps: int | None = None, tol
         oname = OUTCOMES[code]
         cats.append(Attractor(OUTCOME_LABELS[oname], oname, oname, c, c / N, wilson(c, N), wilson(c, N),
                               sum(e.steps_sum for e in es) / c, med, max(e.steps_max for e in es), members=mem))
+    # simultaneous intervals: Bonferroni over the K attractors and categories reported
+    z = simultaneous_z(max(1, len(atts) + len(cats)))
+    atts = [dataclasses.replace(a, simultaneous_interval=interval_with_unknown(a.count, u, N, z)) for a in atts]
+    cats = [dataclasses.replace(c, simultaneous_interval=wilson(c.count, N, z)) for c in cats]
     not_conv = sum(tally.table[r].count for r in by_outcome.get(NOT_CONVERGED, []))
     return BasinResult(N, tuple(atts), tuple(cats), u, not_conv, max_steps, tol, backend,
                        _warning(atts, cats, u, N, max_steps), members)
