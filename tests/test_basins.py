@@ -528,7 +528,7 @@ def test_public_basin_fractions_shows_its_real_signature():
     assert "resume" in (af.basin_fractions.__doc__ or "")
 
 
-@settings(max_examples=3)
+@settings(max_examples=2)
 @given(seed=st.integers(0, 2**16), flow=st.booleans())
 def test_property_odd_dynamics_give_equal_plus_and_minus_consensus_fractions(seed, flow):
     """A symmetric V with the full mask makes the dynamics odd (X -> -X maps trajectories onto trajectories), and the

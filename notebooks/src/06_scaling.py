@@ -140,7 +140,7 @@ root = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
 for f in sorted((root / "benchmarks" / "results").glob("*.json")):
     doc = json.loads(f.read_text())
     recs = (doc.get("records") or doc.get("results")) if isinstance(doc, dict) else doc
-    if isinstance(recs, list) and recs and isinstance(recs[0], dict) and "token_steps_per_s" in recs[0]:
+    if isinstance(recs, list) and recs and isinstance(recs[0], dict) and "token_steps_per_s" in recs[0] and "workload" in recs[0]:
         print(f"{f.name}: best token-steps/s per workload and implementation")
         best = {}
         for r in recs:
