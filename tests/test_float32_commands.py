@@ -96,3 +96,16 @@ def test_basins_float32_matches_float64(tmp_path, capsys):
         lo32, hi32 = a32[name]["interval"] if name in a32 else (0.0, 3.7 / 96)
         lo64, hi64 = a64[name]["interval"] if name in a64 else (0.0, 3.7 / 96)
         assert lo32 <= hi64 and lo64 <= hi32, (name, a32.get(name), a64.get(name))
+
+
+@pytest.mark.slow  # about 20 s: the second CI step
+def test_demo_runs_in_float32_as_a_user_runs_it(tmp_path, capsys):
+    """The main job, ``attnflow demo``, with x64 off (float32, as in a user's process) at a small size: exit 0 and
+    finite numbers (every tolerance it uses fits float32's floor)."""
+    with jax.enable_x64(False):
+        rc = main(["demo", "--samples", "40", "--out", str(tmp_path / "demo"), "--json"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err[-2000:]
+    doc = json.loads(out.out)
+    finite(doc)
+    assert doc["samples"] == 40 and (tmp_path / "demo").is_dir()

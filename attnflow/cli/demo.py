@@ -201,7 +201,7 @@ def _study(name, dyn, args, key, out, cons) -> dict:
     pb.fractions(res.attractors, out / f"{tag}_fractions.png", title=f"{name}: basin fractions ({res.samples} samples)")
     # token paths of members with distinct outcomes (the rarest first, so a non-consensus outcome shows)
     x0 = af.sample.sphere(jax.random.fold_in(key, 1), (64, n, 3))
-    sol = af.simulate(dyn, x0, steps=steps, saves=150, tol=1e-7)
+    sol = af.simulate(dyn, x0, steps=steps, saves=150, tol=res.tol)  # the study's tol: above the dtype's floor
     names = _names(dyn, sol.final, sol.outcome)
     pick = _pick_members(names)
     sphere_trajectories(sol.trajectory, out / f"{tag}_paths.png", select=pick, titles=[names[i] for i in pick],

@@ -12,8 +12,9 @@ import numpy as np
 from ..._json import plain
 from ..._types import Array, Tokens
 from ...evolve import sample
-from ...evolve.options import Budget, Stop
+from ...evolve.options import Budget, Stop, check_tol
 from ...evolve.simulate import simulate
+from ...evolve.solvers import Adaptive
 from ..classify import classify, label_rows
 from .results import BasinResult
 
@@ -98,7 +99,7 @@ class CriticalShock:
 def recovery_probability(dyn, X_eq: Tokens, radius: float, key: Array, *, budget: Budget, solver=None,
                          stop: Stop | None = None, samples: int = 256, cluster_tol: float = 1e-3) -> float:
     """Fraction of perturbations at tangent distance `radius` whose final state has the attractor label of X_eq
-    (default stop: tol 1e-7).
+    (default stop: a study's tol, ``max(1e-7, 8 x floor)`` of :func:`attnflow.evolve.options.tol_floor`).
 
     Recovery is judged by label (the classifier, tolerance `cluster_tol`), not by a raw distance: near a
     marginally stable point the per-step tolerance stops members at a distance of about tol / (1 - rho),
@@ -106,7 +107,10 @@ def recovery_probability(dyn, X_eq: Tokens, radius: float, key: Array, *, budget
     """
     X_eq = jnp.asarray(X_eq)
     x0 = sample.perturb_ball(key, X_eq, radius, samples)
-    sol = simulate(dyn, x0, budget, solver=solver, stop=stop or Stop(1e-7))
+    if stop is None:  # a study's default tol: max(1e-7, 8 x the floor of the dtype)
+        dt = None if isinstance(solver, Adaptive) else budget.dt
+        stop = Stop(check_tol(None, dyn, solver, dt, X_eq.dtype, study=True))
+    sol = simulate(dyn, x0, budget, solver=solver, stop=stop)
     target = label_rows(classify(dyn, X_eq[None], tol=cluster_tol))[0]
     rows = label_rows(classify(dyn, sol.final, sol.outcome, tol=cluster_tol))
     return float(np.mean(np.all(rows == target[None], axis=1)))
