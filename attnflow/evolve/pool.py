@@ -211,17 +211,38 @@ def make_spec(dynamics, solver, span: Span, stop: Stop, execution: Execution, ba
     return _Spec(stop.tol, int(execution.group), isinstance(dynamics, AbstractFlow), backend, ctrl)
 
 
+def _looped_stages(dyn, solver, n: int, d: int, dtype) -> int:
+    """The number of stages when the pool's lanes step is a loop over stages around one copy of the model's unrolled
+    vector field (the adaptive pair: its tableau's; RK4: four), or 0 when the whole step is unrolled instead (maps,
+    Euler, or a vector field that does not unroll on its own)."""
+    if not isinstance(dyn, AbstractFlow):
+        return 0
+    stages = len(solver.solver.tableau.b_sol) if isinstance(solver, Adaptive) else 4 if type(solver) is RK4 else 0
+    if stages:
+        try:
+            backends.lane_function("vf", dyn, n, d, dtype)
+            backends.lane_function("project", dyn, n, d, dtype)
+        except backends.Unsupported:
+            return 0
+    return stages
+
+
+def lanes_cost(dyn, solver, dt, n: int, d: int, dtype) -> int:
+    """The size of the lanes step a pool compiles, in scalar operations per step (its working set, in lane vectors):
+    for a loop over stages, the vector field's plus a state and a vector field per stage; else the unrolled step's."""
+    stages = _looped_stages(dyn, solver, n, d, dtype)
+    if stages:
+        return backends.lane_function("vf", dyn, n, d, dtype).cost + 8 * n * d * stages
+    return backends.lane_program(dyn, solver, dt, n, d, dtype).cost
+
+
 def _rk4_stage_loop(dyn, solver, dt, n: int, d: int, P: int, dtype):
     """RK4 on lanes for an autonomous flow, as a loop over its four stages around one copy of the unrolled vector
     field (the stages unrolled hold four copies: several times the compile time); the arithmetic of
-    :meth:`~attnflow.RK4.step`, in its order. None when the model's vector field does not unroll on its own (then
-    the whole step is unrolled)."""
-    if type(solver) is not RK4 or not isinstance(dyn, AbstractFlow):
+    :meth:`~attnflow.RK4.step`, in its order. None when :func:`_looped_stages` says the whole step is unrolled."""
+    if type(solver) is not RK4 or not _looped_stages(dyn, solver, n, d, dtype):
         return None
-    try:
-        ops = _adaptive.lane_ops(dyn, n, d, P, dtype)
-    except backends.Unsupported:
-        return None
+    ops = _adaptive.lane_ops(dyn, n, d, P, dtype)
     half, whole = jnp.asarray(0.5, dtype) * dt, jnp.asarray(1.0, dtype) * dt
     shifts = jnp.stack([jnp.zeros((), dtype), half, half, whole])  # stage i evaluates f at X + shifts[i] k_(i-1)
     weights = jnp.asarray([1.0, 2.0, 2.0, 1.0], dtype)

@@ -39,8 +39,8 @@ import numpy as np
 from ..._types import Array
 from ...evolve.options import Budget, Execution, Stop, check_tol
 from ...evolve.outcome import CERTIFIED, CONVERGED, OUTCOMES, SADDLE
-from ...evolve.pool import check_solver, pool_backend, stream_members
-from ...evolve.solvers import RK4, Adaptive
+from ...evolve.pool import check_solver, lanes_cost, pool_backend, stream_members
+from ...evolve.solvers import Adaptive
 from ...model import AbstractFlow
 from ..classify import classifier, classify, describe, label_rows
 from .results import BasinResult, MemberSample, summarize
@@ -50,18 +50,10 @@ from .verify import Verifier
 
 def _lanes_pool(dyn, solver, span, n, d, dtype) -> int:
     """The default pool of a study on the lanes backend, per device: the slots whose working set fits the L2 cache
-    (:func:`attnflow.evolve.backends.cache_slots` of the unrolled step's size)."""
+    (:func:`attnflow.evolve.backends.cache_slots` of the size of the lanes step the pool compiles)."""
     from ...evolve import backends
 
-    stages = len(solver.solver.tableau.b_sol) if isinstance(solver, Adaptive) else 4 if type(solver) is RK4 else 0
-    cost = None
-    if stages and isinstance(dyn, AbstractFlow):  # a loop over stages around one vector field (evolve.pool); the
-        try:  # stages hold a state and a vector field each: about (stages + 1) fields
-            cost = backends.lane_function("vf", dyn, n, d, dtype).cost + 8 * n * d * stages
-        except backends.Unsupported:
-            pass
-    if cost is None:
-        cost = backends.lane_program(dyn, solver, 1.0 if span.dt is None else span.dt, n, d, dtype).cost
+    cost = lanes_cost(dyn, solver, 1.0 if span.dt is None else span.dt, n, d, dtype)
     return backends.cache_slots(cost, np.dtype(dtype).itemsize)
 
 KEEP = 2000
@@ -305,7 +297,6 @@ class _Blocks:
 
     def __init__(self, block: int, samples: int, tally: Tally, writer, verifier: Verifier, report: Callable, tag_rows: dict):
         self.C, self.N, self.tally, self.writer, self.verifier, self.report = block, samples, tally, writer, verifier, report
-        self.tag_rows = tag_rows
         self.tag_table = None  # the label row of every region tag, as one array (a lookup per member)
         if tag_rows:
             width = len(next(iter(tag_rows.values())))

@@ -89,9 +89,15 @@ def lane_program(dyn, solver, dt, n: int, d: int, dtype) -> LaneProgram:
 _FUNCTIONS = {"vf": lambda dyn, k, X: dyn.vf(0.0, X), "project": lambda dyn, k, X: dyn.project(X)}
 
 
+def _build_function(name: str, dyn, n: int, d: int, dtype) -> LaneProgram:
+    if name == "vf" and _uses_time(dyn, n, d, dtype):
+        raise Unsupported("its vector field depends on t (the lanes adaptive mode takes autonomous flows)")
+    return LaneProgram(_FUNCTIONS[name], dyn, n, d, dtype)
+
+
 @functools.lru_cache(maxsize=32)
 def _function(name: str, k: _ByKey, n: int, d: int, dtype: str) -> LaneProgram:
-    return LaneProgram(_FUNCTIONS[name], k.args, n, d, dtype)
+    return _build_function(name, k.args, n, d, dtype)
 
 
 def _uses_time(dyn, n: int, d: int, dtype) -> bool:
@@ -106,11 +112,9 @@ def lane_function(name: str, dyn, n: int, d: int, dtype) -> LaneProgram:
     """The :class:`LaneProgram` of one of the model's own functions of a state: ``"vf"`` (the vector field of an
     autonomous flow) or ``"project"`` (its projection onto the state space); ``prepare`` and ``step`` take the
     model itself. Cached like :func:`lane_program`."""
-    if name == "vf" and _uses_time(dyn, n, d, dtype):
-        raise Unsupported("its vector field depends on t (the lanes adaptive mode takes autonomous flows)")
     key = _key(dyn, n, d, dtype)
     if key is None:
-        return LaneProgram(_FUNCTIONS[name], dyn, n, d, dtype)
+        return _build_function(name, dyn, n, d, dtype)
     return _function(name, _ByKey(key, dyn), n, d, str(jnp.dtype(dtype)))
 
 
