@@ -1,0 +1,352 @@
+"""Metastable episodes found inside the time loop, streamed: no trajectory is stored (docs/model.md section 11).
+
+For one configuration X (n, d), every ``check`` steps an observer reads
+
+- the speed s: the root mean square over tokens of the last step's displacement, divided by dt for flows;
+- the clusters: token i's label is the smallest j with cos(x_i, x_j) > 1 - eps (so the labels are the connected
+  groups when every cluster is tighter than eps and farther than eps from the others, as on a plateau);
+- the energy E of the model's attention (docs/model.md section 7), when it has one.
+
+A small state machine turns these readings into episodes (:class:`Plateaus`); the batch is a ``vmap`` of it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..._types import Array, Batch, Bool, Float, Int, Tokens
+from ...model.dynamics import AbstractDynamics, AbstractFlow
+from ...model.heads import SelfAttention
+
+
+class Plateaus(eqx.Module):
+    """The rule that finds metastable episodes (docs/model.md section 11).
+
+    - `fraction`: a plateau is entered when the speed falls below this fraction of its peak since the last exit.
+    - `min_duration`: ... and stays below it, with a constant cluster count, for at least this long (time units of
+      the flow; one step of a map is 1).
+    - `eps`: tokens i, j are in one cluster when cos(x_i, x_j) > 1 - eps.
+    - `check`: the observer reads the state every this many time units (rounded to whole steps, at least one).
+    - `max_episodes`: episodes stored per member (later ones are counted, not stored).
+    - `max_sizes`: the largest cluster sizes stored per episode.
+
+    An episode ends at the first reading whose cluster count differs from its own (a merge or a split).
+    """
+
+    fraction: float = eqx.field(static=True, default=0.1)
+    min_duration: float = eqx.field(static=True, default=2.0)
+    eps: float = eqx.field(static=True, default=1e-2)
+    check: float = eqx.field(static=True, default=0.25)
+    max_episodes: int = eqx.field(static=True, default=16)
+    max_sizes: int = eqx.field(static=True, default=8)
+
+    def __check_init__(self):
+        if not (isinstance(self.fraction, (int, float)) and 0 < self.fraction < 1):
+            raise ValueError(f"fraction must be a number in (0, 1), got {self.fraction!r}")
+        for name in ("min_duration", "check"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        if not (isinstance(self.eps, (int, float)) and 0 < self.eps < 1):
+            raise ValueError(f"eps must be a number in (0, 1), got {self.eps!r}")
+        for name in ("max_episodes", "max_sizes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+
+    def check_dtype(self, dtype) -> None:
+        """Refuse an `eps` the dtype cannot resolve: a cosine near 1 is known to about 64 units in the last place."""
+        floor = 64 * float(np.finfo(np.dtype(dtype)).eps)
+        if self.eps < floor:
+            raise ValueError(f"eps = {self.eps:g} is below {floor:.2g}, the resolution of a cosine near 1 in "
+                             f"{np.dtype(dtype).name} (64 units in the last place); use eps >= {floor:.2g}")
+
+
+def cluster_labels(X: Tokens, eps) -> Int[Array, " n"]:
+    """label_i = the smallest j with cos(x_i, x_j) > 1 - eps (i itself when no smaller j is that close)."""
+    nrm = jnp.sqrt(jnp.sum(X * X, axis=-1, keepdims=True))
+    U = X / jnp.where(nrm > 0, nrm, 1.0)
+    close = (U @ U.T) > 1 - eps
+    close = close | jnp.eye(X.shape[0], dtype=bool)
+    return jnp.argmax(close, axis=1).astype(jnp.int32)
+
+
+class Reading(eqx.Module):
+    """What the observer reads from one configuration."""
+
+    speed: Float[Array, ""]
+    count: Int[Array, ""]
+    sizes: Int[Array, " s"]
+    energy: Float[Array, ""]
+    pairs: Float[Array, ""]
+
+
+def _energy(dyn, X):
+    attn = getattr(dyn, "attn", None)
+    if not isinstance(attn, SelfAttention):
+        return jnp.full((), jnp.nan, X.dtype)
+    from ..energy import head_energies
+
+    return jnp.sum(head_energies(attn, X))
+
+
+def read(dyn, X: Tokens, X_prev: Tokens, dt, eps: float, max_sizes: int) -> Reading:
+    """The observer's reading of X (``X_prev`` is the state one step earlier)."""
+    n = X.shape[0]
+    disp = jnp.sum((X - X_prev) ** 2, axis=-1)
+    speed = jnp.sqrt(jnp.mean(disp)) / dt
+    lab = cluster_labels(X, eps)
+    count = jnp.sum(lab == jnp.arange(n)).astype(jnp.int32)
+    sizes = jnp.zeros((n,), jnp.int32).at[lab].add(1)
+    k = min(max_sizes, n)
+    top = jax.lax.top_k(sizes, k)[0]
+    if k < max_sizes:
+        top = jnp.concatenate([top, jnp.zeros((max_sizes - k,), jnp.int32)])
+    nrm = jnp.sqrt(jnp.sum(X * X, axis=-1, keepdims=True))
+    U = X / jnp.where(nrm > 0, nrm, 1.0)
+    close = jnp.sum((U @ U.T) > 1 - eps) - jnp.sum(jnp.sum(U * U, -1) > 1 - eps)
+    pairs = close.astype(X.dtype) / max(n * (n - 1), 1)
+    return Reading(speed=speed, count=count, sizes=top, energy=_energy(dyn, X), pairs=pairs)
+
+
+class Episodes(eqx.Module):
+    """The metastable episodes of each member (batch axis first; E = ``max_episodes``, S = ``max_sizes``).
+
+    - `entry`, `exit`: ``(b, E)`` times; `exit` is +inf while the episode was still on at the end of the run
+      (``open``), NaN for unused slots.
+    - `count`: ``(b, E)`` clusters during the episode (0 in unused slots); `sizes`: ``(b, E, S)`` the largest
+      cluster sizes, descending.
+    - `energy_entry`, `energy_exit`: ``(b, E)`` energies at entry and exit (NaN without an attention energy or an
+      exit); `speed`: ``(b, E)`` the mean speed over the episode's readings.
+    - `num`: ``(b,)`` episodes found (may exceed E: the rest are counted, not stored).
+    - `open`: ``(b,)`` whether the last episode was still on when the run ended.
+    - `t_end`: ``(b,)`` the time the member's run ended; `finite`: ``(b,)`` False where the state went non-finite
+      (the member stopped there).
+    """
+
+    entry: Float[Array, "b e"]
+    exit: Float[Array, "b e"]
+    count: Int[Array, "b e"]
+    sizes: Int[Array, "b e s"]
+    energy_entry: Float[Array, "b e"]
+    energy_exit: Float[Array, "b e"]
+    speed: Float[Array, "b e"]
+    num: Int[Array, " b"]
+    open: Bool[Array, " b"]
+    t_end: Float[Array, " b"]
+    finite: Bool[Array, " b"]
+
+    def first(self) -> dict[str, np.ndarray]:
+        """Per member: the first episode's count, entry, exit and dwell time (NaN where it has none; the dwell time
+        of an open episode is its lower bound t_end - entry, flagged by ``first_open``)."""
+        has = np.asarray(self.num) > 0
+        entry = np.where(has, np.asarray(self.entry)[:, 0], np.nan)
+        exit_ = np.where(has, np.asarray(self.exit)[:, 0], np.nan)
+        is_open = has & ~np.isfinite(exit_)
+        dwell = np.where(is_open, np.asarray(self.t_end) - entry, exit_ - entry)
+        return {"count": np.where(has, np.asarray(self.count)[:, 0], 0), "entry": entry, "exit": exit_,
+                "dwell": dwell, "first_open": is_open}
+
+
+class Series(eqx.Module):
+    """Readings at every check: `t` ``(c,)``; for the first few members (``trace``) `speed`, `energy`, `count`
+    ``(c, m)``; over all members the means `mean_pairs`, `mean_count` ``(c,)``."""
+
+    t: Float[Array, " c"]
+    speed: Float[Array, "c m"]
+    energy: Float[Array, "c m"]
+    count: Int[Array, "c m"]
+    mean_pairs: Float[Array, " c"]
+    mean_count: Float[Array, " c"]
+
+
+def _init_state(rule: Plateaus, dtype):
+    E, S = rule.max_episodes, rule.max_sizes
+    nan = jnp.asarray(jnp.nan, dtype)
+    f = lambda v=nan: jnp.full((E,), v, dtype)  # noqa: E731
+    return dict(
+        entry=f(), exit=f(), count=jnp.zeros((E,), jnp.int32), sizes=jnp.zeros((E, S), jnp.int32),
+        e_in=f(), e_out=f(), sp_sum=f(jnp.asarray(0, dtype)), sp_n=jnp.zeros((E,), jnp.int32),
+        num=jnp.zeros((), jnp.int32), on=jnp.zeros((), bool), peak=jnp.zeros((), dtype),
+        cand=jnp.zeros((), bool), c_t=nan, c_k=jnp.zeros((), jnp.int32), c_e=nan,
+        c_sum=jnp.zeros((), dtype), c_n=jnp.zeros((), jnp.int32),
+    )
+
+
+def _advance(rule: Plateaus, st: dict, t, r: Reading) -> dict:
+    """One reading at time t through the episode state machine (docs/model.md section 11)."""
+    st = dict(st)
+    E = rule.max_episodes
+    slot = jnp.minimum(st["num"] - 1, E - 1)  # the current episode's slot (when on)
+    stored = st["num"] <= E
+    on = st["on"]
+    # -- on an episode: the count changed -> close it; otherwise accumulate its speed
+    close = on & (r.count != st["count"][slot])
+    keep = on & ~close
+    upd = lambda a, v, m: a.at[slot].set(jnp.where(m & stored, v, a[slot]))  # noqa: E731
+    st["exit"] = upd(st["exit"], t, close)
+    st["e_out"] = upd(st["e_out"], r.energy, close)
+    st["sp_sum"] = upd(st["sp_sum"], st["sp_sum"][slot] + r.speed, keep)
+    st["sp_n"] = upd(st["sp_n"], st["sp_n"][slot] + 1, keep)
+    # -- off an episode: track the peak, the candidate, and open an episode once the candidate lasted
+    off = ~on
+    peak = jnp.where(close, r.speed, jnp.where(off, jnp.maximum(st["peak"], r.speed), st["peak"]))
+    below = off & (r.speed < rule.fraction * peak)
+    same = st["cand"] & (st["c_k"] == r.count)
+    start = below & ~same
+    grow = below & same
+    c_t = jnp.where(start, t, st["c_t"])
+    c_e = jnp.where(start, r.energy, st["c_e"])
+    c_k = jnp.where(start, r.count, st["c_k"])
+    c_sum = jnp.where(start, r.speed, jnp.where(grow, st["c_sum"] + r.speed, st["c_sum"]))
+    c_n = jnp.where(start, 1, jnp.where(grow, st["c_n"] + 1, st["c_n"]))
+    cand = below
+    open_ = cand & (t - c_t >= rule.min_duration * (1 - 1e-6))
+    new = jnp.minimum(st["num"], E - 1)
+    fits = st["num"] < E
+    put = lambda a, v: a.at[new].set(jnp.where(open_ & fits, v, a[new]))  # noqa: E731
+    st["entry"] = put(st["entry"], c_t)
+    st["count"] = put(st["count"], c_k)
+    st["sizes"] = st["sizes"].at[new].set(jnp.where(open_ & fits, r.sizes, st["sizes"][new]))
+    st["e_in"] = put(st["e_in"], c_e)
+    st["sp_sum"] = put(st["sp_sum"], c_sum)
+    st["sp_n"] = put(st["sp_n"], c_n)
+    st["num"] = st["num"] + open_.astype(jnp.int32)
+    st["on"] = keep | open_
+    st["cand"] = cand & ~open_
+    st.update(peak=peak, c_t=c_t, c_e=c_e, c_k=c_k, c_sum=c_sum, c_n=c_n)
+    return st
+
+
+def _run_one(dyn, solver, x0, dt, rule: Plateaus, every: int, n_checks: int, trace: bool, stop_at_one: bool,
+             stop_after: int | None):
+    """Evolve one configuration for ``every x n_checks`` steps, reading it every ``every`` steps; a member that
+    stopped (one cluster, or a non-finite state) keeps its last reading for the remaining checks."""
+    from ...evolve.backends import one_step
+
+    dtype = x0.dtype
+    args = (dyn, solver, dt)
+    buf0 = (jnp.zeros((n_checks,), dtype), jnp.zeros((n_checks,), dtype), jnp.zeros((n_checks,), jnp.int32),
+            jnp.zeros((n_checks,), dtype)) if trace else ()
+
+    def segment(c):
+        X, k, st, done, fin, t_end, i, buf = c
+
+        def body(j, carry):
+            Y, _ = carry
+            return one_step(args, k + j, Y), Y
+
+        Y, Y_prev = jax.lax.fori_loop(0, every, body, (X, X))
+        ok = jnp.all(jnp.isfinite(Y))
+        t = ((k + every).astype(dtype)) * dt
+        r = read(dyn, Y, Y_prev, dt, rule.eps, rule.max_sizes)
+        st2 = _advance(rule, st, t, r)
+        st = jax.tree.map(lambda a, b: jnp.where(ok, a, b), st2, st)
+        slot = jnp.clip(st["num"] - 1, 0, rule.max_episodes - 1)
+        done = ~ok | (stop_at_one & st["on"] & (st["count"][slot] == 1))
+        if stop_after is not None:
+            done = done | (st["num"] >= stop_after)
+        if trace:
+            vals = (r.speed, r.energy, r.count, r.pairs)
+            buf = tuple(b.at[i].set(v) for b, v in zip(buf, vals))
+        return (jnp.where(ok, Y, X), k + every, st, done, fin & ok, jnp.where(ok, t, t_end), i + 1, buf)
+
+    c0 = (x0, jnp.zeros((), jnp.int32), _init_state(rule, dtype), jnp.zeros((), bool), jnp.ones((), bool),
+          jnp.zeros((), dtype), jnp.zeros((), jnp.int32), buf0)
+    c = jax.lax.while_loop(lambda c: (c[6] < n_checks) & ~c[3], segment, c0)
+    X, _, st, done, fin, t_end, i, buf = c
+    if trace:  # checks after the member stopped repeat its last reading
+        last = jnp.maximum(i - 1, 0)
+        buf = tuple(jnp.where(jnp.arange(n_checks) >= i, b[last], b) for b in buf)
+    return st, fin, t_end, (buf if trace else None)
+
+
+@eqx.filter_jit
+def _run(dyn, solver, x0, dt, betas, rule, every, n_checks, trace, stop_at_one, stop_after):
+    def batch(d):
+        return jax.vmap(lambda x: _run_one(d, solver, x, dt, rule, every, n_checks, trace > 0, stop_at_one,
+                                           stop_after))(x0)
+
+    if betas is None:
+        return batch(dyn)
+    return jax.vmap(lambda b: batch(dyn.with_params(beta=b)))(betas)
+
+
+def _episodes(st, fin, t_end) -> Episodes:
+    st = jax.tree.map(np.asarray, st)
+    n = st["sp_n"]
+    speed = np.where(n > 0, st["sp_sum"] / np.maximum(n, 1), np.nan)
+    E = st["entry"].shape[-1]
+    last = np.clip(st["num"] - 1, 0, E - 1)
+    is_open = st["on"] & (st["num"] > 0)
+    exit_ = st["exit"].copy()
+    stored_open = is_open & (st["num"] <= E)
+    np.put_along_axis(exit_, last[..., None], np.where(stored_open[..., None], np.inf,
+                                                       np.take_along_axis(exit_, last[..., None], -1)), -1)
+    return Episodes(entry=st["entry"], exit=exit_, count=st["count"], sizes=st["sizes"], energy_entry=st["e_in"],
+                    energy_exit=st["e_out"], speed=speed, num=st["num"], open=is_open, t_end=np.asarray(t_end),
+                    finite=np.asarray(fin))
+
+
+def find_plateaus(dynamics: AbstractDynamics, x0: Batch, *, t1: float, dt: float | None = None,
+                  rule: Plateaus = Plateaus(), solver=None, trace: int = 0, stop_at_one: bool = True,
+                  stop_after: int | None = None, beta=None) -> tuple[Episodes, Series | None]:
+    """Find the metastable episodes of every member, streamed inside one compiled loop.
+
+    **Arguments:**
+
+    - `dynamics`: a flow (:class:`~attnflow.SphereFlow`, ...) or a map; `x0` ``(b, n, d)``.
+    - `t1`: how long each member runs (a map: steps); `dt`: the fixed step of a flow (default 0.05).
+    - `rule`: a :class:`Plateaus`; `solver`: RK4 for flows (Euler works too), Iterate for maps.
+    - `trace`: keep the readings at every check of the first `trace` members (a :class:`Series`).
+    - `stop_at_one`: stop a member once it sits on a one-cluster episode (all tokens within eps of each other stay
+      together: they see the same field).
+    - `stop_after`: stop a member once it has entered this many episodes (the last one is then open: its exit is
+      unknown). None: run to `t1`.
+    - `beta`: optional ``(p,)`` values of beta, run in the same compiled call (every array gains an axis p).
+
+    **Returns:** ``(episodes, series)``; series is None when ``trace == 0``.
+    """
+    from ...evolve.solvers import RK4, Iterate
+
+    x0 = jnp.asarray(x0)
+    if x0.ndim != 3 or not jnp.issubdtype(x0.dtype, jnp.floating):
+        raise ValueError(f"x0 must be a floating (batch, tokens, d) array, got shape {tuple(x0.shape)} {x0.dtype}")
+    flow = isinstance(dynamics, AbstractFlow)
+    if solver is None:
+        solver = RK4() if flow else Iterate()
+    solver.check(dynamics)
+    if not flow:
+        if dt not in (None, 1, 1.0):
+            raise ValueError("a map steps by 1; dt is for flows")
+        dt = 1.0
+    dt = 0.05 if dt is None else float(dt)
+    if not (math.isfinite(float(t1)) and t1 > 0 and dt > 0):
+        raise ValueError(f"t1 and dt must be finite numbers > 0, got t1={t1!r}, dt={dt!r}")
+    rule.check_dtype(x0.dtype)
+    every = max(1, int(round(rule.check / dt)))
+    n_checks = max(1, int(math.ceil(float(t1) / (every * dt) - 1e-9)))
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, (int, np.integer))
+                                   or stop_after < 1):
+        raise ValueError(f"stop_after must be None or an integer >= 1, got {stop_after!r}")
+    trace = int(trace)
+    if not 0 <= trace:
+        raise ValueError(f"trace must be >= 0, got {trace}")
+    betas = None if beta is None else jnp.asarray(np.atleast_1d(np.asarray(beta, float)), x0.dtype)
+    st, fin, t_end, out = _run(dynamics, solver, x0, jnp.asarray(dt, x0.dtype), betas, rule, every, n_checks,
+                               trace, bool(stop_at_one), stop_after)
+    eps = _episodes(st, fin, t_end)
+    series = None
+    if trace:
+        t = (np.arange(1, n_checks + 1) * every * dt)
+        sp, en, ct, pr = (np.asarray(a) for a in out)  # (..., b, c)
+        m = min(trace, x0.shape[0])
+        sw = lambda a: np.swapaxes(a[..., :m, :], -1, -2)  # noqa: E731  (..., c, m)
+        series = Series(t=t, speed=sw(sp), energy=sw(en), count=sw(ct), mean_pairs=pr.mean(-2),
+                        mean_count=ct.mean(-2))
+    return eps, series

@@ -1,0 +1,168 @@
+"""Metastable episodes found inside the compiled loop, against a plain NumPy loop with its own state machine written
+from docs/model.md section 11 (float64: times and counts exactly, energies at entry to 1e-9 relative, at exit and
+plateau speeds to 1e-6: rounding grows across a saddle)."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attnflow as af
+from attnflow.analysis.metastability import Plateaus, cluster_labels, find_plateaus
+
+
+def _np_vf(X, beta):
+    S = beta * X @ X.T
+    A = np.exp(S - S.max(1, keepdims=True))
+    A /= A.sum(1, keepdims=True)
+    U = A @ X
+    return U - np.sum(U * X, 1, keepdims=True) * X
+
+
+def _np_rk4(X, beta, dt):
+    k1 = _np_vf(X, beta)
+    k2 = _np_vf(X + dt / 2 * k1, beta)
+    k3 = _np_vf(X + dt / 2 * k2, beta)
+    k4 = _np_vf(X + dt * k3, beta)
+    Y = X + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return Y / np.linalg.norm(Y, axis=1, keepdims=True)
+
+
+def _np_reading(X, Xp, dt, beta, eps):
+    speed = math.sqrt(np.mean(np.sum((X - Xp) ** 2, 1))) / dt
+    U = X / np.linalg.norm(X, axis=1, keepdims=True)
+    labels = []
+    for i in range(len(X)):  # the smallest j with cos > 1 - eps
+        labels.append(next(j for j in range(len(X)) if j == i or U[i] @ U[j] > 1 - eps))
+    count = sum(1 for i, lab in enumerate(labels) if lab == i)
+    sizes = sorted(np.bincount(labels, minlength=len(X)).tolist(), reverse=True)
+    n = len(X)
+    energy = np.exp(beta * X @ X.T).sum() / (2 * beta * n * n)
+    return speed, count, sizes, energy
+
+
+def _np_episodes(x0, beta, dt, t1, rule):
+    """The state machine of docs/model.md section 11, written out in Python."""
+    every = max(1, round(rule.check / dt))
+    n_checks = math.ceil(t1 / (every * dt) - 1e-9)
+    X = x0.copy()
+    episodes, on, peak, cand = [], False, 0.0, None
+    for c in range(1, n_checks + 1):
+        for _ in range(every):
+            Xp, X = X, _np_rk4(X, beta, dt)
+        t = c * every * dt
+        speed, count, sizes, energy = _np_reading(X, Xp, dt, beta, rule.eps)
+        if on:
+            ep = episodes[-1]
+            if count != ep["count"]:
+                ep.update(exit=t, energy_exit=energy)
+                on, peak = False, speed
+                continue
+            ep["speeds"].append(speed)
+            continue
+        peak = max(peak, speed)
+        if speed < rule.fraction * peak:
+            if cand is None or cand["count"] != count:
+                cand = dict(entry=t, count=count, energy_entry=energy, speeds=[speed])
+            else:
+                cand["speeds"].append(speed)
+            if t - cand["entry"] >= rule.min_duration * (1 - 1e-6):
+                episodes.append(dict(cand, sizes=sizes[: rule.max_sizes], exit=math.inf, energy_exit=math.nan))
+                on, cand = True, None
+                if count == 1:  # stop_at_one
+                    return episodes, t
+        else:
+            cand = None
+    return episodes, n_checks * every * dt
+
+
+@pytest.fixture(scope="module")
+def small_case():
+    rng = np.random.default_rng(1)
+    th = rng.uniform(0, 2 * np.pi, (4, 20))
+    x0 = np.stack([np.cos(th), np.sin(th)], -1)
+    beta, dt, t1 = 8.0, 0.05, 60.0
+    rule = Plateaus(fraction=0.1, min_duration=1.0, eps=1e-2, check=0.25, max_episodes=6, max_sizes=4)
+    flow = af.SphereFlow(af.SelfAttention(af.Heads.single(np.eye(2)), beta=beta, key_block=None))
+    ep, series = find_plateaus(flow, x0, t1=t1, dt=dt, rule=rule, trace=4)
+    return x0, beta, dt, t1, rule, ep, series
+
+
+def test_episodes_equal_a_numpy_loop(small_case):
+    x0, beta, dt, t1, rule, ep, _ = small_case
+    total = 0
+    for b in range(len(x0)):
+        ref, t_end = _np_episodes(x0[b], beta, dt, t1, rule)
+        assert int(ep.num[b]) == len(ref), b
+        assert float(ep.t_end[b]) == pytest.approx(t_end, abs=1e-9)
+        for e, r in enumerate(ref):
+            assert float(ep.entry[b, e]) == pytest.approx(r["entry"], abs=1e-9)
+            assert float(ep.exit[b, e]) == pytest.approx(r["exit"], abs=1e-9) or (math.isinf(r["exit"]) and math.isinf(ep.exit[b, e]))
+            assert int(ep.count[b, e]) == r["count"]
+            got = np.asarray(ep.sizes[b, e]).tolist()
+            assert got == (r["sizes"] + [0] * rule.max_sizes)[: rule.max_sizes]
+            assert float(ep.energy_entry[b, e]) == pytest.approx(r["energy_entry"], rel=1e-9)
+            if math.isfinite(r["exit"]):
+                # a plateau is a saddle: rounding differences grow across it (1e-14 -> ~1e-9 at the exit)
+                assert float(ep.energy_exit[b, e]) == pytest.approx(r["energy_exit"], rel=1e-6)
+            # a plateau's speed is a difference of nearly equal states (|dX| ~ 1e-6): rounding of the two loops
+            # (about 1e-14 after thousands of steps) leaves it ~1e-8 relative
+            assert float(ep.speed[b, e]) == pytest.approx(np.mean(r["speeds"]), rel=1e-6)
+        assert bool(ep.open[b]) == (len(ref) > 0 and math.isinf(ref[-1]["exit"]))
+        total += len(ref)
+    assert total >= 6  # the case has episodes that open and close, not only final ones
+    assert any(np.isfinite(ep.exit[b, 0]) for b in range(len(x0)))
+
+
+def test_energy_rises_across_episodes_of_the_softmax_flow(small_case):
+    """docs/model.md section 7: the energy of a V = I softmax flow never decreases; the episodes' energies are
+    ordered in time."""
+    *_, ep, series = small_case
+    for b in range(ep.num.shape[0]):
+        k = min(int(ep.num[b]), ep.entry.shape[1])
+        e_in = np.asarray(ep.energy_entry[b, :k])
+        assert np.all(np.diff(e_in) >= -1e-12)
+        assert np.all(np.diff(np.asarray(ep.count[b, :k])) < 0)  # clusters only merge
+    assert np.all(np.diff(series.energy, axis=0) >= -1e-12)
+
+
+def test_series_holds_the_last_reading_after_a_member_stops(small_case):
+    *_, ep, series = small_case
+    for m in range(series.count.shape[1]):
+        stopped = series.t > float(ep.t_end[m]) + 1e-9
+        if stopped.any():
+            assert np.all(series.count[stopped, m] == 1)
+
+
+def test_cluster_labels_are_the_smallest_close_index():
+    X = np.array([[1.0, 0.0], [0.0, 1.0], [np.cos(0.01), np.sin(0.01)], [np.cos(1.57), np.sin(1.57)], [-1.0, 0.0]])
+    assert np.asarray(cluster_labels(jnp.asarray(X), 1e-3)).tolist() == [0, 1, 0, 1, 4]
+
+
+def test_beta_sweep_equals_separate_runs(small_case):
+    x0, beta, dt, t1, rule, ep, _ = small_case
+    flow = af.SphereFlow(af.SelfAttention(af.Heads.single(np.eye(2)), beta=1.0, key_block=None))
+    swept, _ = find_plateaus(flow, x0, t1=t1, dt=dt, rule=rule, beta=[2.0, beta])
+    np.testing.assert_array_equal(swept.num[1], ep.num)
+    np.testing.assert_allclose(swept.entry[1], ep.entry, atol=1e-12)
+    np.testing.assert_array_equal(swept.count[1], ep.count)
+
+
+def test_bad_rules_and_inputs_are_refused():
+    with pytest.raises(ValueError, match="fraction"):
+        Plateaus(fraction=1.5)
+    with pytest.raises(ValueError, match="min_duration"):
+        Plateaus(min_duration=0)
+    with pytest.raises(ValueError, match="eps"):
+        Plateaus(eps=0.0)
+    with pytest.raises(ValueError, match="max_episodes"):
+        Plateaus(max_episodes=0)
+    flow = af.SphereFlow(af.SelfAttention(af.Heads.single(np.eye(2, dtype=np.float32)), beta=1.0))
+    x0 = (np.ones((1, 3, 2)) / np.sqrt(2)).astype(np.float32)
+    with pytest.raises(ValueError, match="below .* float32"):
+        find_plateaus(flow, x0, t1=1.0, rule=Plateaus(eps=1e-7))
+    with pytest.raises(ValueError, match="batch, tokens, d"):
+        find_plateaus(flow, x0[0], t1=1.0)
+    with pytest.raises(ValueError, match="stop_after"):
+        find_plateaus(flow, x0, t1=1.0, stop_after=0)
