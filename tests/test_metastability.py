@@ -166,3 +166,53 @@ def test_bad_rules_and_inputs_are_refused():
         find_plateaus(flow, x0[0], t1=1.0)
     with pytest.raises(ValueError, match="stop_after"):
         find_plateaus(flow, x0, t1=1.0, stop_after=0)
+
+
+@pytest.mark.slow
+def test_first_plateau_of_500_tokens_at_beta_5_has_the_fastest_mode_3():
+    """docs/model.md section 11: the fastest linear mode on the circle at beta = 5 is k* = 3 (Bruno, Pasqualotto
+    and Agazzi 2024 report 3 metastable clusters there); over 20 members of 500 tokens uniform on the circle the most
+    frequent count at the first plateau is 3 (single members show 2 or 4)."""
+    import jax
+
+    from attnflow.analysis.metastability import fastest_mode, metastability
+
+    assert fastest_mode(5.0) == 3
+    flow = af.SphereFlow(af.SelfAttention(af.Heads.single(np.eye(2, dtype=np.float32)), beta=5.0))
+    res = metastability(flow, jax.random.PRNGKey(0), tokens=[500], betas=[5.0], members=20, t1=40.0, dt=0.1,
+                        trace=0, stop_after=1)
+    cell = res.cell(500, 5.0)
+    assert cell.no_plateau == 0
+    assert cell.mode == 3, cell.first_counts
+    assert cell.k_star == 3
+
+
+@pytest.mark.slow  # three subprocesses that compile (about 30 s): run by the second CI step
+def test_cli_metastability_writes_resumes_and_refuses(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('[model]\nd = 2\nV = [[1.0, 0.0], [0.0, 1.0]]\n[dynamics]\ntime = "continuous"\n'
+                   "[metastability]\ntokens = [8, 12]\nbetas = [3.0, 5.0]\nmembers = 4\nt1 = 12.0\n")
+    out = tmp_path / "out"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "attnflow", "--no-compile-cache", "metastability", *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=300)
+    r = run(str(cfg), "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    first = json.loads(r.stdout)
+    assert {c["tokens"] for c in first["cells"]} == {8, 12} and len(first["cells"]) == 4
+    for name in ("metastability.json", "first_plateau.csv", "phase_t_beta.png", "phase_tokens_beta.png",
+                 "staircase_n8.png", "dwell_n12.png", "episodes_n8.npz", "episodes_n12.npz"):
+        assert (out / name).exists(), name
+    (out / "episodes_n12.npz").unlink()  # as if interrupted before n = 12 finished
+    r = run(str(cfg), "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stderr
+    again = json.loads(r.stdout)
+    assert again["cells"] == first["cells"]  # a resumed run gives the same answer
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[model]\nd = 2\nV = [[1.0, 0.0], [0.0, 1.0]]\n[metastability]\neps = 1e-9\n')
+    r = run(str(bad))
+    assert r.returncode == 2 and "eps" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -154,15 +154,14 @@ class Episodes(eqx.Module):
 
 
 class Series(eqx.Module):
-    """Readings at every check: `t` ``(c,)``; for the first few members (``trace``) `speed`, `energy`, `count`
-    ``(c, m)``; over all members the means `mean_pairs`, `mean_count` ``(c,)``."""
+    """Readings at every check, for the first ``trace`` members: `t` ``(c,)``; `speed`, `energy`, `count` (clusters)
+    and `pairs` (the fraction of token pairs with cos > 1 - eps), each ``(c, m)``."""
 
     t: Float[Array, " c"]
     speed: Float[Array, "c m"]
     energy: Float[Array, "c m"]
     count: Int[Array, "c m"]
-    mean_pairs: Float[Array, " c"]
-    mean_count: Float[Array, " c"]
+    pairs: Float[Array, "c m"]
 
 
 def _init_state(rule: Plateaus, dtype):
@@ -347,6 +346,5 @@ def find_plateaus(dynamics: AbstractDynamics, x0: Batch, *, t1: float, dt: float
         sp, en, ct, pr = (np.asarray(a) for a in out)  # (..., b, c)
         m = min(trace, x0.shape[0])
         sw = lambda a: np.swapaxes(a[..., :m, :], -1, -2)  # noqa: E731  (..., c, m)
-        series = Series(t=t, speed=sw(sp), energy=sw(en), count=sw(ct), mean_pairs=pr.mean(-2),
-                        mean_count=ct.mean(-2))
+        series = Series(t=t, speed=sw(sp), energy=sw(en), count=sw(ct), pairs=sw(pr))
     return eps, series

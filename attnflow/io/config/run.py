@@ -109,6 +109,11 @@ class RunConfig:
         """The ``[energy]`` table."""
         return self.file.energy
 
+    @property
+    def metastability(self):
+        """The ``[metastability]`` table."""
+        return self.file.metastability
+
     def section(self, name: str) -> dict[str, Any]:
         """A further TOML table as the raw dict (already validated at load; empty if absent)."""
         return self.raw.get(name, {})

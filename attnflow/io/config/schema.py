@@ -168,6 +168,25 @@ class EnergyTable:
 
 
 @dataclass(frozen=True)
+class MetastabilityTable:
+    """[metastability]: plateaus, dwell times and phase diagrams (``attnflow metastability``)."""
+
+    tokens: list[int] = key((64,), doc="token counts n of the sweep (each >= 2)", ge=2, le=INT32_MAX)
+    betas: list[float] = key((2.0, 3.0, 4.0, 5.0), doc="values of beta of the sweep (each > 0; all in one compiled call)", gt=0)
+    members: int = key(32, doc="random initial states per (n, beta), uniform on the sphere (the same for every beta)", ge=1, le=INT32_MAX)
+    t1: float = key(100.0, doc="how long each member runs (a map: steps)", gt=0)
+    dt: float = key(0.1, doc="fixed RK4 step of a flow", gt=0)
+    seed: Union[int, None] = key(None, doc="PRNG seed of the members (default [dynamics] seed)", ge=0, le=SEED_MAX)
+    fraction: float = key(0.1, doc="a plateau: speed below this fraction of its peak since the last exit", gt=0, lt=1)
+    min_duration: float = key(2.0, doc="... held with a constant cluster count for at least this long", gt=0)
+    eps: float = key(1e-2, doc="tokens with cos > 1 - eps are in one cluster (at least 64 ulp of the dtype)", gt=0, lt=1)
+    check: float = key(0.25, doc="time between two readings of speed, clusters and energy", gt=0)
+    max_episodes: int = key(16, doc="episodes stored per member", ge=1, le=4096)
+    trace: int = key(4, doc="members whose readings are kept for the staircase figure", ge=0, le=INT32_MAX)
+    phase: bool = key(True, doc="also the (t, beta) phase diagram at the first n and, with several n, the (beta, n) one at t1")
+
+
+@dataclass(frozen=True)
 class ConfigFile:
     """The whole TOML file: one record per table."""
 
@@ -176,6 +195,7 @@ class ConfigFile:
     basins: BasinsTable = key(BasinsTable(), doc="attnflow basins")
     stability: StabilityTable = key(StabilityTable(), doc="attnflow stability")
     energy: EnergyTable = key(EnergyTable(), doc="attnflow energy")
+    metastability: MetastabilityTable = key(MetastabilityTable(), doc="attnflow metastability")
 
 
 def hints(cls) -> dict[str, Any]:

@@ -1,0 +1,144 @@
+"""Phase diagrams of clustering: over (t, beta) at fixed (n, d) in one compiled sweep, and over (beta, n) or
+(beta, d) at a fixed time (one compiled sweep over beta per shape). docs/model.md section 11.
+
+Two quantities, averaged over the members: the fraction of token pairs with cos(x_i, x_j) > 1 - eps, and the number
+of clusters (as in :func:`~attnflow.analysis.metastability.cluster_labels`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+from ._plateaus import Plateaus, find_plateaus
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseDiagram:
+    """Member means on a grid: `pairs` and `clusters` of shape ``(len(rows), len(cols))``, with their standard
+    errors `pairs_se`, `clusters_se`; `rows` are the values of `row_name` (``"beta"``), `cols` of `col_name`
+    (``"t"``, ``"tokens"`` or ``"d"``); `members` per cell and the settings (`eps`, `time` for a fixed-time
+    diagram)."""
+
+    row_name: str
+    rows: tuple[float, ...]
+    col_name: str
+    cols: tuple[float, ...]
+    pairs: np.ndarray
+    pairs_se: np.ndarray
+    clusters: np.ndarray
+    clusters_se: np.ndarray
+    members: int
+    eps: float
+    time: float | None = None
+
+    def clustering_time(self, level: float = 0.5) -> np.ndarray:
+        """Per row of a (t, beta) diagram: the first t at which the mean pair fraction reaches `level` (NaN when it
+        does not within the run: unknown, later than the last t)."""
+        if self.col_name != "t":
+            raise ValueError("clustering_time needs a diagram over t")
+        t = np.asarray(self.cols)
+        out = np.full(len(self.rows), np.nan)
+        for i, row in enumerate(self.pairs):
+            hit = np.nonzero(row >= level)[0]
+            if hit.size:
+                out[i] = t[hit[0]]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for JSON."""
+        return dict(row_name=self.row_name, rows=list(self.rows), col_name=self.col_name, cols=list(self.cols),
+                    pairs=self.pairs.tolist(), pairs_se=self.pairs_se.tolist(), clusters=self.clusters.tolist(),
+                    clusters_se=self.clusters_se.tolist(), members=self.members, eps=self.eps, time=self.time)
+
+
+def _means(a, axis):
+    a = np.asarray(a, float)
+    m = a.mean(axis)
+    se = a.std(axis, ddof=1) / math.sqrt(a.shape[axis]) if a.shape[axis] > 1 else np.full_like(m, np.nan)
+    return m, se
+
+
+def _readings(dynamics, x0, betas, t1, dt, eps, check):
+    """Per beta, per member, per check: (t, pairs (p, b, c), clusters (p, b, c))."""
+    rule = Plateaus(eps=eps, check=check)
+    _, ser = find_plateaus(dynamics, x0, t1=t1, dt=dt, rule=rule, trace=x0.shape[0], stop_at_one=False,
+                           beta=betas)
+    return ser
+
+
+def phase_t_beta(dynamics, key, *, tokens: int, betas, members: int, t1: float, dt: float | None = None,
+                 eps: float = 1e-2, check: float = 0.5, x0=None) -> PhaseDiagram:
+    """The (t, beta) diagram at fixed n and d: one compiled call over every beta (the same members for each).
+
+    **Arguments:** `dynamics` a model with ``.attn``; `key` the PRNG key of the members (uniform on the sphere, or
+    `x0` ``(members, tokens, d)``); `betas` the rows; the columns are the times every `check` up to `t1`.
+    """
+    from ...evolve.sample import sphere
+
+    d = dynamics.attn.heads.dim
+    X = np.asarray(x0) if x0 is not None else np.asarray(sphere(key, (members, tokens, d), dtype=dynamics.attn.heads.Q.dtype))
+    betas = np.atleast_1d(np.asarray(betas, float))
+    ser = _readings(dynamics, X, betas, t1, dt, eps, check)
+    # series arrays are (p, c, m): members on the last axis
+    pairs, pse = _rows(ser.pairs)
+    clus, cse = _rows(ser.count)
+    return PhaseDiagram(row_name="beta", rows=tuple(betas.tolist()), col_name="t", cols=tuple(np.asarray(ser.t).tolist()),
+                        pairs=pairs, pairs_se=pse, clusters=clus, clusters_se=cse, members=X.shape[0], eps=eps)
+
+
+def _rows(a):
+    m, se = _means(a, -1)
+    return m, se
+
+
+def phase_at_time(dynamics, key, *, over: str, values, betas, members: int, time: float, tokens: int | None = None,
+                  dt: float | None = None, eps: float = 1e-2) -> PhaseDiagram:
+    """The (beta, n) or (beta, d) diagram at a fixed time: one compiled sweep over beta per value of n (`over` =
+    ``"tokens"``) or d (``"d"``, the model's weights must then be the identity: Q = K = V = I, rebuilt per d).
+
+    **Arguments:** `values` the columns; `tokens` the fixed n of a (beta, d) diagram; the rest as in
+    :func:`phase_t_beta`.
+    """
+    import equinox as eqx
+    import jax.numpy as jnp
+
+    from ...evolve.sample import sphere
+    from ...model.heads import Heads
+
+    if over not in ("tokens", "d"):
+        raise ValueError(f"over must be 'tokens' or 'd', got {over!r}")
+    betas = np.atleast_1d(np.asarray(betas, float))
+    attn = dynamics.attn
+    dtype = attn.heads.Q.dtype
+    if over == "d":
+        if tokens is None:
+            raise ValueError("a (beta, d) diagram needs tokens=")
+        H = attn.heads
+        if not (H.num_heads == 1 and all(np.allclose(np.asarray(M), np.eye(H.dim)) for M in (H.Q[0], H.K[0], H.V[0], H.O[0]))):
+            raise ValueError("a (beta, d) diagram rebuilds the weights for each d: it needs Q = K = V = O = I")
+    pairs, pse, clus, cse = [], [], [], []
+    keys = jax.random.split(key, len(values))
+    for i, v in enumerate(values):
+        dyn, n = dynamics, tokens
+        if over == "d":
+            dyn = eqx.tree_at(lambda m: m.attn.heads, dynamics, Heads.single(jnp.eye(int(v), dtype=dtype)))
+        else:
+            n = int(v)
+        d = dyn.attn.heads.dim
+        X = np.asarray(sphere(keys[i], (members, n, d), dtype=dtype))
+        check = time / max(1, round(time / 0.5))
+        ser = _readings(dyn, X, betas, time, dt, eps, check)
+        j = int(np.argmin(np.abs(np.asarray(ser.t) - time)))
+        m, s = _means(np.asarray(ser.pairs)[:, j, :], -1)
+        pairs.append(m), pse.append(s)
+        m, s = _means(np.asarray(ser.count)[:, j, :], -1)
+        clus.append(m), cse.append(s)
+    T = lambda L: np.stack(L, 1)  # noqa: E731  (p, values)
+    return PhaseDiagram(row_name="beta", rows=tuple(betas.tolist()), col_name=over,
+                        cols=tuple(float(v) for v in values), pairs=T(pairs), pairs_se=T(pse), clusters=T(clus),
+                        clusters_se=T(cse), members=members, eps=eps, time=float(time))

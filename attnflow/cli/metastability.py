@@ -1,0 +1,188 @@
+"""``attnflow metastability CONFIG.toml``: metastable plateaus, dwell times and phase diagrams over a sweep of beta
+and n. The model comes from ``[model]`` and ``[dynamics]`` (``time``, ``norm``, ``dtype``, ``seed``), the sweep from
+``[metastability]`` (see ``attnflow metastability --help``).
+
+With ``--out DIR`` every n is saved as soon as it is computed (``episodes_n<N>.npz``); a second run with the same
+settings loads them and computes only the rest, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ._common import UsageError, emit_json, info, load_run_config, out_dir
+
+
+def add_parser(sub):
+    """Register this subcommand on the ``attnflow`` parser."""
+    from attnflow.io.config import describe
+
+    p = sub.add_parser(
+        "metastability",
+        help="metastable plateaus, dwell times and phase diagrams over beta and n",
+        description="Run members uniform on the sphere for every n and beta of [metastability], find their "
+        "metastable episodes inside the compiled loop (speed below a fraction of its peak, constant cluster count, "
+        "for a minimum duration: docs/model.md section 11) and report the cluster count at the first plateau, dwell "
+        "times per cluster count and escape times with 95%% intervals, the exponential rate of the dwell times in "
+        "beta, and phase diagrams. " + describe("metastability"),
+    )
+    p.add_argument("config", help="path to the TOML configuration")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    p.add_argument("--out", metavar="DIR", help="directory for metastability.json, the figures and the per-n episodes "
+                   "(a rerun with the same settings resumes)")
+    return p
+
+
+def _settings(cfg) -> dict:
+    m = cfg.metastability
+    seed = cfg.seed if m.seed is None else m.seed
+    return dict(config=cfg.canonical(), seed=seed, table={f.name: getattr(m, f.name) for f in dataclasses.fields(m)})
+
+
+def _npz_bytes(arrays: dict) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _save_n(out: Path, n: int, ep, ser) -> None:
+    from attnflow.io.results import atomic_write_bytes
+
+    arrays = {f"ep_{f.name}": np.asarray(getattr(ep, f.name)) for f in dataclasses.fields(ep)}
+    if ser is not None:
+        arrays.update({f"ser_{f.name}": np.asarray(getattr(ser, f.name)) for f in dataclasses.fields(ser)})
+    atomic_write_bytes(out / f"episodes_n{n}.npz", _npz_bytes(arrays))
+
+
+def _load_done(out: Path, settings: dict, tokens) -> dict:
+    """The n already computed by an earlier run with the same settings (nothing when they differ)."""
+    from attnflow.analysis.metastability import Episodes, Series
+
+    p = out / "settings.json"
+    if not p.exists():
+        return {}
+    try:
+        old = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {}
+    if old != json.loads(json.dumps(settings)):
+        info(f"metastability: {out} holds a run with other settings; starting afresh")
+        return {}
+    done = {}
+    for n in tokens:
+        f = out / f"episodes_n{n}.npz"
+        if not f.exists():
+            continue
+        try:
+            z = np.load(f)
+            ep = Episodes(**{k[3:]: z[k] for k in z.files if k.startswith("ep_")})
+            ser_keys = [k for k in z.files if k.startswith("ser_")]
+            ser = Series(**{k[4:]: z[k] for k in ser_keys}) if ser_keys else None
+        except (OSError, ValueError, TypeError, KeyError):
+            continue  # unreadable: computed again
+        done[n] = (ep, ser)
+    return done
+
+
+def run(args) -> int:
+    """Entry point of ``attnflow metastability``."""
+    from attnflow import SphereFlow
+    from attnflow.analysis import metastability as ms
+    from attnflow.io.results import atomic_write_bytes
+
+    out = out_dir(args.out, "metastability")
+    cfg = load_run_config(args.config)
+    m = cfg.metastability
+    try:
+        rule = ms.Plateaus(fraction=m.fraction, min_duration=m.min_duration, eps=m.eps, check=m.check,
+                           max_episodes=m.max_episodes)
+        rule.check_dtype(cfg.dtype)
+    except ValueError as e:
+        raise UsageError(f"{cfg.path}: [metastability] {e}") from None
+    if cfg.time != "continuous":
+        info("metastability: [dynamics] time = 'discrete': t1 counts map steps", quiet=args.json)
+    dyn = cfg.build()
+    settings = _settings(cfg)
+    tokens = tuple(m.tokens)
+    done = {}
+    if out is not None:
+        done = _load_done(out, settings, tokens)
+        atomic_write_bytes(out / "settings.json", json.dumps(settings, indent=1).encode())
+        if done:
+            info(f"metastability: resuming: n = {sorted(done)} loaded from {out}")
+    import jax
+
+    key = jax.random.PRNGKey(settings["seed"])
+    dt = None if cfg.time == "discrete" else m.dt
+
+    def progress(i, total, n):
+        info(f"metastability: n = {n} ({i + 1}/{total}), {len(m.betas)} betas x {m.members} members, t1 = {m.t1:g}",
+             quiet=args.json)
+
+    res = ms.metastability(dyn, key, tokens=tokens, betas=m.betas, members=m.members, t1=m.t1, dt=dt, rule=rule,
+                           trace=m.trace, progress=progress, done=done,
+                           on_done=None if out is None else (lambda n, ep, ser: _save_n(out, n, ep, ser)))
+    summary = dict(config=str(cfg.path), **res.to_dict())
+    phases = []
+    if m.phase and isinstance(dyn, SphereFlow) or (m.phase and cfg.time == "discrete"):
+        pkey = jax.random.fold_in(key, 1)
+        phases.append(ms.phase_t_beta(dyn, pkey, tokens=tokens[0], betas=m.betas, members=m.members, t1=m.t1, dt=dt,
+                                      eps=m.eps, check=max(m.check, m.t1 / 200)))
+        if len(tokens) > 1:
+            phases.append(ms.phase_at_time(dyn, pkey, over="tokens", values=tokens, betas=m.betas, members=m.members,
+                                           time=m.t1, dt=dt, eps=m.eps))
+        summary["phase"] = [p.to_dict() for p in phases]
+    if out is not None:
+        _write_files(out, res, phases, summary)
+    if args.json:
+        emit_json(summary)
+    else:
+        _print_text(cfg, res, phases, out)
+    return 0
+
+
+def _write_files(out: Path, res, phases, summary) -> None:
+    from attnflow._json import dumps
+    from attnflow.io.results import atomic_write_bytes
+    from attnflow.plots import metastability as pm
+
+    atomic_write_bytes(out / "metastability.json", dumps(summary, indent=1).encode())
+    frame = res.to_frame()
+    atomic_write_bytes(out / "first_plateau.csv", frame.to_csv(index=False).encode())
+    for n in res.tokens:
+        pm.first_counts(res, out / f"first_counts_n{n}.png", tokens=n)
+        pm.dwell_vs_beta(res, out / f"dwell_n{n}.png", tokens=n)
+        if res.series[n] is not None:
+            pm.staircase(res, out / f"staircase_n{n}.png", tokens=n, beta=res.betas[len(res.betas) // 2])
+    for i, p in enumerate(phases):
+        pm.phase(p, out / f"phase_{p.col_name}_beta.png")
+
+
+def _print_text(cfg, res, phases, out) -> None:
+    print(f"attnflow metastability: {cfg.path.name} ({cfg.time}, {cfg.attention}, d = {cfg.d}); "
+          f"{res.cells[0].members} members per (n, beta), t1 = {res.t1:g}")
+    print(f"{'n':>6s} {'beta':>6s} {'mode':>4s} {'k*':>3s}  first-plateau counts (fraction [95%])      "
+          f"{'no plateau':>10s}  first dwell (median [95%])")
+    for c in res.cells:
+        counts = ", ".join(f"{k}: {v[1]:.2f} [{v[2]:.2f}, {v[3]:.2f}]" for k, v in sorted(c.first_counts.items()))
+        fd = c.first_dwell
+        dwell = "-" if fd.events + fd.censored == 0 else (
+            f"{fd.value:.3g} [{fd.lo:.3g}, {fd.hi:.3g}]" if fd.known else f"> {fd.value:.3g} (run ended first)")
+        ks = "-" if c.k_star is None else str(c.k_star)
+        mode = "-" if c.mode is None else str(c.mode)
+        print(f"{c.tokens:6d} {c.beta:6g} {mode:>4s} {ks:>3s}  {counts:40s} {c.no_plateau:10d}  {dwell}")
+    for (n, k), r in sorted(res.rates.items()):
+        print(f"dwell time of {k}-cluster plateaus, n = {n}: log T = {r.intercept:.3g} + r beta, "
+              f"r = {r.rate:.3g} [{r.lo:.3g}, {r.hi:.3g}] over beta = {list(r.betas)}")
+    for p in phases:
+        if p.col_name == "t":
+            ct = p.clustering_time()
+            shown = ", ".join(f"beta {b:g}: {'> t1' if np.isnan(t) else f'{t:.3g}'}" for b, t in zip(p.rows, ct))
+            print(f"clustering time (half the pairs within eps), n = {res.tokens[0]}: {shown}")
+    if out is not None:
+        print(f"wrote {out}/metastability.json, first_plateau.csv and figures")
