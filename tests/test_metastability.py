@@ -216,3 +216,50 @@ def test_cli_metastability_writes_resumes_and_refuses(tmp_path):
     bad.write_text('[model]\nd = 2\nV = [[1.0, 0.0], [0.0, 1.0]]\n[metastability]\neps = 1e-9\n')
     r = run(str(bad))
     assert r.returncode == 2 and "eps" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_phase_diagram_equals_numpy_readings_and_clustering_time_grows_with_beta():
+    from attnflow.analysis.metastability import phase_t_beta
+
+    rng = np.random.default_rng(5)
+    th = rng.uniform(0, 2 * np.pi, (6, 10))
+    x0 = np.stack([np.cos(th), np.sin(th)], -1)
+    betas, dt, t1, eps = [0.5, 2.0, 8.0], 0.05, 20.0, 1e-2
+    flow = af.SphereFlow(af.SelfAttention(af.Heads.single(np.eye(2)), beta=1.0, key_block=None))
+    ph = phase_t_beta(flow, None, tokens=10, betas=betas, members=6, t1=t1, dt=dt, eps=eps, check=1.0, x0=x0)
+    assert ph.pairs.shape == (3, 20) and np.allclose(ph.cols, np.arange(1, 21))
+    for i, beta in enumerate(betas):  # the NumPy loop, read at t = 1, 2, ..., 20
+        pairs, counts = np.zeros((20, 6)), np.zeros((20, 6))
+        for b in range(6):
+            X = x0[b].copy()
+            for c in range(20):
+                for _ in range(20):
+                    X = _np_rk4(X, beta, dt)
+                G = X @ X.T
+                pairs[c, b] = (np.sum(G > 1 - eps) - 10) / 90
+                counts[c, b] = _np_reading(X, X, dt, beta, eps)[1]
+        np.testing.assert_allclose(ph.pairs[i], pairs.mean(1), atol=1e-12)
+        np.testing.assert_allclose(ph.clusters[i], counts.mean(1), atol=1e-12)
+    ct = ph.clustering_time()
+    assert np.isfinite(ct[0]) and np.all(np.diff(np.where(np.isnan(ct), np.inf, ct)) >= 0), ct
+    assert ct[0] < ct[-1] or np.isnan(ct[-1])
+
+
+def test_causal_attention_with_v_identity_ends_in_one_cluster_through_metastable_ones():
+    """Karagodin, Polyanskiy and Rigollet 2024: causal attention with V = I collapses to one cluster (token 1 never
+    moves; every other token follows the ones before it), with metastable clusters on the way."""
+    rng = np.random.default_rng(2)
+    th = rng.uniform(0, 2 * np.pi, (6, 12))
+    x0 = np.stack([np.cos(th), np.sin(th)], -1)
+    attn = af.SelfAttention(af.Heads.single(np.eye(2)), beta=3.0, attention=af.Attention("softmax", "causal"),
+                            key_block=None)
+    ep, series = find_plateaus(af.SphereFlow(attn), x0, t1=400.0, dt=0.1, rule=Plateaus(check=0.5), trace=6)
+    num = np.asarray(ep.num)
+    for b in range(6):
+        k = min(int(num[b]), ep.entry.shape[1])
+        assert int(ep.count[b, k - 1]) == 1 and bool(ep.open[b])  # ends on one cluster
+        assert np.all(np.diff(np.asarray(ep.count[b, :k])) < 0)
+    assert np.all(num >= 2)  # every member passes through metastable clusters first (measured: 6 of 6)
+    assert np.all(np.asarray(ep.count)[:, 0] >= 2)
+    # token 1 attends only to itself: it never moves
+    np.testing.assert_allclose(series.count[-1], 1)

@@ -125,7 +125,7 @@ def log_i0(beta: float) -> float:
 def mode_rates(beta: float, kmax: int = 32, *, kind: str = "softmax") -> np.ndarray:
     """Growth rates lambda_k of the modes cos(k theta) of the mean-field flow on the circle, linearised around the
     uniform density: lambda_k = k^2 I_k(beta) / (beta I_0(beta)) for softmax attention, k^2 I_k(beta) / beta for
-    unnormalized attention (docs/model.md gives the derivation).
+    unnormalized attention (docs/model.md section 11 gives the derivation).
 
     **Arguments:**
 
