@@ -28,7 +28,7 @@ def add_parser(sub):
         description="Run members uniform on the sphere for every n and beta of [metastability], find their "
         "metastable episodes inside the compiled loop (speed below a fraction of its peak, constant cluster count, "
         "for a minimum duration: docs/model.md section 11) and report the cluster count at the first plateau, dwell "
-        "times per cluster count and escape times with 95%% intervals, the exponential rate of the dwell times in "
+        "times per cluster count and escape times with 95% intervals, the exponential rate of the dwell times in "
         "beta, and phase diagrams. " + describe("metastability"),
     )
     p.add_argument("config", help="path to the TOML configuration")
