@@ -263,3 +263,24 @@ def test_causal_attention_with_v_identity_ends_in_one_cluster_through_metastable
     assert np.all(np.asarray(ep.count)[:, 0] >= 2)
     # token 1 attends only to itself: it never moves
     np.testing.assert_allclose(series.count[-1], 1)
+
+
+@pytest.mark.parametrize("block", [7, 64])
+def test_blocked_readings_equal_dense_ones(block):
+    """Above READ_DENSE_MAX tokens the readings stream over blocks of tokens: labels and close pairs exactly equal
+    to the dense ones, the energy to 1e-12 relative (float64), for heads with biases and separate Q, K too."""
+    from attnflow.analysis.metastability import _plateaus as pl
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(50, 3))
+    X[10:20] = X[10] + 1e-4 * rng.normal(size=(10, 3))  # a tight cluster
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    heads = af.Heads(Q=rng.normal(size=(2, 2, 3)), K=rng.normal(size=(2, 2, 3)), V=rng.normal(size=(2, 2, 3)),
+                     O=rng.normal(size=(2, 3, 2)), bq=rng.normal(size=(2, 2)), bk=rng.normal(size=(2, 2)))
+    for attn in (af.SelfAttention(heads, beta=0.7), af.SelfAttention(af.Heads.single(np.eye(3)), beta=3.0)):
+        dyn = af.SphereFlow(attn)
+        lab_b, close_b, e_b = pl._pairs_blocked(dyn, jnp.asarray(X), 0.05, block)
+        lab_d, close_d, e_d = pl._pairs_dense(dyn, jnp.asarray(X), 0.05)
+        np.testing.assert_array_equal(lab_b, lab_d)
+        assert int(close_b) == int(close_d) and int(close_d) >= 90
+        assert float(e_b) == pytest.approx(float(e_d), rel=1e-12)

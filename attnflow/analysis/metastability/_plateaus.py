@@ -67,13 +67,12 @@ class Plateaus(eqx.Module):
                              f"{np.dtype(dtype).name} (64 units in the last place); use eps >= {floor:.2g}")
 
 
-def cluster_labels(X: Tokens, eps) -> Int[Array, " n"]:
-    """label_i = the smallest j with cos(x_i, x_j) > 1 - eps (i itself when no smaller j is that close)."""
-    nrm = jnp.sqrt(jnp.sum(X * X, axis=-1, keepdims=True))
-    U = X / jnp.where(nrm > 0, nrm, 1.0)
-    close = (U @ U.T) > 1 - eps
-    close = close | jnp.eye(X.shape[0], dtype=bool)
-    return jnp.argmax(close, axis=1).astype(jnp.int32)
+def cluster_labels(X: Tokens, eps, *, block: int | None = None) -> Int[Array, " n"]:
+    """label_i = the smallest j with cos(x_i, x_j) > 1 - eps (i itself when no smaller j is that close); with
+    `block`, computed over blocks of that many tokens (memory O(n b))."""
+    if block is not None:
+        return _pairs_blocked(None, X, eps, int(block))[0]
+    return _pairs_dense(None, X, eps)[0]
 
 
 class Reading(eqx.Module):
@@ -86,13 +85,83 @@ class Reading(eqx.Module):
     pairs: Float[Array, ""]
 
 
-def _energy(dyn, X):
-    attn = getattr(dyn, "attn", None)
-    if not isinstance(attn, SelfAttention):
-        return jnp.full((), jnp.nan, X.dtype)
-    from ..energy import head_energies
+def _unit(X):
+    nrm = jnp.sqrt(jnp.sum(X * X, axis=-1, keepdims=True))
+    return X / jnp.where(nrm > 0, nrm, 1.0)
 
-    return jnp.sum(head_energies(attn, X))
+
+def _pairs_blocked(dyn, X: Tokens, eps, block: int):
+    """Over blocks of b tokens j (memory O(n b), never O(n^2)): per token i the smallest j with cos > 1 - eps, the
+    number of close pairs, and the energy of section 7 by a running log-sum-exp of the scores per head."""
+    n = X.shape[0]
+    U = _unit(X)
+    attn = getattr(dyn, "attn", None)
+    has_energy = isinstance(attn, SelfAttention)
+    if has_energy:
+        q, k, scale = attn._factors(X)
+        kk = k if k.ndim == 2 else jnp.moveaxis(k, 1, 0)  # keys with the token axis first
+        H = q.shape[0]
+    nb = -(-n // block)
+    pad = nb * block - n
+    Up = jnp.pad(U, ((0, pad), (0, 0)))
+    idx = jnp.arange(nb * block, dtype=jnp.int32)
+    rows = jnp.arange(n, dtype=jnp.int32)
+    if has_energy:
+        kp = jnp.pad(kk, ((0, pad),) + ((0, 0),) * (kk.ndim - 1))
+
+    def step(carry, t):
+        first, close, m, l = carry
+        j = jax.lax.dynamic_slice_in_dim(idx, t * block, block)
+        valid = j < n
+        Ub = jax.lax.dynamic_slice_in_dim(Up, t * block, block)
+        c = ((U @ Ub.T) > 1 - eps) & valid[None, :]
+        c = c | (j[None, :] == rows[:, None])
+        cand = jnp.min(jnp.where(c, j[None, :], jnp.int32(n)), axis=1)
+        first = jnp.minimum(first, cand)
+        close = close + jnp.sum(c & (j[None, :] != rows[:, None]), dtype=jnp.int32)
+        if has_energy:
+            kb = jax.lax.dynamic_slice_in_dim(kp, t * block, block)
+            kb = kb if kk.ndim == 2 else jnp.moveaxis(kb, 0, 1)
+            sb = attn._scores_of(q, kb, scale)  # (h, n, b)
+            sb = jnp.where(valid[None, None, :], sb, -jnp.inf)
+            mb = jnp.maximum(m, jnp.max(sb, axis=(1, 2)))
+            l = l * jnp.exp(m - mb) + jnp.sum(jnp.exp(sb - mb[:, None, None]), axis=(1, 2))
+            m = mb
+        return (first, close, m, l), None
+
+    H_ = H if has_energy else 1
+    c0 = (jnp.full((n,), n, jnp.int32), jnp.zeros((), jnp.int32), jnp.full((H_,), -jnp.inf, X.dtype),
+          jnp.zeros((H_,), X.dtype))
+    (first, close, m, l), _ = jax.lax.scan(step, c0, jnp.arange(nb, dtype=jnp.int32))
+    if has_energy:
+        beta = attn.beta.astype(X.dtype)
+        energy = jnp.sum(jnp.exp(m + jnp.log(l)) / (2 * beta * n * n))
+    else:
+        energy = jnp.full((), jnp.nan, X.dtype)
+    return first.astype(jnp.int32), close, energy
+
+
+def _pairs_dense(dyn, X: Tokens, eps):
+    n = X.shape[0]
+    U = _unit(X)
+    c = (U @ U.T) > 1 - eps
+    c_self = c | jnp.eye(n, dtype=bool)
+    close = jnp.sum(c & ~jnp.eye(n, dtype=bool))
+    attn = getattr(dyn, "attn", None)
+    if isinstance(attn, SelfAttention):
+        from ..energy import head_energies
+
+        energy = jnp.sum(head_energies(attn, X))
+    else:
+        energy = jnp.full((), jnp.nan, X.dtype)
+    return jnp.argmax(c_self, axis=1).astype(jnp.int32), close, energy
+
+
+READ_DENSE_MAX = 512
+"""Readings of up to this many tokens use the dense (n, n) Gram matrix; above it they stream over blocks of
+:data:`READ_BLOCK` tokens (memory O(n b) per member)."""
+
+READ_BLOCK = 256
 
 
 def read(dyn, X: Tokens, X_prev: Tokens, dt, eps: float, max_sizes: int) -> Reading:
@@ -100,18 +169,18 @@ def read(dyn, X: Tokens, X_prev: Tokens, dt, eps: float, max_sizes: int) -> Read
     n = X.shape[0]
     disp = jnp.sum((X - X_prev) ** 2, axis=-1)
     speed = jnp.sqrt(jnp.mean(disp)) / dt
-    lab = cluster_labels(X, eps)
+    if n > READ_DENSE_MAX:
+        lab, close, energy = _pairs_blocked(dyn, X, eps, READ_BLOCK)
+    else:
+        lab, close, energy = _pairs_dense(dyn, X, eps)
     count = jnp.sum(lab == jnp.arange(n)).astype(jnp.int32)
     sizes = jnp.zeros((n,), jnp.int32).at[lab].add(1)
     k = min(max_sizes, n)
     top = jax.lax.top_k(sizes, k)[0]
     if k < max_sizes:
         top = jnp.concatenate([top, jnp.zeros((max_sizes - k,), jnp.int32)])
-    nrm = jnp.sqrt(jnp.sum(X * X, axis=-1, keepdims=True))
-    U = X / jnp.where(nrm > 0, nrm, 1.0)
-    close = jnp.sum((U @ U.T) > 1 - eps) - jnp.sum(jnp.sum(U * U, -1) > 1 - eps)
     pairs = close.astype(X.dtype) / max(n * (n - 1), 1)
-    return Reading(speed=speed, count=count, sizes=top, energy=_energy(dyn, X), pairs=pairs)
+    return Reading(speed=speed, count=count, sizes=top, energy=energy, pairs=pairs)
 
 
 class Episodes(eqx.Module):
