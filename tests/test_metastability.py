@@ -204,6 +204,7 @@ def test_cli_metastability_writes_resumes_and_refuses(tmp_path):
     first = json.loads(r.stdout)
     assert {c["tokens"] for c in first["cells"]} == {8, 12} and len(first["cells"]) == 4
     for name in ("metastability.json", "first_plateau.csv", "phase_t_beta.png", "phase_tokens_beta.png",
+                 "phase_t_beta.json", "phase_tokens_beta.json",
                  "staircase_n8.png", "dwell_n12.png", "episodes_n8.npz", "episodes_n12.npz"):
         assert (out / name).exists(), name
     (out / "episodes_n12.npz").unlink()  # as if interrupted before n = 12 finished
@@ -212,6 +213,7 @@ def test_cli_metastability_writes_resumes_and_refuses(tmp_path):
     assert "resuming" in r.stderr
     again = json.loads(r.stdout)
     assert again["cells"] == first["cells"]  # a resumed run gives the same answer
+    assert again["phase"] == first["phase"]
     bad = tmp_path / "bad.toml"
     bad.write_text('[model]\nd = 2\nV = [[1.0, 0.0], [0.0, 1.0]]\n[metastability]\neps = 1e-9\n')
     r = run(str(bad))
@@ -284,3 +286,25 @@ def test_blocked_readings_equal_dense_ones(block):
         np.testing.assert_array_equal(lab_b, lab_d)
         assert int(close_b) == int(close_d) and int(close_d) >= 90
         assert float(e_b) == pytest.approx(float(e_d), rel=1e-12)
+
+
+def test_kaplan_meier_median_equals_scipy_and_is_a_bound_when_unreached():
+    from scipy import stats
+
+    from attnflow.analysis.metastability import km_median
+
+    rng = np.random.default_rng(4)
+    for trial in range(20):
+        d = np.round(rng.exponential(5.0, 40), 1)
+        c = np.minimum(d, rng.uniform(2, 15, 40))  # censoring times
+        observed = d <= c
+        t = np.where(observed, d, c)
+        sf = stats.ecdf(stats.CensoredData(uncensored=t[observed], right=t[~observed])).sf
+        q = sf.quantiles  # the distinct times, where S steps
+        below = np.nonzero(sf.probabilities <= 0.5)[0]
+        value, known = km_median(t, observed)
+        if below.size:
+            assert known and value == pytest.approx(q[below[0]]), trial
+        else:
+            assert not known and value == t.max()
+    assert km_median(np.array([1.0, 2.0, 3.0]), np.array([False, False, False])) == (3.0, False)

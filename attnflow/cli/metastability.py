@@ -59,20 +59,26 @@ def _save_n(out: Path, n: int, ep, ser) -> None:
     atomic_write_bytes(out / f"episodes_n{n}.npz", _npz_bytes(arrays))
 
 
-def _load_done(out: Path, settings: dict, tokens) -> dict:
-    """The n already computed by an earlier run with the same settings (nothing when they differ)."""
-    from attnflow.analysis.metastability import Episodes, Series
-
+def _same_settings(out: Path, settings: dict) -> bool:
     p = out / "settings.json"
     if not p.exists():
-        return {}
+        return False
     try:
         old = json.loads(p.read_text())
     except (OSError, ValueError):
-        return {}
+        return False
     if old != json.loads(json.dumps(settings)):
         info(f"metastability: {out} holds a run with other settings; starting afresh")
-        return {}
+        for f in list(out.glob("episodes_n*.npz")) + list(out.glob("phase_*.json")):
+            f.unlink()
+        return False
+    return True
+
+
+def _load_done(out: Path, tokens) -> dict:
+    """The n already computed by an earlier run with the same settings."""
+    from attnflow.analysis.metastability import Episodes, Series
+
     done = {}
     for n in tokens:
         f = out / f"episodes_n{n}.npz"
@@ -91,7 +97,6 @@ def _load_done(out: Path, settings: dict, tokens) -> dict:
 
 def run(args) -> int:
     """Entry point of ``attnflow metastability``."""
-    from attnflow import SphereFlow
     from attnflow.analysis import metastability as ms
     from attnflow.io.results import atomic_write_bytes
 
@@ -109,9 +114,10 @@ def run(args) -> int:
     dyn = cfg.build()
     settings = _settings(cfg)
     tokens = tuple(m.tokens)
-    done = {}
+    done, same = {}, False
     if out is not None:
-        done = _load_done(out, settings, tokens)
+        same = _same_settings(out, settings)
+        done = _load_done(out, tokens) if same else {}
         atomic_write_bytes(out / "settings.json", json.dumps(settings, indent=1).encode())
         if done:
             info(f"metastability: resuming: n = {sorted(done)} loaded from {out}")
@@ -129,13 +135,15 @@ def run(args) -> int:
                            on_done=None if out is None else (lambda n, ep, ser: _save_n(out, n, ep, ser)))
     summary = dict(config=str(cfg.path), **res.to_dict())
     phases = []
-    if m.phase and isinstance(dyn, SphereFlow) or (m.phase and cfg.time == "discrete"):
+    if m.phase:
         pkey = jax.random.fold_in(key, 1)
-        phases.append(ms.phase_t_beta(dyn, pkey, tokens=tokens[0], betas=m.betas, members=m.members, t1=m.t1, dt=dt,
-                                      eps=m.eps, check=max(m.check, m.t1 / 200)))
+        phases.append(_phase(out, same, "t", lambda: ms.phase_t_beta(
+            dyn, pkey, tokens=tokens[0], betas=m.betas, members=m.members, t1=m.t1, dt=dt, eps=m.eps,
+            check=max(m.check, m.t1 / 200))))
         if len(tokens) > 1:
-            phases.append(ms.phase_at_time(dyn, pkey, over="tokens", values=tokens, betas=m.betas, members=m.members,
-                                           time=m.t1, dt=dt, eps=m.eps))
+            phases.append(_phase(out, same, "tokens", lambda: ms.phase_at_time(
+                dyn, pkey, over="tokens", values=tokens, betas=m.betas, members=m.members, time=m.t1, dt=dt,
+                eps=m.eps)))
         summary["phase"] = [p.to_dict() for p in phases]
     if out is not None:
         _write_files(out, res, phases, summary)
@@ -144,6 +152,24 @@ def run(args) -> int:
     else:
         _print_text(cfg, res, phases, out)
     return 0
+
+
+def _phase(out, same: bool, name: str, compute):
+    """A phase diagram: loaded from an earlier run with the same settings, or computed (and saved at once)."""
+    from attnflow._json import dumps
+    from attnflow.analysis.metastability import PhaseDiagram
+    from attnflow.io.results import atomic_write_bytes
+
+    f = None if out is None else out / f"phase_{name}_beta.json"
+    if f is not None and same and f.exists():
+        try:
+            return PhaseDiagram.from_dict(json.loads(f.read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable: computed again
+    p = compute()
+    if f is not None:
+        atomic_write_bytes(f, dumps(p.to_dict(), indent=1).encode())
+    return p
 
 
 def _write_files(out: Path, res, phases, summary) -> None:

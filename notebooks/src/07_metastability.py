@@ -122,7 +122,7 @@ print(f"{'beta':>5s} {'k*':>3s} {'mode':>4s}  {'first-plateau counts (members)':
 for r, c in zip(runs, first.cells):
     dist = ", ".join(f"{k}: {v[0]}" for k, v in sorted(c.first_counts.items()))
     at = c.first_counts.get(c.k_star, (0, 0.0, *wilson(0, c.members)))
-    entry = r.episodes[N2].first()["entry"]
+    entry = jax.tree.map(lambda a: np.asarray(a)[0], r.episodes[N2]).first()["entry"]  # axis 0: beta
     lam = ms.mode_rates(c.beta, c.k_star + 1)[c.k_star]
     print(f"{c.beta:5g} {c.k_star:3d} {c.mode!s:>4s}  {dist:34s} {at[1]:5.2f} [{at[2]:.2f}, {at[3]:.2f}]"
           f"  {np.nanmedian(entry):14.1f}  {np.log(np.sqrt(N2)) / lam:18.1f}"

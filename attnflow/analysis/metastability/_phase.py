@@ -49,6 +49,14 @@ class PhaseDiagram:
                 out[i] = t[hit[0]]
         return out
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PhaseDiagram":
+        """The inverse of :meth:`to_dict`."""
+        arr = lambda k: np.asarray(d[k], float)  # noqa: E731
+        return cls(row_name=d["row_name"], rows=tuple(d["rows"]), col_name=d["col_name"], cols=tuple(d["cols"]),
+                   pairs=arr("pairs"), pairs_se=arr("pairs_se"), clusters=arr("clusters"),
+                   clusters_se=arr("clusters_se"), members=int(d["members"]), eps=float(d["eps"]), time=d.get("time"))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain values for JSON."""
         return dict(row_name=self.row_name, rows=list(self.rows), col_name=self.col_name, cols=list(self.cols),
