@@ -142,21 +142,25 @@ for r, c in zip(runs, first.cells):
 #
 # - For beta = 2, 3 and 5 the most frequent first-plateau count is k*. At beta = 5 this is a narrow majority
 #   (11 of 20; Wilson interval about [0.34, 0.74]): 8 members stop at 2 clusters.
-# - For beta = 8, 12 and 16 the mode is **k* - 1**, not k*. k* is still reached by a minority (8/20, 6/20,
-#   2/20), and no member has more than k* clusters at its first plateau. So k* is an upper bound on the first
-#   plateau's count here rather than its typical value: the linear picture predicts the right scale
-#   (k* ~ sqrt(2 beta)), but it does not predict the count. Two reasons are plausible and not separated here: the
-#   rates of k* - 1, k*, k* + 1 are close (section 1), so with n = 500 the initial noise (amplitude ~ 1/sqrt(n))
-#   decides; and by the time the speed has fallen to 10% of its peak (the plateau rule), two of the clusters
-#   formed may already have merged. At beta = 2 a third of the members go straight to one cluster (lambda_1 is
-#   0.35 against lambda_2 = 0.60, and a 2-cluster state at beta = 2 is barely metastable, see section 4).
-# - The plateaus are entered at t ~ 7-25, several times the linear time scale ln(sqrt(n)) / lambda_k* ~ 5:
-#   the nonlinear collapse into tight clusters (within eps = 1e-2) takes most of that time.
+# - For beta = 8, 12 and 16 the mode is **k* - 1**, not k*: this disagrees with the expectation that the first
+#   plateau has k* clusters. k* is still reached by a minority (8/20, 6/20, 2/20 members; at beta = 16 the
+#   fraction at k* is 0.10 [0.03, 0.30]), and only one member of the 120 had more than k* clusters (4 at
+#   beta = 5). So here k* is close to an upper bound on the first plateau's count rather than its typical value,
+#   and the gap does not close as beta grows: the linear picture gives the right scale (k* ~ sqrt(2 beta)) but
+#   not the count. Two explanations are plausible and not separated here: the rates of k* - 1, k*, k* + 1 are
+#   within 10-15% of each other (section 1), so with n = 500 the initial noise (amplitude ~ 1/sqrt(n)) has a
+#   large say; and by the time the speed has fallen to 10% of its peak (the plateau rule), two of the clusters
+#   that formed may already have merged.
+# - At beta = 2 a third of the members go straight to one cluster (lambda_1 = 0.35 against lambda_2 = 0.60, and a
+#   2-cluster state at beta = 2 is barely metastable, see section 4).
+# - The median entry time of the first plateau is 9-10.5 at every beta, about twice the linear time scale
+#   ln(sqrt(n)) / lambda_k* ~ 4.4-5.1 (itself nearly independent of beta, since lambda_k* saturates near 0.71):
+#   the nonlinear collapse into tight clusters (within eps = 1e-2) takes about as long as the linear growth.
 
 # %% [markdown]
 # ## 3. The staircase
-# Energy E and cluster count against time for a few members at n = 128, beta = 5 (the traced members of a study
-# run to t = 300, without `stop_after`). Shaded: the episodes found by the plateau rule. The energy is
+# Energy E and cluster count against time for a few members at n = 128, beta = 5 (8 members, run to t = 300,
+# without `stop_after`; the first 4 are traced and drawn by `pm.staircase`). Shaded: the episodes found by the plateau rule. The energy is
 # non-decreasing (one softmax head with symmetric weights is a gradient flow of E); each merge is a step up in E
 # and a step down in the count.
 
@@ -175,10 +179,12 @@ E = np.asarray(stair.series[N3].energy)[0]
 print("largest relative decrease of E between readings:", f"{max(0.0, float(np.max(-np.diff(E, axis=0) / E[:-1]))):.1e}")
 
 # %% [markdown]
-# In the committed run every member forms 3 clusters (k* = 3 at beta = 5) or 4 (member 6) out of the uniform start
-# by t ~ 10-20; about half of them go down to 2 clusters within the run (the 3-cluster plateau lasts tens of time
-# units), and no member reaches one cluster by t = 300: the 2-cluster state is far longer lived (section 4). The
-# energy never decreases (up to float32 rounding).
+# In the committed run 7 of the 8 members first settle on 3 clusters (k* = 3 at beta = 5) at t ~ 6-17 and one
+# (member 1) directly on 2. All 7 then merge down to 2 clusters, after 3-cluster plateaus of 22 to 181 time units;
+# no member reaches one cluster by t = 300 (the 2-cluster state lives far longer, section 4). Each merge is a
+# sharp step up of E; between the steps E is flat, and it never decreases beyond float32 rounding (largest
+# relative decrease between readings ~ 2e-6). The counts read before the first plateau (about 20 at t ~ 0) are
+# not 128 because random neighbours on the circle are already within eps of each other.
 
 # %% [markdown]
 # ## 4. Dwell times grow with beta
@@ -214,19 +220,28 @@ for (n, k), r in sorted(dwell.rates.items()):
           f" ({len(r.betas)} values, {events} exits)")
 
 # %% [markdown]
-# **What the committed run shows.**
+# **What the committed run shows.** Dwell times grow exponentially with beta wherever they can be measured.
 #
-# - **2 clusters:** the median dwell time is known (at least half the episodes ended inside the run) only for
-#   beta <= 3.5; from beta = 4 on, most 2-cluster episodes outlast t = 400 (at beta >= 5.5 none ended), so those
-#   medians are lower bounds only. Over beta = 2-3.5 the fitted rates are r = 1.02 [0.75, 1.42] (n = 16) and
-#   1.38 [1.12, 1.75] (n = 24): the dwell time grows by a factor e^r ~ 3-4 per unit of beta, and both intervals
-#   exclude 0. At beta = 2 the dwell time is not monotone (n = 16: 50 at beta = 2 against 39 at 2.5) and at
-#   beta = 2 most members skip the 2-cluster plateau altogether (first-plateau mode 1).
-# - **3 clusters:** measurable from beta ~ 3-3.5, where 3-cluster plateaus start to appear, to 6: r = 0.37
-#   [0.16, 0.72] (n = 16) and 0.62 [0.31, 0.77] (n = 24). Positive, but clearly smaller than for 2 clusters:
-#   a 3-cluster state escapes faster (its clusters are closer than the antipodal pair of a 2-cluster state).
-# - **4 clusters** (n = 16): 3 episodes in all, at beta = 5.5 and 6; the fitted rate has no meaning.
-# - The rates are larger at n = 24 than at n = 16 for both counts; with 64 members the intervals overlap.
+# - **2 clusters:** the median dwell time is known (at least half of the episodes ended inside the run) only for
+#   beta <= 3.5; from beta = 4 on most 2-cluster episodes outlast t = 400 (at beta >= 5.5 none ended), so those
+#   medians are lower bounds (> 393-396) and are left out of the fit. Over beta = 2-3.5 the fitted rates are
+#   r = 1.02 [0.75, 1.42] (n = 16) and 1.38 [1.12, 1.74] (n = 24): the dwell time grows by a factor e^r ~ 3-4 per
+#   unit of beta; both intervals exclude 0. At n = 16 the median is not monotone at the low end (50 at beta = 2,
+#   39 at 2.5); at beta = 2 most members skip the 2-cluster plateau (first-plateau mode 1), so the 2-cluster
+#   episodes there are a selected minority.
+# - **3 clusters:** 3-cluster plateaus appear from beta ~ 3-3.5 (k* = 3 from beta = 3.17) and are measurable up
+#   to beta = 6: r = 0.37 [0.16, 0.72] (n = 16, betas 3.5-6) and 0.62 [0.31, 0.77] (n = 24, betas 3-6).
+#   Positive, and smaller than for 2 clusters. At n = 24 the medians rise steadily from 15 to 91; at n = 16 they
+#   level off above beta = 5 (37, 30, 35).
+# - **4 clusters** (n = 16, and one episode at n = 24): 3 episodes in all; the "rate" 0.14 [0.14, 0.97] and the
+#   zero-width intervals of the single-episode medians ([13, 13]) carry no information.
+# - The fit weights every beta whose median is known equally, however few exits it rests on (n = 24, 3 clusters,
+#   beta = 3: 2 exits).
+# - For comparison, a rough heuristic that is not computed here: k equally spaced equal clusters are held apart by
+#   the attention between neighbours, of relative weight e^(-beta (1 - cos(2 pi / k))), which suggests rates
+#   near 2 (k = 2) and 1.5 (k = 3). The measured rates are well below that (1.0-1.4 and 0.4-0.6). Unequal cluster
+#   sizes and spacings, and the small betas where the medians are measurable, may account for it; this run
+#   does not decide.
 
 # %% [markdown]
 # ## 5. Causal attention with V = I
@@ -259,21 +274,33 @@ fig.tight_layout()
 plt.show()
 for j, b in enumerate(BETAS5):
     num = np.asarray(cep.num)[j]
-    last = np.asarray(cep.count)[j][np.arange(len(num)), np.clip(num - 1, 0, cep.count.shape[-1] - 1)]
-    one = (num > 0) & (last == 1)
-    t_end = np.asarray(cep.t_end)[j]
+    last = np.clip(num - 1, 0, cep.count.shape[-1] - 1)
+    rows = np.arange(len(num))
+    final = np.where(num > 0, np.asarray(cep.count)[j][rows, last], 0)
+    one = final == 1
+    t_one = np.asarray(cep.entry)[j][rows, last]  # entry of the one-cluster episode
     seqs = [" -> ".join(str(int(k)) for k in np.asarray(cep.count)[j, m, :min(int(num[m]), cep.count.shape[-1])])
-            for m in range(min(6, len(num)))]
+            for m in range(len(num))]
     print(f"beta = {b:g}: {one.sum()}/{len(num)} members reached one cluster by t = {T5:g}"
-          + (f" (median time {np.median(t_end[one]):.0f})" if one.any() else "")
-          + f"; plateaus of the first members: {seqs}")
+          + (f" (median entry time {np.median(t_one[one]):.0f})" if one.any() else "")
+          + f"; last plateau of the others: {dict(zip(*np.unique(final[~one], return_counts=True)))}")
+    print("   plateaus per member:", ", ".join(seqs))
 
 # %% [markdown]
-# **What the committed run shows.** At beta = 2 every member reaches one cluster quickly. At beta = 4 and 8
-# the members pass through plateaus with 2-4 clusters first, some of which last hundreds of time units, and a
-# part of the members is still on a 2-cluster (or larger) plateau at t = 400 (the printed counts): one cluster is
-# the end state, but at larger beta the run does not show it for every member. The plateaus are as long-lived as
-# those of full attention at the same beta.
+# **What the committed run shows.**
+#
+# - beta = 2: all 16 members reach one cluster (median entry time of the one-cluster plateau ~17); 12 go straight
+#   there, 4 after a 2-cluster plateau of 19-92 time units.
+# - beta = 4: 10 of 16 reach one cluster, all after 2- or 3-cluster plateaus (up to three in a row; the longest
+#   2-cluster plateau before the end lasts ~180 time units); the other 6 are still on a 2-cluster plateau, entered
+#   at t ~ 10-20, when the run ends at t = 400.
+# - beta = 8: none of the 16 reaches one cluster by t = 400: 6 are still on their first (3-cluster) plateau and
+#   10 have merged down to 2 clusters.
+#
+# So the expected picture, one cluster in the end with metastable clusters on the way, is seen at beta = 2 and
+# 4, but at beta = 8 the run is far too short to see the end. Unlike full attention, the count can go up for a
+# moment (short spikes in the figure): the tokens of a cluster attend to different prefixes, so a cluster can
+# spread out while it is being pulled towards another one.
 
 # %% [markdown]
 # ## 6. Phase diagrams
@@ -326,15 +353,21 @@ for name, D in (("tokens", pat), ("d", pad)):
 # %% [markdown]
 # **What the committed run shows.**
 #
-# - Over (t, beta) at n = 48: for beta <= 2 one cluster forms by t ~ 6-8 (mean pair fraction 1/2); at beta = 3 it
-#   takes t ~ 18 and from beta = 4 on the fraction 1/2 is not reached by t = 50: the members sit on plateaus with
-#   2 or more clusters, and the mean count at t = 50 grows with beta (about 2 at beta = 4, about 4 at beta = 16),
-#   close to k*(beta) - 1 for the larger betas. The time to the lower level 0.2 stays short up to beta ~ 6 and
-#   the pair fraction stays below 0.2 at the largest betas, where the clusters are many and small.
-# - Over (beta, n) at t = 20: the cluster count depends on beta and hardly on n between 8 and 128 tokens: the
-#   number of metastable clusters is set by beta (the interaction range), not by the number of tokens.
-# - Over (beta, d) at t = 20: see the printed table; on higher spheres the clusters are not set by a Fourier mode
-#   of the circle, and k* has no meaning there.
+# - Over (t, beta) at n = 48: the mean pair fraction reaches 1/2 (about one cluster) at t = 6.5, 7 and 8 for
+#   beta = 0.5, 1, 2, at t = 18 for beta = 3, and not by t = 50 from beta = 4 on: there the members sit on
+#   plateaus with several clusters. The level 0.2 (a few clusters formed) is reached at t = 4-5 for **every**
+#   beta: clusters form at a nearly beta-independent time, as the saturating rate lambda_k* of section 1 suggests,
+#   while their merging slows down exponentially (section 4). The mean count at t = 50 grows with beta: 1.8 at
+#   beta = 3, 2.1 at 4, 2.75 at 8, 3.6 at 12, 4.1 at 16, below k* (4, 5, 6 for the last three) since some
+#   clusters have merged by then.
+# - Over (beta, n) at t = 20: for n = 16 to 128 the mean cluster count depends on beta and hardly on n (e.g.
+#   beta = 8: 2.9-3.4; beta = 16: 4.25-4.5); only n = 8 has fewer at large beta (3.5 at beta = 16). The number of
+#   metastable clusters is set by beta, not by the number of tokens.
+# - Over (beta, d) at t = 20, n = 32: at small beta a higher dimension reaches one cluster sooner (beta = 3: 1.94
+#   clusters on the circle, 1.0 for d = 8); at large beta the opposite, many more clusters (beta = 16: 4.3 for
+#   d = 2, 21 of 32 tokens for d = 8). In high dimension random tokens are nearly orthogonal, so at large beta each
+#   token attends mostly to itself and the dynamics is slow: at t = 20 these are not yet plateaus of a few
+#   clusters. k* is a circle quantity and says nothing for d > 2.
 
 # %%
 import shutil

@@ -1,0 +1,445 @@
+"""Basins of any system: fractions with intervals, basin maps on 2-D slices, basin entropy, the uncertainty
+exponent, minimal fatal shocks and tipping probabilities (docs/model.md section 12)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+from ..basins.intervals import interval_with_unknown, simultaneous_z, wilson
+from ._label import UNKNOWN, Attractor, Matcher, recurrence
+from ._run import final_segments
+from ._system import Flow, Map
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """How members are run and judged: `t1` (flows) or `steps` (maps), the fixed RK4 step `dt` of a flow, a final
+    segment of `tail` samples `stride` steps apart, the recurrence tolerance `tol`, the attractor-matching
+    tolerance `match_tol`, and the members per compiled call `chunk`."""
+
+    t1: float | None = None
+    steps: int | None = None
+    dt: float = 0.05
+    tail: int = 256
+    stride: int = 1
+    tol: float = 1e-3
+    match_tol: float = 0.05
+    chunk: int = 65536
+
+    def total_steps(self, system) -> int:
+        """Steps of a member's run."""
+        if isinstance(system, Flow):
+            if self.t1 is None or self.steps is not None:
+                raise ValueError("a flow runs for t1 (with dt), not steps")
+            return int(round(self.t1 / self.dt))
+        if self.steps is None or self.t1 is not None:
+            raise ValueError("a map runs for steps, not t1")
+        return int(self.steps)
+
+    def sample_time(self, system) -> float:
+        """Time between two samples of the final segment."""
+        return self.stride * (self.dt if isinstance(system, Flow) else 1.0)
+
+
+def label_members(system, y0, run: Run = Run(), *, label: Callable | None = None, matcher: Matcher | None = None,
+                  progress=None):
+    """Labels of the members ``y0`` ``(b, m)``: attractor ids (0, 1, ... in order of first arrival; -1 unknown), and the
+    :class:`Matcher` holding the attractors. With `label` (a function of one member's final segment ``(tail, m)``
+    returning an int, -1 for unknown), the user's labels are used instead of recurrence."""
+    steps = run.total_steps(system)
+    dt = run.dt if isinstance(system, Flow) else 1.0
+    matcher = matcher if matcher is not None else Matcher(system.space, run.match_tol, run.sample_time(system), system)
+    out = np.empty(len(y0), int)
+    for s, e, seg in final_segments(system, y0, steps=steps, dt=dt, tail=run.tail, stride=run.stride, chunk=run.chunk):
+        if label is not None:
+            out[s:e] = [int(label(seg[i])) for i in range(e - s)]
+        else:
+            kind, lag = recurrence(system.space, seg, run.tol)
+            out[s:e] = matcher.assign(seg, kind, lag)
+        if progress is not None:
+            progress(e)
+    return out, matcher
+
+
+@dataclasses.dataclass(frozen=True)
+class Fractions:
+    """Basin fractions of N members: per label, `count`, `fraction`, the Wilson 95% interval widened by the
+    `unknown` members (`lo`, `hi`), and the simultaneous 95% interval over all labels at once (Bonferroni,
+    `sim_lo`, `sim_hi`); `attractors` the records of the labels. Members on unstable fixed points (`saddle`) are
+    counted with the unknown ones."""
+
+    labels: np.ndarray
+    counts: dict[int, int]
+    unknown: int
+    saddle: int
+    N: int
+    intervals: dict[int, tuple[float, float]]
+    simultaneous: dict[int, tuple[float, float]]
+    attractors: tuple[Attractor, ...]
+
+    def fraction(self, label: int) -> float:
+        """count / N."""
+        return self.counts.get(label, 0) / self.N
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for JSON."""
+        return dict(N=self.N, unknown=self.unknown, saddle=self.saddle,
+                    basins=[dict(label=k, count=c, fraction=c / self.N, lo=self.intervals[k][0],
+                                 hi=self.intervals[k][1], sim_lo=self.simultaneous[k][0],
+                                 sim_hi=self.simultaneous[k][1],
+                                 attractor=next((a.to_dict() for a in self.attractors if a.label == k), None))
+                            for k, c in sorted(self.counts.items())])
+
+
+def fractions_of(labels: np.ndarray, attractors=()) -> Fractions:
+    """The :class:`Fractions` of a label array (-1: unknown)."""
+    labels = np.asarray(labels)
+    N = len(labels)
+    unstable = [a.label for a in attractors if a.stable is False]
+    saddle = int(np.sum(np.isin(labels, unstable)))
+    labels = np.where(np.isin(labels, unstable), -1, labels)
+    u = int(np.sum(labels < 0))
+    ks = sorted(int(k) for k in np.unique(labels[labels >= 0]))
+    counts = {k: int(np.sum(labels == k)) for k in ks}
+    z = simultaneous_z(max(len(ks), 1))
+    intervals = {k: interval_with_unknown(counts[k], u, N) for k in ks}
+    sim = {k: interval_with_unknown(counts[k], u, N, z) for k in ks}
+    return Fractions(labels=labels, counts=counts, unknown=u, saddle=saddle, N=N, intervals=intervals, simultaneous=sim,
+                     attractors=tuple(attractors))
+
+
+def basin_fractions(system, y0, run: Run = Run(), *, label: Callable | None = None, progress=None) -> Fractions:
+    """Basin fractions of any system over the initial states ``y0`` ``(N, m)``, with intervals.
+
+    **Arguments:** `system` a :class:`Flow` or :class:`Map`; `run` a :class:`Run`; `label` an optional labelling
+    function of a final segment (default: fixed points and periodic orbits by recurrence, docs/model.md section 12).
+
+    **Returns:** :class:`Fractions`.
+    """
+    labels, matcher = label_members(system, np.asarray(y0), run, label=label, progress=progress)
+    return fractions_of(labels, matcher.attractors)
+
+
+# ----------------------------------------------------------------------------------------------- basin maps
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    """A two-parameter family of initial states: y(a, b) = origin + a u + b v (projected onto the space), or
+    ``fn(a, b)`` for any other slice (e.g. two angles of one token with the others fixed). `a`, `b`: the grid values
+    ``(na,)``, ``(nb,)``."""
+
+    a: np.ndarray
+    b: np.ndarray
+    origin: np.ndarray | None = None
+    u: np.ndarray | None = None
+    v: np.ndarray | None = None
+    fn: Callable | None = None
+
+    @classmethod
+    def coordinates(cls, i: int, j: int, a, b, base) -> "Slice":
+        """The plane of coordinates i and j through `base` (the other coordinates fixed)."""
+        base = np.asarray(base, float)
+        u, v = np.zeros_like(base), np.zeros_like(base)
+        u[i], v[j] = 1.0, 1.0
+        o = base.copy()
+        o[i] = o[j] = 0.0
+        return cls(a=np.asarray(a, float), b=np.asarray(b, float), origin=o, u=u, v=v)
+
+    def states(self, rows: slice | None = None) -> np.ndarray:
+        """The initial states of the grid (row-major over b then a: ``(nb * na, m)``), or of some rows of b."""
+        bs = self.b if rows is None else self.b[rows]
+        A, Bm = np.meshgrid(self.a, bs)
+        if self.fn is not None:
+            return np.stack([np.asarray(self.fn(x, y), float) for x, y in zip(A.ravel(), Bm.ravel())])
+        return self.origin[None, :] + A.ravel()[:, None] * self.u[None, :] + Bm.ravel()[:, None] * self.v[None, :]
+
+
+@dataclasses.dataclass(frozen=True)
+class BasinMap:
+    """A label image ``(nb, na)`` over a :class:`Slice` (-1: unknown), with the attractors."""
+
+    image: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+    attractors: tuple[Attractor, ...]
+
+    def fractions(self) -> Fractions:
+        """The fractions of the grid's labels."""
+        return fractions_of(self.image.ravel(), self.attractors)
+
+
+def basin_map(system, sl: Slice, run: Run = Run(), *, label: Callable | None = None, rows_per_chunk: int | None = None,
+              progress=None) -> BasinMap:
+    """The label image of a slice, streamed row block by row block (up to 1000 x 1000 and beyond: memory is one
+    block). Labels do not depend on the block size (attractors are numbered in grid order)."""
+    na, nb = len(sl.a), len(sl.b)
+    rpc = rows_per_chunk or max(1, run.chunk // max(na, 1))
+    matcher = Matcher(system.space, run.match_tol, run.sample_time(system), system)
+    image = np.empty((nb, na), int)
+    for r0 in range(0, nb, rpc):
+        r1 = min(r0 + rpc, nb)
+        y0 = sl.states(slice(r0, r1))
+        labels, _ = label_members(system, y0, dataclasses.replace(run, chunk=len(y0)), label=label, matcher=matcher)
+        image[r0:r1] = labels.reshape(r1 - r0, na)
+        if progress is not None:
+            progress(r1 * na)
+    return BasinMap(image=image, a=np.asarray(sl.a), b=np.asarray(sl.b), attractors=tuple(matcher.attractors))
+
+
+# ---------------------------------------------------------------------------------------- entropy, exponent
+def basin_entropy(image: np.ndarray, box: int = 20) -> tuple[float, float]:
+    """Basin entropy S_b and boundary basin entropy S_bb (Daza et al. 2016) of a label image, on non-overlapping
+    boxes of ``box`` pixels per side starting at the first pixel (a remainder narrower than a box is left out):
+    S_b is the mean over all boxes of -sum_j p_j ln p_j (p_j the share of label j in the box; unknown pixels are a
+    label of their own), S_bb the mean over the boxes with more than one label (NaN when there is none).
+    S_bb > ln 2 is a sufficient condition for a fractal boundary."""
+    img = np.asarray(image)
+    if img.ndim < 1 or box < 1:
+        raise ValueError(f"need a label image and box >= 1, got shape {img.shape}, box {box}")
+    shape = tuple((s // box) for s in img.shape)
+    if min(shape) == 0:
+        raise ValueError(f"box = {box} is larger than the image {img.shape}")
+    crop = img[tuple(slice(0, n * box) for n in shape)]
+    # (n0, box, n1, box, ...) -> boxes x pixels
+    blocks = crop.reshape(sum(((n, box) for n in shape), ()))
+    order = tuple(range(0, 2 * len(shape), 2)) + tuple(range(1, 2 * len(shape), 2))
+    blocks = blocks.transpose(order).reshape(int(np.prod(shape)), box ** len(shape))
+    S = np.zeros(len(blocks))
+    multi = np.zeros(len(blocks), bool)
+    for lab in np.unique(crop):
+        p = np.mean(blocks == lab, axis=1)
+        nz = p > 0
+        S[nz] -= p[nz] * np.log(p[nz])
+        multi |= nz & (p < 1)
+    Sb = float(S.mean())
+    Sbb = float(S[multi].mean()) if multi.any() else math.nan
+    return Sb, Sbb
+
+
+@dataclasses.dataclass(frozen=True)
+class Exponent:
+    """The uncertainty exponent alpha of a label image with its 95% interval (least squares on log f(eps) against
+    log eps), the box sizes `eps` (pixels) and the uncertain fractions `f` used; the boundary's box-counting
+    dimension is D = d - alpha."""
+
+    alpha: float
+    lo: float
+    hi: float
+    eps: np.ndarray
+    f: np.ndarray
+
+
+def uncertainty_exponent(image: np.ndarray, eps=None) -> Exponent:
+    """The uncertainty exponent (Grebogi et al. 1983) of a label image: f(eps) is the fraction of non-overlapping
+    boxes of eps pixels per side that hold more than one label, f ~ eps^alpha (default eps = 3, 4, ..., max(5, n /
+    16) pixels, n the shorter side: small boxes, before f saturates at 1)."""
+    from statistics import NormalDist
+
+    img = np.asarray(image)
+    eps = np.asarray(eps if eps is not None else np.arange(3, max(5, min(img.shape) // 16) + 1), int)
+    f = []
+    for e in eps:
+        shape = tuple(s // e for s in img.shape)
+        crop = img[tuple(slice(0, n * e) for n in shape)]
+        blocks = crop.reshape(sum(((n, e) for n in shape), ()))
+        order = tuple(range(0, 2 * len(shape), 2)) + tuple(range(1, 2 * len(shape), 2))
+        blocks = blocks.transpose(order).reshape(int(np.prod(shape)), e ** len(shape))
+        f.append(np.mean(np.any(blocks != blocks[:, :1], axis=1)))
+    f = np.asarray(f)
+    use = f > 0
+    x, y = np.log(eps[use]), np.log(f[use])
+    if len(x) < 3:
+        return Exponent(math.nan, math.nan, math.nan, eps, f)
+    A = np.stack([np.ones_like(x), x], 1)
+    coef, res, *_ = np.linalg.lstsq(A, y, rcond=None)
+    resid = y - A @ coef
+    s2 = float(resid @ resid) / (len(x) - 2)
+    se = math.sqrt(s2 * np.linalg.inv(A.T @ A)[1, 1])
+    z = NormalDist().inv_cdf(0.975)
+    return Exponent(float(coef[1]), float(coef[1] - z * se), float(coef[1] + z * se), eps, f)
+
+
+# ---------------------------------------------------------------------------------------- minimal fatal shock
+@dataclasses.dataclass(frozen=True)
+class FatalShock:
+    """The minimal fatal shock of an attractor, bracketed: `upper` is the norm of a shock found (and simulated) that
+    leaves the basin (`shock`, its vector); `lower` is the largest norm below which none of the `tested` shocks
+    left (a bound over the tested directions and radii, not a proof). `upper` is inf when no shock up to `r_max`
+    left."""
+
+    lower: float
+    upper: float
+    shock: np.ndarray | None
+    tested: int
+
+
+def minimal_fatal_shock(system, state, run: Run = Run(), *, directions: int = 256, radii: int = 64,
+                        r_max: float = 1.0, refine: int = 20, key=None, label: Callable | None = None) -> FatalShock:
+    """Search the smallest perturbation of ``state`` (a point on an attractor) that sends it to another attractor.
+
+    Shocks r u for `directions` unit vectors u (evenly spaced angles in 2-D; random otherwise, from `key`) and `radii`
+    radii up to `r_max`: along each direction the first radius whose member does not return to the attractor of
+    ``state`` is bisected `refine` times against the last radius that returned. On spheres the shock is tangent and
+    the state is projected back (a geodesic step for small shocks).
+
+    **Returns:** a :class:`FatalShock`: `upper` the smallest leaving shock found, `lower` the smallest radius at
+    which any direction first left the grid's returning radii (over the tested shocks only).
+    """
+    import jax
+
+    from ._system import key_of
+
+    y = np.asarray(state, float)
+    m = y.size
+    if m == 2:
+        ang = np.linspace(0, 2 * np.pi, directions, endpoint=False)
+        U = np.stack([np.cos(ang), np.sin(ang)], 1)
+    else:
+        U = np.asarray(jax.random.normal(key_of(key), (directions, m)))
+        for block in system.space.spheres:  # tangent to each sphere
+            b = list(block)
+            U[:, b] -= np.sum(U[:, b] * y[b], 1, keepdims=True) * y[b]
+        U /= np.linalg.norm(U, axis=1, keepdims=True)
+    rs = np.linspace(r_max / radii, r_max, radii)
+    matcher = Matcher(system.space, run.match_tol, run.sample_time(system), system)
+    home, _ = label_members(system, y[None, :], run, label=label, matcher=matcher)
+    home = int(home[0])
+    if home < 0:
+        raise ValueError("the state does not settle on an attractor under this run (label unknown)")
+    y0 = (y[None, None, :] + rs[None, :, None] * U[:, None, :]).reshape(-1, m)
+    labs, _ = label_members(system, y0, run, label=label, matcher=matcher)
+    labs = labs.reshape(directions, radii)
+    tested = directions * radii
+    leave = labs != home
+    first = np.where(leave.any(1), np.argmax(leave, 1), radii)
+    lower = float(np.min(np.where(first > 0, rs[np.maximum(first - 1, 0)], 0.0)))
+    cand = np.nonzero(first < radii)[0]
+    if cand.size == 0:
+        return FatalShock(lower=float(r_max), upper=math.inf, shock=None, tested=tested)
+    lo = np.where(first[cand] > 0, rs[np.maximum(first[cand] - 1, 0)], 0.0)
+    hi = rs[first[cand]]
+    for _ in range(refine):  # bisect every candidate direction at once
+        mid = (lo + hi) / 2
+        lab, _ = label_members(system, y[None, :] + mid[:, None] * U[cand], run, label=label, matcher=matcher)
+        tested += len(cand)
+        out = lab != home
+        hi = np.where(out, mid, hi)
+        lo = np.where(out, lo, mid)
+    best = int(np.argmin(hi))
+    return FatalShock(lower=min(lower, float(np.min(lo))), upper=float(hi[best]), shock=hi[best] * U[cand[best]],
+                      tested=tested)
+
+
+# ---------------------------------------------------------------------------------------------- tipping
+@dataclasses.dataclass(frozen=True)
+class Tipping:
+    """P(attractor j after | attractor i before) from paired members: `matrix[i, j]` with Wilson 95% intervals
+    `lo`, `hi`; `before`, `after` the attractors at the two parameter values (rows and columns, in label order);
+    `counts[i]` the members that started on attractor i. Members unknown before or after are counted apart
+    (`unknown`). Attractors after are matched to those before by their features (docs/model.md section 12)."""
+
+    matrix: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    counts: np.ndarray
+    before: tuple[Attractor, ...]
+    after: tuple[Attractor, ...]
+    unknown: int
+
+
+def match_across(before, after, space, max_distance: float = math.inf) -> dict[int, int]:
+    """One-to-one matching of the attractors `after` to those `before` (same kind, nearest features first, greedy by
+    distance, up to `max_distance`), as Attractors.jl's global continuation matches by distance: a dict from an
+    after-label to a before-label; unmatched after-attractors get new labels, numbered after the before ones."""
+    from ._label import _dist
+
+    pairs = []
+    for a in after:
+        for b in before:
+            if a.kind != b.kind:
+                continue
+            m = a.state.size
+            if a.kind == "fixed point":
+                dist = float(_dist(space, a.features[:m], b.features[:m]))
+            else:
+                dist = float(np.sqrt(np.sum((a.features - b.features) ** 2)))
+            if dist <= max_distance:
+                pairs.append((dist, a.label, b.label))
+    out, used = {}, set()
+    for dist, la, lb in sorted(pairs):
+        if la not in out and lb not in used:
+            out[la] = lb
+            used.add(lb)
+    nxt = max([b.label for b in before], default=-1) + 1
+    for a in after:
+        if a.label not in out:
+            out[a.label] = nxt
+            nxt += 1
+    return out
+
+
+def _relabel(labels, attractors, mapping):
+    labels = np.where(labels >= 0, np.vectorize(lambda v: mapping.get(int(v), -1))(labels) if labels.size else labels, -1)
+    atts = tuple(sorted((dataclasses.replace(a, label=mapping[a.label]) for a in attractors), key=lambda a: a.label))
+    return labels, atts
+
+
+def tipping(system_before, system_after, y0, run: Run = Run(), *, label: Callable | None = None,
+            max_distance: float = math.inf) -> Tipping:
+    """Tipping probabilities (Kaszas et al. 2019) between two parameter values: each member y0 is run to its
+    attractor under `system_before`; that final state then evolves under `system_after`. Attractors after are
+    matched to those before by :func:`match_across` (so a moved attractor keeps its label; one that vanished has no
+    column, one that appeared gets a new label)."""
+    lab0, m0 = label_members(system_before, y0, run, label=label)
+    lab0 = np.where(np.isin(lab0, [a.label for a in m0.attractors if a.stable is False]), -1, lab0)  # saddles
+    steps = run.total_steps(system_before)
+    dt = run.dt if isinstance(system_before, Flow) else 1.0
+    finals = np.concatenate([seg[:, -1] for _, _, seg in final_segments(system_before, y0, steps=steps, dt=dt,
+                                                                          tail=1, stride=1, chunk=run.chunk)])
+    lab1, m1 = label_members(system_after, finals, run, label=label)
+    after = tuple(m1.attractors)
+    if label is None:
+        lab1, after = _relabel(lab1, m1.attractors, match_across(m0.attractors, m1.attractors, system_after.space,
+                                                                  max_distance))
+    K0 = int(max(lab0.max(initial=-1), -1)) + 1
+    K1 = int(max(lab1.max(initial=-1), K0 - 1)) + 1
+    ok = (lab0 >= 0) & (lab1 >= 0)
+    M = np.full((K0, K1), math.nan)
+    lo, hi = np.zeros((K0, K1)), np.ones((K0, K1))
+    counts = np.array([int(np.sum(ok & (lab0 == i))) for i in range(K0)])
+    for i in range(K0):
+        for j in range(K1):
+            c = int(np.sum(ok & (lab0 == i) & (lab1 == j)))
+            if counts[i]:
+                M[i, j] = c / counts[i]
+            lo[i, j], hi[i, j] = wilson(c, int(counts[i]))
+    return Tipping(matrix=M, lo=lo, hi=hi, counts=counts, before=tuple(m0.attractors), after=after,
+                   unknown=int(np.sum(~ok)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Continuation:
+    """Basin fractions along a parameter: `values`, and per value the :class:`Fractions` whose labels are matched to
+    the previous value's attractors (:func:`match_across`), so label k is one attractor followed along the
+    parameter."""
+
+    values: tuple[float, ...]
+    fractions: tuple[Fractions, ...]
+
+
+def continuation(make_system: Callable, values, y0, run: Run = Run(), *, max_distance: float = math.inf) -> Continuation:
+    """Fractions of the same members at each parameter value (``make_system(value)`` gives the system), with the
+    attractors matched from one value to the next."""
+    out, prev = [], None
+    for v in values:
+        system = make_system(v)
+        labels, m = label_members(system, y0, run)
+        atts = tuple(m.attractors)
+        if prev is not None:
+            labels, atts = _relabel(labels, atts, match_across(prev, atts, system.space, max_distance))
+        out.append(fractions_of(labels, atts))
+        prev = atts
+    return Continuation(values=tuple(float(v) for v in values), fractions=tuple(out))
