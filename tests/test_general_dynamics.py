@@ -227,3 +227,24 @@ def test_bad_inputs_are_refused():
         g.basin_fractions(g.Map(Newton()), np.zeros(2), g.Run(steps=10, tail=2))
     with pytest.raises(ValueError, match="box"):
         g.basin_entropy(np.zeros((4, 4), int), 5)
+
+
+def test_an_attention_model_through_attention_system_partitions_members_like_simulate():
+    """The layer map of docs/model.md section 3 as a general Map on (n d,): the members it puts on one attractor are
+    exactly those whose final states under attnflow.simulate coincide."""
+    import jax
+
+    import attnflow as af
+
+    model = af.LayerMap(af.SelfAttention(af.Heads.single(np.diag([1.0, 0.4, -0.3])), beta=1.0), alpha=0.5)
+    n, d = 3, 3
+    x0 = np.asarray(af.evolve.sample.sphere(jax.random.PRNGKey(0), (60, n, d)))
+    system = g.attention_system(model, n)
+    assert system.space.spheres == ((0, 1, 2), (3, 4, 5), (6, 7, 8))
+    fr = g.basin_fractions(system, x0.reshape(60, -1), g.Run(steps=3000, tail=4, tol=1e-9, match_tol=1e-4))
+    assert fr.unknown == 0 and len(fr.attractors) >= 2
+    final = np.asarray(af.simulate(model, x0, steps=3000).final).reshape(60, -1)
+    for i in range(60):
+        same_g = fr.labels == fr.labels[i]
+        same_s = np.max(np.abs(final - final[i]), axis=1) < 1e-6
+        np.testing.assert_array_equal(same_g, same_s)

@@ -147,11 +147,14 @@ def as_system(obj, space: Space | None = None):
 
 
 def attention_system(model, n: int):
-    """An attnflow model as a system on flattened states ``(n d,)``: a flow or map on n spheres (or R^{n d})."""
+    """An attnflow model as a system on flattened states ``(n d,)``: a flow or map on n spheres (a ``SphereFlow``, or a
+    map that normalises with ``L2Norm``), else on R^{n d}."""
     from ...model.dynamics import AbstractFlow, SphereFlow
+    from ...model.norms import L2Norm
 
     d = model.attn.heads.dim
-    space = Space.product_of_spheres(n, d) if isinstance(model, SphereFlow) else Space()
+    on_spheres = isinstance(model, SphereFlow) or isinstance(getattr(model, "norm", None), L2Norm)
+    space = Space.product_of_spheres(n, d) if on_spheres else Space()
 
     if isinstance(model, AbstractFlow):
         return Flow(_Reshaped(model, n, d, "vf"), space)
