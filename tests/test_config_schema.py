@@ -182,3 +182,17 @@ def test_weights_file_biases_reach_heads_and_unknown_arrays_are_refused(tmp_path
     np.savez(tmp_path / "w.npz", Q=e, K=e, V=e, W=e)
     with pytest.raises(C.ConfigError, match="unexpected arrays W"):
         C.load_config(tmp_path / "c.toml")
+
+
+def test_key_block_is_a_model_key():
+    import tomllib
+
+    import attnflow.io.config as c
+
+    base = '[model]\nd = 2\nV = [[1.0, 0.0], [0.0, 1.0]]\n'
+    assert c.parse_config(tomllib.loads(base)).build().attn.key_block == "auto"
+    assert c.parse_config(tomllib.loads(base + 'key_block = "dense"\n')).build().attn.key_block is None
+    assert c.parse_config(tomllib.loads(base + "key_block = 64\n")).build().attn.key_block == 64
+    for bad, msg in (("0", r"\[1, "), ('"blocks"', "one of"), ("true", "integer or a string")):
+        with pytest.raises(c.ConfigError, match=msg):
+            c.parse_config(tomllib.loads(base + f"key_block = {bad}\n"))

@@ -152,7 +152,9 @@ class RunConfig:
     def _build(self):
         from ...model import FlatFlow, LayerMap, SelfAttention, SphereFlow, make_norm
 
-        attn = SelfAttention(self.heads, self.attention_module(), np.asarray(self.beta, dtype=self.dtype))
+        kb = self.model.key_block
+        attn = SelfAttention(self.heads, self.attention_module(), np.asarray(self.beta, dtype=self.dtype),
+                             key_block=None if kb == "dense" else kb)
         if self.time == "discrete":
             return LayerMap(attn, np.asarray(self.alpha, dtype=self.dtype), make_norm(self.norm))
         return SphereFlow(attn) if self.norm == "sphere" else FlatFlow(attn)

@@ -50,6 +50,7 @@ class ModelTable:
     mask: str = key("full", doc="full | causal | window:W (1 <= W <= 2^31 - 1)")
     sinkhorn_iters: int = key(3, doc="Sinkhorn iterations (attention = 'sinkhorn')", ge=1, le=SINKHORN_ITERS_MAX)
     relu_normalize: bool = key(False, doc="normalise relu attention rows to sum 1")
+    key_block: Union[int, str] = key("auto", doc="how the attention is formed: 'auto' (dense up to 512 tokens, else streamed over blocks of 256 keys), 'dense', or a key block size b >= 1 (memory O(n b) per member; not with sinkhorn)", ge=1, le=INT32_MAX, choices=("auto", "dense"))
 
 
 @dataclass(frozen=True)

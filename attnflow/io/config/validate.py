@@ -158,6 +158,8 @@ def value(where: str, v, tp, meta=None):
         for a in args:
             if a is str and isinstance(v, str):
                 return value(where, v, str, meta)
+            if a is int and isinstance(v, int) and not isinstance(v, bool):
+                return value(where, v, int, meta)
             if dataclasses.is_dataclass(a) and isinstance(v, dict):
                 return parse_table(a, v, where)
         raise ConfigError(f"{where} must be {' or '.join(_typename(a) for a in args)}, got {show(v)}")
