@@ -248,3 +248,41 @@ def test_an_attention_model_through_attention_system_partitions_members_like_sim
         same_g = fr.labels == fr.labels[i]
         same_s = np.max(np.abs(final - final[i]), axis=1) < 1e-6
         np.testing.assert_array_equal(same_g, same_s)
+
+
+@pytest.mark.slow  # three subprocesses that compile (about 30 s): run by the second CI step
+def test_cli_geometry_names_attractors_resumes_and_refuses(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "g.toml"
+    cfg.write_text('[model]\nd = 3\nV = [[1.0, 0.0, 0.0], [0.0, 0.4, 0.0], [0.0, 0.0, -0.3]]\n[dynamics]\n'
+                   'time = "discrete"\nalpha = 0.5\ntokens = 3\nsteps = 1500\ndtype = "float64"\n'
+                   "[geometry]\nresolution = 24\nrows_per_block = 8\nshock = true\ndirections = 8\nradii = 8\n"
+                   "r_max = 2.0\ntipping_beta = 3.0\n")
+    out = tmp_path / "out"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "attnflow", "--no-compile-cache", "geometry", *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=300)
+    r = run(str(cfg), "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    first = json.loads(r.stdout)
+    names = {b["attractor"]["name"] for b in first["fractions"]["basins"]}
+    assert "consensus +v1" in names  # the attention model's own names
+    assert sum(b["count"] for b in first["fractions"]["basins"]) + first["fractions"]["unknown"] == 24 * 24
+    for name in ("geometry.json", "basin_map.npz", "basin_map.png", "map_partial.npz"):
+        assert (out / name).exists(), name
+    assert first["tipping"]["matrix"] and len(first["fatal_shocks"]) >= 1
+    # as if interrupted after the first block: the rerun computes the rest and gives the same answer
+    z = dict(np.load(out / "map_partial.npz"))
+    z["rows_done"] = np.asarray(8)
+    z["image"][8:] = -2
+    np.savez(out / "map_partial.npz", **z)
+    r = run(str(cfg), "--out", str(out), "--json")
+    assert r.returncode == 0 and "resuming after row 8" in r.stderr
+    assert json.loads(r.stdout) == first
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[model]\nd = 4\nV = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], '
+                   '[0.0, 0.0, 0.0, 1.0]]\n[geometry]\nresolution = 4\n')
+    r = run(str(bad))
+    assert r.returncode == 2 and "d must be 2 or 3" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -16,7 +16,7 @@ import sys
 
 from . import _interrupt
 
-COMMANDS = ("simulate", "demo", "stability", "basins", "energy", "metastability", "transformer", "bench")
+COMMANDS = ("simulate", "demo", "stability", "basins", "energy", "metastability", "geometry", "transformer", "bench")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -298,7 +298,7 @@ def minimal_fatal_shock(system, state, run: Run = Run(), *, directions: int = 25
         ang = np.linspace(0, 2 * np.pi, directions, endpoint=False)
         U = np.stack([np.cos(ang), np.sin(ang)], 1)
     else:
-        U = np.asarray(jax.random.normal(key_of(key), (directions, m)))
+        U = np.array(jax.random.normal(key_of(key), (directions, m)), dtype=float)
         for block in system.space.spheres:  # tangent to each sphere
             b = list(block)
             U[:, b] -= np.sum(U[:, b] * y[b], 1, keepdims=True) * y[b]

@@ -176,6 +176,9 @@ class Matcher:
                 if a.stable is False:
                     a.kind = "unstable fixed point"
             a.name = f"{a.kind} {a.label}" + (f" (period {period:.4g})" if period is not None else "")
+            namer = getattr(getattr(self.system, "f", None), "name_of", None)
+            if namer is not None and kk == FIXED:  # an attention model names its equilibria itself
+                a.name = namer(a.state) + ("" if a.stable is not False else " (unstable)")
             self.attractors.append(a)
             same = (labels < 0) & (kind == kk) & _same_lag(lag, lag[i]) & (self._feature_distance(feats, feats[i], m, kk) < self.tol)
             labels[same] = a.label

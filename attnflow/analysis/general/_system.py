@@ -171,6 +171,12 @@ class _Reshaped(eqx.Module):
         X = y.reshape(self.n, self.d)
         return getattr(self.model, self.method)(t, X).reshape(-1)
 
+    def name_of(self, state) -> str:
+        """The attention model's own name of a fixed point (docs/model.md section 10), e.g. ``consensus +v1``."""
+        from ..basins.local import state_name
+
+        return state_name(self.model, np.asarray(state).reshape(self.n, self.d))
+
 
 def key_of(key):
     """A PRNG key (None: key 0)."""

@@ -19,7 +19,7 @@ expected; the CLI prints it and exits with status 2.
 from .run import RunConfig, load_config, parse_config, read_toml
 from .schema import (
     INPUT_KEYS, INT32_MAX, SEED_MAX, SINKHORN_ITERS_MAX, STEPS_MAX, TABLES, BasinsContinuationTable, BasinsTable,
-    ClusteringTable, ConfigFile, DynamicsTable, EnergyTable, LocalTable, Matrix, MetastabilityTable, ModelTable, SamplerTable,
+    ClusteringTable, ConfigFile, DynamicsTable, EnergyTable, GeometryTable, LocalTable, Matrix, MetastabilityTable, ModelTable, SamplerTable,
     StabilityContinuationTable, StabilityTable, describe, key, keys_of, reference,
 )
 from .validate import (
@@ -30,7 +30,7 @@ from .validate import (
 __all__ = [
     "INPUT_KEYS", "INT32_MAX", "MAX_CONFIG_BYTES", "MAX_INPUT_BYTES", "MAX_NESTING", "SEED_MAX", "SINKHORN_ITERS_MAX",
     "STEPS_MAX", "TABLES", "BasinsContinuationTable", "BasinsTable", "ClusteringTable", "ConfigError", "ConfigFile",
-    "DynamicsTable", "EnergyTable", "LocalTable", "Matrix", "MetastabilityTable", "ModelTable", "RunConfig", "SamplerTable",
+    "DynamicsTable", "EnergyTable", "GeometryTable", "LocalTable", "Matrix", "MetastabilityTable", "ModelTable", "RunConfig", "SamplerTable",
     "StabilityContinuationTable", "StabilityTable", "check_fits", "describe", "key", "keys_of", "load_config",
     "load_npy", "parse_config", "parse_table", "read_bytes", "read_toml", "real_array", "reference",
 ]

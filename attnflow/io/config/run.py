@@ -110,6 +110,11 @@ class RunConfig:
         return self.file.energy
 
     @property
+    def geometry(self):
+        """The ``[geometry]`` table."""
+        return self.file.geometry
+
+    @property
     def metastability(self):
         """The ``[metastability]`` table."""
         return self.file.metastability

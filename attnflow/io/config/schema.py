@@ -188,6 +188,25 @@ class MetastabilityTable:
 
 
 @dataclass(frozen=True)
+class GeometryTable:
+    """[geometry]: a basin map on a 2-D slice, its entropy, the uncertainty exponent, minimal fatal shocks and tipping
+    (``attnflow geometry``)."""
+
+    token: int = key(0, doc="the token whose two angles span the slice (d = 3: polar and azimuthal; d = 2: the angles of this token and the next)", ge=0, le=INT32_MAX)
+    resolution: int = key(100, doc="grid points per side of the slice", ge=2, le=100000)
+    box: int = key(6, doc="box size (pixels) of the basin entropy", ge=1, le=100000)
+    tail: int = key(16, doc="final samples per member for the recurrence labels", ge=1, le=INT32_MAX)
+    tol: float = key(1e-5, doc="recurrence tolerance (a fixed point: the final samples within tol of the last)", gt=0)
+    match_tol: float = key(1e-3, doc="two members share an attractor when their invariants are within this", gt=0)
+    shock: bool = key(False, doc="also the minimal fatal shock of every attractor found (directions x radii members each)")
+    directions: int = key(64, doc="directions of the fatal-shock search", ge=1, le=INT32_MAX)
+    radii: int = key(32, doc="radii per direction of the fatal-shock search, up to r_max", ge=1, le=INT32_MAX)
+    r_max: float = key(1.0, doc="largest shock tried", gt=0)
+    tipping_beta: Union[float, None] = key(None, doc="tipping from [model] beta to this beta: P(attractor after | attractor before) from the slice's members", gt=0)
+    rows_per_block: int = key(16, doc="grid rows per block (each block is saved: a rerun resumes after the last)", ge=1, le=INT32_MAX)
+
+
+@dataclass(frozen=True)
 class ConfigFile:
     """The whole TOML file: one record per table."""
 
@@ -197,6 +216,7 @@ class ConfigFile:
     stability: StabilityTable = key(StabilityTable(), doc="attnflow stability")
     energy: EnergyTable = key(EnergyTable(), doc="attnflow energy")
     metastability: MetastabilityTable = key(MetastabilityTable(), doc="attnflow metastability")
+    geometry: GeometryTable = key(GeometryTable(), doc="attnflow geometry")
 
 
 def hints(cls) -> dict[str, Any]:
