@@ -308,3 +308,17 @@ def test_kaplan_meier_median_equals_scipy_and_is_a_bound_when_unreached():
         else:
             assert not known and value == t.max()
     assert km_median(np.array([1.0, 2.0, 3.0]), np.array([False, False, False])) == (3.0, False)
+
+
+def test_first_keeps_the_beta_axis_and_few_exits_give_an_open_interval(small_case):
+    x0, beta, dt, t1, rule, ep, _ = small_case
+    flow = af.SphereFlow(af.SelfAttention(af.Heads.single(np.eye(2)), beta=1.0, key_block=None))
+    swept, _ = find_plateaus(flow, x0, t1=t1, dt=dt, rule=rule, beta=[2.0, beta])
+    f = swept.first()
+    assert f["count"].shape == (2, 4)
+    np.testing.assert_array_equal(f["count"][1], ep.first()["count"])
+    from attnflow.analysis.metastability._study import MIN_EVENTS, _median_with_interval
+
+    d, o, g = np.array([5.0, 7.0, 9.0]), np.array([True, True, True]), np.array([0, 1, 2])
+    m = _median_with_interval(d, o, g, np.random.default_rng(0), 4)
+    assert m.known and m.value == 7.0 and m.lo == 7.0 and math.isinf(m.hi) and m.events < MIN_EVENTS

@@ -212,19 +212,21 @@ class Episodes(eqx.Module):
 
     def first(self) -> dict[str, np.ndarray]:
         """Per member: the first episode's count, entry, exit and dwell time (NaN where it has none; the dwell time
-        of an open episode is its lower bound t_end - entry, flagged by ``first_open``)."""
+        of an open episode is its lower bound t_end - entry, flagged by ``first_open``). Leading axes (a sweep over
+        beta) are kept."""
         has = np.asarray(self.num) > 0
-        entry = np.where(has, np.asarray(self.entry)[:, 0], np.nan)
-        exit_ = np.where(has, np.asarray(self.exit)[:, 0], np.nan)
+        entry = np.where(has, np.asarray(self.entry)[..., 0], np.nan)
+        exit_ = np.where(has, np.asarray(self.exit)[..., 0], np.nan)
         is_open = has & ~np.isfinite(exit_)
         dwell = np.where(is_open, np.asarray(self.t_end) - entry, exit_ - entry)
-        return {"count": np.where(has, np.asarray(self.count)[:, 0], 0), "entry": entry, "exit": exit_,
+        return {"count": np.where(has, np.asarray(self.count)[..., 0], 0), "entry": entry, "exit": exit_,
                 "dwell": dwell, "first_open": is_open}
 
 
 class Series(eqx.Module):
     """Readings at every check, for the first ``trace`` members: `t` ``(c,)``; `speed`, `energy`, `count` (clusters)
-    and `pairs` (the fraction of token pairs with cos > 1 - eps), each ``(c, m)``."""
+    and `pairs` (the fraction of token pairs with cos > 1 - eps), each ``(c, m)``. The energy is section 7's, over all
+    pairs whatever the mask (for causal attention it is not the flow's Lyapunov function)."""
 
     t: Float[Array, " c"]
     speed: Float[Array, "c m"]

@@ -62,19 +62,26 @@ class Median:
         return dataclasses.asdict(self)
 
 
-def _median_with_interval(d, o, groups, rng) -> Median:
-    """KM median of (d, o) with a bootstrap over ``groups`` (the member of each duration)."""
+MIN_EVENTS = 10
+"""Fewer observed exits than this leave a median's interval and a rate's beta unused: too few to bootstrap."""
+
+
+def _median_with_interval(d, o, groups, rng, members: int) -> Median:
+    """KM median of (d, o) with a bootstrap over all `members` (a member contributes its durations, possibly none;
+    a resample whose median is beyond the run counts as +inf). With fewer than :data:`MIN_EVENTS` observed exits the
+    interval is (value, +inf) when known: too few to say more."""
     value, known = km_median(d, o)
-    uniq = np.unique(groups)
     boots = []
-    if d.size and known:
-        idx = {g: np.nonzero(groups == g)[0] for g in uniq}
+    if d.size and known and int(o.sum()) >= MIN_EVENTS:
+        idx = [np.nonzero(groups == g)[0] for g in range(members)]
         for _ in range(BOOTSTRAP):
-            pick = np.concatenate([idx[g] for g in rng.choice(uniq, uniq.size)])
-            m, k = km_median(d[pick], o[pick])
+            pick = np.concatenate([idx[g] for g in rng.integers(0, members, members)])
+            m, k = km_median(d[pick], o[pick]) if pick.size else (math.nan, False)
             boots.append(m if k else math.inf)
-    if boots:  # order statistics (a resample whose median the run did not reach counts as +inf)
+    if boots:  # order statistics
         lo, hi = np.percentile(boots, 2.5, method="lower"), np.percentile(boots, 97.5, method="higher")
+    elif d.size and known:
+        lo, hi = value, math.inf
     else:
         lo, hi = (value, math.inf) if d.size else (math.nan, math.nan)
     return Median(value=float(value), lo=float(lo), hi=float(hi), known=bool(known), events=int(o.sum()),
@@ -155,11 +162,11 @@ def summarise(ep: Episodes, tokens: int, beta: float, k_star: int | None, rng) -
     dwell = {}
     stored = np.asarray(ep.count)[np.arange(ep.count.shape[1])[None, :] < np.minimum(num, ep.count.shape[1])[:, None]]
     for k in sorted(set(stored.tolist()) - {1}):  # one cluster is absorbing: it has no dwell time
-        dwell[int(k)] = _median_with_interval(*_durations(ep, count=int(k)), rng)
+        dwell[int(k)] = _median_with_interval(*_durations(ep, count=int(k)), rng, B)
     return Cell(tokens=int(tokens), beta=float(beta), members=int(B), first_counts=counts,
                 no_plateau=int(np.sum(num == 0)), dwell=dwell,
-                first_dwell=_median_with_interval(*_durations(ep, first=True), rng),
-                escape=_median_with_interval(*_escape(ep), rng), k_star=k_star)
+                first_dwell=_median_with_interval(*_durations(ep, first=True), rng, B),
+                escape=_median_with_interval(*_escape(ep), rng, B), k_star=k_star)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,26 +195,35 @@ def _fit(betas, medians):
 
 
 def fit_rate(eps: list[Episodes], betas, tokens: int, count: int, rng) -> Rate | None:
-    """The exponential rate in beta of the median dwell time of the episodes with `count` clusters (None with fewer
-    than two betas whose median is known)."""
-    meds = [km_median(*_durations(e, count=count)[:2]) for e in eps]
-    use = [i for i, (m, k) in enumerate(meds) if k and m > 0]
+    """The exponential rate in beta of the median dwell time of the episodes with `count` clusters, over the betas
+    whose median is known from at least :data:`MIN_EVENTS` exits (None with fewer than two such betas). The 95%
+    interval resamples the members (paired across beta); when more than 2.5% of the resamples lose a median, the
+    interval is unknown (NaN), never a narrowed one."""
+    durs = [_durations(e, count=count) for e in eps]
+    meds = [km_median(d, o) for d, o, _ in durs]
+    use = [i for i, (m, k) in enumerate(meds) if k and m > 0 and int(durs[i][1].sum()) >= MIN_EVENTS]
     if len(use) < 2:
         return None
     r, a = _fit([betas[i] for i in use], [meds[i][0] for i in use])
     B = eps[0].num.shape[0]
-    boots = []
+    boots, failed = [], 0
+    idx = {i: [np.nonzero(durs[i][2] == p)[0] for p in range(B)] for i in use}
     for _ in range(BOOTSTRAP):
         pick = rng.integers(0, B, B)
         ms = []
         for i in use:
-            d, o, g = _durations(eps[i], count=count)
-            sel = np.concatenate([np.nonzero(g == p)[0] for p in pick])
-            m, k = km_median(d[sel], o[sel])
+            d, o, _ = durs[i]
+            sel = np.concatenate([idx[i][p] for p in pick])
+            m, k = km_median(d[sel], o[sel]) if sel.size else (math.nan, False)
             ms.append(m if (k and m > 0) else math.nan)
         if np.all(np.isfinite(ms)):
             boots.append(_fit([betas[i] for i in use], ms)[0])
-    lo, hi = np.percentile(boots, [2.5, 97.5]) if len(boots) >= 20 else (math.nan, math.nan)
+        else:
+            failed += 1
+    if failed > 0.025 * BOOTSTRAP:
+        lo, hi = math.nan, math.nan
+    else:
+        lo, hi = np.percentile(boots, 2.5), np.percentile(boots, 97.5)
     return Rate(tokens=int(tokens), count=int(count), rate=r, lo=float(lo), hi=float(hi), intercept=a,
                 betas=tuple(float(betas[i]) for i in use))
 
