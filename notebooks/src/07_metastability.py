@@ -283,7 +283,7 @@ for j, b in enumerate(BETAS5):
             for m in range(len(num))]
     print(f"beta = {b:g}: {one.sum()}/{len(num)} members reached one cluster by t = {T5:g}"
           + (f" (median entry time {np.median(t_one[one]):.0f})" if one.any() else "")
-          + f"; last plateau of the others: {dict(zip(*np.unique(final[~one], return_counts=True)))}")
+          + "".join(f"; {c} still on a {k}-cluster plateau" for k, c in zip(*np.unique(final[~one], return_counts=True))))
     print("   plateaus per member:", ", ".join(seqs))
 
 # %% [markdown]
@@ -291,9 +291,9 @@ for j, b in enumerate(BETAS5):
 #
 # - beta = 2: all 16 members reach one cluster (median entry time of the one-cluster plateau ~17); 12 go straight
 #   there, 4 after a 2-cluster plateau of 19-92 time units.
-# - beta = 4: 10 of 16 reach one cluster, all after 2- or 3-cluster plateaus (up to three in a row; the longest
-#   2-cluster plateau before the end lasts ~180 time units); the other 6 are still on a 2-cluster plateau, entered
-#   at t ~ 10-20, when the run ends at t = 400.
+# - beta = 4: 10 of 16 reach one cluster (median entry time ~77), 8 of them after 2- or 3-cluster plateaus (up to
+#   three plateaus in a row; the longest 2-cluster plateau before the end lasts ~180 time units), 2 directly; the
+#   other 6 are still on a 2-cluster plateau, entered at t ~ 10-20, when the run ends at t = 400.
 # - beta = 8: none of the 16 reaches one cluster by t = 400: 6 are still on their first (3-cluster) plateau and
 #   10 have merged down to 2 clusters.
 #
