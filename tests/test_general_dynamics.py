@@ -286,3 +286,24 @@ def test_cli_geometry_names_attractors_resumes_and_refuses(tmp_path):
                    '[0.0, 0.0, 0.0, 1.0]]\n[geometry]\nresolution = 4\n')
     r = run(str(bad))
     assert r.returncode == 2 and "d must be 2 or 3" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+class Pitchfork(eqx.Module):
+    p: float
+
+    def __call__(self, t, y):
+        return self.p * y - y ** 3
+
+
+def test_relabelled_attractors_are_renamed_and_saddles_after_a_change_are_unknown():
+    run = g.Run(t1=40.0, dt=0.05, tail=16, tol=1e-6)
+    c = g.continuation(lambda p: g.Flow(Bistable(p)), [0.0, 0.5], np.linspace(-2, 2, 41)[:, None], run)
+    for f in c.fractions:
+        for a in f.attractors:
+            assert a.name.startswith(f"{a.kind} {a.label}"), a.name
+    # y = 0 is stable for p = -1 and a saddle for p = 1: a member left on it after the change is in no basin
+    tp = g.tipping(g.Flow(Pitchfork(-1.0)), g.Flow(Pitchfork(1.0)), np.array([[0.0], [0.5], [-0.5]]), run)
+    assert tp.unknown == 3 and np.all(np.isnan(tp.matrix) | (tp.matrix == 0))
+    user = g.continuation(lambda p: g.Flow(Bistable(p)), [0.0, 0.5], np.linspace(-2, 2, 41)[:, None], run,
+                          label=lambda seg: int(seg[-1, 0] > 0))
+    assert user.fractions[1].counts == {1: 41}

@@ -381,10 +381,24 @@ def match_across(before, after, space, max_distance: float = math.inf) -> dict[i
     return out
 
 
+def _renamed(a, new: int):
+    """A copy of an attractor under a new label; a generic name ("fixed point 3") follows the label."""
+    name = a.name
+    old = f"{a.kind} {a.label}"
+    if name == old or name.startswith(old + " "):
+        name = f"{a.kind} {new}" + name[len(old):]
+    return dataclasses.replace(a, label=new, name=name)
+
+
 def _relabel(labels, attractors, mapping):
     labels = np.where(labels >= 0, np.vectorize(lambda v: mapping.get(int(v), -1))(labels) if labels.size else labels, -1)
-    atts = tuple(sorted((dataclasses.replace(a, label=mapping[a.label]) for a in attractors), key=lambda a: a.label))
+    atts = tuple(sorted((_renamed(a, mapping[a.label]) for a in attractors), key=lambda a: a.label))
     return labels, atts
+
+
+def _unknown_on_saddles(labels, attractors):
+    """Labels of members on unstable fixed points set to -1 (they are in no basin)."""
+    return np.where(np.isin(labels, [a.label for a in attractors if a.stable is False]), -1, labels)
 
 
 def tipping(system_before, system_after, y0, run: Run = Run(), *, label: Callable | None = None,
@@ -394,7 +408,7 @@ def tipping(system_before, system_after, y0, run: Run = Run(), *, label: Callabl
     matched to those before by :func:`match_across` (so a moved attractor keeps its label; one that vanished has no
     column, one that appeared gets a new label)."""
     lab0, m0 = label_members(system_before, y0, run, label=label)
-    lab0 = np.where(np.isin(lab0, [a.label for a in m0.attractors if a.stable is False]), -1, lab0)  # saddles
+    lab0 = _unknown_on_saddles(lab0, m0.attractors)
     steps = run.total_steps(system_before)
     dt = run.dt if isinstance(system_before, Flow) else 1.0
     finals = np.concatenate([seg[:, -1] for _, _, seg in final_segments(system_before, y0, steps=steps, dt=dt,
@@ -404,6 +418,7 @@ def tipping(system_before, system_after, y0, run: Run = Run(), *, label: Callabl
     if label is None:
         lab1, after = _relabel(lab1, m1.attractors, match_across(m0.attractors, m1.attractors, system_after.space,
                                                                   max_distance))
+        lab1 = _unknown_on_saddles(lab1, after)
     K0 = int(max(lab0.max(initial=-1), -1)) + 1
     K1 = int(max(lab1.max(initial=-1), K0 - 1)) + 1
     ok = (lab0 >= 0) & (lab1 >= 0)
@@ -430,15 +445,16 @@ class Continuation:
     fractions: tuple[Fractions, ...]
 
 
-def continuation(make_system: Callable, values, y0, run: Run = Run(), *, max_distance: float = math.inf) -> Continuation:
+def continuation(make_system: Callable, values, y0, run: Run = Run(), *, max_distance: float = math.inf,
+                 label: Callable | None = None) -> Continuation:
     """Fractions of the same members at each parameter value (``make_system(value)`` gives the system), with the
-    attractors matched from one value to the next."""
+    attractors matched from one value to the next (a user's `label` function: its labels are kept as they are)."""
     out, prev = [], None
     for v in values:
         system = make_system(v)
-        labels, m = label_members(system, y0, run)
+        labels, m = label_members(system, y0, run, label=label)
         atts = tuple(m.attractors)
-        if prev is not None:
+        if prev is not None and label is None:
             labels, atts = _relabel(labels, atts, match_across(prev, atts, system.space, max_distance))
         out.append(fractions_of(labels, atts))
         prev = atts
