@@ -198,11 +198,16 @@ def test_user_labelling_function_and_a_product_of_spheres():
     system = g.Flow(Align(), space)
     rng = np.random.default_rng(1)
     y0 = rng.normal(size=(50, 4))
+    y0 = np.concatenate([y0, [[-1.0, 0.0, -1.0, 0.0], [1.0, 0.0, -1.0, 0.0]]])  # two saddles, exactly
     fr = g.basin_fractions(system, y0, g.Run(t1=30.0, dt=0.05, tail=8, tol=1e-6))
-    assert len(fr.attractors) == 1 and fr.counts[0] == 50  # almost every start reaches (e1, e1)
-    np.testing.assert_allclose(fr.attractors[0].state, [1, 0, 1, 0], atol=1e-6)
+    stable = [a for a in fr.attractors if a.stable]
+    assert len(stable) == 1 and fr.counts[stable[0].label] == 50  # every random start reaches (e1, e1)
+    np.testing.assert_allclose(stable[0].state, [1, 0, 1, 0], atol=1e-6)
+    # (-e1, -e1) and (e1, -e1) are fixed but unstable on the circles (tangent Jacobian): in no basin
+    assert fr.saddle == 2 and fr.unknown == 2
+    assert {a.kind for a in fr.attractors if not a.stable} == {"unstable fixed point"}
     fr = g.basin_fractions(system, y0, g.Run(t1=30.0, dt=0.05, tail=8), label=lambda seg: int(seg[-1, 1] > 0))
-    assert set(fr.counts) <= {0, 1} and sum(fr.counts.values()) == 50
+    assert set(fr.counts) <= {0, 1} and sum(fr.counts.values()) == 52
 
 
 @given(st.lists(st.floats(-50, 50), min_size=2, max_size=2), st.lists(st.floats(-50, 50), min_size=2, max_size=2))

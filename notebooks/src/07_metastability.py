@@ -213,7 +213,8 @@ for n in TOK4:
                  + (f" [{m.lo:.0f}, {m.hi:.0f}]" if m.known else "") + f" ({m.events}/{m.censored})"
                  for k, m in sorted(c.dwell.items())]
         print(f"n = {n:3d} beta = {c.beta:3g}: first-plateau mode {c.mode}, k* = {c.k_star};  " + ";  ".join(parts))
-print("\nfitted rates r of log T_k = a + r beta (95% bootstrap interval), over the betas with a known median")
+print("\nfitted rates r of log T_k = a + r beta (95% bootstrap interval), over the betas whose median is known from"
+      " at least 10 exits")
 for (n, k), r in sorted(dwell.rates.items()):
     events = sum(c.dwell[k].events for c in dwell.cells if c.tokens == n and k in c.dwell and c.beta in r.betas)
     print(f"n = {n:3d}, {k} clusters: r = {r.rate:5.2f} [{r.lo:5.2f}, {r.hi:5.2f}]  betas {r.betas[0]:g}-{r.betas[-1]:g}"
@@ -225,21 +226,20 @@ for (n, k), r in sorted(dwell.rates.items()):
 # - **2 clusters:** the median dwell time is known (at least half of the episodes ended inside the run) only for
 #   beta <= 3.5; from beta = 4 on most 2-cluster episodes outlast t = 400 (at beta >= 5.5 none ended), so those
 #   medians are lower bounds (> 393-396) and are left out of the fit. Over beta = 2-3.5 the fitted rates are
-#   r = 1.02 [0.75, 1.42] (n = 16) and 1.38 [1.12, 1.74] (n = 24): the dwell time grows by a factor e^r ~ 3-4 per
+#   r = 1.02 [0.76, 1.45] (n = 16) and 1.38 [1.18, 1.74] (n = 24): the dwell time grows by a factor e^r ~ 3-4 per
 #   unit of beta; both intervals exclude 0. At n = 16 the median is not monotone at the low end (50 at beta = 2,
 #   39 at 2.5); at beta = 2 most members skip the 2-cluster plateau (first-plateau mode 1), so the 2-cluster
 #   episodes there are a selected minority.
-# - **3 clusters:** 3-cluster plateaus appear from beta ~ 3-3.5 (k* = 3 from beta = 3.17) and are measurable up
-#   to beta = 6: r = 0.37 [0.16, 0.72] (n = 16, betas 3.5-6) and 0.62 [0.31, 0.77] (n = 24, betas 3-6).
-#   Positive, and smaller than for 2 clusters. At n = 24 the medians rise steadily from 15 to 91; at n = 16 they
-#   level off above beta = 5 (37, 30, 35).
-# - **4 clusters** (n = 16, and one episode at n = 24): 3 episodes in all; the "rate" 0.14 [0.14, 0.97] and the
-#   zero-width intervals of the single-episode medians ([13, 13]) carry no information.
-# - The fit weights every beta whose median is known equally, however few exits it rests on (n = 24, 3 clusters,
-#   beta = 3: 2 exits).
+# - **3 clusters:** 3-cluster plateaus appear from beta ~ 3-3.5 (k* = 3 from beta = 3.17); a beta enters the fit
+#   only when its median rests on at least 10 exits (from beta = 4 at n = 24, 4.5 at n = 16). n = 24, betas 4-6:
+#   r = 0.73 [0.42, 0.95], positive and smaller than for 2 clusters; the medians rise from 20 to 91. n = 16, betas
+#   4.5-6: r = 0.28 [-0.05, 0.91]: the interval includes 0, so this run does not show growth at n = 16 (the
+#   medians level off above beta = 5: 37, 30, 35).
+# - **4 clusters:** 4 episodes in all, at most 2 per beta: no rate is fitted, and each median's interval is
+#   (median, +inf), the most that so few exits support.
 # - For comparison, a rough heuristic that is not computed here: k equally spaced equal clusters are held apart by
 #   the attention between neighbours, of relative weight e^(-beta (1 - cos(2 pi / k))), which suggests rates
-#   near 2 (k = 2) and 1.5 (k = 3). The measured rates are well below that (1.0-1.4 and 0.4-0.6). Unequal cluster
+#   near 2 (k = 2) and 1.5 (k = 3). The measured rates are well below that (1.0-1.4 and 0.3-0.7). Unequal cluster
 #   sizes and spacings, and the small betas where the medians are measurable, may account for it; this run
 #   does not decide.
 

@@ -106,8 +106,8 @@ def _same_lag(lags, L):
 class Attractor:
     """One attractor found: its `kind` ("fixed point", "periodic orbit"), `lag` (samples per period; 0 for a fixed
     point), `period` (time; None for maps' fixed points), `state` (a point on it), `features`, a `name`, and for a
-    fixed point whether it is `stable` (its Jacobian, by autodiff: every eigenvalue with real part < 0 for a flow,
-    modulus < 1 for a map; None where not checked). A member that sits exactly on an unstable fixed point (a
+    fixed point whether it is `stable` (its Jacobian by autodiff, restricted to the tangent space on spheres: every
+    eigenvalue with real part < 0 for a flow, modulus < 1 for a map; None where not checked). A member that sits exactly on an unstable fixed point (a
     saddle) is not in a basin: :func:`fractions_of` counts it as unknown."""
 
     label: int
@@ -134,19 +134,37 @@ class Matcher:
         self.attractors: list[Attractor] = []
 
     def _stable(self, state) -> bool | None:
-        """Linear stability of a fixed point (None on spheres, where the ambient Jacobian has a normal direction)."""
-        if self.system is None or self.space.spheres:
+        """Linear stability of a fixed point: the Jacobian by autodiff, restricted to the tangent space of the sphere
+        blocks (an orthonormal basis T of the directions orthogonal to each block's point: T^T J T), then every
+        eigenvalue with real part < 0 (flows) or modulus < 1 (maps); None when no system is known."""
+        if self.system is None:
             return None
         import jax
         import jax.numpy as jnp
 
         y = jnp.asarray(state)
         if self.system.time == "continuous":
-            J = np.asarray(jax.jacfwd(lambda v: self.system.vf(0.0, v))(y))
-            lam = np.linalg.eigvals(J)
+            J = np.asarray(jax.jacfwd(lambda v: self.system.vf(0.0, v))(y), float)
+        else:
+            J = np.asarray(jax.jacfwd(lambda v: self.system.step(0, v))(y), float)
+        if self.space.spheres:
+            m = J.shape[0]
+            P = np.eye(m)
+            yy = np.asarray(state, float)
+            for block in self.space.spheres:
+                b = list(block)
+                u = np.zeros(m)
+                u[b] = yy[b] / max(np.linalg.norm(yy[b]), 1e-300)
+                P -= np.outer(u, u)
+            w, V = np.linalg.eigh(P)
+            T = V[:, w > 0.5]  # the tangent directions
+            J = T.T @ J @ T
+        lam = np.linalg.eigvals(J) if J.size else np.zeros(0)
+        if lam.size == 0:
+            return True
+        if self.system.time == "continuous":
             return bool(np.max(lam.real) < -1e-9)
-        J = np.asarray(jax.jacfwd(lambda v: self.system.f(0, v))(y))
-        return bool(np.max(np.abs(np.linalg.eigvals(J))) < 1 - 1e-9)
+        return bool(np.max(np.abs(lam)) < 1 - 1e-9)
 
     def _feature_distance(self, f, g, m, kind):
         if kind == FIXED:  # positions, the short way round
