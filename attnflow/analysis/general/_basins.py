@@ -337,9 +337,9 @@ def minimal_fatal_shock(system, state, run: Run = Run(), *, directions: int = 25
 @dataclasses.dataclass(frozen=True)
 class Tipping:
     """P(attractor j after | attractor i before) from paired members: `matrix[i, j]` with Wilson 95% intervals
-    `lo`, `hi`; `before`, `after` the attractors at the two parameter values (rows and columns, in label order);
-    `counts[i]` the members that started on attractor i. Members unknown before or after are counted apart
-    (`unknown`). Attractors after are matched to those before by their features (docs/model.md section 12)."""
+    `lo`, `hi`; `before`, `after` the attractors at the two parameter values (a row and a column for each label;
+    a row with no member is NaN); `counts[i]` the members that started on attractor i. Members unknown before or
+    after, including those on saddles, are counted apart (`unknown`). Attractors after are matched to those before by their features (docs/model.md section 12)."""
 
     matrix: np.ndarray
     lo: np.ndarray
@@ -419,8 +419,8 @@ def tipping(system_before, system_after, y0, run: Run = Run(), *, label: Callabl
         lab1, after = _relabel(lab1, m1.attractors, match_across(m0.attractors, m1.attractors, system_after.space,
                                                                   max_distance))
         lab1 = _unknown_on_saddles(lab1, after)
-    K0 = int(max(lab0.max(initial=-1), -1)) + 1
-    K1 = int(max(lab1.max(initial=-1), K0 - 1)) + 1
+    K0 = max([a.label for a in m0.attractors] + [int(lab0.max(initial=-1))]) + 1
+    K1 = max([a.label for a in after] + [int(lab1.max(initial=-1)), K0 - 1]) + 1  # a column per attractor (saddles: 0)
     ok = (lab0 >= 0) & (lab1 >= 0)
     M = np.full((K0, K1), math.nan)
     lo, hi = np.zeros((K0, K1)), np.ones((K0, K1))

@@ -22,6 +22,7 @@ import numpy as np
 from ..._types import Array, Batch, Bool, Float, Int, Tokens
 from ...model.dynamics import AbstractDynamics, AbstractFlow
 from ...model.heads import SelfAttention
+from ...model.norms import normalize_rows
 
 
 class Plateaus(eqx.Module):
@@ -85,16 +86,11 @@ class Reading(eqx.Module):
     pairs: Float[Array, ""]
 
 
-def _unit(X):
-    nrm = jnp.sqrt(jnp.sum(X * X, axis=-1, keepdims=True))
-    return X / jnp.where(nrm > 0, nrm, 1.0)
-
-
 def _pairs_blocked(dyn, X: Tokens, eps, block: int):
     """Over blocks of b tokens j (memory O(n b), never O(n^2)): per token i the smallest j with cos > 1 - eps, the
     number of close pairs, and the energy of section 7 by a running log-sum-exp of the scores per head."""
     n = X.shape[0]
-    U = _unit(X)
+    U = normalize_rows(X)
     attn = getattr(dyn, "attn", None)
     has_energy = isinstance(attn, SelfAttention)
     if has_energy:
@@ -143,7 +139,7 @@ def _pairs_blocked(dyn, X: Tokens, eps, block: int):
 
 def _pairs_dense(dyn, X: Tokens, eps):
     n = X.shape[0]
-    U = _unit(X)
+    U = normalize_rows(X)
     c = (U @ U.T) > 1 - eps
     c_self = c | jnp.eye(n, dtype=bool)
     close = jnp.sum(c & ~jnp.eye(n, dtype=bool))
