@@ -61,6 +61,7 @@ def _run(tmp_path, dtype, modes):
     return out
 
 
+@pytest.mark.slow  # three subprocesses on 1, 2 and 4 devices (about 25 s): run by the second CI step
 def test_members_identical_on_1_2_and_4_devices_float32(tmp_path):
     """float32, the map on the xla and lanes backends: 1, 2 and 4 host devices (different pool sizes and groups) give
     every member the same name, outcome and steps; the two backends agree member by member on this case too."""

@@ -23,9 +23,11 @@ def test_committed_notebook_matches_source(src):
     assert not any(o.output_type == "error" for o in outputs)
 
 
-LONG = ("02_multistability", "03_power_method")
-"""The notebooks whose smoke run takes 45-60 s on 2 cores (basin studies along a parameter, checkpoint weights): the
-second CI step (pytest -m slow) executes them."""
+LONG = ("02_multistability", "03_power_method", "05_multihead_energy", "06_scaling", "07_metastability",
+        "08_basin_geometry")
+"""The notebooks whose smoke run takes 12-60 s on 2 cores (basin studies along a parameter, checkpoint weights,
+subprocess runs, metastability and basin-map sweeps): the second CI step (pytest -m slow) executes them; the default
+run keeps the quick ones, and checks every committed notebook against its source."""
 
 
 @pytest.mark.parametrize("src", [pytest.param(s, marks=pytest.mark.slow) if s.stem in LONG else s for s in SOURCES],
