@@ -312,3 +312,16 @@ def test_relabelled_attractors_are_renamed_and_saddles_after_a_change_are_unknow
     user = g.continuation(lambda p: g.Flow(Bistable(p)), [0.0, 0.5], np.linspace(-2, 2, 41)[:, None], run,
                           label=lambda seg: int(seg[-1, 0] > 0))
     assert user.fractions[1].counts == {1: 41}
+
+
+def test_t_quantiles_and_too_few_box_sizes():
+    from scipy import stats
+
+    from attnflow.analysis.general._basins import t975
+
+    for df in (1, 2, 3, 5, 11, 30, 31, 60, 200):
+        assert t975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-3)
+    img = np.zeros((40, 40), int)
+    img[:, 21:] = 1
+    ex = g.uncertainty_exponent(img, eps=[3, 4, 5])  # three box sizes: too few to fit with an interval
+    assert math.isnan(ex.alpha) and math.isnan(ex.lo)

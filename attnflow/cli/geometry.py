@@ -219,7 +219,10 @@ def _print(cfg, s) -> None:
     print(f"basin entropy (box {e['box']}): S_b = {e['S_b']:.4f}, S_bb = {e['S_bb']:.4f}"
           + ("" if e["fractal_test"] is None else f" ({'> ln 2: fractal boundary' if e['fractal_test'] else '<= ln 2: the test is silent'})"))
     u = s["uncertainty_exponent"]
-    print(f"uncertainty exponent: alpha = {u['alpha']:.3f} [{u['lo']:.3f}, {u['hi']:.3f}]")
+    if u["alpha"] is None or u["alpha"] != u["alpha"]:
+        print("uncertainty exponent: unknown (fewer than 5 box sizes cross a boundary: raise the resolution)")
+    else:
+        print(f"uncertainty exponent: alpha = {u['alpha']:.3f} [{u['lo']:.3f}, {u['hi']:.3f}]")
     for f in s.get("fatal_shocks", []):
         if f["upper"] is None or not math.isfinite(f["upper"]):
             print(f"minimal fatal shock of {f['name']}: at least {f['lower']:.4g} (no tested shock up to r_max left; "

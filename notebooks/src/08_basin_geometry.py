@@ -236,8 +236,8 @@ fig.tight_layout()
 # their Jacobians, with nearly equal shares (0.500 / 0.500), and no pixel is unknown. With boxes of 6 pixels
 # **S_b = 0.4030** and **S_bb = 0.6026**, inside Attractors.jl's ranges. S_bb is below ln 2 = 0.693 at every box
 # size (0.58-0.63), so the log 2 criterion does not certify the fractal boundary here: it is a sufficient condition,
-# not a necessary one. The uncertainty exponent does: **alpha = 0.221** (95% [0.180, 0.262]) on the 300 grid and
-# **alpha = 0.267** ([0.245, 0.288]) on the 251 grid, both inside [0.2, 0.3] and far below 1, so D = 2 - alpha is
+# not a necessary one. The uncertainty exponent does: **alpha = 0.221** (95% [0.174, 0.267]) on the 300 grid and
+# **alpha = 0.267** ([0.243, 0.290]) on the 251 grid, both inside [0.2, 0.3] and far below 1, so D = 2 - alpha is
 # about 1.75. The fit on the 300 grid is noisier: 300 is divisible by 15, and f at eps = 15 (0.74) falls below f at
 # eps = 12, 13, 14: the box grid lines up with the boundary's structure differently for each eps. The two grids'
 # intervals overlap; a single grid's interval understates the spread from the choice of grid.

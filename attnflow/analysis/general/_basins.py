@@ -222,8 +222,8 @@ def basin_entropy(image: np.ndarray, box: int = 20) -> tuple[float, float]:
 @dataclasses.dataclass(frozen=True)
 class Exponent:
     """The uncertainty exponent alpha of a label image with its 95% interval (least squares on log f(eps) against
-    log eps), the box sizes `eps` (pixels) and the uncertain fractions `f` used; the boundary's box-counting
-    dimension is D = d - alpha."""
+    log eps; NaN when too few box sizes), the box sizes `eps` (pixels) and the uncertain fractions `f` used; the
+    boundary's box-counting dimension is D = d - alpha."""
 
     alpha: float
     lo: float
@@ -232,14 +232,33 @@ class Exponent:
     f: np.ndarray
 
 
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+"""The two-sided 95% quantiles of Student's t with 1..30 degrees of freedom."""
+
+MIN_BOXES = 5
+"""An exponent needs at least this many box sizes with f > 0 (3 degrees of freedom); fewer give alpha unknown."""
+
+
+def t975(df: int) -> float:
+    """The 97.5% quantile of Student's t: the table up to 30 degrees of freedom, then the Cornish-Fisher expansion
+    z + (z^3 + z) / (4 df) + (5 z^5 + 16 z^3 + 3 z) / (96 df^2) around the normal quantile z (within 1e-4 there)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df <= 30:
+        return T975[df - 1]
+    z = 1.959963984540054
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
 def uncertainty_exponent(image: np.ndarray, eps=None) -> Exponent:
     """The uncertainty exponent (Grebogi et al. 1983) of a label image: f(eps) is the fraction of non-overlapping
-    boxes of eps pixels per side that hold more than one label, f ~ eps^alpha (default eps = 3, 4, ..., max(5, n /
-    16) pixels, n the shorter side: small boxes, before f saturates at 1)."""
-    from statistics import NormalDist
-
+    boxes of eps pixels per side that hold more than one label, f ~ eps^alpha (default eps = 3, 4, ..., max(7, n /
+    16) pixels, n the shorter side: small boxes, before f saturates at 1). The 95% interval is the least-squares
+    slope +- t_{0.975, k-2} standard errors over the k box sizes used; with fewer than :data:`MIN_BOXES` of them
+    alpha is unknown (NaN)."""
     img = np.asarray(image)
-    eps = np.asarray(eps if eps is not None else np.arange(3, max(5, min(img.shape) // 16) + 1), int)
+    eps = np.asarray(eps if eps is not None else np.arange(3, max(7, min(img.shape) // 16) + 1), int)
     f = []
     for e in eps:
         shape = tuple(s // e for s in img.shape)
@@ -251,15 +270,15 @@ def uncertainty_exponent(image: np.ndarray, eps=None) -> Exponent:
     f = np.asarray(f)
     use = f > 0
     x, y = np.log(eps[use]), np.log(f[use])
-    if len(x) < 3:
+    if len(x) < MIN_BOXES:
         return Exponent(math.nan, math.nan, math.nan, eps, f)
     A = np.stack([np.ones_like(x), x], 1)
-    coef, res, *_ = np.linalg.lstsq(A, y, rcond=None)
+    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
     resid = y - A @ coef
     s2 = float(resid @ resid) / (len(x) - 2)
     se = math.sqrt(s2 * np.linalg.inv(A.T @ A)[1, 1])
-    z = NormalDist().inv_cdf(0.975)
-    return Exponent(float(coef[1]), float(coef[1] - z * se), float(coef[1] + z * se), eps, f)
+    t = t975(len(x) - 2)
+    return Exponent(float(coef[1]), float(coef[1] - t * se), float(coef[1] + t * se), eps, f)
 
 
 # ---------------------------------------------------------------------------------------- minimal fatal shock
