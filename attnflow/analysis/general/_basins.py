@@ -46,10 +46,11 @@ class Run:
 
 
 def label_members(system, y0, run: Run = Run(), *, label: Callable | None = None, matcher: Matcher | None = None,
-                  progress=None):
+                  progress=None, finals: list | None = None):
     """Labels of the members ``y0`` ``(b, m)``: attractor ids (0, 1, ... in order of first arrival; -1 unknown), and the
     :class:`Matcher` holding the attractors. With `label` (a function of one member's final segment ``(tail, m)``
-    returning an int, -1 for unknown), the user's labels are used instead of recurrence."""
+    returning an int, -1 for unknown), the user's labels are used instead of recurrence. With `finals` (a list), each
+    chunk's final states ``(c, m)`` are appended to it."""
     steps = run.total_steps(system)
     dt = run.dt if isinstance(system, Flow) else 1.0
     matcher = matcher if matcher is not None else Matcher(system.space, run.match_tol, run.sample_time(system), system)
@@ -60,6 +61,8 @@ def label_members(system, y0, run: Run = Run(), *, label: Callable | None = None
         else:
             kind, lag = recurrence(system.space, seg, run.tol)
             out[s:e] = matcher.assign(seg, kind, lag)
+        if finals is not None:
+            finals.append(seg[:, -1])
         if progress is not None:
             progress(e)
     return out, matcher
@@ -426,13 +429,10 @@ def tipping(system_before, system_after, y0, run: Run = Run(), *, label: Callabl
     attractor under `system_before`; that final state then evolves under `system_after`. Attractors after are
     matched to those before by :func:`match_across` (so a moved attractor keeps its label; one that vanished has no
     column, one that appeared gets a new label)."""
-    lab0, m0 = label_members(system_before, y0, run, label=label)
+    parts: list = []
+    lab0, m0 = label_members(system_before, y0, run, label=label, finals=parts)  # one run gives labels and finals
     lab0 = _unknown_on_saddles(lab0, m0.attractors)
-    steps = run.total_steps(system_before)
-    dt = run.dt if isinstance(system_before, Flow) else 1.0
-    finals = np.concatenate([seg[:, -1] for _, _, seg in final_segments(system_before, y0, steps=steps, dt=dt,
-                                                                          tail=1, stride=1, chunk=run.chunk)])
-    lab1, m1 = label_members(system_after, finals, run, label=label)
+    lab1, m1 = label_members(system_after, np.concatenate(parts), run, label=label)
     after = tuple(m1.attractors)
     if label is None:
         lab1, after = _relabel(lab1, m1.attractors, match_across(m0.attractors, m1.attractors, system_after.space,

@@ -93,15 +93,10 @@ def phase_t_beta(dynamics, key, *, tokens: int, betas, members: int, t1: float, 
     betas = np.atleast_1d(np.asarray(betas, float))
     ser = _readings(dynamics, X, betas, t1, dt, eps, check)
     # series arrays are (p, c, m): members on the last axis
-    pairs, pse = _rows(ser.pairs)
-    clus, cse = _rows(ser.count)
+    pairs, pse = _means(ser.pairs, -1)
+    clus, cse = _means(ser.count, -1)
     return PhaseDiagram(row_name="beta", rows=tuple(betas.tolist()), col_name="t", cols=tuple(np.asarray(ser.t).tolist()),
                         pairs=pairs, pairs_se=pse, clusters=clus, clusters_se=cse, members=X.shape[0], eps=eps)
-
-
-def _rows(a):
-    m, se = _means(a, -1)
-    return m, se
 
 
 def phase_at_time(dynamics, key, *, over: str, values, betas, members: int, time: float, tokens: int | None = None,
