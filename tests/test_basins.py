@@ -562,3 +562,42 @@ def test_property_odd_dynamics_give_equal_plus_and_minus_consensus_fractions(see
     plus = counts_a.get("consensus +v1", 0) + counts_b.get("consensus -v1", 0)  # the -v1 count of b, mirrored
     minus = counts_a.get("consensus -v1", 0) + counts_b.get("consensus +v1", 0)
     assert plus == minus
+
+
+FLOW_CFG = """
+[model]
+d = 3
+V = [[1.0, 0.0, 0.0], [0.0, 0.4, 0.0], [0.0, 0.0, -0.3]]
+K = [[1.0, 0.0, 0.0], [0.0, 0.4, 0.0], [0.0, 0.0, -0.3]]
+[dynamics]
+time = "continuous"
+tokens = 4
+t1 = 10.0
+dt = 0.05
+dtype = "float64"
+{solver}
+[basins]
+samples = 96
+"""
+
+
+@pytest.mark.parametrize("solver", [None, "rk4"])
+def test_cli_flow_study_defaults_to_the_adaptive_pair(tmp_path, capsys, solver):
+    """A config that names no solver runs a flow study with the adaptive pair (the API's default for a study
+    without dt); solver = "rk4" keeps the fixed step at dt. Both equal the API's study member by member (label,
+    outcome and step count: the two solvers take different numbers of steps)."""
+    from attnflow.io.results import RunDirWriter, read_members
+
+    cfg = tmp_path / "f.toml"
+    cfg.write_text(FLOW_CFG.format(solver="" if solver is None else f'solver = "{solver}"'))
+    assert main(["basins", str(cfg), "--out", str(tmp_path / "cli"), "--json", "--no-progress"]) == 0
+    capsys.readouterr()
+    V = np.diag([1.0, 0.4, -0.3])
+    flow = af.SphereFlow(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0))
+    kw = dict(solver=af.Adaptive()) if solver is None else dict(budget=af.Budget(t1=10.0, dt=0.05), solver=af.RK4())
+    with RunDirWriter(tmp_path / "api") as w:
+        bs.basin_fractions(flow, jax.random.PRNGKey(0), 96, tokens=4, run_dir=w, **kw)
+    got, ref = read_members(tmp_path / "cli"), read_members(tmp_path / "api")
+    for col in ("name", "outcome", "steps"):
+        np.testing.assert_array_equal(np.asarray(got[col]), np.asarray(ref[col]))
+    assert len(ref["steps"]) == 96

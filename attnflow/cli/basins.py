@@ -121,7 +121,7 @@ def _study(args, cfg, pool, writer, out, lead):
     if not isinstance(b.sampler, str):
         sp = b.sampler
         sampler = bs.Around(_equilibrium(cfg, dyn, sp.eigenvector, sp.split, "sampler").astype(cfg.dtype), sp.radius)
-    kw = dict(tokens=None if sampler is not None else cfg.tokens, sampler=sampler, solver=cfg.solver_object(),
+    kw = dict(tokens=None if sampler is not None else cfg.tokens, sampler=sampler, solver=cfg.solver_object(study=True),
               budget=cfg.budget, stop=_checked_stop(cfg, dyn), execution=cfg.basins_execution(pool=pool),
               cluster_tol=b.cluster_tol)
     progress = (not args.no_progress) and sys.stderr.isatty() and not args.json and lead
@@ -136,7 +136,7 @@ def _study(args, cfg, pool, writer, out, lead):
         loc = b.local
         X = _equilibrium(cfg, dyn, loc.eigenvector, loc.split, "local")
         local = bs.local_basin_radius(dyn, X, jax.random.fold_in(key, 10**6), q=loc.q, samples=loc.samples,
-                                      budget=cfg.budget, solver=cfg.solver_object(), stop=cfg.basins_stop)
+                                      budget=cfg.budget, solver=cfg.solver_object(study=True), stop=cfg.basins_stop)
         result["local"] = local.to_json()
     cont = None
     if b.continuation is not None:
@@ -160,7 +160,7 @@ def _checked_stop(cfg, dyn):
     from attnflow.evolve.options import check_tol
     from attnflow.evolve.solvers import Adaptive
 
-    stop, solver = cfg.basins_stop, cfg.solver_object()
+    stop, solver = cfg.basins_stop, cfg.solver_object(study=True)
     dt = None if (cfg.time == "discrete" or isinstance(solver, Adaptive)) else cfg.dt
     try:
         return dataclasses.replace(stop, tol=check_tol(stop.tol, dyn, solver, dt, cfg.dtype, study=True))

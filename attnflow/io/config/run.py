@@ -70,7 +70,7 @@ class RunConfig:
     steps: int | None
     t1: float | None
     dt: float | None
-    solver: str
+    solver: str | None
     saves: int | None
     tol: float | None
     rtol: float
@@ -191,13 +191,15 @@ class RunConfig:
 
         return Budget(steps=self.steps, t1=self.t1, dt=self.dt, max_steps=self.basins.max_steps)
 
-    def solver_object(self):
-        """The solver of ``[dynamics] solver`` (None for a map: ``Iterate``, the default)."""
+    def solver_object(self, study: bool = False):
+        """The solver of ``[dynamics] solver`` (None for a map: ``Iterate``, the default). Unset, a flow takes the
+        adaptive pair in a basin study (`study`) and fixed RK4 elsewhere."""
         from ...evolve.solvers import Adaptive, make_solver
 
         if self.time == "discrete":
             return None
-        return Adaptive(rtol=self.rtol, atol=self.atol) if self.solver == "adaptive" else make_solver(self.solver)
+        name = self.solver or ("adaptive" if study else "rk4")
+        return Adaptive(rtol=self.rtol, atol=self.atol) if name == "adaptive" else make_solver(name)
 
     @property
     def stop(self):

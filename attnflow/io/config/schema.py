@@ -64,7 +64,7 @@ class DynamicsTable:
     steps: int = key(1000, doc="steps of the discrete map", ge=1, le=STEPS_MAX)
     t1: float = key(10.0, doc="end time of the continuous flow", gt=0)
     dt: float = key(0.01, doc="fixed step of the continuous flow (t1 a whole number of steps)", gt=0)
-    solver: str = key("rk4", doc="continuous solver", choices=("rk4", "euler", "adaptive"))
+    solver: Union[str, None] = key(None, doc="continuous solver (default: 'adaptive' for `attnflow basins` studies of a flow, each member stepped by an embedded Runge-Kutta pair to its own steady state; 'rk4' with dt elsewhere)", choices=("rk4", "euler", "adaptive"))
     rtol: float = key(1e-6, doc="relative tolerance (solver = 'adaptive')", gt=0)
     atol: float = key(1e-8, doc="absolute tolerance (solver = 'adaptive')", gt=0)
     saves: Union[int, None] = key(None, doc="save the trajectory at this many equally spaced points", ge=1, le=INT32_MAX)
