@@ -1,9 +1,10 @@
 """Certified balls (docs/model.md section 9, "Early decisions"): the Lyapunov metric against SciPy, the contraction
-checked by applying the step map itself at random points of each ball, and, member by member, the same names with
-certificates as without them (maps and RK4 flows, float32 and float64).
+checked by applying the step map itself at random points of each ball (for the adaptive solver's certificates of the
+flow: by a diffrax solve of the flow), and, member by member, the same names with certificates as without them (maps,
+RK4 and adaptive flows, float32 and float64).
 
-Tolerances: the Lyapunov solution to 1e-9 relative (float64); contraction by the certified factor q1 = (1 + q0)/2 at
-every sampled point; names exactly equal."""
+Tolerances: the Lyapunov solutions to 1e-9 relative (float64); contraction by the certified factor q1 = (1 + q0)/2 at
+every sampled point (flows: by exp(mu0 t / 2) over t = 1, up to 1e-9 for the solve's error); names exactly equal."""
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,58 @@ def test_lyapunov_metric_against_scipy():
     w, U = np.linalg.eigh(S)
     half, half_inv = (U * np.sqrt(w)) @ U.T, (U / np.sqrt(w)) @ U.T
     assert np.linalg.norm(half @ A @ half_inv, 2) == pytest.approx(np.sqrt(1 - 1 / w.max()), rel=1e-9)
+
+
+def test_continuous_lyapunov_metric_against_scipy():
+    rng = np.random.default_rng(2)
+    A = rng.normal(size=(12, 12))
+    A -= (np.max(np.linalg.eigvals(A).real) + 0.05) * np.eye(12)  # Hurwitz, slowest rate 0.05
+    S = certify._lyapunov_continuous(A)
+    ref = scipy.linalg.solve_continuous_lyapunov(A.T, -np.eye(12))  # A^T S + S A = -I
+    np.testing.assert_allclose(S, ref, rtol=1e-9, atol=1e-9 * np.abs(ref).max())
+    # the log-norm of A in the S-metric is -1 / (2 lambda_max(S))
+    w, U = np.linalg.eigh(S)
+    half, half_inv = (U * np.sqrt(w)) @ U.T, (U / np.sqrt(w)) @ U.T
+    B = half @ A @ half_inv
+    assert np.linalg.eigvalsh(0.5 * (B + B.T)).max() == pytest.approx(-0.5 / w.max(), rel=1e-9)
+
+
+def test_certified_balls_of_a_flow_contract_along_the_flow():
+    """The adaptive solver's certificates are those of the flow: every certified equilibrium is stable, and from
+    random points of its ball (on the spheres) the exact flow (diffrax, rtol 1e-10) brings the distance to X* in the
+    metric of A^T S + S A = -I (A and S recomputed here: jacfwd and SciPy) down by at least exp(mu0 t / 2)."""
+    import diffrax
+
+    dyn = af.SphereFlow(af.SelfAttention(af.Heads.single(V3, K=V3), af.Attention("softmax"), 1.0))
+    n, d, T = 6, 3, 1.0
+    certs = certify.certificates(dyn, af.Adaptive(), tokens=n, dtype=np.float64)
+    got = {(c.axis, c.m) for c in certs}
+    assert {(0, 0), (0, n)} <= got and all(c.continuous and c.q0 < 0 for c in certs)
+    assert not any(a > 0 and m in (0, n) for a, m in got)  # consensus on v2, v3: unstable
+    assert set(af.analyse(dyn, jnp.stack([jnp.asarray(c.X) for c in certs])).verdict_names) == {"stable"}
+    term = diffrax.ODETerm(lambda t, y, a: dyn.vf(t, y))
+    flow = jax.jit(jax.vmap(lambda y: diffrax.diffeqsolve(term, diffrax.Tsit5(), 0.0, T, 0.01, y, stepsize_controller=diffrax.PIDController(rtol=1e-10, atol=1e-12), max_steps=100_000).ys[-1]))
+    rng = np.random.default_rng(4)
+    for c in certs:
+        fn = lambda z: dyn.vf(0.0, normalize_rows(z.reshape(n, d))).ravel()  # noqa: E731
+        A0 = np.asarray(jax.jacfwd(fn)(jnp.asarray(c.X.ravel())))
+        P = np.zeros((n * d, n * d))
+        for i in range(n):
+            P[i * d:(i + 1) * d, i * d:(i + 1) * d] = np.outer(c.X[i], c.X[i])
+        A = A0 - np.max(np.abs(np.linalg.eigvals(A0))) * P
+        S = scipy.linalg.solve_continuous_lyapunov(A.T, -np.eye(n * d))
+        mu0 = -0.5 / np.linalg.eigvalsh(S).max()
+        assert c.q0 == pytest.approx(mu0, rel=1e-6)
+        u = rng.normal(size=(100, n, d))
+        u *= (c.radius * rng.uniform(0.2, 1.0, size=(100, 1, 1))) / np.linalg.norm(u, axis=(1, 2), keepdims=True)
+        Y = np.asarray(normalize_rows(jnp.asarray(c.X[None] + u)))
+        Y = Y[np.linalg.norm(Y - c.X[None], axis=(1, 2)) <= c.radius]
+        assert len(Y) > 50
+        e0 = (Y - c.X[None]).reshape(len(Y), -1)
+        e1 = (np.asarray(flow(jnp.asarray(Y))) - c.X[None]).reshape(len(Y), -1)
+        r0 = np.sqrt(np.einsum("bi,ij,bj->b", e0, S, e0))
+        r1 = np.sqrt(np.einsum("bi,ij,bj->b", e1, S, e1))
+        assert np.all(r1 <= np.exp(0.5 * mu0 * T) * r0 + 1e-9), (c.axis, c.m, float(np.max(r1 / r0)), np.exp(0.5 * mu0 * T))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, pytest.param(np.float64, marks=pytest.mark.slow)])
@@ -72,15 +125,17 @@ def _names(tmp_path, tag, model, certify_, dtype, **kw):
     return res, m["name"].tolist(), m["outcome"].tolist(), m["steps"]
 
 
-@pytest.mark.parametrize("kind, dtype", [("map", np.float32), ("rk4", np.float64),
+@pytest.mark.parametrize("kind, dtype", [("map", np.float32), ("rk4", np.float64), ("adaptive", np.float32),
+                                         pytest.param("adaptive", np.float64, marks=pytest.mark.slow),
                                          pytest.param("map", np.float64, marks=pytest.mark.slow),
                                          pytest.param("rk4", np.float32, marks=pytest.mark.slow)])
 def test_certified_members_have_the_names_of_running_to_convergence(tmp_path, kind, dtype):
     """Member by member, a study with certificates names every member as the same study run to convergence, and
     decides members earlier (fewer steps on average)."""
     att = af.SelfAttention(af.Heads.single(V3.astype(dtype), K=V3.astype(dtype)), af.Attention("softmax"), 1.0)
-    model, kw = (af.LayerMap(att, 0.1), dict(budget=af.Budget(max_steps=6000))) if kind == "map" else \
-        (af.SphereFlow(att), dict(budget=af.Budget(t1=20.0, dt=0.1, max_steps=6000)))
+    model, kw = {"map": (af.LayerMap(att, 0.1), dict(budget=af.Budget(max_steps=6000))),
+                 "rk4": (af.SphereFlow(att), dict(budget=af.Budget(t1=20.0, dt=0.1, max_steps=6000))),
+                 "adaptive": (af.SphereFlow(att), dict(solver=af.Adaptive()))}[kind]
     r1, n1, o1, s1 = _names(tmp_path, "cert", model, True, dtype, **kw)
     r0, n0, o0, s0 = _names(tmp_path, "conv", model, False, dtype, **kw)
     assert n1 == n0

@@ -970,10 +970,12 @@ def test_resume_with_another_spelling_recomputes_nothing(tmp_path, capsys):
 
 @pytest.mark.parametrize("cmd, extra", [("simulate", "[dynamics]\ntokens = 4\nsteps = 20\nbatch = 4\ntol = 1e-8\n"),
                                         ("basins", "[dynamics]\ntokens = 4\nsteps = 20\n[basins]\nsamples = 4\ntol = 1e-8\n"),
-                                        ("basins", "[dynamics]\ntime = 'continuous'\nt1 = 1.0\ndt = 0.05\ntokens = 4\n[basins]\nsamples = 4\ntol = 1e-6\n")])
+                                        ("basins", "[dynamics]\ntime = 'continuous'\nsolver = 'rk4'\nt1 = 1.0\ndt = 0.05\ntokens = 4\n[basins]\nsamples = 4\ntol = 1e-6\n"),
+                                        ("basins", "[dynamics]\ntime = 'continuous'\ntokens = 4\n[basins]\nsamples = 4\ntol = 1e-7\n")])
 def test_tol_below_the_dtype_floor_is_one_line(tmp_path, capsys, no_compute, cmd, extra):
     """float32 cannot resolve a per-step change below one rounding of a unit coordinate (1.2e-7; 2.4e-6 for a flow
-    with dt = 0.05): such a tol would never fire, and is refused in one line that names the floor."""
+    with dt = 0.05; for the adaptive solver, a flow study's default, |f| itself below 4.8e-7 for |W| = 1): such a tol
+    would never fire, and is refused in one line that names the floor."""
     cfg = tmp_path / "c.toml"
     cfg.write_text(MODEL + extra)
     refused(capsys, [cmd, cfg], "tol", "is below", "float32")

@@ -18,6 +18,13 @@ itself, or one fixed step of the flow's solver) to 100 machine epsilons, and G i
    convergence).
 4. The engine tests the Euclidean ball ``|X - X*|_2 <= r / sqrt(lambda_max(S))``, which lies inside the S-ball, as
    the distance to the nearest arrangement of X* (:mod:`attnflow.evolve.regions`).
+
+A flow integrated by the adaptive solver has no fixed step map; its certificate is the same construction for the flow
+itself (docs/model.md section 9): the vector field f extended off the spheres as ``F(z) = f(N(z)) - c (z - N(z))``
+(equal to f on the spheres, which it leaves invariant; c the spectral radius of ``D(f o N)(X*)``), ``A = DF(X*)``
+Hurwitz, S the solution of ``A^T S + S A = -I``, in which the log-norm of A is ``mu0 = -1 / (2 lambda_max(S))``, and
+a radius in which the log-norm of ``DF(Y)`` stays below ``mu1 = mu0 / 2``: there the S-distance to X* decays at least
+like ``exp(mu1 t)``.
 """
 
 from __future__ import annotations
@@ -49,7 +56,9 @@ class Certificate:
     """One certified equilibrium: its axis index `axis` and split `m` (tokens at +v), the equilibrium `X` ``(n, d)``,
     `q0` (the contraction of the linearisation in the Lyapunov metric), `lyapunov` (lambda_max of S), `radius`
     (the Euclidean radius the engine tests, over the whole state) and `margin` (the largest ``|DG|_S`` found in the
-    ball of twice the certified radius, at most ``(1 + q0) / 2``)."""
+    ball of twice the certified radius, at most ``(1 + q0) / 2``). `continuous`: a certificate of the flow itself
+    (the adaptive solver); then `q0` is the log-norm ``mu0 < 0`` of ``DF(X*)`` in the metric and `margin` the largest
+    log-norm of ``DF`` found in the ball of twice the radius, at most ``mu0 / 2``."""
 
     axis: int
     m: int
@@ -58,6 +67,7 @@ class Certificate:
     lyapunov: float
     radius: float
     margin: float
+    continuous: bool = False
 
 
 @eqx.filter_jit
@@ -73,9 +83,21 @@ def _linearise(dyn, solver, dt, Z, n: int):
     return jax.vmap(lambda z: (Gn(z), jax.jacfwd(Gn)(z)))(Z)
 
 
-def _lyapunov(A: np.ndarray) -> np.ndarray:
-    """``S = sum_k (A^T)^k A^k`` by doubling (A with spectral radius < 1)."""
-    S, Ak = np.eye(A.shape[0]), A.copy()
+@eqx.filter_jit
+def _linearise_flow(dyn, Z, n: int):
+    """``(f(N(z)), D(f o N)(z))`` for every row z of ``Z`` ``(b, n d)``: f the flow's vector field at t = 0 (the
+    certified flows are autonomous), N the row normalisation."""
+
+    def fn(z):
+        return dyn.vf(0.0, normalize_rows(z.reshape(n, -1))).ravel()
+
+    return jax.vmap(lambda z: (fn(z), jax.jacfwd(fn)(z)))(Z)
+
+
+def _lyapunov(A: np.ndarray, Q: np.ndarray | None = None) -> np.ndarray:
+    """``S = sum_k (A^T)^k Q A^k`` (default Q = I) by doubling (A with spectral radius < 1): the solution of
+    ``A^T S A - S = -Q``."""
+    S, Ak = (np.eye(A.shape[0]) if Q is None else np.array(Q, np.float64)), A.copy()
     for _ in range(64):
         S_next = S + Ak.T @ S @ Ak
         Ak = Ak @ Ak
@@ -83,6 +105,17 @@ def _lyapunov(A: np.ndarray) -> np.ndarray:
             return S_next
         S = S_next
     return S
+
+
+def _lyapunov_continuous(A: np.ndarray) -> np.ndarray:
+    """The solution S of ``A^T S + S A = -I`` (A Hurwitz), through the Cayley transform: with ``B = A / c`` (c the
+    spectral radius of A), ``Ad = (I + B)(I - B)^-1`` has spectral radius below 1, and S solves
+    ``Ad^T (c S) Ad - c S = -2 (I - B)^-T (I - B)^-1``."""
+    c = float(np.max(np.abs(np.linalg.eigvals(A))))
+    B = A / c
+    inv = np.linalg.inv(np.eye(A.shape[0]) - B)
+    Ad = (np.eye(A.shape[0]) + B) @ inv
+    return _lyapunov(Ad, 2.0 * inv.T @ inv) / c
 
 
 def _norm_S(J: np.ndarray, half: np.ndarray, half_inv: np.ndarray) -> np.ndarray:
@@ -94,14 +127,15 @@ def certificates(dyn, solver=None, dt=None, *, tokens: int, dtype=np.float64, eq
                  seed: int | None = None) -> list[Certificate]:
     """The certified equilibria of ``dyn`` (see the module doc) for members of `tokens` tokens, the study's `solver`
     and step `dt` (fixed-step flows). Only models on the product of unit spheres with a layer matrix (a
-    :class:`~attnflow.LayerMap` with the l2 norm, a :class:`~attnflow.SphereFlow`) get certificates, and not with the
-    adaptive solver (its steps have no fixed map)."""
+    :class:`~attnflow.LayerMap` with the l2 norm, a :class:`~attnflow.SphereFlow`) get certificates. With the
+    adaptive solver the certificate is that of the flow itself (its steps have no fixed map)."""
     from ...evolve.pool import check_solver
 
     on_spheres = isinstance(dyn, SphereFlow) or (isinstance(dyn, LayerMap) and isinstance(dyn.norm, L2Norm))
-    if isinstance(solver, Adaptive) or not on_spheres:
+    continuous = isinstance(solver, Adaptive)
+    if not on_spheres or (continuous and not isinstance(dyn, SphereFlow)):
         return []
-    solver = check_solver(dyn, solver)
+    solver = None if continuous else check_solver(dyn, solver)
     if getattr(getattr(dyn, "attn", None), "heads", None) is None:
         return []
     n = int(tokens)
@@ -131,7 +165,8 @@ def certificates(dyn, solver=None, dt=None, *, tokens: int, dtype=np.float64, eq
         for s0 in range(0, len(Z), batch):
             part = Z[s0 : s0 + batch]
             pad = np.concatenate([part, np.broadcast_to(part[:1], (batch - len(part), nd))])
-            g, J = _linearise(dyn, solver, dt_arr, jnp.asarray(pad, dtype), n)
+            Zp = jnp.asarray(pad, dtype)
+            g, J = _linearise_flow(dyn, Zp, n) if continuous else _linearise(dyn, solver, dt_arr, Zp, n)
             outs.append((np.asarray(g, np.float64)[: len(part)], np.asarray(J, np.float64)[: len(part)]))
         return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
 
@@ -140,16 +175,20 @@ def certificates(dyn, solver=None, dt=None, *, tokens: int, dtype=np.float64, eq
     eps = float(np.finfo(np.dtype(dtype)).eps)
     # only arrangements that are fixed points of the step map themselves (one head, or heads whose drifts stay on
     # the axis: docs/model.md section 4) are certified; the others are left to converge
-    fixed = np.max(np.abs(g - Xr.reshape(len(cands), nd)), axis=1)
+    if continuous:  # f(X*) = 0 up to the rounding of its terms
+        fixed = np.max(np.abs(g), axis=1) / np.maximum(1.0, np.max(np.abs(A), axis=(1, 2)))
+    else:
+        fixed = np.max(np.abs(g - Xr.reshape(len(cands), nd)), axis=1)
     ok = fixed <= 100 * eps
     jac = lambda Y: lin(Y)[1]  # noqa: E731
     seed = 20261202 if seed is None else int(seed)
+    one = _certify_one_flow if continuous else _certify_one
     out = []
     for j in np.flatnonzero(ok):
-        cert = _certify_one(jac, Xr[j], A[j], seed + j, nd, eps, dtype)
+        cert = one(jac, Xr[j], A[j], seed + j, nd, eps, dtype)
         if cert is not None:
             a, m = where[j]
-            out.append(Certificate(a, m, np.asarray(Xr[j]), *cert))
+            out.append(Certificate(a, m, np.asarray(Xr[j]), *cert, continuous=continuous))
     return out
 
 
@@ -192,6 +231,70 @@ def _certify_one(jac, X, A, seed, nd, eps, dtype):
     if found is None:
         return None
     return q0, lmax, 0.5 * RADII[hi] / np.sqrt(lmax), found  # half the radius found, for margin
+
+
+def _radial(Y: np.ndarray, d: int) -> np.ndarray:
+    """``I - DN(y)`` for every row y of ``Y`` ``(b, n d)``: N the row normalisation, ``DN(y)`` block diagonal with
+    blocks ``(I - u u^T) / |y_i|`` (u = y_i / |y_i|)."""
+    b, nd = Y.shape
+    y = Y.reshape(b, nd // d, d)
+    r = np.linalg.norm(y, axis=-1)
+    u = y / r[..., None]
+    eye = np.eye(d)
+    blocks = eye - (eye - u[..., :, None] * u[..., None, :]) / r[..., None, None]
+    out = np.zeros((b, nd, nd))
+    for i in range(nd // d):
+        out[:, i * d:(i + 1) * d, i * d:(i + 1) * d] = blocks[:, i]
+    return out
+
+
+def _certify_one_flow(jac, X, A0, seed, nd, eps, dtype):
+    """``(mu0, lambda_max(S), Euclidean radius, margin)`` of one equilibrium of a flow (the module doc: the extended
+    field ``F(z) = f(N(z)) - c (z - N(z))`` and the log-norm of DF in the metric of ``A^T S + S A = -I``), or None
+    when it is not certified."""
+    d = X.shape[-1]
+    x = np.asarray(X, np.float64).ravel()
+    c = float(np.max(np.abs(np.linalg.eigvals(A0))))
+    if not c > 0:
+        return None
+    A = A0 - c * _radial(x[None], d)[0]
+    if not float(np.max(np.linalg.eigvals(A).real)) < -1e3 * eps * c:
+        return None
+    S = _lyapunov_continuous(A)
+    w, U = np.linalg.eigh((S + S.T) / 2)
+    if not (np.all(np.isfinite(w)) and w.min() > 0):
+        return None
+    half, half_inv = (U * np.sqrt(w)) @ U.T, (U / np.sqrt(w)) @ U.T
+    lmax = float(w.max())
+    mu0 = -0.5 / lmax
+    mu1 = 0.5 * mu0
+    u = np.random.default_rng(seed).standard_normal((DIRECTIONS, nd))
+    sv = np.linalg.svd(half @ A @ half_inv)[2][:4]
+    u = np.concatenate([u, sv, -sv])
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    dirs = u @ half_inv.T  # |dirs_i|_S = 1
+    fracs = np.array([0.25, 0.5, 0.75, 1.0])
+
+    def worst(r):
+        Y = (x[None, None] + (r * fracs)[:, None, None] * dirs[None]).reshape(-1, nd)
+        J = jac(Y)
+        if not np.all(np.isfinite(J)):
+            return np.inf
+        B = half @ (J - c * _radial(Y, d)) @ half_inv
+        return float(np.max(np.linalg.eigvalsh(0.5 * (B + np.swapaxes(B, -1, -2)))))
+
+    lo, hi = -1, len(RADII)
+    found = None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        w_ = worst(RADII[mid])
+        if w_ <= mu1:
+            hi, found = mid, w_
+        else:
+            lo = mid
+    if found is None:
+        return None
+    return mu0, lmax, 0.5 * RADII[hi] / np.sqrt(lmax), found
 
 
 def regions(certs: list[Certificate], dyn, tokens: int, dtype) -> tuple[Regions | None, dict]:

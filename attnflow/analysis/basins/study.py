@@ -170,6 +170,11 @@ def basin_fractions(
                      members=blocks.members())
 
 
+_CERTS: dict = {}
+"""The certificates of the last studies of this process, by model, solver, step, tokens and dtype (a pure function of
+them: a second study of the same model reuses them)."""
+
+
 def _certified(dyn, solver, span, stop, n, dtype, cluster_tol, verifier):
     """The certified regions of the study (:mod:`.certify`) and the label row of each region's tag; their
     equilibria are verified stable by construction."""
@@ -177,7 +182,13 @@ def _certified(dyn, solver, span, stop, n, dtype, cluster_tol, verifier):
 
     if not stop.certify:
         return None, {}
-    certs = certificates(dyn, solver, span.dt, tokens=n, dtype=dtype)
+    key = (fingerprint(dyn), fingerprint(solver), span.dt, n, str(jnp.dtype(dtype)))
+    certs = _CERTS.get(key)
+    if certs is None:
+        certs = certificates(dyn, solver, span.dt, tokens=n, dtype=dtype)
+        if len(_CERTS) >= 16:
+            _CERTS.pop(next(iter(_CERTS)))
+        _CERTS[key] = certs
     regions, eqs = make_regions(certs, dyn, n, dtype)
     if regions is None:
         return None, {}
