@@ -44,8 +44,8 @@ from ...model.norms import L2Norm, normalize_rows
 from ..eigen import is_real, is_simple
 from ..equilibria import eigenpairs
 
-RADII = tuple(0.5 * 2.0**-k for k in range(12))
-"""The S-norm radii tried, largest first (0.5 down to about 2.4e-4)."""
+RADII = tuple(2.0**-k for k in range(13))
+"""The S-norm radii tried, largest first (1 down to about 2.4e-4)."""
 
 DIRECTIONS = 32
 """Random directions sampled in the ball at each radius (plus the leading singular directions of A)."""
@@ -192,6 +192,36 @@ def certificates(dyn, solver=None, dt=None, *, tokens: int, dtype=np.float64, eq
     return out
 
 
+FRACS = (0.25, 0.5, 0.75, 1.0)
+"""Where on each chord [X*, Y] the Jacobian is sampled."""
+
+
+def _directions(seed, nd, x, d, half, half_inv, M):
+    """The sampling directions at X* (flat `x`): DIRECTIONS random ones and the 4 leading right singular vectors of
+    the metric-conjugated linearisation `M`, both signs; each projected onto the tangent space of the spheres at X*
+    and scaled to S-norm 1."""
+    u = np.random.default_rng(seed).standard_normal((DIRECTIONS, nd))  # NumPy: the same directions in every process
+    sv = np.linalg.svd(M)[2][:4]  # the directions the linearisation stretches most, in the S-metric
+    u = np.concatenate([u, sv, -sv]) @ half_inv.T
+    xr = x.reshape(1, -1, d)
+    ur = u.reshape(len(u), -1, d)
+    u = (ur - np.sum(ur * xr, axis=-1, keepdims=True) * xr).reshape(len(u), nd)  # tangent at X*
+    size = np.linalg.norm(u @ half.T, axis=1)
+    keep = size > 1e-6 * size.max()  # a radial singular vector has no tangent part
+    return u[keep] / size[keep, None]  # |u_i|_S = 1
+
+
+def _chords(x, dirs, r, d):
+    """Points of the chords [X*, Y] for Y = N(X* + r u) on the spheres (u in `dirs`, tangent, |u|_S = 1), at the
+    fractions FRACS: the mean-value inequality of the certificate runs along these segments (members stay on the
+    spheres), which stay within O(r^2) of the spheres. Returns the points ``(len(FRACS) len(dirs), nd)``."""
+    Y = x[None] + r * dirs
+    Yr = Y.reshape(len(Y), -1, d)
+    Y = (Yr / np.linalg.norm(Yr, axis=-1, keepdims=True)).reshape(len(Y), -1)
+    fr = np.asarray(FRACS)
+    return (x[None, None] + fr[:, None, None] * (Y - x[None])[None]).reshape(-1, x.size)
+
+
 def _certify_one(jac, X, A, seed, nd, eps, dtype):
     """``(q0, lambda_max(S), Euclidean radius, margin)`` of one fixed point, or None when it is not certified."""
     rho = float(np.max(np.abs(np.linalg.eigvals(A))))
@@ -205,17 +235,12 @@ def _certify_one(jac, X, A, seed, nd, eps, dtype):
     lmax = float(w.max())
     q0 = float(np.sqrt(max(0.0, 1.0 - 1.0 / lmax)))
     q1 = 0.5 * (1.0 + q0)
-    u = np.random.default_rng(seed).standard_normal((DIRECTIONS, nd))  # NumPy: the same directions in every process
-    sv = np.linalg.svd(half @ A @ half_inv)[2][:4]  # the directions A stretches most, in the S-metric
-    u = np.concatenate([u, sv, -sv])
-    u /= np.linalg.norm(u, axis=1, keepdims=True)
-    dirs = u @ half_inv.T  # |dirs_i|_S = 1
+    d = X.shape[-1]
     x = np.asarray(X, np.float64).ravel()
-    fracs = np.array([0.25, 0.5, 0.75, 1.0])
+    dirs = _directions(seed, nd, x, d, half, half_inv, half @ A @ half_inv)
 
     def worst(r):
-        Y = x[None, None] + (r * fracs)[:, None, None] * dirs[None]
-        J = jac(Y.reshape(-1, nd))
+        J = jac(_chords(x, dirs, r, d))
         return float(np.max(_norm_S(J, half, half_inv))) if np.all(np.isfinite(J)) else np.inf
 
     # the largest radius of RADII whose ball passes, by bisection over the (descending) radii
@@ -268,15 +293,10 @@ def _certify_one_flow(jac, X, A0, seed, nd, eps, dtype):
     lmax = float(w.max())
     mu0 = -0.5 / lmax
     mu1 = 0.5 * mu0
-    u = np.random.default_rng(seed).standard_normal((DIRECTIONS, nd))
-    sv = np.linalg.svd(half @ A @ half_inv)[2][:4]
-    u = np.concatenate([u, sv, -sv])
-    u /= np.linalg.norm(u, axis=1, keepdims=True)
-    dirs = u @ half_inv.T  # |dirs_i|_S = 1
-    fracs = np.array([0.25, 0.5, 0.75, 1.0])
+    dirs = _directions(seed, nd, x, d, half, half_inv, half @ A @ half_inv)
 
     def worst(r):
-        Y = (x[None, None] + (r * fracs)[:, None, None] * dirs[None]).reshape(-1, nd)
+        Y = _chords(x, dirs, r, d)
         J = jac(Y)
         if not np.all(np.isfinite(J)):
             return np.inf
