@@ -222,17 +222,38 @@ def _chords(x, dirs, r, d):
     return (x[None, None] + fr[:, None, None] * (Y - x[None])[None]).reshape(-1, x.size)
 
 
+def _metric(S):
+    """``(S^(1/2), S^(-1/2), lambda_max(S))`` of a Lyapunov solution, or None when it is not positive definite."""
+    w, U = np.linalg.eigh((S + S.T) / 2)
+    if not (np.all(np.isfinite(w)) and w.min() > 0):
+        return None
+    return (U * np.sqrt(w)) @ U.T, (U / np.sqrt(w)) @ U.T, float(w.max())
+
+
+def _largest_radius(worst, bound):
+    """``(index into RADII, worst value there)`` of the largest radius whose sampled `worst` is at most `bound`, by
+    bisection over the (descending) radii, or None when none passes."""
+    lo, hi = -1, len(RADII)  # RADII[hi] passes (hi == len: none known), RADII[lo] fails (lo == -1: none known)
+    found = None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        w = worst(RADII[mid])
+        if w <= bound:
+            hi, found = mid, w
+        else:
+            lo = mid
+    return None if found is None else (hi, found)
+
+
 def _certify_one(jac, X, A, seed, nd, eps, dtype):
     """``(q0, lambda_max(S), Euclidean radius, margin)`` of one fixed point, or None when it is not certified."""
     rho = float(np.max(np.abs(np.linalg.eigvals(A))))
     if not (rho < 1 - 1e3 * eps):
         return None
-    S = _lyapunov(A)
-    w, U = np.linalg.eigh((S + S.T) / 2)
-    if not (np.all(np.isfinite(w)) and w.min() > 0):
+    m = _metric(_lyapunov(A))
+    if m is None:
         return None
-    half, half_inv = (U * np.sqrt(w)) @ U.T, (U / np.sqrt(w)) @ U.T
-    lmax = float(w.max())
+    half, half_inv, lmax = m
     q0 = float(np.sqrt(max(0.0, 1.0 - 1.0 / lmax)))
     q1 = 0.5 * (1.0 + q0)
     d = X.shape[-1]
@@ -243,19 +264,10 @@ def _certify_one(jac, X, A, seed, nd, eps, dtype):
         J = jac(_chords(x, dirs, r, d))
         return float(np.max(_norm_S(J, half, half_inv))) if np.all(np.isfinite(J)) else np.inf
 
-    # the largest radius of RADII whose ball passes, by bisection over the (descending) radii
-    lo, hi = -1, len(RADII)  # RADII[hi] passes (hi == len: none known), RADII[lo] fails (lo == -1: none known)
-    found = None
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        w = worst(RADII[mid])
-        if w <= q1:
-            hi, found = mid, w
-        else:
-            lo = mid
-    if found is None:
+    got = _largest_radius(worst, q1)
+    if got is None:
         return None
-    return q0, lmax, 0.5 * RADII[hi] / np.sqrt(lmax), found  # half the radius found, for margin
+    return q0, lmax, 0.5 * RADII[got[0]] / np.sqrt(lmax), got[1]  # half the radius found, for margin
 
 
 def _radial(Y: np.ndarray, d: int) -> np.ndarray:
@@ -285,12 +297,10 @@ def _certify_one_flow(jac, X, A0, seed, nd, eps, dtype):
     A = A0 - c * _radial(x[None], d)[0]
     if not float(np.max(np.linalg.eigvals(A).real)) < -1e3 * eps * c:
         return None
-    S = _lyapunov_continuous(A)
-    w, U = np.linalg.eigh((S + S.T) / 2)
-    if not (np.all(np.isfinite(w)) and w.min() > 0):
+    m = _metric(_lyapunov_continuous(A))
+    if m is None:
         return None
-    half, half_inv = (U * np.sqrt(w)) @ U.T, (U / np.sqrt(w)) @ U.T
-    lmax = float(w.max())
+    half, half_inv, lmax = m
     mu0 = -0.5 / lmax
     mu1 = 0.5 * mu0
     dirs = _directions(seed, nd, x, d, half, half_inv, half @ A @ half_inv)
@@ -303,18 +313,10 @@ def _certify_one_flow(jac, X, A0, seed, nd, eps, dtype):
         B = half @ (J - c * _radial(Y, d)) @ half_inv
         return float(np.max(np.linalg.eigvalsh(0.5 * (B + np.swapaxes(B, -1, -2)))))
 
-    lo, hi = -1, len(RADII)
-    found = None
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        w_ = worst(RADII[mid])
-        if w_ <= mu1:
-            hi, found = mid, w_
-        else:
-            lo = mid
-    if found is None:
+    got = _largest_radius(worst, mu1)
+    if got is None:
         return None
-    return mu0, lmax, 0.5 * RADII[hi] / np.sqrt(lmax), found
+    return mu0, lmax, 0.5 * RADII[got[0]] / np.sqrt(lmax), got[1]
 
 
 def regions(certs: list[Certificate], dyn, tokens: int, dtype) -> tuple[Regions | None, dict]:
