@@ -601,3 +601,25 @@ def test_cli_flow_study_defaults_to_the_adaptive_pair(tmp_path, capsys, solver):
     for col in ("name", "outcome", "steps"):
         np.testing.assert_array_equal(np.asarray(got[col]), np.asarray(ref[col]))
     assert len(ref["steps"]) == 96
+
+
+def test_adaptive_default_tol_stops_the_members_of_a_stiffer_model():
+    """The adaptive pair holds a member near a stable equilibrium at a residual of about (atol + rtol) |W|, however
+    long it runs (here |W| = 3.3, beta = 3, float64: max |f| between 2e-7 and 5e-6 at t = 200, below no 1e-7). The
+    default stop tolerance of a study stays above that, so that without certificates every member still stops, with the
+    names the certificates give."""
+    from attnflow.evolve.options import check_tol, solver_floor
+
+    rng = np.random.default_rng(0)
+    V = rng.normal(size=(3, 3))
+    flow = af.SphereFlow(af.SelfAttention(af.Heads.single(V + V.T), af.Attention("softmax"), 3.0))
+    solver = af.Adaptive()
+    w = np.linalg.norm(np.asarray(flow.attn.heads.layer_matrix()), 2)
+    assert solver_floor(flow, solver) == pytest.approx((1e-8 + 1e-6) * w)
+    assert check_tol(None, flow, solver, None, "float64", study=True) == pytest.approx(8 * (1e-8 + 1e-6) * w)
+    names = {}
+    for cert in (False, True):
+        r = bs.basin_fractions(flow, jax.random.PRNGKey(5), 200, tokens=5, solver=solver, stop=af.Stop(None, certify=cert))
+        assert r.to_json()["not_converged"] == 0 and r.to_json()["unclassified"] == 0
+        names[cert] = {a.name: a.count for a in r.attractors}
+    assert names[False] == names[True]

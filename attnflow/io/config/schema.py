@@ -111,7 +111,7 @@ class BasinsTable:
     samples: int = key(1000, doc="initial states (samples are numbered with int32: at most 2^31 - 1)", ge=1, le=INT32_MAX)
     seed: Union[int, None] = key(None, doc="PRNG seed (default [dynamics] seed)", ge=0, le=SEED_MAX)
     chunk_size: Union[int, None] = key(None, doc="states per chunk (default min(samples, 10000)); part of the run's identity", ge=1, le=INT32_MAX)
-    tol: Union[float, None] = key(None, doc="convergence tolerance (default [dynamics] tol, else max(1e-7, 8 x the floor the dtype resolves); below the floor it is refused)", gt=0)
+    tol: Union[float, None] = key(None, doc="convergence tolerance (default [dynamics] tol, else max(1e-7, 8 x the floor the dtype resolves, 8 x (atol + rtol) |W| for the adaptive solver); below the dtype's floor it is refused)", gt=0)
     cluster_tol: float = key(1e-3, doc="classifier tolerance", gt=0)
     ci_width: Union[float, None] = key(None, doc="adaptive: add chunks until every 95% interval is narrower", gt=0, lt=1)
     max_steps: Union[int, None] = key(None, doc="hard cap of steps per member; members still moving there are 'not converged' (default max(10 x [dynamics] steps or t1/dt, 10000), at most 2^31 - 1; the adaptive solver counts attempted steps, default 10000)", ge=1, le=STEPS_MAX)
