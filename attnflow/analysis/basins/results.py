@@ -179,7 +179,7 @@ class BasinResult:
     def lines(self) -> list[str]:
         """The text report: a header, one line per attractor and per category, and the warning if any."""
         head = f"{'attractor':34s} {'fraction':>8s}  {'interval (95%, incl. unclassified)':>36s}  {'count':>7s}  steps(mean)"
-        out = [f"{self.samples} samples, cap max_steps = {self.max_steps}, tol = {self.tol}", head]
+        out = [f"{self.samples} samples, cap max_steps = {self.max_steps}, tol = {self.tol if self.tol is None else format(self.tol, '.3g')}", head]
         for a in self.attractors + self.categories:
             lo, hi = a.interval
             mean = "" if a.steps_mean is None else f"{a.steps_mean:.0f}"
