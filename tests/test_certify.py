@@ -143,3 +143,23 @@ def test_certified_members_have_the_names_of_running_to_convergence(tmp_path, ki
     assert s1.mean() < 0.9 * s0.mean(), (s1.mean(), s0.mean())
     assert [(a.name, a.count) for a in r1.attractors] == [(a.name, a.count) for a in r0.attractors]
     assert sum(a.certified for a in r1.attractors) == o1.count("certified")
+
+
+def test_certificates_are_computed_only_where_they_pay(tmp_path):
+    """Certificates cost about (n d)^3: a study computes them for small states, or when it has at least 20 (n d)^2
+    samples; a small study of a larger state runs its members to convergence, with the same names."""
+    from attnflow.analysis.basins.certify import worth_certifying
+
+    assert worth_certifying(10, 10, 3) and worth_certifying(1, 8, 4)  # n d <= 32
+    assert not worth_certifying(10**4, 20, 3) and worth_certifying(20 * 60**2, 20, 3)
+    V = np.diag([1.0, 0.5, -0.3]).astype(np.float32)
+    dyn = af.LayerMap(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0), 0.1)
+    out = {}
+    for cert in (True, False):
+        with RunDirWriter(tmp_path / str(cert)) as w:
+            af.basin_fractions(dyn, jax.random.PRNGKey(1), 60, tokens=12, stop=af.Stop(1e-6, certify=cert), run_dir=w,
+                               budget=af.Budget(max_steps=6000))
+        out[cert] = read_members(tmp_path / str(cert))
+    assert "certified" not in out[True]["outcome"].tolist()
+    assert out[True]["name"].tolist() == out[False]["name"].tolist()
+    np.testing.assert_array_equal(out[True]["steps"], out[False]["steps"])

@@ -146,7 +146,8 @@ class Stop(eqx.Module):
     """When a member stops before its budget: `tol`, the per-step change (max abs over the state; divided by dt for
     fixed-step flows; for the adaptive solver, max |f(X)|) below which it is ``converged`` (None: never early); and,
     in a basin study, `certify`: retire a member as soon as it enters a certified ball around a stable equilibrium
-    (:mod:`attnflow.analysis.basins.certify`), with that equilibrium's label and outcome ``certified``."""
+    (:mod:`attnflow.analysis.basins.certify`; computed where they pay, ``certify.worth_certifying``), with that
+    equilibrium's label and outcome ``certified``."""
 
     tol: float | None = eqx.field(static=True, default=None)
     certify: bool = eqx.field(static=True, default=True)

@@ -47,6 +47,23 @@ from ..equilibria import eigenpairs
 RADII = tuple(2.0**-k for k in range(13))
 """The S-norm radii tried, largest first (1 down to about 2.4e-4)."""
 
+FREE_STATE = 32
+"""States of at most this many numbers (n d) are always certified: their certificates take about a second (measured on
+the 2-core CPU, float32, one head: 0.9-1.0 s at n d = 30; 4.3-4.7 s at 60; 28-52 s at 120, growing like (n d)^3)."""
+
+SAMPLES_PER_STATE2 = 20
+"""Larger states are certified when the study has at least ``SAMPLES_PER_STATE2 (n d)^2`` samples: then the steps
+the certificates save (about 40% of a member's) outweigh their cost."""
+
+
+def worth_certifying(samples: int, n: int, d: int) -> bool:
+    """Whether a study of `samples` members of n tokens in d dimensions computes certificates (:data:`FREE_STATE`,
+    :data:`SAMPLES_PER_STATE2`): a choice of speed only, since a certified member gets the name it would get by
+    running to convergence."""
+    nd = int(n) * int(d)
+    return nd <= FREE_STATE or int(samples) >= SAMPLES_PER_STATE2 * nd * nd
+
+
 DIRECTIONS = 32
 """Random directions sampled in the ball at each radius (plus the leading singular directions of A)."""
 

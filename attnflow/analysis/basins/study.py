@@ -118,7 +118,8 @@ def basin_fractions(
       ``not_converged``.
     - `stop`: a :class:`~attnflow.Stop`; its ``tol`` decides ``converged`` (default ``max(1e-7, 8 x floor)``, the
       floor of :func:`attnflow.evolve.options.tol_floor`: 1e-7 in float64, about 1e-6 for a float32 map; a tol below
-      the floor is refused), its ``certify`` whether members are decided early by certificates.
+      the floor is refused), its ``certify`` whether members may be decided early by certificates (computed where
+      they pay: n d <= 32, or at least 20 (n d)^2 samples, :func:`~attnflow.analysis.basins.certify.worth_certifying`).
     - `execution`: an :class:`~attnflow.Execution`: backend (``"auto"`` resolved once for the whole study, a pure
       function of the model, the shapes, N, the cap and the platform), ``chunk`` (samples per block, default
       ``min(N, 10_000)``), ``pool`` (slots per device), ``group`` (steps between retire passes), ``devices``,
@@ -150,7 +151,7 @@ def basin_fractions(
         run_dir.open(study_identity(dyn, key, samples, sampler, solver, span.cap, stop, cluster_tol, ex),
                      process_index=pi, process_count=pc, distributed=distributed)
     tally, verifier = Tally(n), Verifier(dyn, dtype)
-    regions, tag_rows = _certified(dyn, solver, span, stop, n, dtype, cluster_tol, verifier)
+    regions, tag_rows = _certified(dyn, solver, span, stop, n, d, dtype, cluster_tol, verifier, samples)
     report = _progress(progress, samples)
     blocks = _Blocks(ex.chunk, samples, tally, run_dir, verifier, report, tag_rows)
     n_blocks = math.ceil(samples / ex.chunk)
@@ -175,12 +176,12 @@ _CERTS: dict = {}
 them: a second study of the same model reuses them)."""
 
 
-def _certified(dyn, solver, span, stop, n, dtype, cluster_tol, verifier):
+def _certified(dyn, solver, span, stop, n, d, dtype, cluster_tol, verifier, samples):
     """The certified regions of the study (:mod:`.certify`) and the label row of each region's tag; their
     equilibria are verified stable by construction."""
-    from .certify import certificates, regions as make_regions
+    from .certify import certificates, regions as make_regions, worth_certifying
 
-    if not stop.certify:
+    if not stop.certify or not worth_certifying(samples, n, d):
         return None, {}
     key = (fingerprint(dyn), fingerprint(solver), span.dt, n, str(jnp.dtype(dtype)))
     certs = _CERTS.get(key)
