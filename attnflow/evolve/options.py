@@ -158,6 +158,14 @@ class Stop(eqx.Module):
             raise ValueError(f"certify must be True or False, got {self.certify!r}")
 
 
+def _drift_scale(dynamics) -> float:
+    """|W|, the spectral norm of the layer matrix (the size of an attention model's drift); 1 for other models."""
+    import numpy as np
+
+    attn = getattr(dynamics, "attn", None)
+    return 1.0 if attn is None else float(np.linalg.norm(np.asarray(attn.heads.layer_matrix(), np.float64), 2))
+
+
 def tol_floor(dynamics: AbstractDynamics, solver=None, dt: float | None = None, dtype="float32") -> tuple[float, str]:
     """The smallest stop tolerance a member can reach in `dtype`: ``(floor, why)``.
 
@@ -178,9 +186,7 @@ def tol_floor(dynamics: AbstractDynamics, solver=None, dt: float | None = None, 
     d = getattr(getattr(attn, "heads", None), "dim", None)
     scale = math.sqrt(d) if (norm == "LayerNorm" and d) else 1.0
     if isinstance(solver, Adaptive):
-        w = 1.0
-        if attn is not None:
-            w = float(np.linalg.norm(np.asarray(attn.heads.layer_matrix(), np.float64), 2))
+        w = _drift_scale(dynamics)
         return 4.0 * eps * max(w, 1e-30), f"the rounding of the vector field max |f(X)| in {np.dtype(dtype).name}, |W| = {w:.3g}"
     if isinstance(dynamics, AbstractMap) or dt is None:
         return eps * scale, f"one rounding of a coordinate of size {scale:.3g} per step in {np.dtype(dtype).name}"
@@ -194,15 +200,11 @@ def solver_floor(dynamics: AbstractDynamics, solver=None) -> float:
     the state that far from the equilibrium; the drift there is about |W| times that distance. Not a hard floor (a
     mildly stiff model gets below it), so a smaller `tol` is accepted; a study's default stays above it, so that its
     members stop (measured: rtol = 1e-6, |W| = 3.3, beta = 3, float64: residuals 2e-7 to 5e-6 after t = 200)."""
-    import numpy as np
-
     from .solvers import Adaptive
 
     if not isinstance(solver, Adaptive):
         return 0.0
-    attn = getattr(dynamics, "attn", None)
-    w = 1.0 if attn is None else float(np.linalg.norm(np.asarray(attn.heads.layer_matrix(), np.float64), 2))
-    return (float(solver.atol) + float(solver.rtol)) * w
+    return (float(solver.atol) + float(solver.rtol)) * _drift_scale(dynamics)
 
 
 def check_tol(tol: float | None, dynamics: AbstractDynamics, solver=None, dt: float | None = None, dtype="float32",

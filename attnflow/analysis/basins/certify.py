@@ -89,26 +89,17 @@ class Certificate:
 
 @eqx.filter_jit
 def _linearise(dyn, solver, dt, Z, n: int):
-    """``(G(N(z)), D(G o N)(z))`` for every row z of ``Z`` ``(b, n d)``: G one step of the study's dynamics (step
-    index 0: the certified models are autonomous), N the row normalisation. Compiled once per model structure and
-    batch shape."""
+    """``(G(N(z)), D(G o N)(z))`` for every row z of ``Z`` ``(b, n d)``: N the row normalisation and G one step of the
+    study's dynamics (step index 0: the certified models are autonomous), or with ``solver=None`` the flow's vector
+    field f at t = 0. Compiled once per model structure and batch shape."""
 
     def Gn(z):
         X = normalize_rows(z.reshape(n, -1))
+        if solver is None:
+            return dyn.vf(0.0, X).ravel()
         return one_step((dyn, solver, dt), jnp.zeros((), jnp.int32), X).ravel()
 
     return jax.vmap(lambda z: (Gn(z), jax.jacfwd(Gn)(z)))(Z)
-
-
-@eqx.filter_jit
-def _linearise_flow(dyn, Z, n: int):
-    """``(f(N(z)), D(f o N)(z))`` for every row z of ``Z`` ``(b, n d)``: f the flow's vector field at t = 0 (the
-    certified flows are autonomous), N the row normalisation."""
-
-    def fn(z):
-        return dyn.vf(0.0, normalize_rows(z.reshape(n, -1))).ravel()
-
-    return jax.vmap(lambda z: (fn(z), jax.jacfwd(fn)(z)))(Z)
 
 
 def _lyapunov(A: np.ndarray, Q: np.ndarray | None = None) -> np.ndarray:
@@ -183,7 +174,7 @@ def certificates(dyn, solver=None, dt=None, *, tokens: int, dtype=np.float64, eq
             part = Z[s0 : s0 + batch]
             pad = np.concatenate([part, np.broadcast_to(part[:1], (batch - len(part), nd))])
             Zp = jnp.asarray(pad, dtype)
-            g, J = _linearise_flow(dyn, Zp, n) if continuous else _linearise(dyn, solver, dt_arr, Zp, n)
+            g, J = _linearise(dyn, solver, dt_arr, Zp, n)
             outs.append((np.asarray(g, np.float64)[: len(part)], np.asarray(J, np.float64)[: len(part)]))
         return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
 
