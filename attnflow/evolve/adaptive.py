@@ -163,10 +163,9 @@ def lane_ops(dyn, n: int, d: int, P: int, dtype) -> _Ops:
 
     vf = backends.lane_function("vf", dyn, n, d, dtype)
     pr = backends.lane_function("project", dyn, n, d, dtype)
-    sv, sp = vf.scalars(vf.prepare(dyn)), pr.scalars(pr.prepare(dyn))
+    fv, fp = vf.prepare(dyn), pr.prepare(dyn)
     k0 = jnp.zeros((), jnp.int32)
-    return _Ops(lambda t, X: jnp.stack(vf.step(sv, k0, tuple(X), P)), lambda X: jnp.stack(pr.step(sp, k0, tuple(X), P)),
-                lanes=True)
+    return _Ops(lambda t, X: vf.step_array(fv, k0, X), lambda X: pr.step_array(fp, k0, X), lanes=True)
 
 
 def _members(rows, n, d):

@@ -275,8 +275,8 @@ def _group_runner(dyn, solver, dt, cap, regions, spec: _Spec, n: int, d: int, P:
         step = _rk4_stage_loop(dyn, solver, dt, n, d, P, dtype)
         if step is None:
             prog = backends.lane_program(dyn, solver, dt, n, d, dtype)
-            scal = prog.scalars(prog.prepare((dyn, solver, dt)))
-            step = lambda X, k: jnp.stack(prog.step(scal, k, tuple(X), P))  # noqa: E731
+            flats = prog.prepare((dyn, solver, dt))
+            step = lambda X, k: prog.step_array(flats, k, X)  # noqa: E731
     else:
 
         def step(X, k):
@@ -379,7 +379,7 @@ def stream_members(dynamics, stream: Iterator, *, budget: Budget, stop: Stop, so
     # Several CPU devices share one process's threads: their programs run one at a time (running them at once, each
     # waiting on the same thread pool, was seen to deadlock); accelerators run theirs concurrently.
     serial = ndev > 1 and devices[0].platform == "cpu"
-    share = -(-queue_size // ndev)
+    share, size = _shares(queue_size, pool_size, ndev)
     pools: list[Pool | None] = [None] * ndev
     pending: list[Retired] = []
     blank = None
@@ -417,8 +417,7 @@ def stream_members(dynamics, stream: Iterator, *, budget: Budget, stop: Stop, so
         if len(ii) and int(ii[-1]) >= 2**31 - 1:
             raise ValueError("a study numbers samples with int32: at most 2^31 - 1 samples")
         if blank is None:
-            blank = (np.zeros((share,) + xx.shape[1:], xx.dtype), np.full(share, -1, np.int32))
-            size = max(1, min(pool_size, share))
+            blank = _blank(share, xx.shape[1], xx.shape[2], xx.dtype)
             pools = [empty_pool(size, xx.shape[1], xx.shape[2], xx.dtype, dev) for dev in devices]
         outs = []
         for j in range(ndev):
@@ -433,3 +432,28 @@ def stream_members(dynamics, stream: Iterator, *, budget: Budget, stop: Stop, so
         pending = outs
     if blank is not None:
         empty_all()
+
+
+def _shares(queue_size: int, pool_size: int, ndev: int) -> tuple[int, int]:
+    """``(share, size)``: the queue entries and the pool slots of each device in :func:`stream_members`."""
+    share = -(-queue_size // ndev)
+    return share, max(1, min(pool_size, share))
+
+
+def _blank(share: int, n: int, d: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros((share, n, d), dtype), np.full(share, -1, np.int32)
+
+
+def prepare_members(dynamics, n: int, d: int, dtype, *, budget: Budget, stop: Stop, solver=None, execution: Execution,
+                    pool_size: int, queue_size: int, then: Callable | None, regions: Regions | None = None) -> None:
+    """Compile the pool program of :func:`stream_members` with these arguments (the same shapes, and the same `then`:
+    it is part of the program) on every device, by a call on an empty queue, which runs nothing (`regions` may hold
+    other radii of the same shapes: the radii are data). Meant for a background thread while the caller computes
+    what the stream needs (certificates): XLA compiles without holding the GIL."""
+    devices = execution.local_devices()
+    share, size = _shares(queue_size, pool_size, len(devices))
+    q, qi = _blank(share, n, d, dtype)
+    for dev in devices:
+        _, out = advance_pool(dynamics, empty_pool(size, n, d, dtype, dev), q, qi, 0, budget=budget, stop=stop,
+                              solver=solver, execution=execution, then=then, regions=regions)
+        out.count.block_until_ready()

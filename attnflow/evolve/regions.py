@@ -19,48 +19,58 @@ from __future__ import annotations
 
 import equinox as eqx
 import jax.numpy as jnp
+import numpy as np
 
 from .._types import Array, Float
 
 
 class Regions(eqx.Module):
-    """Certified regions (see the module doc): `axes` ``(A, d)`` unit vectors (only axes with a certified region);
-    `radius2` (static) the squared Euclidean radii over the whole state, ``radius2[a][m]`` for m tokens at +axes[a]
-    (negative: none); `tags` (static) the tag base of each axis (its index among all the axes of the model, times
-    n + 1). The radii are static: the few that exist are constants of the compiled test, never read from memory."""
+    """Certified regions (see the module doc): `axes` ``(A, d)`` unit vectors (every axis that may hold one);
+    `radius2` ``(A, n + 1)`` the squared Euclidean radii over the whole state, ``radius2[a, m]`` for m tokens at
+    +axes[a] (negative: none); `tags` (static) the tag base of each axis (its index among all the axes of the model,
+    times n + 1). The axes and radii are data, so a study's pool program is compiled once for a model's axes, before
+    (and while) its certificates are computed (:func:`attnflow.analysis.basins.certify.layout`)."""
 
     axes: Float[Array, "A d"]
-    radius2: tuple = eqx.field(static=True)
+    radius2: Float[Array, "A n+1"]
     tags: tuple = eqx.field(static=True)
+
+    def __init__(self, axes, radius2, tags):
+        self.axes = jnp.asarray(axes)
+        self.radius2 = jnp.asarray(radius2, self.axes.dtype)
+        self.tags = tuple(int(t) for t in tags)
+        if self.axes.ndim != 2 or self.radius2.shape != (self.axes.shape[0], self.radius2.shape[-1]) or len(self.tags) != self.axes.shape[0]:
+            raise ValueError(f"Regions: axes (A, d), radius2 (A, n + 1) and A tags, got {self.axes.shape}, "
+                             f"{self.radius2.shape} and {len(self.tags)}")
 
     @property
     def count(self) -> int:
         """How many regions are certified."""
-        return sum(r >= 0 for row in self.radius2 for r in row)
+        return int(np.sum(np.asarray(self.radius2) >= 0))
 
 
-def _test(regions: Regions, dot, sq, n: int):
-    """``(hit, tag)``: ``dot(a, i)`` = <x_i, v_a> and ``sq(i)`` = |x_i|^2 as lane vectors (or scalars)."""
+def _test(regions: Regions, dot, sq, radius, n: int):
+    """``(hit, tag)``: ``dot(a, i)`` = <x_i, v_a>, ``sq(i)`` = |x_i|^2 as lane vectors (or scalars), ``radius(a, m)`` =
+    radius2[a, m]."""
     hit, tag = None, None
     norms = [sq(i) for i in range(n)]
-    for a, (radii, base) in enumerate(zip(regions.radius2, regions.tags)):
+    for a, base in enumerate(regions.tags):
         s = [dot(a, i) for i in range(n)]
         plus = sum(jnp.where(si > 0, 1, 0) for si in s)
         dist = sum(q + 1.0 - 2.0 * jnp.abs(si) for q, si in zip(norms, s))
-        for m, r2 in enumerate(radii):
-            if r2 < 0:
-                continue
-            h = (plus == m) & (dist <= r2)
-            hit = h if hit is None else hit | h
-            tag = jnp.where(h, base + m, -1) if tag is None else jnp.where(h, base + m, tag)
+        lim = sum(jnp.where(plus == m, radius(a, m), 0.0) for m in range(n + 1))  # radius2[a, plus]
+        h = dist <= lim  # never where radius2 < 0: dist >= 0 up to rounding
+        hit = h if hit is None else hit | h
+        tag = jnp.where(h, base + plus, -1) if tag is None else jnp.where(h, base + plus, tag)
     if hit is None:
         return jnp.zeros_like(norms[0], dtype=bool), jnp.zeros_like(norms[0], dtype=jnp.int32) - 1
     return hit, tag
 
 
-def test_rows(regions: Regions, X, n: int, d: int, get_axis=None):
-    """``(hit, tag)`` for members stored as rows: a tuple of ``d n`` rows (the Pallas kernel; `get_axis(a, b)` reads
-    its axes) or a ``(d n, T)`` array (XLA: whole-array operations, which keep the compiled step loop small)."""
+def test_rows(regions: Regions, X, n: int, d: int, get_axis=None, get_radius=None):
+    """``(hit, tag)`` for members stored as rows: a tuple of ``d n`` rows (the Pallas kernel; `get_axis(a, b)` and
+    `get_radius(a, m)` read its axes and radii) or a ``(d n, T)`` array (XLA: whole-array operations, which keep the
+    compiled step loop small)."""
     if not isinstance(X, tuple):
         Y = X.reshape(d, n, X.shape[-1])
         ax = regions.axes.astype(X.dtype)
@@ -69,6 +79,7 @@ def test_rows(regions: Regions, X, n: int, d: int, get_axis=None):
         return _test_arrays(regions, c, q)
     rows = X
     axis = get_axis or (lambda a, b: regions.axes[a, b])
+    radius = get_radius or (lambda a, m: regions.radius2[a, m])
 
     def dot(a, i):
         return sum(rows[b * n + i] * axis(a, b) for b in range(d))
@@ -76,19 +87,18 @@ def test_rows(regions: Regions, X, n: int, d: int, get_axis=None):
     def sq(i):
         return sum(rows[b * n + i] * rows[b * n + i] for b in range(d))
 
-    return _test(regions, dot, sq, n)
+    return _test(regions, dot, sq, radius, n)
 
 
 def _test_arrays(regions: Regions, c, q):
     """:func:`_test` on arrays: ``c`` ``(A, n, T)`` the cosines, ``q`` ``(n, T)`` the squared norms."""
-    plus = jnp.sum(c > 0, axis=1)  # (A, T)
+    plus = jnp.sum(c > 0, axis=1, dtype=jnp.int32)  # (A, T)
     dist = jnp.sum(q[None] + 1.0 - 2.0 * jnp.abs(c), axis=1)  # (A, T)
+    lim = jnp.take_along_axis(regions.radius2.astype(dist.dtype), plus, axis=1)  # radius2[a, plus[a]], (A, T)
+    h = dist <= lim  # never where radius2 < 0: dist >= 0 up to rounding
     hit, tag = jnp.zeros(q.shape[1:], bool), jnp.full(q.shape[1:], -1, jnp.int32)
-    for a, (radii, base) in enumerate(zip(regions.radius2, regions.tags)):
-        for m, r2 in enumerate(radii):
-            if r2 >= 0:
-                h = (plus[a] == m) & (dist[a] <= r2)
-                hit, tag = hit | h, jnp.where(h, base + m, tag)
+    for a, base in enumerate(regions.tags):  # the last axis that holds the member names it (balls are disjoint)
+        hit, tag = hit | h[a], jnp.where(h[a], base + plus[a], tag)
     return hit, tag
 
 

@@ -139,22 +139,16 @@ def certificates(dyn, solver=None, dt=None, *, tokens: int, dtype=np.float64, eq
     adaptive solver the certificate is that of the flow itself (its steps have no fixed map)."""
     from ...evolve.pool import check_solver
 
-    on_spheres = isinstance(dyn, SphereFlow) or (isinstance(dyn, LayerMap) and isinstance(dyn.norm, L2Norm))
+    vecs = candidate_axes(dyn, solver)
+    if not vecs:
+        return []
     continuous = isinstance(solver, Adaptive)
-    if not on_spheres or (continuous and not isinstance(dyn, SphereFlow)):
-        return []
     solver = None if continuous else check_solver(dyn, solver)
-    if getattr(getattr(dyn, "attn", None), "heads", None) is None:
-        return []
     n = int(tokens)
     if equivariant is None:
         equivariant = getattr(getattr(dyn.attn, "attention", None), "mask", "full") == "full"
-    lam, V = eigenpairs(dyn)
-    axes = [k for k in range(len(lam)) if is_real(lam[k]) and is_simple(lam)[k]]
     cands, where = [], []
-    for a, k in enumerate(axes):
-        v = np.real(V[:, k])
-        v = v / np.linalg.norm(v)
+    for a, v in enumerate(vecs):
         for m in range(n + 1):
             if 0 < m < n and not equivariant:
                 continue
@@ -327,20 +321,41 @@ def _certify_one_flow(jac, X, A0, seed, nd, eps, dtype):
     return mu0, lmax, 0.5 * RADII[got[0]] / np.sqrt(lmax), got[1]
 
 
-def regions(certs: list[Certificate], dyn, tokens: int, dtype) -> tuple[Regions | None, dict]:
-    """The :class:`~attnflow.evolve.regions.Regions` of these certificates (only the axes that have one), and
-    ``{tag: X}`` (the equilibrium of each certified region: tag ``axis (n + 1) + m``, axis its index among the real
-    simple eigenvectors)."""
-    if not certs:
-        return None, {}
+def candidate_axes(dyn, solver=None) -> list[np.ndarray]:
+    """The unit axes on which :func:`certificates` looks for equilibria (the real, simple eigenvectors of the layer
+    matrix, in :func:`~attnflow.analysis.equilibria.eigenpairs` order), or [] for a model that gets none: only models
+    on the product of unit spheres with a layer matrix (a :class:`~attnflow.LayerMap` with the l2 norm, a
+    :class:`~attnflow.SphereFlow`; with the adaptive solver, a flow)."""
+    on_spheres = isinstance(dyn, SphereFlow) or (isinstance(dyn, LayerMap) and isinstance(dyn.norm, L2Norm))
+    if not on_spheres or (isinstance(solver, Adaptive) and not isinstance(dyn, SphereFlow)):
+        return []
+    if getattr(getattr(dyn, "attn", None), "heads", None) is None:
+        return []
     lam, V = eigenpairs(dyn)
-    axes = [k for k in range(len(lam)) if is_real(lam[k]) and is_simple(lam)[k]]
-    used = sorted({c.axis for c in certs})
-    vecs = np.stack([np.real(V[:, axes[a]]) / np.linalg.norm(np.real(V[:, axes[a]])) for a in used])
-    r2 = {a: [-1.0] * (tokens + 1) for a in used}
+    return [np.real(V[:, k]) / np.linalg.norm(np.real(V[:, k])) for k in range(len(lam)) if is_real(lam[k]) and is_simple(lam)[k]]
+
+
+def layout(dyn, solver, tokens: int, dtype) -> Regions | None:
+    """The :class:`~attnflow.evolve.regions.Regions` of a study before its certificates are known: every candidate
+    axis, no radius (all negative). :func:`regions` fills in the same shapes, so the study's pool program can be
+    compiled while the certificates are computed. None for a model that gets no certificates."""
+    vecs = candidate_axes(dyn, solver)
+    if not vecs:
+        return None
+    n = int(tokens)
+    return Regions(jnp.asarray(np.stack(vecs), dtype), np.full((len(vecs), n + 1), -1.0), [a * (n + 1) for a in range(len(vecs))])
+
+
+def regions(certs: list[Certificate], dyn, solver, tokens: int, dtype) -> tuple[Regions | None, dict]:
+    """The :class:`~attnflow.evolve.regions.Regions` of these certificates (:func:`layout`'s, with their radii), and
+    ``{tag: X}`` (the equilibrium of each certified region: tag ``axis (n + 1) + m``, axis its index among
+    :func:`candidate_axes`)."""
+    empty = layout(dyn, solver, tokens, dtype)
+    if empty is None:
+        return None, {}
+    r2 = np.array(empty.radius2, np.float64)
     eqs = {}
     for c in certs:
-        r2[c.axis][c.m] = float(c.radius) ** 2
-        eqs[c.axis * (tokens + 1) + c.m] = c.X
-    return (Regions(jnp.asarray(vecs, dtype), tuple(tuple(r2[a]) for a in used), tuple(a * (tokens + 1) for a in used)),
-            eqs)
+        r2[c.axis, c.m] = float(c.radius) ** 2
+        eqs[c.axis * (int(tokens) + 1) + c.m] = c.X
+    return Regions(empty.axes, r2, empty.tags), eqs

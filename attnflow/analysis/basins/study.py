@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import math
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
@@ -39,12 +40,13 @@ import numpy as np
 from ..._types import Array
 from ...evolve.options import Budget, Execution, Stop, check_tol
 from ...evolve.outcome import CERTIFIED, CONVERGED, OUTCOMES, SADDLE
-from ...evolve.pool import check_solver, lanes_cost, pool_backend, stream_members
+from ...evolve.pool import check_solver, lanes_cost, pool_backend, prepare_members, stream_members
 from ...evolve.solvers import Adaptive
 from ...model import AbstractFlow
 from ..classify import classifier, classify, describe, label_rows
+from .certify import layout as certify_layout, worth_certifying
 from .results import BasinResult, MemberSample, summarize
-from .sampling import Sphere, sample_stream
+from .sampling import Sphere, draw_samples, sample_stream
 from .tally import Tally, gather_tally, unique_rows
 from .verify import Verifier
 
@@ -151,7 +153,17 @@ def basin_fractions(
         run_dir.open(study_identity(dyn, key, samples, sampler, solver, span.cap, stop, cluster_tol, ex),
                      process_index=pi, process_count=pc, distributed=distributed)
     tally, verifier = Tally(n), Verifier(dyn, dtype)
-    regions, tag_rows = _certified(dyn, solver, span, stop, n, d, dtype, cluster_tol, verifier, samples)
+    then = classifier(dyn, tol=cluster_tol)
+    queue_size = ex.chunk if ci_width is not None else min(ex.chunk, samples)
+    layout = None
+    if stop.certify and worth_certifying(samples, n, d):
+        layout = certify_layout(dyn, solver, n, dtype)
+    compiling = _compile_ahead(lambda: prepare_members(dyn, n, d, dtype, budget=budget, stop=stop, solver=solver,
+                                                       execution=ex, pool_size=ex.pool, queue_size=queue_size,
+                                                       then=then, regions=layout))
+    regions, tag_rows = _certified(dyn, solver, span, n, dtype, then, verifier, layout)
+    draw_samples(sampler, key, np.arange(ex.chunk))  # the sampler's program, meanwhile (one shape: a full block)
+    compiling.join()
     report = _progress(progress, samples)
     blocks = _Blocks(ex.chunk, samples, tally, run_dir, verifier, report, tag_rows)
     n_blocks = math.ceil(samples / ex.chunk)
@@ -160,8 +172,7 @@ def basin_fractions(
     ids = _block_ids(n_blocks, ex.chunk, samples, pi, pc, run_dir, blocks, adaptive)
     stream = blocks.watch(sample_stream(sampler, key, ids, ex.chunk, samples))
     stream_members(dyn, stream, budget=budget, stop=stop, solver=solver, execution=ex, pool_size=ex.pool,
-                   queue_size=ex.chunk if ci_width is not None else min(ex.chunk, samples),
-                   then=classifier(dyn, tol=cluster_tol), sink=blocks.add, regions=regions)
+                   queue_size=queue_size, then=then, sink=blocks.add, regions=regions)
     report(None)
     if blocks.open:  # pragma: no cover - every sample of every started block is retired by construction
         raise RuntimeError(f"internal error: blocks {sorted(blocks.open)} incomplete")
@@ -176,12 +187,12 @@ _CERTS: dict = {}
 them: a second study of the same model reuses them)."""
 
 
-def _certified(dyn, solver, span, stop, n, d, dtype, cluster_tol, verifier, samples):
-    """The certified regions of the study (:mod:`.certify`) and the label row of each region's tag; their
-    equilibria are verified stable by construction."""
-    from .certify import certificates, regions as make_regions, worth_certifying
+def _certified(dyn, solver, span, n, dtype, then, verifier, layout):
+    """The certified regions of the study (:mod:`.certify`: `layout`'s shapes, None for none) and the label row of
+    each region's tag; their equilibria are verified stable by construction."""
+    from .certify import certificates, regions as make_regions
 
-    if not stop.certify or not worth_certifying(samples, n, d):
+    if layout is None:
         return None, {}
     key = (fingerprint(dyn), fingerprint(solver), span.dt, n, str(jnp.dtype(dtype)))
     certs = _CERTS.get(key)
@@ -190,15 +201,31 @@ def _certified(dyn, solver, span, stop, n, d, dtype, cluster_tol, verifier, samp
         if len(_CERTS) >= 16:
             _CERTS.pop(next(iter(_CERTS)))
         _CERTS[key] = certs
-    regions, eqs = make_regions(certs, dyn, n, dtype)
-    if regions is None:
-        return None, {}
+    regions, eqs = make_regions(certs, dyn, solver, n, dtype)
+    if not eqs:
+        return regions, {}
     tags = sorted(eqs)
-    rows = label_rows(classify(classifier(dyn, tol=cluster_tol), jnp.asarray(np.stack([eqs[t] for t in tags]), dtype)))
+    rows = label_rows(classify(then, jnp.asarray(np.stack([eqs[t] for t in tags]), dtype)))
     tag_rows = {t: r for t, r in zip(tags, rows)}
     for r in rows:
         verifier.verdicts[tuple(int(v) for v in r)] = "stable"
     return regions, tag_rows
+
+
+class _compile_ahead(threading.Thread):
+    """Run `prepare` (compiling a study's programs) in a daemon thread; :meth:`join` waits for it. A failure there is
+    dropped: the study's own call of the same program raises it."""
+
+    def __init__(self, prepare: Callable):
+        super().__init__(daemon=True, name="attnflow-compile")
+        self.prepare = prepare
+        self.start()
+
+    def run(self):
+        try:
+            self.prepare()
+        except Exception:  # noqa: BLE001 - reported by the study's own call
+            pass
 
 
 def _sampler(dyn, tokens, sampler):

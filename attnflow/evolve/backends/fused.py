@@ -122,7 +122,9 @@ def _group_kernel(*refs, prog, nflat, D, tol, group, continuous, bools, n, d, re
     if regions is not None:
         from ..regions import test_rows
 
-        check = lambda Y: test_rows(regions, Y, n, d, get_axis=lambda a, b: ax_ref[a * d + b])  # noqa: E731
+        A = len(regions.tags)  # ax_ref: the axes (A d), then the squared radii (A (n + 1))
+        check = lambda Y: test_rows(regions, Y, n, d, get_axis=lambda a, b: ax_ref[a * d + b],  # noqa: E731
+                                    get_radius=lambda a, m: ax_ref[A * d + a * (n + 1) + m])
 
     def one(_, c):
         X, st, ns, tg = c
@@ -160,8 +162,9 @@ def fused_group(dyn, solver, dt, cap, regions, spec, n, d, X, st, ns, t, h, tag,
     stp = jnp.pad(st, (0, pad), constant_values=CONVERGED)[None]  # padding lanes never run
     nsp = jnp.pad(ns, (0, pad))[None]
     tgp = jnp.pad(tag, (0, pad), constant_values=-1)[None]
-    axv = jnp.zeros((1,), X.dtype) if regions is None else jnp.ravel(regions.axes).astype(X.dtype)
-    static = None if regions is None else eqx.tree_at(lambda r: r.axes, regions, None)  # radii and tags: static
+    axv = (jnp.zeros((1,), X.dtype) if regions is None
+           else jnp.concatenate([jnp.ravel(regions.axes), jnp.ravel(regions.radius2)]).astype(X.dtype))
+    static = None if regions is None else eqx.tree_at(lambda r: (r.axes, r.radius2), regions, (None, None))  # tags
     kern = functools.partial(_group_kernel, prog=prog, nflat=len(flats), D=D, tol=spec.tol, group=int(spec.group),
                              continuous=spec.continuous, bools=bools, n=n, d=d, regions=static)
     lanes = pl.BlockSpec((D, block), lambda g: (0, g))

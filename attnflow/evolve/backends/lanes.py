@@ -21,7 +21,7 @@ TILE = 1024
 def _tile_run(x, prog, scal, plan, scale):
     """Evolve one tile ``x`` ``(d n, T)``: final tile, saved ``(n_seg, d n, T)`` (or None), status, steps."""
     T = x.shape[1]
-    stacked = lambda X, k: jnp.stack(prog.step(scal, k, tuple(X), T))  # one (d n, T) carry: see machine.over_rows
+    stacked = lambda X, k: prog.step_array(scal, k, X)  # one (d n, T) carry: see machine.over_rows
 
     def seg(c, s):
         c = machine.segment(c, s, stacked, plan, scale, plan.unroll)
@@ -37,7 +37,7 @@ def _local(x0, dt, *flats, prog, plan, tile, continuous):
     xt = machine.to_lanes(x0, T)
     nt = xt.shape[1] // T
     tiles = jnp.moveaxis(xt.reshape(D, nt, T), 1, 0)  # (nt, D, T)
-    scal = prog.scalars(list(flats))
+    scal = list(flats)
     scale = dt.astype(x0.dtype) if continuous else None
     X, saved, st, ns = jax.lax.map(lambda x: _tile_run(x, prog, scal, plan, scale), tiles)
     X = jnp.moveaxis(X, 0, 1).reshape(D, nt * T)

@@ -235,11 +235,13 @@ class LaneProgram:
         ins.append(_Lanes(_obj((self.n, self.d))))
         return ins
 
-    def _run(self, em: _Emitter, inputs, *, record: bool, roots=None, scalars=None):
+    def _run(self, em: _Emitter, inputs, *, record: bool, roots=None, scalars=None, arrays=None):
         """Interpret the step. ``roots``: root index -> traced array (prepare); ``scalars``: root index -> object
-        array of loop-ready scalars (step). Root ids are assigned in evaluation order, identically in every run."""
+        array of loop-ready scalars (step); ``arrays``: root index -> flat array (step_array). Root ids are assigned
+        in evaluation order, identically in every run."""
         self._next_root = self.num_weights
         self._record, self._roots, self._scalars = record, roots, scalars
+        self._arrays = arrays
         consts = [_Const(c) if not _is_traced(c) else _Uniform(c, None) for c in self._closed.consts]
         return self._eval(em, self._closed.jaxpr, consts, inputs)[0]
 
@@ -306,6 +308,8 @@ class LaneProgram:
         shapes_out = [tuple(v.aval.shape) for v in eqn.outvars]
         if not any(isinstance(v, _Lanes) for v in ins):
             return self._uniform(eqn, ins, params, shapes_out)
+        if self._arrays is not None:
+            return self._lanes_array(eqn, ins, params, shapes_out)
         return self._lanes(em, eqn, ins, params, shapes_out)
 
     def _uniform(self, eqn, ins, params, shapes_out):
@@ -400,6 +404,111 @@ class LaneProgram:
                     out[b + i + j] = acc
         return out
 
+    # -- the batch-last form: every state-dependent value one array, the members on its last axis ----------------
+    def _array(self, v):
+        """A value as an array whose last axis runs over the members (extent T, or 1 where it does not depend on
+        the state)."""
+        if isinstance(v, _Lanes):
+            return v.els
+        if isinstance(v, _Const):
+            return v.val[..., None]
+        if v.refs is None:
+            raise Unsupported("a traced constant captured by the step")
+        refs = v.refs.reshape(-1)
+        roots = {r for r, _ in refs}
+        if len(roots) == 1:
+            (r,) = roots
+            flat = self._arrays[r]
+            idx = np.fromiter((f for _, f in refs), dtype=np.int64, count=len(refs))
+            out = flat if len(idx) == flat.shape[0] and np.array_equal(idx, np.arange(len(idx))) else flat[idx]
+        else:
+            out = jnp.stack([self._arrays[r][f] for r, f in refs])
+        return out.reshape(v.refs.shape + (1,))
+
+    @staticmethod
+    def _widen(x, shape, extent):
+        """``x`` (``shape + (1 or extent,)``) broadcast to ``shape + (extent,)``."""
+        x = jnp.asarray(x)
+        return x if x.shape[-1] == extent else lax.broadcast_in_dim(x, tuple(shape) + (extent,), tuple(range(x.ndim)))
+
+    def _lanes_array(self, eqn, ins, params, shapes_out):
+        name, prim = eqn.primitive.name, eqn.primitive
+        avals = [v.aval for v in eqn.invars]
+        if name in ELEMENTWISE:
+            if name in ("stop_gradient", "copy", "copy_p") or (name == "convert_element_type" and avals[0].dtype == params["new_dtype"]):
+                return [_Lanes(self._array(ins[0]))]
+            if name == "select_n" and isinstance(ins[0], _Const) and np.all(ins[0].val == ins[0].val.reshape(-1)[0]):
+                return [_Lanes(self._array(ins[1 + int(ins[0].val.reshape(-1)[0])]))]  # a constant choice
+            xs = [self._array(v) for v in ins]
+            xs = [jnp.asarray(x, a.dtype) if isinstance(x, np.ndarray) else x for x, a in zip(xs, avals)]
+            extent = max(x.shape[-1] for x in xs)
+            shape = shapes_out[0]
+            xs = [self._widen(lax.broadcast_in_dim(x, tuple(shape) + (x.shape[-1],), tuple(range(len(shape) - x.ndim + 1, len(shape))) + (len(shape),))
+                              if x.shape[:-1] != tuple(shape) else x, shape, extent) for x in xs]
+            return [_Lanes(prim.bind(*xs, **params))]
+        if name in STRUCTURAL or name in _REDUCE or name in _CUMULATIVE:
+            xs = [self._array(v) for v in ins]
+            xs = [jnp.asarray(x, a.dtype) if isinstance(x, np.ndarray) else x for x, a in zip(xs, avals)]
+            x = xs[0]
+            L = x.shape[-1]
+            if name == "broadcast_in_dim":
+                shape = tuple(params["shape"])
+                out = lax.broadcast_in_dim(x, shape + (L,), tuple(int(d) for d in params["broadcast_dimensions"]) + (len(shape),))
+            elif name == "reshape":
+                if params.get("dimensions") is not None:
+                    raise Unsupported("reshape with dimensions")
+                out = lax.reshape(x, tuple(params["new_sizes"]) + (L,))
+            elif name == "transpose":
+                out = lax.transpose(x, tuple(params["permutation"]) + (x.ndim - 1,))
+            elif name == "squeeze":
+                out = lax.squeeze(x, tuple(int(d) for d in params["dimensions"]))
+            elif name == "expand_dims":
+                out = lax.expand_dims(x, tuple(params["dimensions"]))
+            elif name == "rev":
+                out = lax.rev(x, tuple(params["dimensions"]))
+            elif name == "slice":
+                strides = params.get("strides") or (1,) * (x.ndim - 1)
+                out = lax.slice(x, tuple(params["start_indices"]) + (0,), tuple(params["limit_indices"]) + (L,), tuple(strides) + (1,))
+            elif name == "concatenate":
+                E = max(v.shape[-1] for v in xs)
+                out = lax.concatenate([self._widen(v, v.shape[:-1], E) for v in xs], int(params["dimension"]))
+            elif name == "pad":
+                if xs[1].shape[-1] != 1 or isinstance(ins[1], _Lanes):
+                    raise Unsupported("pad with a state-dependent padding value")
+                out = lax.pad(x, xs[1].reshape(()), tuple(tuple(c) for c in params["padding_config"]) + ((0, 0, 0),))
+            elif name == "split":
+                return [_Lanes(o) for o in lax.split(x, tuple(params["sizes"]), int(params["axis"]))]
+            else:  # reductions over the array axes, cumulative ones along one: the member axis is not among them
+                out = prim.bind(x, **params)
+            return [_Lanes(out)]
+        if name == "dot_general":
+            return [_Lanes(self._dot_array(*[self._array(v) for v in ins[:2]], params, avals, eqn.outvars[0].aval))]
+        raise Unsupported(f"primitive {name!r}")
+
+    @staticmethod
+    def _dot_array(lhs, rhs, params, avals, out_aval):
+        """dot_general on batch-last arrays: products of the contracted entries summed in order (no matmul: the
+        contractions of a step are small and the member axis stays the vector axis)."""
+        (lc, rc), (lb, rb) = params["dimension_numbers"]
+        lc, rc, lb, rb = (tuple(int(a) for a in t) for t in (lc, rc, lb, rb))
+        dt = out_aval.dtype
+        lhs, rhs = jnp.asarray(lhs, avals[0].dtype).astype(dt), jnp.asarray(rhs, avals[1].dtype).astype(dt)
+        lf = tuple(a for a in range(lhs.ndim - 1) if a not in lc + lb)
+        rf = tuple(a for a in range(rhs.ndim - 1) if a not in rc + rb)
+        bshape = tuple(lhs.shape[a] for a in lb)
+        lfs, rfs = tuple(lhs.shape[a] for a in lf), tuple(rhs.shape[a] for a in rf)
+        C = math.prod(lhs.shape[a] for a in lc)
+        B, I, J = math.prod(bshape), math.prod(lfs), math.prod(rfs)
+        Lt = jnp.transpose(lhs, lb + lf + lc + (lhs.ndim - 1,)).reshape(B, I, 1, C, lhs.shape[-1])
+        Rt = jnp.transpose(rhs, rb + rf + rc + (rhs.ndim - 1,)).reshape(B, 1, J, C, rhs.shape[-1])
+        if C <= 64:
+            acc = Lt[:, :, :, 0] * Rt[:, :, :, 0]
+            for c in range(1, C):
+                acc = acc + Lt[:, :, :, c] * Rt[:, :, :, c]
+        else:
+            acc = jnp.sum(Lt * Rt, axis=3)
+        return acc.reshape(bshape + lfs + rfs + (acc.shape[-1],))
+
     # -- the two entry points -------------------------------------------------------------------------------
     def prepare(self, args) -> list:
         """The weight-only values the loop reads, as a list of flat arrays (computed once, outside the loop)."""
@@ -446,3 +555,18 @@ class LaneProgram:
                 e = els[i, a]
                 res.append(em._lift(e, self.dtype, (lanes,)) if isinstance(e, np.generic) or e.shape != (lanes,) else e)
         return tuple(res)
+
+    def step_array(self, flats, k, rows):
+        """:meth:`step` in the batch-last form: ``rows`` ``(d n, T)`` (row ``a n + i`` = coordinate a of token i) to
+        the next ``(d n, T)``, every operation of the step applied once to the array of all its entries (so XLA
+        compiles a few dozen kernels rather than one per scalar; same arithmetic, sums in the same order). `flats`:
+        :meth:`prepare`'s arrays."""
+        n, d = self.n, self.d
+        T = rows.shape[-1]
+        X = jnp.transpose(rows.reshape(d, n, T), (1, 0, 2))
+        ins = [_Uniform(None, _refs(i, v.aval.shape)) for i, v in enumerate(self._closed.jaxpr.invars[: self.num_weights])]
+        k = jnp.asarray(k, jnp.int32)
+        ins += [_Lanes(jnp.reshape(k, (1,)) if k.ndim == 0 else k), _Lanes(X)]  # k: one step index, or one per member
+        out = self._run(_Emitter(emit=True), ins, record=False, arrays=dict(zip(self.roots, flats)))
+        Y = self._widen(jnp.asarray(self._array(out), self.dtype), (n, d), T)
+        return jnp.transpose(Y, (1, 0, 2)).reshape(d * n, T)
