@@ -280,3 +280,35 @@ def test_cache_slots_is_a_pure_function_of_size_dtype_and_cache():
     assert cache_slots(1452, 8, l2=2 << 20) == 128 and cache_slots(100, 4, l2=2 << 20) == 4096
     assert cache_slots(10**6, 4, l2=2 << 20) == SLOTS_RANGE[0]
     assert cache_slots(1452, 4) == cache_slots(1452, 4, l2=l2_cache_bytes()) and l2_cache_bytes() > 0
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _map(11, 2, 4, 3, attention=af.Attention("softmax", mask="causal")),
+        lambda: _map(12, 1, 3, 3, attention=Cosine(), norm=CubeNorm()),
+        lambda: _map(13, 3, 3, 2, attention=af.Attention("sinkhorn", sinkhorn_iters=2), norm=LayerNorm()),
+    ],
+    ids=["causal-two-heads", "new-kind-new-norm", "sinkhorn-three-heads"],
+)
+def test_batch_last_step_equals_the_unrolled_step_and_one_step_under_vmap(make):
+    """One step in the lanes backend's batch-last form (:meth:`LaneProgram.step_array`), in the fused kernel's
+    unrolled form (:meth:`LaneProgram.step`) and the per-configuration step under vmap, on the same states; float64,
+    1e-12 (the same arithmetic; sums may be ordered differently). Also with one step index per member."""
+    from attnflow.evolve.backends import one_step
+
+    dyn = make()
+    n, d, T = 6, dyn.attn.heads.dim, 9
+    X = np.asarray(_x0(21, T, n, d))
+    rows = jnp.asarray(np.transpose(X, (2, 1, 0)).reshape(d * n, T))
+    prog = backends.lane_program(dyn, af.Iterate(), 1.0, n, d, jnp.float64)
+    flats = prog.prepare((dyn, af.Iterate(), jnp.asarray(1.0, jnp.float64)))
+    ref = jax.vmap(lambda x: one_step((dyn, af.Iterate(), jnp.asarray(1.0)), jnp.int32(3), x))(jnp.asarray(X))
+    ref_rows = np.transpose(np.asarray(ref), (2, 1, 0)).reshape(d * n, T)
+    got = jax.jit(lambda r, f: prog.step_array(f, jnp.int32(3), r))(rows, flats)
+    assert got.shape == (d * n, T)
+    np.testing.assert_allclose(np.asarray(got), ref_rows, rtol=0, atol=1e-12)
+    unrolled = jnp.stack(prog.step(prog.scalars(flats), jnp.int32(3), tuple(rows), T))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(unrolled), rtol=0, atol=1e-12)
+    per_member = jax.jit(lambda r, f: prog.step_array(f, jnp.full((T,), 3, jnp.int32), r))(rows, flats)
+    np.testing.assert_allclose(np.asarray(per_member), np.asarray(got), rtol=0, atol=1e-12)

@@ -1,4 +1,11 @@
-"""A model's own step, re-evaluated with its small array axes unrolled into batch-wide lanes.
+"""A model's own step, re-evaluated on a batch of members held on lanes: batch-last arrays, or unrolled scalars.
+
+Two forms. :meth:`LaneProgram.step_array` (the lanes backend) applies each equation of the step once, to arrays
+whose last axis runs over the members: ``(n, d, T)`` for a state, ``(n, n, T)`` for attention logits, weights
+broadcast along that axis; contractions are sums of products over the contracted entries, in order (no matmul, so
+the member axis stays the vector axis). XLA compiles a few dozen kernels for it (measured: 0.2 s against 2.7 s for
+the unrolled form, toy n = 10, d = 3, at the same speed). :meth:`LaneProgram.step` (the fused Pallas kernel, which
+works on scalars) unrolls every array axis, as described next.
 
 The lanes and fused backends hold the batch as the lane (fastest) axis: the state of B members is d n
 vectors of shape ``(B,)``, one per scalar of the ``(n, d)`` configuration. Rather than restating the model
