@@ -156,15 +156,20 @@ def _member_ops(dyn) -> _Ops:
     return _Ops(dyn.vf, dyn.project, lanes=False)
 
 
-def lane_ops(dyn, n: int, d: int, P: int, dtype) -> _Ops:
-    """:class:`_Ops` on a pool's rows ``(d n, P)`` from the unrolled vector field and projection of ``dyn``
-    (:class:`~attnflow.evolve.backends.unroll.LaneProgram`: the model's own arithmetic, no second copy)."""
+def lane_ops(dyn, n: int, d: int, P: int, dtype, *, unrolled: bool = False) -> _Ops:
+    """:class:`_Ops` on a pool's rows ``(d n, P)`` from the vector field and projection of ``dyn`` re-evaluated on
+    lanes (:class:`~attnflow.evolve.backends.unroll.LaneProgram`: the model's own arithmetic, no second copy), in
+    batch-last form, or `unrolled` into per-member scalars."""
     from . import backends
 
     vf = backends.lane_function("vf", dyn, n, d, dtype)
     pr = backends.lane_function("project", dyn, n, d, dtype)
     fv, fp = vf.prepare(dyn), pr.prepare(dyn)
     k0 = jnp.zeros((), jnp.int32)
+    if unrolled:
+        sv, sp = vf.scalars(fv), pr.scalars(fp)
+        return _Ops(lambda t, X: jnp.stack(vf.step(sv, k0, tuple(X), P)), lambda X: jnp.stack(pr.step(sp, k0, tuple(X), P)),
+                    lanes=True)
     return _Ops(lambda t, X: vf.step_array(fv, k0, X), lambda X: pr.step_array(fp, k0, X), lanes=True)
 
 
