@@ -24,7 +24,7 @@ def _tile_run(x, prog, scal, plan, scale):
     stacked = lambda X, k: prog.step_array(scal, k, X)  # one (d n, T) carry: see machine.over_rows
 
     def seg(c, s):
-        c = machine.segment(c, s, stacked, plan, scale, plan.unroll)
+        c = machine.segment(c, s, stacked, plan, scale, plan.unroll, chain=True)
         return c, (c[0] if plan.save else None)
 
     (X, _, st, ns), saved = jax.lax.scan(seg, machine.start(x), jnp.arange(plan.n_seg, dtype=jnp.int32))
