@@ -42,7 +42,7 @@ V = [[1.0, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, -0.3]]
 [dynamics]
 alpha = 0.1
 tokens = 6
-steps = 3000
+steps = 20000
 batch = 4000
 saves = 10
 """
