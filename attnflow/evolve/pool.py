@@ -241,11 +241,11 @@ def _rk4_stage_loop(dyn, solver, dt, n: int, d: int, P: int, dtype):
     field (the stages unrolled hold four copies: several times the compile time); the arithmetic of
     :meth:`~attnflow.RK4.step`, in its order. None when :func:`_looped_stages` says the whole step is unrolled.
     The vector field is the unrolled one (:meth:`LaneProgram.step`), not the batch-last one the other lanes programs
-    use: in this loop it ran a 2 x 10^4-member study of the benchmarks' sphere flow in 4.1 s warm against 5.1-5.6 s
-    (and the stages written out batch-last, 4.7 s), for 0.3 s more compile (2-core CPU, float32, 256 slots)."""
+    use: in this loop it ran a 2 x 10^4-member study of the benchmarks' sphere flow in 4.0-4.1 s warm against 4.9 s
+    (and the stages written out batch-last, 4.7 s), for 0.3-0.7 s more compile (2-core CPU, float32, 256 slots)."""
     if type(solver) is not RK4 or not _looped_stages(dyn, solver, n, d, dtype):
         return None
-    ops = _adaptive.lane_ops(dyn, n, d, P, dtype, unrolled=True)  # measured: 4.0-4.1 s against 4.9 s batch-last
+    ops = _adaptive.lane_ops(dyn, n, d, P, dtype, unrolled=True)
     half, whole = jnp.asarray(0.5, dtype) * dt, jnp.asarray(1.0, dtype) * dt
     shifts = jnp.stack([jnp.zeros((), dtype), half, half, whole])  # stage i evaluates f at X + shifts[i] k_(i-1)
     weights = jnp.asarray([1.0, 2.0, 2.0, 1.0], dtype)

@@ -346,13 +346,10 @@ def layout(dyn, solver, tokens: int, dtype) -> Regions | None:
     return Regions(jnp.asarray(np.stack(vecs), dtype), np.full((len(vecs), n + 1), -1.0), [a * (n + 1) for a in range(len(vecs))])
 
 
-def regions(certs: list[Certificate], dyn, solver, tokens: int, dtype) -> tuple[Regions | None, dict]:
-    """The :class:`~attnflow.evolve.regions.Regions` of these certificates (:func:`layout`'s, with their radii), and
-    ``{tag: X}`` (the equilibrium of each certified region: tag ``axis (n + 1) + m``, axis its index among
+def regions(certs: list[Certificate], empty: Regions, tokens: int) -> tuple[Regions, dict]:
+    """The regions of these certificates (`empty`, :func:`layout`'s for the same model and solver, with their radii),
+    and ``{tag: X}`` (the equilibrium of each certified region: tag ``axis (n + 1) + m``, axis its index among
     :func:`candidate_axes`)."""
-    empty = layout(dyn, solver, tokens, dtype)
-    if empty is None:
-        return None, {}
     r2 = np.array(empty.radius2, np.float64)
     eqs = {}
     for c in certs:

@@ -201,7 +201,7 @@ def _certified(dyn, solver, span, n, dtype, then, verifier, layout):
         if len(_CERTS) >= 16:
             _CERTS.pop(next(iter(_CERTS)))
         _CERTS[key] = certs
-    regions, eqs = make_regions(certs, dyn, solver, n, dtype)
+    regions, eqs = make_regions(certs, layout, n)
     if not eqs:
         return regions, {}
     tags = sorted(eqs)

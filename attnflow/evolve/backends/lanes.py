@@ -18,10 +18,10 @@ TILE = 1024
 """Ensemble members per tile (measured on a 2-core CPU, toy n = 10, d = 3: tiles of 512-4096 within 10%)."""
 
 
-def _tile_run(x, prog, scal, plan, scale):
+def _tile_run(x, prog, flats, plan, scale):
     """Evolve one tile ``x`` ``(d n, T)``: final tile, saved ``(n_seg, d n, T)`` (or None), status, steps."""
     T = x.shape[1]
-    stacked = lambda X, k: prog.step_array(scal, k, X)  # one (d n, T) carry: see machine.over_rows
+    stacked = lambda X, k: prog.step_array(flats, k, X)  # one (d n, T) carry: see machine.over_rows
 
     def seg(c, s):
         c = machine.segment(c, s, stacked, plan, scale, plan.unroll, chain=True)
@@ -37,9 +37,8 @@ def _local(x0, dt, *flats, prog, plan, tile, continuous):
     xt = machine.to_lanes(x0, T)
     nt = xt.shape[1] // T
     tiles = jnp.moveaxis(xt.reshape(D, nt, T), 1, 0)  # (nt, D, T)
-    scal = list(flats)
     scale = dt.astype(x0.dtype) if continuous else None
-    X, saved, st, ns = jax.lax.map(lambda x: _tile_run(x, prog, scal, plan, scale), tiles)
+    X, saved, st, ns = jax.lax.map(lambda x: _tile_run(x, prog, list(flats), plan, scale), tiles)
     X = jnp.moveaxis(X, 0, 1).reshape(D, nt * T)
     if plan.save:  # (nt, n_seg, D, T) -> (n_seg, D, nt T)
         saved = jnp.moveaxis(saved, 0, 2).reshape(plan.n_seg, D, nt * T)

@@ -434,9 +434,15 @@ class LaneProgram:
 
     @staticmethod
     def _widen(x, shape, extent):
-        """``x`` (``shape + (1 or extent,)``) broadcast to ``shape + (extent,)``."""
+        """``x`` (its member axis of extent 1 or `extent`, its other axes the trailing ones of `shape`, as an operand
+        of an elementwise primitive may be) broadcast to ``shape + (extent,)``."""
         x = jnp.asarray(x)
-        return x if x.shape[-1] == extent else lax.broadcast_in_dim(x, tuple(shape) + (extent,), tuple(range(x.ndim)))
+        target = tuple(shape) + (extent,)
+        return x if x.shape == target else lax.broadcast_in_dim(x, target, tuple(range(len(target) - x.ndim, len(target))))
+
+    def _operands(self, ins, avals):
+        """The inputs of an equation as batch-last arrays, in their jaxpr dtypes."""
+        return [jnp.asarray(x, a.dtype) if isinstance(x, np.ndarray) else x for x, a in zip(map(self._array, ins), avals)]
 
     def _lanes_array(self, eqn, ins, params, shapes_out):
         name, prim = eqn.primitive.name, eqn.primitive
@@ -446,16 +452,11 @@ class LaneProgram:
                 return [_Lanes(self._array(ins[0]))]
             if name == "select_n" and isinstance(ins[0], _Const) and np.all(ins[0].val == ins[0].val.reshape(-1)[0]):
                 return [_Lanes(self._array(ins[1 + int(ins[0].val.reshape(-1)[0])]))]  # a constant choice
-            xs = [self._array(v) for v in ins]
-            xs = [jnp.asarray(x, a.dtype) if isinstance(x, np.ndarray) else x for x, a in zip(xs, avals)]
+            xs = self._operands(ins, avals)
             extent = max(x.shape[-1] for x in xs)
-            shape = shapes_out[0]
-            xs = [self._widen(lax.broadcast_in_dim(x, tuple(shape) + (x.shape[-1],), tuple(range(len(shape) - x.ndim + 1, len(shape))) + (len(shape),))
-                              if x.shape[:-1] != tuple(shape) else x, shape, extent) for x in xs]
-            return [_Lanes(prim.bind(*xs, **params))]
+            return [_Lanes(prim.bind(*[self._widen(x, shapes_out[0], extent) for x in xs], **params))]
         if name in STRUCTURAL or name in _REDUCE or name in _CUMULATIVE:
-            xs = [self._array(v) for v in ins]
-            xs = [jnp.asarray(x, a.dtype) if isinstance(x, np.ndarray) else x for x, a in zip(xs, avals)]
+            xs = self._operands(ins, avals)
             x = xs[0]
             L = x.shape[-1]
             if name == "broadcast_in_dim":
@@ -508,12 +509,9 @@ class LaneProgram:
         B, I, J = math.prod(bshape), math.prod(lfs), math.prod(rfs)
         Lt = jnp.transpose(lhs, lb + lf + lc + (lhs.ndim - 1,)).reshape(B, I, 1, C, lhs.shape[-1])
         Rt = jnp.transpose(rhs, rb + rf + rc + (rhs.ndim - 1,)).reshape(B, 1, J, C, rhs.shape[-1])
-        if C <= 64:
-            acc = Lt[:, :, :, 0] * Rt[:, :, :, 0]
-            for c in range(1, C):
-                acc = acc + Lt[:, :, :, c] * Rt[:, :, :, c]
-        else:
-            acc = jnp.sum(Lt * Rt, axis=3)
+        acc = Lt[:, :, :, 0] * Rt[:, :, :, 0]
+        for c in range(1, C):  # C <= n d <= MAX_STATE: a chain XLA fuses into one kernel
+            acc = acc + Lt[:, :, :, c] * Rt[:, :, :, c]
         return acc.reshape(bshape + lfs + rfs + (acc.shape[-1],))
 
     # -- the two entry points -------------------------------------------------------------------------------
