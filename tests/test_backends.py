@@ -312,3 +312,31 @@ def test_batch_last_step_equals_the_unrolled_step_and_one_step_under_vmap(make):
     np.testing.assert_allclose(np.asarray(got), np.asarray(unrolled), rtol=0, atol=1e-12)
     per_member = jax.jit(lambda r, f: prog.step_array(f, jnp.full((T,), 3, jnp.int32), r))(rows, flats)
     np.testing.assert_allclose(np.asarray(per_member), np.asarray(got), rtol=0, atol=1e-12)
+
+
+def test_constant_folding_with_numpy_equals_the_primitives():
+    """The lanes interpreter folds constant ``iota``, ``broadcast_in_dim`` and exact conversions with NumPy: each
+    equals the primitive's own result (value and dtype); other conversions (float to int) are left to the
+    primitive."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    from attnflow.evolve.backends.unroll import _fold
+
+    cases = [
+        (lax.iota_p, [], dict(dtype=np.int32, shape=(3, 4, 2), dimension=1, sharding=None)),
+        (lax.iota_p, [], dict(dtype=np.float32, shape=(5,), dimension=0, sharding=None)),
+        (lax.broadcast_in_dim_p, [np.arange(3, dtype=np.int32)], dict(shape=(2, 3, 4), broadcast_dimensions=(1,), sharding=None)),
+        (lax.broadcast_in_dim_p, [np.array(1.5, np.float32)], dict(shape=(8, 8), broadcast_dimensions=(), sharding=None)),
+        (lax.broadcast_in_dim_p, [np.arange(6.0).reshape(2, 1, 3)], dict(shape=(2, 5, 3), broadcast_dimensions=(0, 1, 2), sharding=None)),
+        (lax.convert_element_type_p, [np.array([True, False])], dict(new_dtype=np.float32, weak_type=False, sharding=None)),
+        (lax.convert_element_type_p, [np.arange(-3, 4, dtype=np.int32)], dict(new_dtype=np.float64, weak_type=False, sharding=None)),
+        (lax.convert_element_type_p, [np.array([1 / 3, 1e30, -2.5])], dict(new_dtype=np.float32, weak_type=False, sharding=None)),
+    ]
+    for prim, vals, params in cases:
+        got = _fold(prim.name, params, vals)
+        want = np.asarray(prim.bind(*(jnp.asarray(v) for v in vals), **params))
+        assert got is not None and got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+    assert _fold("convert_element_type", dict(new_dtype=np.int32), [np.array([2.7, -2.7])]) is None
+    assert _fold("exp", {}, [np.zeros(2)]) is None

@@ -162,32 +162,68 @@ def test_fused_group_kernel_lowers_to_triton_for_cuda():
 
 def test_certified_regions_on_every_mode():
     """A member that enters a certified region stops there as 'certified' with the region's tag, after the same
-    number of steps on the xla, lanes and fused (interpreted) backends and in the adaptive mode's own test."""
+    number of steps on the xla, lanes and fused (interpreted) backends and in the adaptive mode's own test; `then`
+    labels it by its region's equilibrium (as converged), every other member by its own final state."""
     import jax.numpy as jnp
 
+    from attnflow.analysis.classify import classifier, label_rows
     from attnflow.evolve.regions import Regions, test_state
 
     dyn = mapped(alpha=0.3)
     x0 = sphere(16, n=3, seed=9)
     reg = Regions(jnp.eye(3)[:1], ((0.05, -1.0, -1.0, 0.05),), (0,))  # consensus on -e1 and +e1: |X - X*|^2 <= 0.05
+    clf = classifier(dyn)
     outs = {}
     for backend in ("xla", "lanes", "fused"):
         p = S.empty_pool(8, 3, 3, np.float64)
         p, r = S.advance_pool(dyn, p, x0, np.arange(16, dtype=np.int32), 16, budget=af.Budget(max_steps=400),
-                              stop=af.Stop(1e-9), execution=af.Execution(backend=backend, group=3), drain=True, regions=reg)
-        idx, fin, oc, ns, _ = r.valid()
+                              stop=af.Stop(1e-9), execution=af.Execution(backend=backend, group=3), drain=True, regions=reg,
+                              then=clf)
+        idx, fin, oc, ns, labels = r.valid()
         order = np.argsort(idx)
-        outs[backend] = (oc[order], ns[order], np.asarray(r.tag)[: len(idx)][order], fin[order])
-    oc, ns, tg, fin = outs["xla"]
+        outs[backend] = (oc[order], ns[order], np.asarray(r.tag)[: len(idx)][order], fin[order], label_rows(labels)[order])
+    oc, ns, tg, fin, rows = outs["xla"]
     cert = oc == af.OUTCOMES.index("certified")
     assert cert.sum() >= 4 and set(tg[cert]) <= {0, 3} and np.all(tg[~cert] == -1)
     for b in ("lanes", "fused"):
         assert np.array_equal(outs[b][0], oc) and np.array_equal(outs[b][1], ns) and np.array_equal(outs[b][2], tg)
+        assert np.array_equal(outs[b][4], rows)
+    e1 = np.array([1.0, 0.0, 0.0])
+    expect = {0: label_rows(clf(jnp.asarray(np.tile(-e1, (1, 3, 1)))))[0], 3: label_rows(clf(jnp.asarray(np.tile(e1, (1, 3, 1)))))[0]}
+    assert expect[0][0] == af.OUTCOMES.index("converged") and not np.array_equal(expect[0], expect[3])
+    for r, t in zip(rows[cert], tg[cert]):
+        assert np.array_equal(r, expect[int(t)])
+    own = label_rows(clf(jnp.asarray(fin[~cert]), jnp.asarray(oc[~cert])))
+    assert np.array_equal(rows[~cert], own)
     for X, t in zip(fin[cert], tg[cert]):  # in the region now, and its test agrees
         v = np.array([1.0, 0, 0]) * (1 if t == 3 else -1)
         assert np.sum((X - v) ** 2) <= 0.05
         h, tt = test_state(reg, jnp.asarray(X))
         assert bool(h) and int(tt) == t
+
+
+def test_region_equilibria_are_the_certified_arrangements():
+    """``equilibria`` gives, for tag ``tags[a] + m``, m tokens at +axes[a] then n - m at -axes[a] (two axes with
+    tag bases that are not contiguous), and zeros for tag -1; the region test puts that arrangement in its own
+    region."""
+    import jax.numpy as jnp
+
+    from attnflow.evolve.regions import Regions, equilibria, test_state
+
+    n = 4
+    axes = np.array([[0.6, 0.8, 0.0], [0.0, 0.0, 1.0]])
+    reg = Regions(axes, np.full((2, n + 1), 0.01), (0, 2 * (n + 1)))
+    tags = np.array([0, 3, 4, 10, 12, 14, -1], np.int32)
+    got = np.asarray(equilibria(reg, jnp.asarray(tags), n))
+    for X, t in zip(got, tags):
+        if t < 0:
+            assert np.all(X == 0)
+            continue
+        a, m = (0, t) if t <= n else (1, t - 2 * (n + 1))
+        want = np.array([axes[a]] * m + [-axes[a]] * (n - m))
+        np.testing.assert_array_equal(X, want)
+        hit, tt = test_state(reg, jnp.asarray(X))
+        assert bool(hit) and int(tt) == t
 
 
 def test_adaptive_mode_agrees_with_diffrax_member_by_member():

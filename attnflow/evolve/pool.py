@@ -38,8 +38,8 @@ from ..model.dynamics import AbstractFlow, AbstractMap
 from . import adaptive as _adaptive, backends
 from .backends import machine, one_step
 from .options import Budget, Execution, Span, Stop
-from .outcome import CONVERGED, NOT_CONVERGED, mark_degenerate
-from .regions import Regions, test_rows
+from .outcome import CERTIFIED, CONVERGED, NOT_CONVERGED, mark_degenerate
+from .regions import Regions, equilibria, test_rows
 from .solvers import RK4, Adaptive, Iterate
 
 GROUP = 8
@@ -82,7 +82,8 @@ class Retired(eqx.Module):
     queue + pool entries). ``outcome`` includes ``degenerate``; ``time`` is each member's final time (steps x dt for
     fixed-step flows, steps for maps, the accepted time for the adaptive solver); ``tag`` the certified region of a
     ``certified`` member (-1 otherwise); ``extra`` is ``then(final, outcome)`` of :func:`advance_pool` (e.g. labels),
-    or None."""
+    or None; a certified member is shown to `then` as its region's equilibrium, with outcome ``converged``
+    (:func:`attnflow.evolve.regions.equilibria`), so its label is the attractor its certificate proves."""
 
     index: Int[Array, " R"]
     final: Float[Array, "R n d"]
@@ -345,7 +346,13 @@ def _advance_impl(dyn, solver, pool: Pool, queue, qidx, count, drain, dt, cap, r
     slots, _, (ox, oi, os_, on, ot, og), nout = c
     final = jnp.transpose(ox.reshape(d, n, R), (2, 1, 0))
     os_ = mark_degenerate(dyn, final, os_)
-    extra = None if then is None else then(final, os_)
+    extra = None
+    if then is not None and regions is not None:  # a certified member is labelled by its region's equilibrium
+        cert = (os_ == CERTIFIED) & (og >= 0)
+        shown = jnp.where(cert[:, None, None], equilibria(regions, og, n).astype(final.dtype), final)
+        extra = then(shown, jnp.where(cert, CONVERGED, os_).astype(os_.dtype))
+    elif then is not None:
+        extra = then(final, os_)
     return Pool(*slots), Retired(oi, final, os_, on, ot, og, nout, extra)
 
 

@@ -102,6 +102,19 @@ def _test_arrays(regions: Regions, c, q):
     return hit, tag
 
 
+def equilibria(regions: Regions, tag, n: int):
+    """The equilibrium of the region of each tag ``(R,)``, ``(R, n, d)``: for tag ``tags[a] + m``, m tokens at
+    +axes[a] and then n - m at -axes[a] (the arrangement :mod:`attnflow.analysis.basins.certify` certifies); zeros
+    for tag -1."""
+    R, (A, d) = tag.shape[0], regions.axes.shape
+    v, m = jnp.zeros((R, d), regions.axes.dtype), jnp.zeros((R,), jnp.int32)
+    for a, base in enumerate(regions.tags):
+        inside = (tag >= base) & (tag <= base + n)
+        v, m = jnp.where(inside[:, None], regions.axes[a], v), jnp.where(inside, tag - base, m)
+    plus = jnp.arange(n)[None, :] < m[:, None]
+    return jnp.where(plus[..., None], v[:, None], -v[:, None])
+
+
 def test_state(regions: Regions, X):
     """``(hit, tag)`` of one member ``(n, d)``."""
     c = (X @ regions.axes.astype(X.dtype).T).T[:, :, None]  # (A, n, 1)

@@ -43,7 +43,7 @@ from ...evolve.outcome import CERTIFIED, CONVERGED, OUTCOMES, SADDLE
 from ...evolve.pool import check_solver, lanes_cost, pool_backend, prepare_members, stream_members
 from ...evolve.solvers import Adaptive
 from ...model import AbstractFlow
-from ..classify import classifier, classify, describe, label_rows
+from ..classify import classifier, describe, label_rows
 from .certify import layout as certify_layout, worth_certifying
 from .results import BasinResult, MemberSample, summarize
 from .sampling import Sphere, draw_samples, sample_stream
@@ -148,24 +148,27 @@ def basin_fractions(
     shape = jax.eval_shape(lambda k: sampler(k, 1), key)
     n, d, dtype = int(shape.shape[1]), int(shape.shape[2]), shape.dtype
     stop = dataclasses.replace(stop, tol=check_tol(stop.tol, dyn, solver, span.dt, dtype, study=True))
-    ex, pi, pc, distributed = _execution(execution, dyn, solver, samples, n, d, dtype, span, ci_width)
+    then = classifier(dyn, tol=cluster_tol)
+    layout = None
+    if stop.certify and worth_certifying(samples, n, d):
+        layout = certify_layout(dyn, solver, n, dtype)
+    # the execution is resolved, and the pool program compiled, in another thread while this one computes the
+    # certificates (the program takes the radii as data: layout's shapes suffice)
+    ahead = _Ahead(lambda: _execution(execution, dyn, solver, samples, n, d, dtype, span, ci_width),
+                   lambda ex: prepare_members(dyn, n, d, dtype, budget=budget, stop=stop, solver=solver, execution=ex,
+                                              pool_size=ex.pool, queue_size=_queue_size(ex, samples, ci_width),
+                                              then=then, regions=layout))
+    regions = _certified(dyn, solver, span, n, dtype, layout)
+    ex, pi, pc, distributed = ahead.execution()
     if run_dir is not None:
         run_dir.open(study_identity(dyn, key, samples, sampler, solver, span.cap, stop, cluster_tol, ex),
                      process_index=pi, process_count=pc, distributed=distributed)
     tally, verifier = Tally(n), Verifier(dyn, dtype)
-    then = classifier(dyn, tol=cluster_tol)
-    queue_size = ex.chunk if ci_width is not None else min(ex.chunk, samples)
-    layout = None
-    if stop.certify and worth_certifying(samples, n, d):
-        layout = certify_layout(dyn, solver, n, dtype)
-    compiling = _compile_ahead(lambda: prepare_members(dyn, n, d, dtype, budget=budget, stop=stop, solver=solver,
-                                                       execution=ex, pool_size=ex.pool, queue_size=queue_size,
-                                                       then=then, regions=layout))
-    regions, tag_rows = _certified(dyn, solver, span, n, dtype, then, verifier, layout)
+    queue_size = _queue_size(ex, samples, ci_width)
     draw_samples(sampler, key, np.arange(ex.chunk))  # the sampler's program, meanwhile (one shape: a full block)
-    compiling.join()
+    ahead.join()
     report = _progress(progress, samples)
-    blocks = _Blocks(ex.chunk, samples, tally, run_dir, verifier, report, tag_rows)
+    blocks = _Blocks(ex.chunk, samples, tally, run_dir, verifier, report)
     n_blocks = math.ceil(samples / ex.chunk)
     adaptive = None if ci_width is None else (lambda: all(a.interval[1] - a.interval[0] < ci_width
                                                           for a in summarize(tally, {}).attractors))
@@ -187,13 +190,13 @@ _CERTS: dict = {}
 them: a second study of the same model reuses them)."""
 
 
-def _certified(dyn, solver, span, n, dtype, then, verifier, layout):
-    """The certified regions of the study (:mod:`.certify`: `layout`'s shapes, None for none) and the label row of
-    each region's tag; their equilibria are verified stable by construction."""
+def _certified(dyn, solver, span, n, dtype, layout):
+    """The certified regions of the study (:mod:`.certify`: `layout`'s shapes, None for none). The pool labels a
+    certified member by its region's equilibrium (:class:`~attnflow.evolve.pool.Retired`), stable by construction."""
     from .certify import certificates, regions as make_regions
 
     if layout is None:
-        return None, {}
+        return None
     key = (fingerprint(dyn), fingerprint(solver), span.dt, n, str(jnp.dtype(dtype)))
     certs = _CERTS.get(key)
     if certs is None:
@@ -201,31 +204,43 @@ def _certified(dyn, solver, span, n, dtype, then, verifier, layout):
         if len(_CERTS) >= 16:
             _CERTS.pop(next(iter(_CERTS)))
         _CERTS[key] = certs
-    regions, eqs = make_regions(certs, layout, n)
-    if not eqs:
-        return regions, {}
-    tags = sorted(eqs)
-    rows = label_rows(classify(then, jnp.asarray(np.stack([eqs[t] for t in tags]), dtype)))
-    tag_rows = {t: r for t, r in zip(tags, rows)}
-    for r in rows:
-        verifier.verdicts[tuple(int(v) for v in r)] = "stable"
-    return regions, tag_rows
+    return make_regions(certs, layout, n)[0]
 
 
-class _compile_ahead(threading.Thread):
-    """Run `prepare` (compiling a study's programs) in a daemon thread; :meth:`join` waits for it. A failure there is
-    dropped: the study's own call of the same program raises it."""
+def _queue_size(ex: Execution, samples: int, ci_width) -> int:
+    return ex.chunk if ci_width is not None else min(ex.chunk, samples)
 
-    def __init__(self, prepare: Callable):
+
+class _Ahead(threading.Thread):
+    """In a daemon thread: ``resolve()`` (the study's execution; :meth:`execution` waits for it and raises its
+    error), then ``prepare(execution)`` (compiling the pool program; :meth:`join` waits for it). A failure of
+    `prepare` is dropped: the study's own call of the same program raises it."""
+
+    def __init__(self, resolve: Callable, prepare: Callable):
         super().__init__(daemon=True, name="attnflow-compile")
-        self.prepare = prepare
+        self.resolve, self.prepare = resolve, prepare
+        self.resolved = threading.Event()
+        self.result, self.error = None, None
         self.start()
 
     def run(self):
         try:
-            self.prepare()
+            self.result = self.resolve()
+        except BaseException as e:  # noqa: BLE001 - raised in the study's thread by execution()
+            self.error = e
+            return
+        finally:
+            self.resolved.set()
+        try:
+            self.prepare(self.result[0])
         except Exception:  # noqa: BLE001 - reported by the study's own call
             pass
+
+    def execution(self):
+        self.resolved.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
 def _sampler(dyn, tokens, sampler):
@@ -334,14 +349,8 @@ class _Blocks:
     """Collects retired members by block: names them (verifying each new label's equilibrium once), and writes (if
     a writer is given) and tallies each block once all its members are in."""
 
-    def __init__(self, block: int, samples: int, tally: Tally, writer, verifier: Verifier, report: Callable, tag_rows: dict):
+    def __init__(self, block: int, samples: int, tally: Tally, writer, verifier: Verifier, report: Callable):
         self.C, self.N, self.tally, self.writer, self.verifier, self.report = block, samples, tally, writer, verifier, report
-        self.tag_table = None  # the label row of every region tag, as one array (a lookup per member)
-        if tag_rows:
-            width = len(next(iter(tag_rows.values())))
-            self.tag_table = np.zeros((max(tag_rows) + 1, width), np.int64)
-            for t, r in tag_rows.items():
-                self.tag_table[t] = r
         self.keep_initial = bool(getattr(writer, "initial", False))
         self.open: dict[int, dict] = {}
         self.initial: dict[int, np.ndarray] = {}
@@ -361,17 +370,18 @@ class _Blocks:
     def read(self, b: int) -> None:
         """Tally a block already written."""
         c = self.writer.read_chunk(b)
+        cert = np.asarray(c["outcome"]) == "certified"
+        self._stable(np.asarray(c["row"])[cert])
         self.tally.add(np.asarray(c["row"]), np.asarray(c["steps"]), np.asarray(c["index"]), np.asarray(c["rep"], np.float64),
-                       certified=np.asarray(c["outcome"]) == "certified")
+                       certified=cert)
         self.report(len(c["index"]))
 
     def add(self, idx, outcome, steps, finals, labels, tag) -> None:
-        """Take the members one pool call retired (the sink of :func:`attnflow.evolve.pool.stream_members`): certified
-        members get their region's label row, the others the classifier's."""
+        """Take the members one pool call retired (the sink of :func:`attnflow.evolve.pool.stream_members`), with
+        their labels (a certified member's: its region's equilibrium's)."""
         rows = label_rows(labels)
         cert = outcome == CERTIFIED
-        if cert.any():
-            rows[cert] = self.tag_table[tag[cert]]
+        self._stable(rows[cert])
         self._saddles(idx, rows, finals, cert)
         for j in np.flatnonzero(idx < KEEP):
             self.kept[int(idx[j])] = (rows[j], finals[j])
@@ -384,6 +394,11 @@ class _Blocks:
                 e[k].append(v)
             if sum(len(a) for a in e["index"]) == self.size(int(b)):
                 self._complete(int(b), {k: np.concatenate(v) for k, v in self.open.pop(int(b)).items()})
+
+    def _stable(self, rows) -> None:
+        """The labels of certified members: their equilibria are stable (the certificate proves it)."""
+        for r in (unique_rows(rows)[0] if len(rows) else ()):
+            self.verifier.verdicts[tuple(int(v) for v in r)] = "stable"
 
     def _saddles(self, idx, rows, finals, cert) -> None:
         """Verify every new converged label (from its member of lowest index here); members of labels whose

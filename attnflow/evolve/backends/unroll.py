@@ -154,6 +154,27 @@ def _structural(name, params, *vals: np.ndarray) -> np.ndarray:
     raise Unsupported(name)  # pragma: no cover - STRUCTURAL lists only the names above
 
 
+def _fold(name: str, params: dict, vals: list) -> np.ndarray | None:
+    """A constant equation evaluated with NumPy where that is exact (the index and shape arithmetic of attention
+    masks: ``iota``, ``broadcast_in_dim``, and conversions from bool and integers or between floats), or None: then
+    the primitive itself runs (each such eager operation is an XLA compile of its own in a new process)."""
+    if name == "iota" and len(params.get("shape", ())) and not vals:
+        shape, dim = tuple(params["shape"]), int(params["dimension"])
+        line = np.arange(shape[dim], dtype=np.dtype(params["dtype"]))
+        return np.array(np.broadcast_to(line.reshape([-1 if i == dim else 1 for i in range(len(shape))]), shape))
+    if name == "broadcast_in_dim" and len(vals) == 1:
+        x, shape = vals[0], tuple(params["shape"])
+        dims = [1] * len(shape)
+        for i, b in enumerate(params["broadcast_dimensions"]):
+            dims[b] = x.shape[i]
+        return np.array(np.broadcast_to(x.reshape(dims), shape))
+    if name == "convert_element_type" and len(vals) == 1:
+        x, to = vals[0], np.dtype(params["new_dtype"])
+        if x.dtype.kind in "biu" and to.kind in "biuf" or x.dtype.kind == "f" and to.kind == "f":
+            return x.astype(to)
+    return None
+
+
 def _is_traced(v) -> bool:
     return isinstance(v, jax.core.Tracer) or isinstance(v, jax.Array) and not isinstance(v, np.ndarray)
 
@@ -308,6 +329,9 @@ class LaneProgram:
             nargs = len(sub_jaxpr.invars)
             return self._eval(em, sub_jaxpr, sub_consts, ins[len(ins) - nargs:])
         if all(isinstance(v, _Const) for v in ins):
+            folded = _fold(name, params, [v.val for v in ins])
+            if folded is not None:
+                return [_Const(folded)]
             with jax.ensure_compile_time_eval():
                 outs = eqn.primitive.bind(*(jnp.asarray(v.val) for v in ins), **params)
             outs = outs if eqn.primitive.multiple_results else [outs]
