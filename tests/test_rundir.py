@@ -175,6 +175,38 @@ def test_every_kind_of_column_round_trips_with_its_dtype_and_shape(tmp_path):
         assert empty["rep"].shape == (0, 6) and empty["name"].dtype.kind == "U" and empty["steps"].dtype == np.int32
 
 
+def test_arrow_columns_are_read_from_their_buffers_at_any_offset():
+    """The buffer-level conversion equals pyarrow's own (``pa.array`` / ``to_pylist``), for every type attnflow
+    writes, on slices of arrays (a nonzero offset into the buffers), including empty ones and non-ASCII text."""
+    import pyarrow as pa
+
+    cases = [np.array(["a", "", "bipartite v1 3:7", "µ→ü", "x" * 40]), np.array([True, False, True, True, False, False, True, True, False]),
+             np.arange(-4, 5, dtype=np.int32), np.arange(9, dtype=np.uint64) * 2**40, np.linspace(-1, 1, 9, dtype=np.float32),
+             np.array([np.nan, np.inf, -0.0, 1e-300, 3.5])]
+    for a in cases:
+        arr = R._to_arrow(a)
+        ref = pa.array(a.tolist(), type=arr.type)
+        assert arr.type == ref.type and repr(arr.to_pylist()) == repr(ref.to_pylist())  # (repr: NaN equals NaN)
+        for lo, hi in ((0, len(a)), (1, len(a)), (2, 4), (3, 3)):
+            got = R._from_arrow(arr[lo:hi])
+            assert got.dtype == a.dtype or (a.dtype.kind == "U" and got.dtype.kind == "U")
+            np.testing.assert_array_equal(got, a[lo:hi])  # NaN equals NaN here; -0.0 == 0.0, so the bits too:
+            assert got.tobytes() == a[lo:hi].astype(got.dtype).tobytes() or a.dtype.kind == "U"
+
+
+def test_writing_and_reading_chunks_does_not_import_pandas(tmp_path):
+    """pyarrow imports pandas (0.2 s) for ``pa.array``, ``to_numpy`` and ``pq.read_table``; chunks go through
+    Arrow buffers instead, so a study's first chunk does not pay for it."""
+    code = ("import sys, numpy as np; from attnflow.io.results import RunDir; "
+            f"rd = RunDir({str(tmp_path / 'r')!r}, {{'identity': {{'samples': 3}}}}).__enter__(); "
+            "rd.write_chunk(0, {'i': np.arange(3), 's': np.array(['a', 'b', 'c']), 'b': np.ones(3, bool), "
+            "'x': np.ones((3, 2), np.float32)}); c = rd.read_chunk(0); assert c['s'].tolist() == ['a', 'b', 'c']; "
+            "print('pandas' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert r.stdout.strip() == "False"
+
+
 @pytest.mark.parametrize("bad,error", [({"name": np.array([1, "a"], dtype=object)}, TypeError),
                                        ({"x": np.zeros((2, 2, 2))}, ValueError), ({"z": np.zeros(2, complex)}, TypeError),
                                        ({"a": np.zeros(2), "b": np.zeros(3)}, ValueError), ({"w": np.zeros((2, 0))}, ValueError)])

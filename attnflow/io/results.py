@@ -329,13 +329,54 @@ def _table(cols: dict[str, np.ndarray], meta: dict):
     pa, _ = _arrow()
     arrays = {}
     for k, a in cols.items():
-        if a.dtype.kind == "U":
-            arrays[k] = pa.array(a.tolist(), type=pa.string())
-        elif a.ndim == 1:
-            arrays[k] = pa.array(a)
+        if a.ndim == 1:
+            arrays[k] = _to_arrow(a)
         else:
-            arrays[k] = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(a).reshape(-1)), a.shape[1])
-    return pa.table(arrays).replace_schema_metadata(meta)
+            arrays[k] = pa.FixedSizeListArray.from_arrays(_to_arrow(np.ascontiguousarray(a).reshape(-1)), a.shape[1])
+    return pa.Table.from_arrays(list(arrays.values()), names=list(arrays)).replace_schema_metadata(meta)
+
+
+def _to_arrow(a: np.ndarray):
+    """A 1-d NumPy column as an Arrow array (string, bool, integer or float), built from its buffers: ``pa.array``
+    and ``to_numpy`` import pandas, 0.2 s of a new process's first chunk."""
+    pa, _ = _arrow()
+    if a.dtype.kind == "U":
+        data = [s.encode("utf-8") for s in a.tolist()]
+        off = np.zeros(len(data) + 1, np.int64)
+        np.cumsum([len(b) for b in data], out=off[1:])
+        if off[-1] >= 2**31:
+            raise ValueError("a string column of more than 2 GiB in one chunk")
+        return pa.Array.from_buffers(pa.string(), len(data), [None, pa.py_buffer(off.astype(np.int32)), pa.py_buffer(b"".join(data))])
+    if a.dtype.kind == "b":
+        return pa.Array.from_buffers(pa.bool_(), len(a), [None, pa.py_buffer(np.packbits(a, bitorder="little"))])
+    if a.dtype.kind not in "iuf":
+        raise TypeError(f"a column of dtype {a.dtype} cannot be stored")
+    a = np.ascontiguousarray(a, a.dtype.newbyteorder("="))
+    return pa.Array.from_buffers(pa.from_numpy_dtype(a.dtype), len(a), [None, pa.py_buffer(a)])
+
+
+def _from_arrow(col) -> np.ndarray:
+    """An Arrow array (no missing values) of a type :func:`_to_arrow` writes, as NumPy, read from its buffers."""
+    pa, _ = _arrow()
+    t, n, o = col.type, len(col), col.offset
+    bufs = col.buffers()
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        off = np.frombuffer(bufs[1], np.int64 if pa.types.is_large_string(t) else np.int32)[o : o + n + 1] if n else []
+        data = b"" if bufs[2] is None else bufs[2].to_pybytes()
+        items = [data[off[i] : off[i + 1]].decode("utf-8") for i in range(n)]
+        return np.array(items, dtype=str) if items else np.zeros(0, dtype="<U1")
+    if n and bufs[1] is None:
+        raise ValueError(f"an array of type {t} without data")
+    if pa.types.is_boolean(t):
+        if n == 0:
+            return np.zeros(0, bool)
+        return np.unpackbits(np.frombuffer(bufs[1], np.uint8), bitorder="little")[o : o + n].astype(bool)
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        kind = "f" if pa.types.is_floating(t) else "i" if pa.types.is_signed_integer(t) else "u"
+        if n == 0:
+            return np.zeros(0, np.dtype(f"<{kind}{t.bit_width // 8}"))
+        return np.frombuffer(bufs[1], np.dtype(f"<{kind}{t.bit_width // 8}"))[o : o + n].copy()
+    raise ValueError(f"type {t}, which attnflow does not write")
 
 
 def _decode(table) -> dict[str, np.ndarray]:
@@ -347,18 +388,16 @@ def _decode(table) -> dict[str, np.ndarray]:
         if col.null_count:
             raise ValueError(f"column {k!r} has missing values")
         t = col.type
-        if pa.types.is_string(t) or pa.types.is_large_string(t):
-            items = col.to_pylist()
-            out[k] = np.array(items, dtype=str) if items else np.zeros(0, dtype="<U1")
-        elif pa.types.is_fixed_size_list(t):
-            flat = col.flatten()
-            if flat.null_count:
-                raise ValueError(f"column {k!r} has missing values")
-            out[k] = flat.to_numpy(zero_copy_only=False).reshape(len(col), t.list_size)
-        elif pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
-            out[k] = col.to_numpy(zero_copy_only=False)
-        else:
-            raise ValueError(f"column {k!r} has type {t}, which attnflow does not write")
+        try:
+            if pa.types.is_fixed_size_list(t):
+                flat = col.flatten()
+                if flat.null_count:
+                    raise ValueError(f"column {k!r} has missing values")
+                out[k] = _from_arrow(flat).reshape(len(col), t.list_size)
+            else:
+                out[k] = _from_arrow(col)
+        except ValueError as e:
+            raise ValueError(f"column {k!r}: {e}") from None
     return out
 
 
@@ -367,7 +406,8 @@ def _load(p: Path, identity_hash: str, i: int) -> tuple[dict | None, str | None]
     Reads only; never raises for a damaged file."""
     pa, pq = _arrow()
     try:
-        table = pq.read_table(p)
+        with pq.ParquetFile(p) as f:  # (pq.read_table imports pandas)
+            table = f.read()
     except (OSError, ValueError, TypeError, KeyError, IndexError, NotImplementedError, pa.ArrowException) as e:
         return None, f"unreadable: {_one_line(e)}"
     meta = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in (table.schema.metadata or {}).items()}
