@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._device import device_array
 from .._types import Array, Batch, Int
 from ..evolve.outcome import CONVERGED, OUTCOMES, SADDLE, outcome_code
 from .eigen import is_real, is_simple
@@ -122,7 +123,7 @@ def classifier(model, *, tol: float = 1e-3, decimals: int = 3) -> Classifier:
     lam, V = eigenpairs(model)
     real = is_real(lam) & is_simple(lam)
     vecs = np.where(real[None, :], np.real(V), 0.0)
-    return Classifier(jnp.asarray(vecs), jnp.asarray(real), float(tol), int(decimals))
+    return Classifier(device_array(vecs), device_array(real), float(tol), int(decimals))
 
 
 _classify = eqx.filter_jit(lambda c, X, outcome: c(X, outcome))

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._device import device_array
 from .._types import Array, Float, Int
 from ..model.dynamics import AbstractFlow, AbstractMap
 from . import adaptive as _adaptive, backends
@@ -195,11 +196,11 @@ def advance_pool(dynamics, pool: Pool, queue, queue_index, count: int, *, budget
     span = budget.resolve(dynamics, isinstance(solver, Adaptive), study=True)
     spec = make_spec(dynamics, solver, span, stop, execution, pool_backend(execution.backend, dynamics, solver, (P, n, d), queue.dtype, span))
     (dev,) = pool.x.devices()
-    put = lambda a: jax.device_put(a, dev)  # noqa: E731
+    put = lambda a, dtype=None: device_array(a, dtype, dev)  # noqa: E731
     dt = 1.0 if span.dt is None else span.dt
-    return _advance(dynamics, solver, pool, put(jnp.asarray(queue)), put(jnp.asarray(queue_index, jnp.int32)),
-                    put(jnp.asarray(count, jnp.int32)), put(jnp.asarray(bool(drain))), put(jnp.asarray(dt, queue.dtype)),
-                    put(jnp.asarray(span.cap, jnp.int32)), None if regions is None else jax.device_put(regions, dev), spec, then)
+    return _advance(dynamics, solver, pool, put(queue), put(queue_index, jnp.int32), put(count, jnp.int32), put(bool(drain)),
+                    put(dt, queue.dtype), put(span.cap, jnp.int32), None if regions is None else jax.device_put(regions, dev),
+                    spec, then)
 
 
 def make_spec(dynamics, solver, span: Span, stop: Stop, execution: Execution, backend: str) -> _Spec:

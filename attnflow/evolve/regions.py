@@ -21,6 +21,7 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
+from .._device import device_array
 from .._types import Array, Float
 
 
@@ -36,8 +37,8 @@ class Regions(eqx.Module):
     tags: tuple = eqx.field(static=True)
 
     def __init__(self, axes, radius2, tags):
-        self.axes = jnp.asarray(axes)
-        self.radius2 = jnp.asarray(radius2, self.axes.dtype)
+        self.axes = device_array(axes)
+        self.radius2 = device_array(radius2, self.axes.dtype)
         self.tags = tuple(int(t) for t in tags)
         if self.axes.ndim != 2 or self.radius2.shape != (self.axes.shape[0], self.radius2.shape[-1]) or len(self.tags) != self.axes.shape[0]:
             raise ValueError(f"Regions: axes (A, d), radius2 (A, n + 1) and A tags, got {self.axes.shape}, "

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..._device import device_array
 from ...evolve.backends import one_step
 from ...evolve.regions import Regions
 from ...evolve.solvers import Adaptive
@@ -158,7 +159,7 @@ def certificates(dyn, solver=None, dt=None, *, tokens: int, dtype=np.float64, eq
         return []
     Xr = np.stack(cands)
     nd = Xr.shape[1] * Xr.shape[2]
-    dt_arr = jnp.asarray(1.0 if dt is None else dt, dtype)
+    dt_arr = device_array(1.0 if dt is None else dt, dtype)
     batch = 4 * (DIRECTIONS + 8)  # one compiled shape for the candidates and every ball (see _certify_one)
 
     def lin(Z):
@@ -167,13 +168,13 @@ def certificates(dyn, solver=None, dt=None, *, tokens: int, dtype=np.float64, eq
         for s0 in range(0, len(Z), batch):
             part = Z[s0 : s0 + batch]
             pad = np.concatenate([part, np.broadcast_to(part[:1], (batch - len(part), nd))])
-            Zp = jnp.asarray(pad, dtype)
+            Zp = device_array(pad, dtype)
             g, J = _linearise(dyn, solver, dt_arr, Zp, n)
             outs.append((np.asarray(g, np.float64)[: len(part)], np.asarray(J, np.float64)[: len(part)]))
         return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
 
     g, A = lin(Xr.reshape(len(cands), nd))
-    Xr = np.asarray(jnp.asarray(Xr, dtype), np.float64)  # the candidates in the study's dtype
+    Xr = np.asarray(device_array(Xr, dtype), np.float64)  # the candidates in the study's dtype
     eps = float(np.finfo(np.dtype(dtype)).eps)
     # only arrangements that are fixed points of the step map themselves (one head, or heads whose drifts stay on
     # the axis: docs/model.md section 4) are certified; the others are left to converge
@@ -343,7 +344,7 @@ def layout(dyn, solver, tokens: int, dtype) -> Regions | None:
     if not vecs:
         return None
     n = int(tokens)
-    return Regions(jnp.asarray(np.stack(vecs), dtype), np.full((len(vecs), n + 1), -1.0), [a * (n + 1) for a in range(len(vecs))])
+    return Regions(device_array(np.stack(vecs), dtype), np.full((len(vecs), n + 1), -1.0), [a * (n + 1) for a in range(len(vecs))])
 
 
 def regions(certs: list[Certificate], empty: Regions, tokens: int) -> tuple[Regions, dict]:

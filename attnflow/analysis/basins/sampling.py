@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..._device import device_array
 from ..._types import Array, Tokens
 from ...evolve import sample
 
@@ -58,7 +59,7 @@ def draw_samples(sampler: Callable, key: Array, indices) -> np.ndarray:
     """Samples ``indices`` of a study: sample i is ``sampler(fold_in(key, i), 1)[0]``. Returns ``(len, n, d)``.
     Compiled once per sampler structure and number of indices (a :class:`Sphere` or :class:`Around` of the same
     shapes reuses it; another plain function compiles anew)."""
-    return np.asarray(_draw(sampler, key, jnp.asarray(np.asarray(indices, np.uint32))))
+    return np.asarray(_draw(sampler, key, device_array(np.asarray(indices, np.uint32))))
 
 
 def sample_stream(sampler: Callable, key: Array, blocks: Iterator, block_size: int, samples: int) -> Iterator:
