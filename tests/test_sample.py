@@ -43,3 +43,20 @@ def test_perturbations():
     np.testing.assert_allclose(np.sqrt((np.tan(np.arccos(np.clip(np.sum(P * X, -1), -1, 1))) ** 2).sum(-1)), 0.1, rtol=1e-8)
     Q = np.asarray(af.sample.perturb(jax.random.PRNGKey(3), X, 0.01, 8))
     assert Q.shape == (8, 5, 3) and np.linalg.norm(Q - X, axis=-1).max() < 0.1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_study_samples_are_bit_for_bit_those_of_the_plain_sampler(dtype):
+    """A study's draw (compiled with the CPU options for brief programs) gives sample i exactly as the sampler gives
+    it under a plain jit: ``sampler(fold_in(key, i), 1)[0]``, bit for bit, for the sphere and the ball samplers."""
+    import jax.numpy as jnp
+
+    from attnflow.analysis.basins.sampling import Around, Sphere, draw_samples
+
+    key = jax.random.PRNGKey(11)
+    idx = np.arange(3000, dtype=np.uint32)
+    for s in (Sphere(8, 3, dtype), Sphere(5, 7, dtype), Around(np.eye(3, dtype=dtype)[[0, 0, 1, 2]], 0.3)):
+        plain = jax.jit(lambda k, i: jax.vmap(lambda j: s(jax.random.fold_in(k, j), 1)[0])(i))
+        want = np.asarray(plain(key, jnp.asarray(idx)))
+        got = draw_samples(s, key, idx)
+        assert got.dtype == np.dtype(dtype) and got.tobytes() == want.tobytes()

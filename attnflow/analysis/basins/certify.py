@@ -31,12 +31,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..._device import device_array
+from ..._device import brief_jit, device_array
 from ...evolve.backends import one_step
 from ...evolve.regions import Regions
 from ...evolve.solvers import Adaptive
@@ -88,7 +87,7 @@ class Certificate:
     continuous: bool = False
 
 
-@eqx.filter_jit
+@brief_jit
 def _linearise(dyn, solver, dt, Z, n: int):
     """``(G(N(z)), D(G o N)(z))`` for every row z of ``Z`` ``(b, n d)``: N the row normalisation and G one step of the
     study's dynamics (step index 0: the certified models are autonomous), or with ``solver=None`` the flow's vector

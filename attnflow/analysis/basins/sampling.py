@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..._device import device_array
+from ..._device import brief_jit, device_array
 from ..._types import Array, Tokens
 from ...evolve import sample
 
@@ -50,7 +50,7 @@ def around_sampler(X, radius: float) -> Around:
     return Around(X, radius)
 
 
-@eqx.filter_jit
+@brief_jit
 def _draw(sampler, key, idx):
     return jax.vmap(lambda i: sampler(jax.random.fold_in(key, i), 1)[0])(idx)
 
