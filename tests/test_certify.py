@@ -143,6 +143,14 @@ def test_certified_members_have_the_names_of_running_to_convergence(tmp_path, ki
     assert s1.mean() < 0.9 * s0.mean(), (s1.mean(), s0.mean())
     assert [(a.name, a.count) for a in r1.attractors] == [(a.name, a.count) for a in r0.attractors]
     assert sum(a.certified for a in r1.attractors) == o1.count("certified")
+    assert all(a.verdict == "stable" for a in r1.attractors if a.certified)  # the certificate proves it
+    # a resume that reads every block back gives the same result, verdicts included (certified rows are marked stable
+    # when their blocks are read)
+    with RunDirWriter(tmp_path / "cert", resume=True) as w:
+        again = af.basin_fractions(model, jax.random.PRNGKey(3), 240, tokens=6, run_dir=w,
+                                   stop=af.Stop(r1.tol, certify=True), execution=af.Execution(chunk=120), **kw)
+    key = lambda r: [(a.name, a.count, a.verdict, a.certified) for a in r.attractors]  # noqa: E731
+    assert key(again) == key(r1)
 
 
 def test_certificates_are_computed_only_where_they_pay(tmp_path):
