@@ -32,7 +32,7 @@ def brief_jit(fun):
     """``eqx.filter_jit(fun)`` for a program that runs briefly (a study's sampler, the certificates' Jacobians): on a
     CPU it is compiled with :data:`BRIEF_CPU`, in a third to a half of the time (2-core CPU: the sphere sampler for
     10^4 samples 0.35 -> 0.11 s, the certificates' Jacobians 0.34 -> 0.15 s), which counts in a new process. The
-    samples drawn are bit for bit those of the default compile (tests/test_basins.py); the certified radii the
+    samples drawn are bit for bit those of the default compile (tests/test_sample.py); the certified radii the
     same. Other backends: the defaults."""
     default, cpu = eqx.filter_jit(fun), eqx.filter_jit(fun, compiler_options=BRIEF_CPU)
 

@@ -348,12 +348,13 @@ def _advance_impl(dyn, solver, pool: Pool, queue, qidx, count, drain, dt, cap, r
     final = jnp.transpose(ox.reshape(d, n, R), (2, 1, 0))
     os_ = mark_degenerate(dyn, final, os_)
     extra = None
-    if then is not None and regions is not None:  # a certified member is labelled by its region's equilibrium
-        cert = (os_ == CERTIFIED) & (og >= 0)
-        shown = jnp.where(cert[:, None, None], equilibria(regions, og, n).astype(final.dtype), final)
-        extra = then(shown, jnp.where(cert, CONVERGED, os_).astype(os_.dtype))
-    elif then is not None:
-        extra = then(final, os_)
+    if then is not None:
+        shown, oc = final, os_
+        if regions is not None:  # a certified member is labelled by its region's equilibrium
+            cert = (os_ == CERTIFIED) & (og >= 0)
+            shown = jnp.where(cert[:, None, None], equilibria(regions, og, n).astype(final.dtype), final)
+            oc = jnp.where(cert, CONVERGED, os_).astype(os_.dtype)
+        extra = then(shown, oc)
     return Pool(*slots), Retired(oi, final, os_, on, ot, og, nout, extra)
 
 

@@ -107,7 +107,7 @@ def equilibria(regions: Regions, tag, n: int):
     """The equilibrium of the region of each tag ``(R,)``, ``(R, n, d)``: for tag ``tags[a] + m``, m tokens at
     +axes[a] and then n - m at -axes[a] (the arrangement :mod:`attnflow.analysis.basins.certify` certifies); zeros
     for tag -1."""
-    R, (A, d) = tag.shape[0], regions.axes.shape
+    R, d = tag.shape[0], regions.axes.shape[1]
     v, m = jnp.zeros((R, d), regions.axes.dtype), jnp.zeros((R,), jnp.int32)
     for a, base in enumerate(regions.tags):
         inside = (tag >= base) & (tag <= base + n)

@@ -365,18 +365,20 @@ def _from_arrow(col) -> np.ndarray:
         data = b"" if bufs[2] is None else bufs[2].to_pybytes()
         items = [data[off[i] : off[i + 1]].decode("utf-8") for i in range(n)]
         return np.array(items, dtype=str) if items else np.zeros(0, dtype="<U1")
-    if n and bufs[1] is None:
-        raise ValueError(f"an array of type {t} without data")
     if pa.types.is_boolean(t):
-        if n == 0:
-            return np.zeros(0, bool)
-        return np.unpackbits(np.frombuffer(bufs[1], np.uint8), bitorder="little")[o : o + n].astype(bool)
-    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        dt = np.dtype(bool)
+    elif pa.types.is_integer(t) or pa.types.is_floating(t):
         kind = "f" if pa.types.is_floating(t) else "i" if pa.types.is_signed_integer(t) else "u"
-        if n == 0:
-            return np.zeros(0, np.dtype(f"<{kind}{t.bit_width // 8}"))
-        return np.frombuffer(bufs[1], np.dtype(f"<{kind}{t.bit_width // 8}"))[o : o + n].copy()
-    raise ValueError(f"type {t}, which attnflow does not write")
+        dt = np.dtype(f"<{kind}{t.bit_width // 8}")
+    else:
+        raise ValueError(f"type {t}, which attnflow does not write")
+    if n == 0:
+        return np.zeros(0, dt)
+    if bufs[1] is None:
+        raise ValueError(f"an array of type {t} without data")
+    if dt.kind == "b":
+        return np.unpackbits(np.frombuffer(bufs[1], np.uint8), bitorder="little")[o : o + n].astype(bool)
+    return np.frombuffer(bufs[1], dt)[o : o + n].copy()
 
 
 def _decode(table) -> dict[str, np.ndarray]:
@@ -388,14 +390,11 @@ def _decode(table) -> dict[str, np.ndarray]:
         if col.null_count:
             raise ValueError(f"column {k!r} has missing values")
         t = col.type
+        flat = col.flatten() if pa.types.is_fixed_size_list(t) else col
+        if flat.null_count:
+            raise ValueError(f"column {k!r} has missing values")
         try:
-            if pa.types.is_fixed_size_list(t):
-                flat = col.flatten()
-                if flat.null_count:
-                    raise ValueError(f"column {k!r} has missing values")
-                out[k] = _from_arrow(flat).reshape(len(col), t.list_size)
-            else:
-                out[k] = _from_arrow(col)
+            out[k] = _from_arrow(flat) if flat is col else _from_arrow(flat).reshape(len(col), t.list_size)
         except ValueError as e:
             raise ValueError(f"column {k!r}: {e}") from None
     return out

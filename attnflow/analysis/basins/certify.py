@@ -346,13 +346,10 @@ def layout(dyn, solver, tokens: int, dtype) -> Regions | None:
     return Regions(device_array(np.stack(vecs), dtype), np.full((len(vecs), n + 1), -1.0), [a * (n + 1) for a in range(len(vecs))])
 
 
-def regions(certs: list[Certificate], empty: Regions, tokens: int) -> tuple[Regions, dict]:
-    """The regions of these certificates (`empty`, :func:`layout`'s for the same model and solver, with their radii),
-    and ``{tag: X}`` (the equilibrium of each certified region: tag ``axis (n + 1) + m``, axis its index among
-    :func:`candidate_axes`)."""
+def regions(certs: list[Certificate], empty: Regions) -> Regions:
+    """The regions of these certificates: `empty` (:func:`layout`'s, for the same model and solver) with their radii.
+    The equilibrium of region ``axis (n + 1) + m`` is :func:`attnflow.evolve.regions.equilibria`'s."""
     r2 = np.array(empty.radius2, np.float64)
-    eqs = {}
     for c in certs:
         r2[c.axis, c.m] = float(c.radius) ** 2
-        eqs[c.axis * (int(tokens) + 1) + c.m] = c.X
-    return Regions(empty.axes, r2, empty.tags), eqs
+    return Regions(empty.axes, r2, empty.tags)

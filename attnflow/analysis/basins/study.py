@@ -204,7 +204,7 @@ def _certified(dyn, solver, span, n, dtype, layout):
         if len(_CERTS) >= 16:
             _CERTS.pop(next(iter(_CERTS)))
         _CERTS[key] = certs
-    return make_regions(certs, layout, n)[0]
+    return make_regions(certs, layout)
 
 
 def _queue_size(ex: Execution, samples: int, ci_width) -> int:
