@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optimistix as optx
 
+from .._device import brief_jit
 from .._types import Array, Float, Tokens
 from ..model.dynamics import AbstractDynamics, AbstractFlow, AbstractMap, LayerMap, tangent_project
 from ..model.norms import normalize_rows
@@ -116,7 +117,7 @@ def _solve_one(dyn, X0, rtol, atol, max_steps):
     return normalize_rows(sol.value.reshape(n, d)), r, sol.result, sol.stats["num_steps"]
 
 
-@eqx.filter_jit
+@brief_jit  # compiled cheaply on a CPU: same speed, measured at 1 to 2000 states
 def _refine(dyn, X0, rtol, atol, max_steps):
     if X0.ndim == 2:
         return _solve_one(dyn, X0, rtol, atol, max_steps)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._device import device_array
 from .._types import Array, Float, Tokens
 from .attention import Attention, allowed
 
@@ -25,7 +26,9 @@ def _as_float_array(x):
     """A floating array that is never weakly typed, so jit caches do not split on Python floats."""
     if isinstance(x, jax.core.Tracer):
         return x
-    x = jnp.asarray(x)
+    if not isinstance(x, jax.Array):  # host data: no eager compile (attnflow._device.device_array)
+        a = np.asarray(x)
+        return device_array(a, a.dtype if np.issubdtype(a.dtype, np.floating) else jnp.result_type(float))
     dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.result_type(float)
     return jnp.array(x, dtype=dtype)
 
@@ -75,7 +78,7 @@ class Heads(eqx.Module):
         if V.ndim != 2 or V.shape[0] != V.shape[1]:
             raise ValueError(f"V must be a square (d, d) matrix, got shape {V.shape}")
         d = V.shape[0]
-        eye = jnp.eye(d, dtype=V.dtype)
+        eye = jnp.eye(d, dtype=V.dtype) if isinstance(V, jax.core.Tracer) else device_array(np.eye(d), V.dtype)
         Q = eye if Q is None else _as_float_array(Q)
         K = eye if K is None else _as_float_array(K)
         return cls(Q=Q[None], K=K[None], V=V[None], O=eye[None])
