@@ -14,6 +14,10 @@ for every method).
   enters a certified ball around a stable equilibrium), in each of its modes: fixed RK4 (dt = 0.05) on the lanes
   backend, and the adaptive Tsit5 pair per member (a flow study's default, on lanes).
 - ``layer_map``: the toy layer-map study of ``bench_basins.py`` (n = 10, cap 1000), for its three times only.
+- ``adaptive_1e-5`` (not run by default): the adaptive study with the pair's tolerances ten times looser than the
+  default (rtol 1e-5, atol 1e-7), to weigh speed against accuracy.
+- ``reference`` (not run by default; labels only, one call): float64 Tsit5 at rtol 1e-10, atol 1e-12 to t = 200 on the
+  same states, each member named by its sign pattern on v1; every method's labels are compared with it.
 
 Each method runs in fresh processes: once with an empty JAX compilation cache (cold), once more with the cache that
 run filled, and then a second time in that process (warm). Reported: samples/s for each, the labels' agreement member
@@ -73,7 +77,8 @@ def study(N, solver):
     from attnflow.io.results import RunDirWriter, read_members
     import tempfile, shutil
     d = tempfile.mkdtemp()
-    kw = dict(budget=af.Budget(t1=30.0, dt=0.05)) if solver == "rk4" else {}  # adaptive: a flow study's default
+    kw = {"rk4": dict(budget=af.Budget(t1=30.0, dt=0.05)),  # adaptive: a flow study's default
+          "adaptive_1e-5": dict(solver=af.Adaptive(rtol=1e-5, atol=1e-7))}.get(solver, {})
     with RunDirWriter(Path(d) / "r") as w:
         af.basin_fractions(flow, key, N, sampler=sampler, run_dir=w, **kw)
     names = read_members(Path(d) / "r")["name"]
@@ -89,15 +94,33 @@ def layer_map(N):
     return [a.name for a in r.attractors]
 
 
+def reference(N):
+    # labels only: float64 Tsit5 at rtol 1e-10, atol 1e-12 to t = 200 on the same (float32) states, sign patterns on
+    # v1 (every member of this case is within 1e-6 of such an arrangement by then); one call
+    import diffrax
+    jax.config.update("jax_enable_x64", True)
+    V64 = np.diag([1.0, 0.4, -0.3])
+    f64 = af.SphereFlow(af.SelfAttention(af.Heads.single(V64, K=V64), af.Attention("softmax"), 1.0))
+    term = diffrax.ODETerm(lambda t, y, a: f64.vf(t, y))
+    solve = jax.jit(jax.vmap(lambda y0: diffrax.diffeqsolve(term, diffrax.Tsit5(), 0.0, 200.0, None, y0,
+                    stepsize_controller=diffrax.PIDController(rtol=1e-10, atol=1e-12), max_steps=1_000_000, throw=False).ys[-1]))
+    x0 = jnp_states(N).astype(np.float64)
+    x = np.concatenate([np.asarray(solve(x0[s:s + 2000])) for s in range(0, N, 2000)])[..., 0]
+    if np.abs(x).min() < 1 - 1e-6:
+        sys.exit("reference: a member is not yet at a sign pattern on v1 at t = 200")
+    m = (x > 0).sum(axis=1)
+    return np.where(m == n, "consensus +v1", np.where(m == 0, "consensus -v1", np.char.add(np.char.add("bipartite v1 ", m.astype(str)), np.char.add(":", (n - m).astype(str)))))
+
+
 run = {"peer": peer, "rk4": lambda N: study(N, "rk4"), "adaptive": lambda N: study(N, "adaptive"),
-       "layer_map": layer_map}[method]
+       "adaptive_1e-5": lambda N: study(N, "adaptive_1e-5"), "reference": reference, "layer_map": layer_map}[method]
 times = []
-for _ in range(2):  # the first call is cold (or loads the cache), the second warm
+for _ in range(1 if method == "reference" else 2):  # the first call is cold (or loads the cache), the second warm
     t = time.perf_counter()
     names = run(samples)
     times.append(time.perf_counter() - t)
 np.save(labels_out, np.asarray(names, dtype=str))
-print(json.dumps({"method": method, "samples": samples, "first_s": times[0], "warm_s": times[1], "import_s": t_import,
+print(json.dumps({"method": method, "samples": samples, "first_s": times[0], "warm_s": times[-1], "import_s": t_import,
                   "device": str(jax.devices()[0]), "jax": jax.__version__}))
 """
 
@@ -125,6 +148,10 @@ def main():
                 cache = os.path.join(tmp, f"cache_{m}_{N}")
                 load = os.getloadavg()
                 cold = child(m, N, cache, os.path.join(tmp, f"{m}_{N}.npy"))  # empty cache
+                if m == "reference":  # labels only
+                    labels[m] = np.load(os.path.join(tmp, f"{m}_{N}.npy"))
+                    print(f"{m:9s} N={N:>7d}: labels in {cold['first_s']:.1f} s", flush=True)
+                    continue
                 filled = child(m, N, cache, os.path.join(tmp, f"{m}_{N}.npy"))  # the cache cold filled
                 if m != "layer_map":  # another model: its times only
                     labels[m] = np.load(os.path.join(tmp, f"{m}_{N}.npy"))
@@ -138,18 +165,21 @@ def main():
                       f"{r['warm_s']:6.1f} s  ({r['warm_samples_per_s']:.0f} samples/s warm)", flush=True)
             if "peer" in labels:
                 for m in labels:
-                    if m != "peer":
+                    if m not in ("peer", "reference"):
                         agree = float(np.mean(labels[m] == labels["peer"]))
                         for r in rows:
                             if r["method"] == m and r["samples"] == N:
                                 r["label_agreement_with_peer"] = agree
                         print(f"  {m}: labels equal to the peer's for {agree:.4%} of the members")
-            if "rk4" in labels and "adaptive" in labels:
-                agree = float(np.mean(labels["rk4"] == labels["adaptive"]))
-                for r in rows:
-                    if r["method"] == "adaptive" and r["samples"] == N:
-                        r["label_agreement_with_rk4"] = agree
-                print(f"  adaptive: labels equal to fixed RK4's for {agree:.4%} of the members")
+            for m, other in (("adaptive", "rk4"), ("adaptive_1e-5", "adaptive"), ("peer", "reference"),
+                             ("adaptive", "reference"), ("adaptive_1e-5", "reference"), ("rk4", "reference")):
+                if m in labels and other in labels:
+                    agree = float(np.mean(labels[m] == labels[other]))
+                    for r in rows:
+                        if r["method"] == m and r["samples"] == N:
+                            r[f"label_agreement_with_{other}"] = agree
+                    print(f"  {m}: labels equal to {other}'s for {agree:.4%} of the members "
+                          f"({int(np.sum(labels[m] != labels[other]))} differ)")
             for r in rows:
                 if r["samples"] == N and r["method"] not in ("peer", "layer_map") and "peer" in labels:
                     peer = next(x for x in rows if x["method"] == "peer" and x["samples"] == N)
