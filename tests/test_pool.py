@@ -273,6 +273,31 @@ def test_adaptive_lanes_equal_xla_member_by_member_float64():
     np.testing.assert_allclose(out["lanes"][0], out["xla"][0], atol=1e-11)
 
 
+def test_adaptive_default_group_is_four_and_groups_do_not_change_members():
+    """The adaptive pair's default group is 4 (its members stop after a few dozen attempts), fixed steps keep 8; the
+    group is speed only: groups 1, 4 (the default) and 8 give every member the same outcome, steps and state."""
+    from attnflow.evolve.pool import GROUP, GROUP_ADAPTIVE, default_group, make_spec
+
+    assert (default_group(af.Adaptive()), default_group(af.RK4()), default_group(af.Iterate())) == (4, 8, 8)
+    assert (GROUP_ADAPTIVE, GROUP) == (4, 8)
+    flow = af.SphereFlow(af.SelfAttention(af.Heads.single(V3, K=V3), af.Attention("softmax"), 1.0))
+    span = af.Budget(max_steps=400).resolve(flow, True, study=True)
+    assert make_spec(flow, af.Adaptive(), span, af.Stop(1e-7), af.Execution(), "lanes").group == 4
+    assert make_spec(flow, af.Adaptive(), span, af.Stop(1e-7), af.Execution(group=8), "lanes").group == 8
+    x0 = sphere(24, n=4, seed=5)
+    out = []
+    for group in (1, None, 8):
+        p = S.empty_pool(7, 4, 3, np.float64)
+        p, r = S.advance_pool(flow, p, x0, np.arange(24, dtype=np.int32), 24, drain=True, budget=af.Budget(max_steps=400),
+                              stop=af.Stop(1e-7), solver=af.Adaptive(), execution=af.Execution(group=group))
+        idx, fin, st_, ns, _ = r.valid()
+        o = np.argsort(idx)
+        out.append((fin[o], st_[o], ns[o]))
+    for other in out[1:]:
+        assert np.array_equal(other[1], out[0][1]) and np.array_equal(other[2], out[0][2])
+        np.testing.assert_array_equal(other[0], out[0][0])
+
+
 def test_adaptive_mode_of_a_time_dependent_flow_runs_under_vmap():
     """A flow whose vector field reads t is not unrolled into lanes (the lanes adaptive mode evaluates f at t = 0):
     "auto" takes xla, and backend='lanes' is refused in one line that says why."""

@@ -230,7 +230,8 @@ class Execution(eqx.Module):
     - `pool`: member slots per device of a study (default: on the lanes backend, the slots that fit the L2 cache,
       :func:`attnflow.evolve.backends.cache_slots`; else
       ``min(16384, samples, max(chunk, 64))``).
-    - `group`: steps between two retire-and-refill passes of a study's pool (default 8).
+    - `group`: steps between two retire-and-refill passes of a study's pool (default: 4 for the adaptive pair, 8
+      otherwise, :func:`attnflow.evolve.pool.default_group`).
     - `devices`: how many local devices to use (default: all of them). A study runs one pool per device;
       :func:`attnflow.simulate` splits each call over them.
     - `process`: ``(index, count)``: this process computes the blocks b with ``b % count == index`` (default: from
@@ -240,7 +241,7 @@ class Execution(eqx.Module):
     backend: str = eqx.field(static=True, default="auto")
     chunk: int | None = eqx.field(static=True, default=None)
     pool: int | None = eqx.field(static=True, default=None)
-    group: int = eqx.field(static=True, default=8)
+    group: int | None = eqx.field(static=True, default=None)
     devices: int | None = eqx.field(static=True, default=None)
     process: tuple[int, int] | None = eqx.field(static=True, default=None)
 

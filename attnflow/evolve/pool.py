@@ -44,9 +44,24 @@ from .regions import Regions, equilibria, test_rows
 from .solvers import RK4, Adaptive, Iterate
 
 GROUP = 8
-"""Default steps between two retire-and-refill passes: a member waits on average about half of this after it
-stopped, and each pass moves ``d n`` numbers per slot. Measured on the 2-core CPU (n = 10, d = 3, 1024 slots,
-3 x 10^4 samples): groups of 4, 8 and 16 steps within 5% of each other (10 600, 9 900-10 700, 10 200 samples/s)."""
+"""Default steps between two retire-and-refill passes of a fixed-step solver or a map: a member waits on average about
+half of this after it stopped, and each pass moves ``d n`` numbers per slot. Measured on the 2-core CPU (n = 10, d = 3,
+1024 slots, 3 x 10^4 samples): groups of 4, 8 and 16 steps within 5% of each other (10 600, 9 900-10 700, 10 200
+samples/s); again with the batch-last lanes step (256 slots, 2026-12-03): 4 and 8 the same (1.42-1.46 s), 2 slower
+(1.45-1.55 s); the RK4 sphere flow and the toy map on xla: 4 and 8 the same."""
+
+GROUP_ADAPTIVE = 4
+"""Default group of the adaptive pair, whose members stop after a few dozen attempts (28 on average in the sphere flow
+of ``benchmarks/bench_peer_basins.py``), so that waiting for half a group costs more: measured on the 2-core CPU
+(2026-12-03), 10^5 members 5.23-5.26 s with 4 against 5.50-5.57 s with 8; 2 x 10^4 members 1.10-1.12 s with 4,
+1.08-1.11 s with 2, 1.17-1.25 s with 8 and 1.31-1.33 s with 16. The fused GPU kernel (fixed steps) keeps
+:data:`GROUP`."""
+
+
+def default_group(solver) -> int:
+    """The group of :class:`~attnflow.Execution` when it sets none: :data:`GROUP_ADAPTIVE` for the adaptive pair,
+    else :data:`GROUP`. Speed only: a member's outcome never depends on the group."""
+    return GROUP_ADAPTIVE if isinstance(solver, Adaptive) else GROUP
 
 
 class Pool(eqx.Module):
@@ -208,9 +223,8 @@ def make_spec(dynamics, solver, span: Span, stop: Stop, execution: Execution, ba
     ctrl = _adaptive.Controller.of(solver) if isinstance(solver, Adaptive) else None
     if ctrl is not None and stop.tol is None:
         raise ValueError("the adaptive solver stops a member at steady state: it needs a tol")
-    if backend == "fused" and execution.group < 1:  # pragma: no cover - Execution validates group >= 1
-        raise ValueError("group must be >= 1")
-    return _Spec(stop.tol, int(execution.group), isinstance(dynamics, AbstractFlow), backend, ctrl)
+    group = default_group(solver) if execution.group is None else int(execution.group)
+    return _Spec(stop.tol, group, isinstance(dynamics, AbstractFlow), backend, ctrl)
 
 
 def _looped_stages(dyn, solver, n: int, d: int, dtype) -> int:

@@ -230,7 +230,7 @@ class RunConfig:
 
         b = self.basins
         return Execution(backend=self.backend, chunk=self.basins_chunk_size, pool=b.pool_size if pool is None else pool,
-                         group=8 if b.round_steps is None else b.round_steps, process=process)
+                         group=b.round_steps, process=process)
 
     def canonical(self) -> dict[str, dict[str, Any]]:
         """The configuration by value, as JSON values: every table of the schema, parsed and typed (floats as
