@@ -147,6 +147,28 @@ def test_layer_stack_groups_and_matches_sequence():
         af.simulate(stack, jnp.asarray(X0)[None], steps=5)
 
 
+def test_heads_from_host_data_have_jnp_dtypes_and_compile_nothing():
+    """Heads built from NumPy arrays or lists take the dtype ``jnp.asarray`` would give them (floats kept, integers
+    and Python numbers as JAX's default float), never weakly typed, without an eager XLA compile (jnp.asarray of host
+    data compiles a program per shape in JAX 0.10). A shape no other test uses, so that no cached program hides one."""
+    from jax import monitoring
+
+    compiles = []
+    monitoring.register_event_duration_secs_listener(
+        lambda name, dur, **kw: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
+    V = np.diag(np.arange(1.0, 8.0))
+    built = [af.Heads.single(V), af.Heads.single(V.astype(np.float32)), af.Heads.single(np.eye(7, dtype=np.int64)),
+             af.Heads.single(V.tolist(), Q=np.eye(7), K=V), af.Heads(Q=V[None], K=V[None], V=V[None], O=V[None])]
+    assert compiles == []
+    for h in built:
+        for a in (h.Q, h.K, h.V, h.O):
+            assert isinstance(a, jax.Array) and not a.weak_type
+    assert built[0].V.dtype == jnp.asarray(V).dtype == built[2].V.dtype == built[3].V.dtype
+    assert built[1].V.dtype == jnp.float32 and built[1].O.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(built[0].O[0]), np.eye(7))
+    np.testing.assert_array_equal(np.asarray(built[3].V[0]), V.astype(built[3].V.dtype))
+
+
 def test_float32_keeps_dtype():
     V = np.diag([1.0, 0.5, -0.2])
     x0 = af.sample.sphere(jax.random.PRNGKey(0), (3, 4, 3), dtype=jnp.float32)

@@ -26,11 +26,13 @@ def _as_float_array(x):
     """A floating array that is never weakly typed, so jit caches do not split on Python floats."""
     if isinstance(x, jax.core.Tracer):
         return x
-    if not isinstance(x, jax.Array):  # host data: no eager compile (attnflow._device.device_array)
-        a = np.asarray(x)
-        return device_array(a, a.dtype if np.issubdtype(a.dtype, np.floating) else jnp.result_type(float))
-    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.result_type(float)
-    return jnp.array(x, dtype=dtype)
+    a = np.asarray(x)  # through the host: no eager XLA compile (attnflow._device.device_array)
+    return device_array(a, a.dtype if jnp.issubdtype(a.dtype, jnp.floating) else jnp.result_type(float))
+
+
+def _stacked(a):
+    """``a[None]``: one head's matrix as a stack of one, through the host when concrete (no eager compile)."""
+    return a[None] if isinstance(a, jax.core.Tracer) else np.asarray(a)[None]
 
 
 def _opt(x):
@@ -81,7 +83,7 @@ class Heads(eqx.Module):
         eye = jnp.eye(d, dtype=V.dtype) if isinstance(V, jax.core.Tracer) else device_array(np.eye(d), V.dtype)
         Q = eye if Q is None else _as_float_array(Q)
         K = eye if K is None else _as_float_array(K)
-        return cls(Q=Q[None], K=K[None], V=V[None], O=eye[None])
+        return cls(Q=_stacked(Q), K=_stacked(K), V=_stacked(V), O=_stacked(eye))
 
     @property
     def num_heads(self) -> int:
