@@ -22,17 +22,19 @@ AUTO_BLOCK = 256
 """The key block of ``key_block="auto"`` above :data:`AUTO_DENSE_MAX` tokens."""
 
 
-def _as_float_array(x):
-    """A floating array that is never weakly typed, so jit caches do not split on Python floats."""
+def _float(x):
+    """`x` as a floating array that is never weakly typed (so jit caches do not split on Python floats): a tracer as
+    it is, else on the host (NumPy; integers as JAX's default float), so that no eager XLA compile runs."""
     if isinstance(x, jax.core.Tracer):
         return x
-    a = np.asarray(x)  # through the host: no eager XLA compile (attnflow._device.device_array)
-    return device_array(a, a.dtype if jnp.issubdtype(a.dtype, jnp.floating) else jnp.result_type(float))
+    a = np.asarray(x)
+    return a if jnp.issubdtype(a.dtype, jnp.floating) else a.astype(jnp.result_type(float))
 
 
-def _stacked(a):
-    """``a[None]``: one head's matrix as a stack of one, through the host when concrete (no eager compile)."""
-    return a[None] if isinstance(a, jax.core.Tracer) else np.asarray(a)[None]
+def _as_float_array(x):
+    """:func:`_float` on the device (:func:`attnflow._device.device_array`: host data without a compile)."""
+    x = _float(x)
+    return x if isinstance(x, jax.core.Tracer) else device_array(x)
 
 
 def _opt(x):
@@ -76,14 +78,13 @@ class Heads(eqx.Module):
     @classmethod
     def single(cls, V, Q=None, K=None) -> "Heads":
         """One head with O = I and d_h = d (so W = V). Q and K default to the identity."""
-        V = _as_float_array(V)
+        V = _float(V)  # the field converters put the stacks on the device
         if V.ndim != 2 or V.shape[0] != V.shape[1]:
             raise ValueError(f"V must be a square (d, d) matrix, got shape {V.shape}")
-        d = V.shape[0]
-        eye = jnp.eye(d, dtype=V.dtype) if isinstance(V, jax.core.Tracer) else device_array(np.eye(d), V.dtype)
-        Q = eye if Q is None else _as_float_array(Q)
-        K = eye if K is None else _as_float_array(K)
-        return cls(Q=_stacked(Q), K=_stacked(K), V=_stacked(V), O=_stacked(eye))
+        eye = np.eye(V.shape[0], dtype=V.dtype)
+        Q = eye if Q is None else _float(Q)
+        K = eye if K is None else _float(K)
+        return cls(Q=Q[None], K=K[None], V=V[None], O=eye[None])
 
     @property
     def num_heads(self) -> int:
