@@ -78,7 +78,9 @@ def study(N, solver):
     import tempfile, shutil
     d = tempfile.mkdtemp()
     kw = {"rk4": dict(budget=af.Budget(t1=30.0, dt=0.05)),  # adaptive: a flow study's default
-          "adaptive_1e-5": dict(solver=af.Adaptive(rtol=1e-5, atol=1e-7))}.get(solver, {})
+          "adaptive_1e-5": dict(solver=af.Adaptive(rtol=1e-5, atol=1e-7)),
+          "adaptive_in_process": dict(execution=af.Execution(workers=0)),
+          "adaptive_workers": dict(execution=af.Execution(workers=2))}.get(solver, {})
     with RunDirWriter(Path(d) / "r") as w:
         af.basin_fractions(flow, key, N, sampler=sampler, run_dir=w, **kw)
     names = read_members(Path(d) / "r")["name"]
@@ -113,7 +115,9 @@ def reference(N):
 
 
 run = {"peer": peer, "rk4": lambda N: study(N, "rk4"), "adaptive": lambda N: study(N, "adaptive"),
-       "adaptive_1e-5": lambda N: study(N, "adaptive_1e-5"), "reference": reference, "layer_map": layer_map}[method]
+       "adaptive_1e-5": lambda N: study(N, "adaptive_1e-5"), "reference": reference, "layer_map": layer_map,
+       "adaptive_in_process": lambda N: study(N, "adaptive_in_process"),
+       "adaptive_workers": lambda N: study(N, "adaptive_workers")}[method]
 times = []
 for _ in range(1 if method == "reference" else 2):  # the first call is cold (or loads the cache), the second warm
     t = time.perf_counter()

@@ -55,6 +55,11 @@ def test_imports_flow_one_way():
     assert not bad, "\n".join(bad)
 
 
+PASSED_ON = {"evolve/workers.py": '        env = dict(os.environ, PJRT_NPROC="1", JAX_PLATFORMS="cpu")'}
+"""The one use of the environment outside the CLI: a study's worker process gets this process's environment as it
+is, plus the two variables XLA reads when it starts (a one-thread pool, the CPU); nothing is read from it."""
+
+
 def test_the_library_reads_no_environment_variables():
     """Paths and behaviour never depend on hidden state: only the CLI reads the environment."""
     hits = [
@@ -62,7 +67,7 @@ def test_the_library_reads_no_environment_variables():
         for p in PKG.rglob("*.py")
         if _layer(p.relative_to(PKG).parts) != "cli"
         for i, line in enumerate(p.read_text().splitlines(), 1)
-        if "os.environ" in line or "getenv" in line
+        if ("os.environ" in line or "getenv" in line) and PASSED_ON.get(p.relative_to(PKG).as_posix()) != line
     ]
     assert not hits, hits
 

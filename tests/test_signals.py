@@ -324,3 +324,60 @@ def test_the_attnflow_script_handles_signals_too(basins_cfg, reference, tmp_path
     line = _one_line("basins", signal.SIGINT, proc.returncode, out, err, time.monotonic() - ts)
     _check_run_dir(run, line, proc.pid)
     _resumed_equals(basins_cfg, run, reference)
+
+
+def _children_of(out_dir: Path) -> list[int]:
+    """The child processes of the running command whose --out is `out_dir` (found by its command line)."""
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                if str(out_dir).encode() not in f.read() or int(p) == os.getpid():
+                    continue
+            kids = []
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    kids += [int(c) for c in f.read().split()]
+            return kids
+        except OSError:
+            continue
+    return []
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie: ended, not yet reaped
+    except OSError:
+        return True
+
+
+def test_basins_in_worker_processes_stops_them_then_resume(basins_cfg, reference, tmp_path):
+    """A study in worker processes (``[basins] workers = 2``): Ctrl-C ends the command and its workers (SIGTERM takes
+    the same path, :func:`attnflow.cli._interrupt._die`), finished chunks are kept, and the resumed result (in
+    workers again) equals the one-process reference."""
+    from attnflow.evolve import workers as W
+
+    sig = signal.SIGINT
+    cfg = tmp_path / "w.toml"
+    cfg.write_text(BASINS + "workers = 2\n")
+    run = tmp_path / "r"
+    kids: list[int] = []
+
+    def until():
+        kids[:] = _children_of(run) or kids
+        return len(_chunks(run)) >= 3
+
+    rc, out, err, took, pid = _interrupt(["basins", str(cfg), "--out", str(run), "--no-progress"], sig, until=until)
+    line = _one_line("basins", sig, rc, out, err, took)
+    _check_run_dir(run, line, pid)
+    assert len(kids) == 2, kids
+    t0 = time.monotonic()
+    while not all(_gone(k) for k in kids) and time.monotonic() - t0 < 10:
+        time.sleep(0.05)
+    assert all(_gone(k) for k in kids), "a worker process outlived the command"
+    try:
+        _resumed_equals(cfg, run, reference)
+    finally:
+        W.drop_all()

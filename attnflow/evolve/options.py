@@ -234,6 +234,10 @@ class Execution(eqx.Module):
       otherwise, :func:`attnflow.evolve.pool.default_group`).
     - `devices`: how many local devices to use (default: all of them). A study runs one pool per device;
       :func:`attnflow.simulate` splits each call over them.
+    - `workers`: worker processes of a study on a CPU, one pool each, with a one-thread XLA (0: the pools run in
+      this process; default: one per core for a study of at least
+      :data:`~attnflow.evolve.workers.WORKERS_MIN_SAMPLES` samples in one process on one CPU device, else 0:
+      :func:`attnflow.evolve.workers.default_workers`). Kept for the next study of the process.
     - `process`: ``(index, count)``: this process computes the blocks b with ``b % count == index`` (default: from
       ``jax.distributed``, else ``(0, 1)``).
     """
@@ -244,6 +248,7 @@ class Execution(eqx.Module):
     group: int | None = eqx.field(static=True, default=None)
     devices: int | None = eqx.field(static=True, default=None)
     process: tuple[int, int] | None = eqx.field(static=True, default=None)
+    workers: int | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         if self.backend not in BACKENDS:
@@ -252,6 +257,9 @@ class Execution(eqx.Module):
         _positive_int("pool", self.pool)
         _positive_int("group", self.group)
         _positive_int("devices", self.devices, 4096)
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, numbers.Integral)
+                                         or not 0 <= int(self.workers) <= 64):
+            raise ValueError(f"workers must be an integer in [0, 64], got {self.workers!r}")
         if self.process is not None:
             if len(self.process) != 2:
                 raise ValueError(f"process must be (index, count), got {self.process!r}")

@@ -390,8 +390,10 @@ def _advance(*args):
 
 def stream_members(dynamics, stream: Iterator, *, budget: Budget, stop: Stop, solver=None, execution: Execution,
                    pool_size: int, queue_size: int, then: Callable | None, sink: Callable, drain: Callable | None = None,
-                   regions: Regions | None = None) -> None:
-    """Run every member of a sample stream through one pool per local device (``execution.local_devices()``).
+                   regions: Regions | None = None, workers=None) -> None:
+    """Run every member of a sample stream through one pool per local device (``execution.local_devices()``), or
+    with `workers` (:class:`attnflow.evolve.workers.Workers`, its stream begun by :func:`begin_workers`) one pool per
+    worker process.
 
     `stream` yields ``(indices, states)`` blocks of at most `queue_size` members (or ``(None, None)``: a drain
     request, after which `drain()` is called once every member is retired). Each block is split into contiguous
@@ -400,23 +402,29 @@ def stream_members(dynamics, stream: Iterator, *, budget: Budget, stop: Stop, so
     ``sink(index, outcome, steps, final, extra, tag)`` while the next calls run. `execution.backend` must be resolved
     (not ``"auto"``), so that every device takes the same path.
     """
-    devices = execution.local_devices()
+    devices = execution.local_devices() if workers is None else [None] * workers.count
     ndev = len(devices)
     # Several CPU devices share one process's threads: their programs run one at a time (running them at once, each
-    # waiting on the same thread pool, was seen to deadlock); accelerators run theirs concurrently.
-    serial = ndev > 1 and devices[0].platform == "cpu"
+    # waiting on the same thread pool, was seen to deadlock); accelerators and worker processes run theirs concurrently.
+    serial = workers is None and ndev > 1 and devices[0].platform == "cpu"
     share, size = _shares(queue_size, pool_size, ndev)
     pools: list[Pool | None] = [None] * ndev
-    pending: list[Retired] = []
+    pending: list = []
     blank = None
 
     def hand(outs):
-        for out in outs:
-            idx, fin, st, steps, extra = out.valid()
+        for j, out in outs:
+            if workers is not None:
+                idx, fin, st, steps, extra, tag = workers.result(j, out)
+            else:
+                idx, fin, st, steps, extra = out.valid()
+                tag = np.asarray(out.tag)[: len(idx)]
             if len(idx):
-                sink(idx, st, steps, fin, extra, np.asarray(out.tag)[: len(idx)])
+                sink(idx, st, steps, fin, extra, tag)
 
     def call(j, q, qi, count, drain_):
+        if workers is not None:
+            return workers.block(j, q, qi, count, drain_, regions)
         return advance_pool(dynamics, pools[j], q, qi, count, budget=budget, stop=stop, solver=solver,
                             execution=execution, drain=drain_, then=then, regions=regions)
 
@@ -424,11 +432,13 @@ def stream_members(dynamics, stream: Iterator, *, budget: Budget, stop: Stop, so
         nonlocal pending
         outs = []
         for j in range(ndev):
-            if pools[j] is not None:
+            if workers is not None:
+                outs.append((j, call(j, blank[0], blank[1], 0, True)))
+            elif pools[j] is not None:
                 pools[j], out = call(j, blank[0], blank[1], 0, True)
                 if serial:
                     out.count.block_until_ready()
-                outs.append(out)
+                outs.append((j, out))
         hand(pending)
         hand(outs)
         pending = []
@@ -444,16 +454,20 @@ def stream_members(dynamics, stream: Iterator, *, budget: Budget, stop: Stop, so
             raise ValueError("a study numbers samples with int32: at most 2^31 - 1 samples")
         if blank is None:
             blank = _blank(share, xx.shape[1], xx.shape[2], xx.dtype)
-            pools = [empty_pool(size, xx.shape[1], xx.shape[2], xx.dtype, dev) for dev in devices]
+            if workers is None:
+                pools = [empty_pool(size, xx.shape[1], xx.shape[2], xx.dtype, dev) for dev in devices]
         outs = []
         for j in range(ndev):
             lo, hi = min(j * share, len(ii)), min((j + 1) * share, len(ii))
             q, qi = blank[0].copy(), blank[1].copy()
             q[: hi - lo], qi[: hi - lo] = xx[lo:hi], ii[lo:hi]
+            if workers is not None:
+                outs.append((j, call(j, q, qi, hi - lo, False)))
+                continue
             pools[j], out = call(j, q, qi, hi - lo, False)
             if serial:
                 out.count.block_until_ready()
-            outs.append(out)
+            outs.append((j, out))
         hand(pending)  # the host takes the previous calls' members while these calls run
         pending = outs
     if blank is not None:
@@ -468,6 +482,17 @@ def _shares(queue_size: int, pool_size: int, ndev: int) -> tuple[int, int]:
 
 def _blank(share: int, n: int, d: int, dtype) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros((share, n, d), dtype), np.full(share, -1, np.int32)
+
+
+def begin_workers(workers, dynamics, n: int, d: int, dtype, *, budget: Budget, stop: Stop, solver=None,
+                  execution: Execution, pool_size: int, queue_size: int, then: Callable | None,
+                  regions: Regions | None = None) -> None:
+    """Begin a stream of :func:`stream_members` on `workers` (:class:`attnflow.evolve.workers.Workers`): each makes
+    its pool and compiles its program (`regions` may hold other radii of the same shapes), while the caller goes on."""
+    share, size = _shares(queue_size, pool_size, workers.count)
+    ctx = dict(dyn=dynamics, n=n, d=d, dtype=np.dtype(dtype), share=share, pool_size=size, budget=budget, stop=stop,
+               solver=solver, execution=execution, then=then)
+    workers.begin(ctx, regions)
 
 
 def prepare_members(dynamics, n: int, d: int, dtype, *, budget: Budget, stop: Stop, solver=None, execution: Execution,

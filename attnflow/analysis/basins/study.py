@@ -40,7 +40,8 @@ import numpy as np
 from ..._types import Array
 from ...evolve.options import Budget, Execution, Stop, check_tol
 from ...evolve.outcome import CERTIFIED, CONVERGED, OUTCOMES, SADDLE
-from ...evolve.pool import check_solver, lanes_cost, pool_backend, prepare_members, stream_members
+from ...evolve import workers as _workers
+from ...evolve.pool import begin_workers, check_solver, lanes_cost, pool_backend, prepare_members, stream_members
 from ...evolve.solvers import Adaptive
 from ...model import AbstractFlow
 from ..classify import classifier, describe, label_rows
@@ -154,10 +155,17 @@ def basin_fractions(
         layout = certify_layout(dyn, solver, n, dtype)
     # the execution is resolved, and the pool program compiled, in another thread while this one computes the
     # certificates (the program takes the radii as data: layout's shapes suffice)
-    ahead = _Ahead(lambda: _execution(execution, dyn, solver, samples, n, d, dtype, span, ci_width),
-                   lambda ex: prepare_members(dyn, n, d, dtype, budget=budget, stop=stop, solver=solver, execution=ex,
-                                              pool_size=ex.pool, queue_size=_queue_size(ex, samples, ci_width),
-                                              then=then, regions=layout))
+    # (with worker processes: they are started, and each compiles its own, while this thread computes the
+    # certificates)
+    def prepare(ex):
+        kw = dict(budget=budget, stop=stop, solver=solver, execution=ex, pool_size=ex.pool,
+                  queue_size=_queue_size(ex, samples, ci_width), then=then, regions=layout)
+        if ex.workers:
+            begin_workers(_workers.workers(ex.workers), dyn, n, d, dtype, **kw)
+        else:
+            prepare_members(dyn, n, d, dtype, **kw)
+
+    ahead = _Ahead(lambda: _execution(execution, dyn, solver, samples, n, d, dtype, span, ci_width), prepare)
     regions = _certified(dyn, solver, span, n, dtype, layout)
     ex, pi, pc, distributed = ahead.execution()
     if run_dir is not None:
@@ -174,8 +182,14 @@ def basin_fractions(
                                                           for a in summarize(tally, {}).attractors))
     ids = _block_ids(n_blocks, ex.chunk, samples, pi, pc, run_dir, blocks, adaptive)
     stream = blocks.watch(sample_stream(sampler, key, ids, ex.chunk, samples))
-    stream_members(dyn, stream, budget=budget, stop=stop, solver=solver, execution=ex, pool_size=ex.pool,
-                   queue_size=queue_size, then=then, sink=blocks.add, regions=regions)
+    pool_workers = _workers.workers(ex.workers) if ex.workers else None
+    try:
+        stream_members(dyn, stream, budget=budget, stop=stop, solver=solver, execution=ex, pool_size=ex.pool,
+                       queue_size=queue_size, then=then, sink=blocks.add, regions=regions, workers=pool_workers)
+    except BaseException:
+        if pool_workers is not None:  # they may still run this study's calls: end them (the next study starts new ones)
+            _workers.drop_all()
+        raise
     report(None)
     if blocks.open:  # pragma: no cover - every sample of every started block is retired by construction
         raise RuntimeError(f"internal error: blocks {sorted(blocks.open)} incomplete")
@@ -267,7 +281,16 @@ def _execution(execution, dyn, solver, samples, n, d, dtype, span, ci_width):
     pi, pc = ex.process if ex.process is not None else (jax.process_index(), jax.process_count())
     if pc > 1 and ci_width is not None:
         raise ValueError("the adaptive mode (ci_width) runs in one process; pass samples instead")
-    ex = Execution(backend=backend, chunk=chunk, pool=pool, group=ex.group, devices=ex.devices, process=(pi, pc))
+    workers = ex.workers
+    if workers is None:
+        workers = _workers.default_workers(samples, platform=jax.default_backend(), local_devices=len(ex.local_devices()),
+                                           processes=pc)
+    elif workers and jax.default_backend() != "cpu":
+        raise ValueError(f"worker processes run a study on the CPU; this process's JAX backend is {jax.default_backend()}")
+    elif workers and ex.devices is not None and ex.devices > 1:
+        raise ValueError("pass devices or workers, not both: each worker process runs one pool on one CPU device")
+    ex = Execution(backend=backend, chunk=chunk, pool=pool, group=ex.group, devices=ex.devices, process=(pi, pc),
+                   workers=workers)
     return ex, pi, pc, distributed
 
 

@@ -117,6 +117,7 @@ class BasinsTable:
     max_steps: Union[int, None] = key(None, doc="hard cap of steps per member; members still moving there are 'not converged' (default max(10 x [dynamics] steps or t1/dt, 10000), at most 2^31 - 1; the adaptive solver counts attempted steps, default 10000)", ge=1, le=STEPS_MAX)
     round_steps: Union[int, None] = key(None, doc="steps between two retire-and-refill passes of the member pool (Execution.group; default 4 for the adaptive solver, else 8); speed only", ge=1, le=INT32_MAX)
     pool_size: Union[int, None] = key(None, doc="member slots per device (default on the lanes backend: what fits the L2 cache, a power of two in [128, 4096]; else min(16384, samples, max(chunk_size, 64))); speed only", ge=1, le=INT32_MAX)
+    workers: Union[int, None] = key(None, doc="worker processes on a CPU, one member pool each, with a one-thread XLA (0: the pools run in the attnflow process; default one per core, at most 8, for a study of at least 50000 samples in one process on one CPU device); speed only", ge=0, le=64)
     certify: bool = key(True, doc="decide members early, inside certified contracting balls around stable equilibria (outcome certified); computed where they pay: tokens x d <= 32, or samples >= 20 (tokens x d)^2")
     initial: bool = key(False, doc="also store each sample's initial state in the run directory's per-sample table (column initial)")
     sampler: Union[str, SamplerTable] = key("uniform", doc="'uniform', or a table {around, eigenvector, split, radius}", choices=("uniform",))

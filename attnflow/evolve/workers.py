@@ -1,0 +1,304 @@
+"""Worker processes for the member pools of a study on a CPU: one process per core, each with a one-thread XLA.
+
+**Why processes.** A pool's program is a loop of small kernels (a few hundred lanes each). On a CPU, XLA hands them
+to a thread pool of one thread per core, and for kernels this small the hand-offs cost more than the second core
+gives. Measured on the 2-core CPU (2026-12-03, the sphere flow of ``benchmarks/bench_peer_basins.py``, adaptive, 2 x
+10^4 members, warm): 1.10-1.32 s in one process with XLA's default pool, 0.78-0.80 s with a pool of one thread
+(``PJRT_NPROC=1``), and 0.43-0.44 s as two such processes side by side, each on its own core with half of the
+members. Two CPU devices in one process cannot do the same: their programs, run at once, were seen to deadlock in
+XLA's thread pool. So a study splits every block between worker processes, as it splits it between devices: each
+worker runs its own pool on its own share (:func:`attnflow.evolve.pool.stream_members`), and the parent labels,
+tallies and writes what they retire. A member's outcome, steps and final state never depend on the split.
+
+**Lifetime.** A worker is a new interpreter (``python -c``, this attnflow first on its path: about 1.5 s to import JAX; not
+:mod:`multiprocessing`, which would run the caller's script again in every worker unless it is guarded by
+``if __name__ == "__main__"``), fed pickled calls on a pipe, in order. Workers are kept for the next study of the
+process, so a second study starts warm. They take JAX's settings that matter from the parent (64-bit mode, the
+persistent compilation cache), ignore SIGINT (Ctrl-C stops the parent, which ends them) and end with their parent
+(their pipe closes). A worker that dies takes its pool's members with it: the study raises
+:class:`WorkerError`, and a run directory keeps the blocks finished before (resumable).
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import concurrent.futures as cf
+import itertools
+import os
+import pickle
+import queue
+import signal
+import struct
+import subprocess
+import sys
+import threading
+
+WORKERS_MIN_SAMPLES = 50_000
+"""The default study starts worker processes from this many samples on (on a CPU with two or more cores, one
+process, one local device): a worker costs about 1.5-2 s to start (a new interpreter, JAX, the pool's program), paid
+back only by a study of at least a few seconds. Measured on the 2-core CPU (2026-12-03, the sphere flow of the peer
+benchmark, filled compilation cache, new process): see ``benchmarks/README.md``."""
+
+MAX_WORKERS = 8
+
+
+class WorkerError(RuntimeError):
+    """A worker process of a study died (killed, out of memory)."""
+
+
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def default_workers(samples: int, *, platform: str, local_devices: int, processes: int) -> int:
+    """The worker processes of a study whose execution sets none: one per core (at most :data:`MAX_WORKERS`) for a
+    study of at least :data:`WORKERS_MIN_SAMPLES` samples in one process on one CPU device of a machine with two or
+    more cores; else 0 (the pools run in this process). Speed only: a member's outcome never depends on it."""
+    c = cores()
+    if platform != "cpu" or local_devices != 1 or processes != 1 or c < 2 or samples < WORKERS_MIN_SAMPLES:
+        return 0
+    return min(c, MAX_WORKERS)
+
+
+# ------------------------------------------------------------------------------------------------ in the worker
+_STATE: dict = {}
+
+
+def _begin(sid: int, ctx: dict, layout) -> None:
+    """Start stream `sid`: keep its settings, make an empty pool and compile its program (a call on an empty queue,
+    with `layout`'s region shapes)."""
+    import jax
+    import numpy as np
+
+    from .pool import advance_pool, empty_pool
+
+    _STATE.clear()
+    pool = empty_pool(ctx["pool_size"], ctx["n"], ctx["d"], ctx["dtype"], jax.devices()[0])  # as stream_members
+    q = np.zeros((ctx["share"], ctx["n"], ctx["d"]), ctx["dtype"])
+    qi = np.full(ctx["share"], -1, np.int32)
+    kw = {k: ctx[k] for k in ("budget", "stop", "solver", "execution", "then")}
+    _, out = advance_pool(ctx["dyn"], pool, q, qi, 0, regions=layout, **kw)
+    out.count.block_until_ready()
+    _STATE.update(sid=sid, ctx=ctx, kw=kw, pool=pool)
+
+
+def _block(sid: int, q, qi, count: int, drain: bool, regions):
+    """One pool call of stream `sid` on this worker's share of a block: the retired members, on the host."""
+    import numpy as np
+
+    from .pool import advance_pool
+
+    if _STATE.get("sid") != sid:
+        raise RuntimeError("internal error: a worker got a block of a stream it did not begin")
+    pool, out = advance_pool(_STATE["ctx"]["dyn"], _STATE["pool"], q, qi, count, drain=drain, regions=regions,
+                             **_STATE["kw"])
+    _STATE["pool"] = pool
+    idx, fin, st, steps, extra = out.valid()
+    return idx, fin, st, steps, extra, np.asarray(out.tag)[: len(idx)]
+
+
+_CALLS = {"begin": _begin, "block": _block, "pid": os.getpid}
+
+
+def _send(f, obj) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    f.write(struct.pack("<Q", len(data)))
+    f.write(data)
+    f.flush()
+
+
+def _recv(f):
+    head = f.read(8)
+    if len(head) < 8:
+        raise EOFError
+    (size,) = struct.unpack("<Q", head)
+    data = f.read(size)
+    if len(data) < size:
+        raise EOFError
+    return pickle.loads(data)
+
+
+def _serve() -> None:
+    """The worker's loop: read ``(name, args)`` calls from stdin, write ``(ok, result or exception)`` to the
+    protocol pipe (the original stdout; fd 1 then writes to stderr, so a stray print cannot break the protocol)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    inp = sys.stdin.buffer
+    settings = _recv(inp)
+    import jax
+
+    for k, v in settings.items():
+        jax.config.update(k, v)
+    while True:
+        try:
+            name, args = _recv(inp)
+        except EOFError:  # the parent is gone
+            return
+        try:
+            res = (True, _CALLS[name](*args))
+        except Exception as e:  # noqa: BLE001 - handed to the parent, which raises it
+            res = (False, e)
+        try:
+            try:
+                _send(out, res)
+            except (pickle.PicklingError, TypeError, AttributeError) as e:
+                _send(out, (False, RuntimeError(f"a worker's result could not be sent: {e}")))
+        except OSError:  # the parent is gone
+            return
+
+
+# ------------------------------------------------------------------------------------------------ in the parent
+class _Worker:
+    """One worker process: calls are answered in the order they were made. A writer thread sends them (a call of
+    several hundred kB fills the pipe until the worker, busy with the previous one, reads it: the caller must not wait
+    for that while the other workers idle) and a reader thread resolves their futures."""
+
+    def __init__(self, settings: dict):
+        # this process's environment, passed on, plus what XLA reads when it starts: a one-thread pool, the CPU
+        env = dict(os.environ, PJRT_NPROC="1", JAX_PLATFORMS="cpu")
+        here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this attnflow's parent
+        code = f"import sys; sys.path.insert(0, {here!r}); from attnflow.evolve.workers import _serve; _serve()"
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self.pending: collections.deque[cf.Future] = collections.deque()
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.dead = False
+        self.outbox.put(settings)
+        threading.Thread(target=self._write, daemon=True, name="attnflow-worker-writer").start()
+        threading.Thread(target=self._read, daemon=True, name="attnflow-worker-reader").start()
+
+    def submit(self, name: str, *args) -> cf.Future:
+        """Send the call ``name(*args)`` (:data:`_CALLS`); its future holds the result or the worker's exception."""
+        fut: cf.Future = cf.Future()
+        with self.lock:
+            if self.dead:
+                fut.set_exception(WorkerError("a worker process of this study died"))
+                return fut
+            self.pending.append(fut)
+            self.outbox.put((name, args))
+        return fut
+
+    def _write(self) -> None:
+        while True:
+            msg = self.outbox.get()
+            if msg is None:
+                return
+            try:
+                _send(self.proc.stdin, msg)
+            except (OSError, ValueError):  # the worker is gone (the reader fails the pending calls), or closed
+                return
+
+    def _read(self) -> None:
+        while True:
+            try:
+                ok, res = _recv(self.proc.stdout)
+            except (EOFError, OSError, pickle.UnpicklingError):
+                break
+            with self.lock:
+                fut = self.pending.popleft()
+            (fut.set_result if ok else fut.set_exception)(res)
+        with self.lock:
+            self.dead = True
+            code = self.proc.poll()
+            while self.pending:
+                self.pending.popleft().set_exception(WorkerError(
+                    f"a worker process of this study died (exit status {code}: killed, or out of memory?); "
+                    "the blocks finished before are kept in a run directory"))
+
+    def close(self) -> None:
+        self.outbox.put(None)
+        try:
+            self.proc.terminate()
+        except OSError:
+            pass
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+class Workers:
+    """`count` worker processes. :meth:`begin` starts a stream on all of them; :meth:`block` submits one pool call
+    to one worker (the calls of a stream reach the same worker, in order)."""
+
+    _sids = itertools.count(1)
+
+    def __init__(self, count: int, settings: dict):
+        self.count, self.settings = count, settings
+        self.procs = [_Worker(settings) for _ in range(count)]
+        self.sid = 0
+        self.started: list[cf.Future] = []
+
+    def begin(self, ctx: dict, layout) -> None:
+        """Start a new stream (`ctx`: the model and the pool call's settings) on every worker; returns at once."""
+        self.sid = next(self._sids)
+        self.started = [w.submit("begin", self.sid, ctx, layout) for w in self.procs]
+
+    def block(self, j: int, q, qi, count: int, drain: bool, regions) -> cf.Future:
+        """Submit one pool call of the stream (:func:`attnflow.evolve.pool.advance_pool` on queue `q`, indices `qi`,
+        its first `count` entries) to worker `j`; its future holds the retired members on the host."""
+        return self.procs[j].submit("block", self.sid, q, qi, int(count), bool(drain), regions)
+
+    def result(self, j: int, fut: cf.Future):
+        """The result of worker `j`'s call `fut` (the stream's start error first)."""
+        try:
+            self.started[j].result()
+            return fut.result()
+        except WorkerError:
+            _drop(self)
+            raise
+
+    def close(self) -> None:
+        """End the worker processes (calls in flight are dropped)."""
+        for w in self.procs:
+            w.close()
+
+
+_LIVE: dict = {}
+_LOCK = threading.Lock()
+
+
+def _settings() -> dict:
+    import jax
+
+    keys = ("jax_enable_x64", "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes", "jax_default_matmul_precision")
+    return {k: getattr(jax.config, k) for k in keys}
+
+
+def workers(count: int) -> Workers:
+    """`count` workers with this process's current JAX settings: those of an earlier study when they match and are
+    alive (warm), else new ones (the old ones end)."""
+    settings = _settings()
+    with _LOCK:
+        w = _LIVE.get("w")
+        if w is not None and w.count == count and w.settings == settings and not any(p.dead for p in w.procs):
+            return w
+        if w is not None:
+            w.close()
+        w = _LIVE["w"] = Workers(count, settings)
+        return w
+
+
+def _drop(w: Workers) -> None:
+    with _LOCK:
+        if _LIVE.get("w") is w:
+            del _LIVE["w"]
+    w.close()
+
+
+def drop_all() -> None:
+    """End the worker processes (a study cut short by an exception: its workers may still run its calls)."""
+    w = _LIVE.get("w")
+    if w is not None:
+        _drop(w)
+
+
+atexit.register(drop_all)

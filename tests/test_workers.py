@@ -1,0 +1,111 @@
+"""Worker processes of a study (:mod:`attnflow.evolve.workers`): every member's name, outcome, steps and final state
+are identical in worker processes and in this process (tolerance: none, float32 and float64, the map and the
+adaptive flow on their CPU default backend); a dead worker is an error, not a hang, and the next study starts new
+ones; bad settings are refused."""
+
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import attnflow as af
+from attnflow.evolve import workers as W
+from attnflow.io.results import RunDirWriter, read_members
+
+
+@pytest.fixture(autouse=True)
+def _no_live_workers():
+    yield
+    W.drop_all()  # other tests must not find this module's workers
+
+
+def _study(tmp_path, name, model, dtype, execution, certify=True, **kw):
+    d = tmp_path / name
+    sampler = af.basins.Sphere(4, 3, dtype)
+    with RunDirWriter(d) as w:
+        r = af.basin_fractions(model, jax.random.PRNGKey(3), 90, sampler=sampler, stop=af.Stop(1e-6, certify=certify),
+                               run_dir=w, execution=execution, **kw)
+    m = read_members(d)
+    return r, (m["name"].tolist(), m["outcome"].tolist(), m["steps"].tolist())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_members_identical_in_workers_and_in_process(tmp_path, dtype):
+    V = np.diag([1.0, 0.5, -0.3]).astype(dtype)
+    att = af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0)
+    cases = {"map": (af.LayerMap(att, 0.1), dict(budget=af.Budget(max_steps=300), certify=False)),
+             "adaptive": (af.SphereFlow(att), dict(budget=af.Budget(max_steps=300)))}
+    for mode, (model, kw) in cases.items():
+        r0, one = _study(tmp_path, f"{mode}_0", model, dtype, af.Execution(workers=0, chunk=40), **kw)
+        assert len(set(one[0])) >= 3 and len(set(one[2])) >= 10  # several names and step counts: the test has teeth
+        # two workers (kept for the second mode), other pool and group sizes: shares of 20 members
+        r, got = _study(tmp_path, f"{mode}_2", model, dtype, af.Execution(workers=2, chunk=40, pool=5, group=3), **kw)
+        assert got == one, f"{mode} {dtype}: worker processes differ from this process"
+        np.testing.assert_array_equal(r.members.finals, r0.members.finals)
+        assert r.members.names == r0.members.names
+        assert [(a.name, a.count) for a in r.attractors] == [(a.name, a.count) for a in r0.attractors]
+
+
+def test_workers_keep_the_parents_settings_and_are_reused():
+    w = W.workers(1)
+    assert w.settings["jax_enable_x64"] is True  # this test session's (conftest)
+    assert W.workers(1) is w  # warm: the same processes
+    pid = w.procs[0].submit("pid").result(timeout=60)
+    assert pid == w.procs[0].proc.pid and pid != os.getpid()
+
+
+def test_a_dead_worker_is_an_error_and_the_next_study_starts_new_ones(tmp_path):
+    w = W.workers(1)
+    w.procs[0].submit("pid").result(timeout=60)
+    os.kill(w.procs[0].proc.pid, signal.SIGKILL)
+    fut = w.procs[0].submit("pid")
+    with pytest.raises(W.WorkerError, match="died"):
+        fut.result(timeout=60)
+    t = time.time()
+    while not w.procs[0].dead and time.time() - t < 30:
+        time.sleep(0.05)
+    V = np.diag([1.0, 0.5, -0.3])
+    model = af.LayerMap(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0), 0.1)
+    r, got = _study(tmp_path, "after", model, "float64", af.Execution(workers=1), budget=af.Budget(max_steps=700))
+    assert r.samples == 90 and len(got[0]) == 90
+    assert W.workers(1) is not w
+
+
+def test_worker_errors_reach_the_caller():
+    w = W.workers(1)
+    w.begin({"dyn": None}, None)  # a context the worker cannot use
+    with pytest.raises(Exception):
+        w.result(0, w.block(0, np.zeros((1, 4, 3)), np.zeros(1, np.int32), 0, True, None))
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, 65, "2"])
+def test_bad_worker_counts_are_refused(bad):
+    with pytest.raises(ValueError, match="workers"):
+        af.Execution(workers=bad)
+
+
+def test_workers_and_several_devices_are_refused(no_compute):
+    V = np.diag([1.0, 0.5, -0.3])
+    model = af.LayerMap(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0), 0.1)
+    from attnflow.analysis.basins import study
+
+    with pytest.raises(ValueError, match="devices or workers"):
+        study.basin_fractions(model, jax.random.PRNGKey(0), 10, tokens=4, budget=af.Budget(max_steps=10),
+                              execution=af.Execution(workers=2, devices=2))
+
+
+def test_default_workers_rule(monkeypatch):
+    monkeypatch.setattr(W, "cores", lambda: 2)
+    big = W.WORKERS_MIN_SAMPLES
+    assert W.default_workers(big, platform="cpu", local_devices=1, processes=1) == 2
+    assert W.default_workers(big - 1, platform="cpu", local_devices=1, processes=1) == 0
+    assert W.default_workers(big, platform="gpu", local_devices=1, processes=1) == 0
+    assert W.default_workers(big, platform="cpu", local_devices=2, processes=1) == 0
+    assert W.default_workers(big, platform="cpu", local_devices=1, processes=2) == 0
+    monkeypatch.setattr(W, "cores", lambda: 1)
+    assert W.default_workers(big, platform="cpu", local_devices=1, processes=1) == 0
+    monkeypatch.setattr(W, "cores", lambda: 64)
+    assert W.default_workers(big, platform="cpu", local_devices=1, processes=1) == W.MAX_WORKERS
