@@ -109,3 +109,34 @@ def test_default_workers_rule(monkeypatch):
     assert W.default_workers(big, platform="cpu", local_devices=1, processes=1) == 0
     monkeypatch.setattr(W, "cores", lambda: 64)
     assert W.default_workers(big, platform="cpu", local_devices=1, processes=1) == W.MAX_WORKERS
+
+
+class _MainMap(af.LayerMap):
+    """A model class as a script or a notebook defines it (in ``__main__``)."""
+
+
+_MainMap.__module__ = "__main__"
+
+
+def test_what_cannot_be_sent_to_a_worker_is_named():
+    V = np.diag([1.0, 0.5, -0.3])
+    att = af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0)
+    assert W.unsent((af.LayerMap(att, 0.1), af.Adaptive(), af.Budget(max_steps=5))) is None
+    assert "_MainMap is defined in __main__" in W.unsent(_MainMap(att, 0.1))
+    assert "cannot be pickled" in W.unsent(lambda x: x)
+
+
+def test_a_model_of_main_runs_in_this_process_by_default_and_is_refused_for_workers(monkeypatch):
+    V = np.diag([1.0, 0.5, -0.3])
+    model = _MainMap(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0), 0.1)
+    with pytest.raises(ValueError, match="define it in a module, or pass workers=0"):
+        af.basin_fractions(model, jax.random.PRNGKey(0), 20, tokens=4, budget=af.Budget(max_steps=50),
+                           execution=af.Execution(workers=2))
+    monkeypatch.setattr(W, "WORKERS_MIN_SAMPLES", 10)  # the default would start workers for this study
+    monkeypatch.setattr(W, "cores", lambda: 2)
+    r = af.basin_fractions(model, jax.random.PRNGKey(0), 20, tokens=4, budget=af.Budget(max_steps=50))
+    assert r.samples == 20 and "w" not in W._LIVE  # run here, no worker started
+    r2 = af.basin_fractions(af.LayerMap(model.attn, 0.1), jax.random.PRNGKey(0), 20, tokens=4,
+                            budget=af.Budget(max_steps=50))
+    assert "w" in W._LIVE and W._LIVE["w"].count == 2  # the same study of an importable model: in workers
+    assert [(a.name, a.count) for a in r2.attractors] == [(a.name, a.count) for a in r.attractors]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import collections
 import concurrent.futures as cf
+import io
 import itertools
 import os
 import pickle
@@ -63,6 +64,30 @@ def default_workers(samples: int, *, platform: str, local_devices: int, processe
     if platform != "cpu" or local_devices != 1 or processes != 1 or c < 2 or samples < WORKERS_MIN_SAMPLES:
         return 0
     return min(c, MAX_WORKERS)
+
+
+def unsent(obj) -> str | None:
+    """Why `obj` (a model, a solver, the settings of a pool call) cannot be sent to a worker process, or None: it must
+    pickle, and every class and function it names must be importable by a new interpreter (one defined in a script
+    run as ``__main__``, or in a notebook, is not)."""
+    found: list[str] = []
+
+    class _Check(pickle.Pickler):
+        def reducer_override(self, o):
+            if isinstance(o, type) or callable(o):
+                mod = getattr(o, "__module__", None)
+                if mod == "__main__":
+                    found.append(getattr(o, "__qualname__", repr(o)))
+            return NotImplemented
+
+    try:
+        _Check(io.BytesIO(), protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+        error = None
+    except Exception as e:  # noqa: BLE001 - any failure to pickle is the reason
+        error = f"it cannot be pickled ({type(e).__name__}: {e})"
+    if found:
+        return f"{found[0]} is defined in __main__ (a script or a notebook), which a worker process cannot import"
+    return error
 
 
 # ------------------------------------------------------------------------------------------------ in the worker
@@ -130,7 +155,8 @@ def _serve() -> None:
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     inp = sys.stdin.buffer
-    settings = _recv(inp)
+    path, settings = _recv(inp)
+    sys.path[:] = path  # the parent's: the modules of its models import here as there
     import jax
 
     for k, v in settings.items():
@@ -169,7 +195,7 @@ class _Worker:
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.dead = False
-        self.outbox.put(settings)
+        self.outbox.put((list(sys.path), settings))
         threading.Thread(target=self._write, daemon=True, name="attnflow-worker-writer").start()
         threading.Thread(target=self._read, daemon=True, name="attnflow-worker-reader").start()
 

@@ -157,15 +157,20 @@ def basin_fractions(
     # certificates (the program takes the radii as data: layout's shapes suffice)
     # (with worker processes: they are started, and each compiles its own, while this thread computes the
     # certificates)
+    begun: list = []  # the workers this study's stream was begun on
+
     def prepare(ex):
         kw = dict(budget=budget, stop=stop, solver=solver, execution=ex, pool_size=ex.pool,
                   queue_size=_queue_size(ex, samples, ci_width), then=then, regions=layout)
         if ex.workers:
-            begin_workers(_workers.workers(ex.workers), dyn, n, d, dtype, **kw)
+            w = _workers.workers(ex.workers)
+            begin_workers(w, dyn, n, d, dtype, **kw)
+            begun.append(w)
         else:
             prepare_members(dyn, n, d, dtype, **kw)
 
-    ahead = _Ahead(lambda: _execution(execution, dyn, solver, samples, n, d, dtype, span, ci_width), prepare)
+    ahead = _Ahead(lambda: _execution(execution, dyn, solver, samples, n, d, dtype, span, ci_width,
+                                      (dyn, solver, budget, stop, then)), prepare)
     regions = _certified(dyn, solver, span, n, dtype, layout)
     ex, pi, pc, distributed = ahead.execution()
     if run_dir is not None:
@@ -182,7 +187,9 @@ def basin_fractions(
                                                           for a in summarize(tally, {}).attractors))
     ids = _block_ids(n_blocks, ex.chunk, samples, pi, pc, run_dir, blocks, adaptive)
     stream = blocks.watch(sample_stream(sampler, key, ids, ex.chunk, samples))
-    pool_workers = _workers.workers(ex.workers) if ex.workers else None
+    if ex.workers and not begun:  # starting them failed in the other thread: again here, where it raises
+        prepare(ex)
+    pool_workers = begun[0] if ex.workers else None
     try:
         stream_members(dyn, stream, budget=budget, stop=stop, solver=solver, execution=ex, pool_size=ex.pool,
                        queue_size=queue_size, then=then, sink=blocks.add, regions=regions, workers=pool_workers)
@@ -270,7 +277,7 @@ def _sampler(dyn, tokens, sampler):
     return Sphere(int(tokens), int(heads.dim), str(jnp.dtype(heads.V.dtype)))
 
 
-def _execution(execution, dyn, solver, samples, n, d, dtype, span, ci_width):
+def _execution(execution, dyn, solver, samples, n, d, dtype, span, ci_width, sent=None):
     """The study's execution with every default resolved (backend, chunk, pool, process), and the process split."""
     ex = Execution() if execution is None else execution
     chunk = min(samples, 10_000) if ex.chunk is None else ex.chunk
@@ -285,10 +292,15 @@ def _execution(execution, dyn, solver, samples, n, d, dtype, span, ci_width):
     if workers is None:
         workers = _workers.default_workers(samples, platform=jax.default_backend(), local_devices=len(ex.local_devices()),
                                            processes=pc)
+        if workers and _workers.unsent(sent) is not None:  # e.g. a model class of a notebook: this process runs it
+            workers = 0
     elif workers and jax.default_backend() != "cpu":
         raise ValueError(f"worker processes run a study on the CPU; this process's JAX backend is {jax.default_backend()}")
     elif workers and ex.devices is not None and ex.devices > 1:
         raise ValueError("pass devices or workers, not both: each worker process runs one pool on one CPU device")
+    elif workers and (why := _workers.unsent(sent)) is not None:
+        raise ValueError(f"workers={workers}: the model cannot be sent to a worker process: {why}; define it in a "
+                         "module, or pass workers=0")
     ex = Execution(backend=backend, chunk=chunk, pool=pool, group=ex.group, devices=ex.devices, process=(pi, pc),
                    workers=workers)
     return ex, pi, pc, distributed
