@@ -140,3 +140,16 @@ def test_a_model_of_main_runs_in_this_process_by_default_and_is_refused_for_work
                             budget=af.Budget(max_steps=50))
     assert "w" in W._LIVE and W._LIVE["w"].count == 2  # the same study of an importable model: in workers
     assert [(a.name, a.count) for a in r2.attractors] == [(a.name, a.count) for a in r.attractors]
+
+
+def test_cores_respect_the_cgroup_quota(monkeypatch, tmp_path):
+    f = tmp_path / "cpu.max"
+    monkeypatch.setattr(W, "CGROUP_CPU_MAX", str(f))
+    monkeypatch.setattr(W.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert W.cores() == 16  # no file: the affinity mask
+    f.write_text("max 100000\n")
+    assert W.cores() == 16
+    f.write_text("200000 100000\n")
+    assert W.cores() == 2
+    f.write_text("50000 100000\n")
+    assert W.cores() == 1

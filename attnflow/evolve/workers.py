@@ -42,6 +42,7 @@ back only by a study of at least a few seconds. Measured on the 2-core CPU (2026
 benchmark, filled compilation cache, new process): see ``benchmarks/README.md``."""
 
 MAX_WORKERS = 8
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
 
 
 class WorkerError(RuntimeError):
@@ -49,11 +50,20 @@ class WorkerError(RuntimeError):
 
 
 def cores() -> int:
-    """The CPU cores this process may run on."""
+    """The CPU cores this process may run on: those of its affinity mask, at most its cgroup's CPU quota (a
+    container may see every core of its host and be allowed two)."""
     try:
-        return len(os.sched_getaffinity(0))
+        n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    try:
+        with open(CGROUP_CPU_MAX) as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return n
 
 
 def default_workers(samples: int, *, platform: str, local_devices: int, processes: int) -> int:
