@@ -153,3 +153,21 @@ def test_cores_respect_the_cgroup_quota(monkeypatch, tmp_path):
     assert W.cores() == 2
     f.write_text("50000 100000\n")
     assert W.cores() == 1
+
+
+class _Elsewhere:
+    """A class whose module exists in this process only (as one added to sys.modules at run time)."""
+
+
+def test_a_call_the_worker_cannot_read_fails_alone(monkeypatch):
+    import sys
+    import types
+
+    mod = types.ModuleType("attnflow_test_only_here")
+    mod._Elsewhere = _Elsewhere
+    monkeypatch.setitem(sys.modules, "attnflow_test_only_here", mod)
+    monkeypatch.setattr(_Elsewhere, "__module__", "attnflow_test_only_here")
+    w = W.workers(1)
+    with pytest.raises(ModuleNotFoundError, match="attnflow_test_only_here"):
+        w.procs[0].submit("pid", _Elsewhere()).result(timeout=60)
+    assert w.procs[0].submit("pid").result(timeout=60) == w.procs[0].proc.pid  # the worker lives on

@@ -147,7 +147,8 @@ def _send(f, obj) -> None:
     f.flush()
 
 
-def _recv(f):
+def _frame(f) -> bytes:
+    """One message's bytes (EOFError at the end of the pipe)."""
     head = f.read(8)
     if len(head) < 8:
         raise EOFError
@@ -155,7 +156,11 @@ def _recv(f):
     data = f.read(size)
     if len(data) < size:
         raise EOFError
-    return pickle.loads(data)
+    return data
+
+
+def _recv(f):
+    return pickle.loads(_frame(f))
 
 
 def _serve() -> None:
@@ -173,18 +178,19 @@ def _serve() -> None:
         jax.config.update(k, v)
     while True:
         try:
-            name, args = _recv(inp)
-        except EOFError:  # the parent is gone
+            data = _frame(inp)
+        except (EOFError, OSError):  # the parent is gone
             return
         try:
+            name, args = pickle.loads(data)  # (a model whose module does not import here fails here, not the worker)
             res = (True, _CALLS[name](*args))
         except Exception as e:  # noqa: BLE001 - handed to the parent, which raises it
             res = (False, e)
         try:
             try:
                 _send(out, res)
-            except (pickle.PicklingError, TypeError, AttributeError) as e:
-                _send(out, (False, RuntimeError(f"a worker's result could not be sent: {e}")))
+            except Exception as e:  # noqa: BLE001 - e.g. an exception that does not pickle
+                _send(out, (False, RuntimeError(f"a worker's result could not be sent: {type(e).__name__}: {e}")))
         except OSError:  # the parent is gone
             return
 
@@ -221,43 +227,52 @@ class _Worker:
         return fut
 
     def _write(self) -> None:
-        while True:
-            msg = self.outbox.get()
-            if msg is None:
-                return
-            try:
+        try:
+            while (msg := self.outbox.get()) is not None:
                 _send(self.proc.stdin, msg)
-            except (OSError, ValueError):  # the worker is gone (the reader fails the pending calls), or closed
-                return
+        except Exception:  # noqa: BLE001 - the worker is gone: the reader fails the pending calls
+            pass
+        finally:
+            try:
+                self.proc.stdin.close()
+            except Exception:  # noqa: BLE001
+                pass
 
     def _read(self) -> None:
         while True:
             try:
-                ok, res = _recv(self.proc.stdout)
-            except (EOFError, OSError, pickle.UnpicklingError):
+                data = _frame(self.proc.stdout)
+            except Exception:  # noqa: BLE001 - the end of the pipe: the worker is gone
                 break
+            try:
+                ok, res = pickle.loads(data)
+            except Exception as e:  # noqa: BLE001 - that call's result is lost, the next ones are not
+                ok, res = False, RuntimeError(f"a worker's result could not be read: {type(e).__name__}: {e}")
             with self.lock:
                 fut = self.pending.popleft()
             (fut.set_result if ok else fut.set_exception)(res)
+        try:
+            code = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            code = None
         with self.lock:
             self.dead = True
-            code = self.proc.poll()
             while self.pending:
                 self.pending.popleft().set_exception(WorkerError(
                     f"a worker process of this study died (exit status {code}: killed, or out of memory?); "
                     "the blocks finished before are kept in a run directory"))
+        try:
+            self.proc.stdout.close()
+        except Exception:  # noqa: BLE001
+            pass
 
     def close(self) -> None:
+        """End the process: its pipes close, and the writer and reader threads end with them."""
         self.outbox.put(None)
         try:
             self.proc.terminate()
         except OSError:
             pass
-        for f in (self.proc.stdin, self.proc.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
 
 
 class Workers:
