@@ -257,8 +257,8 @@ class Execution(eqx.Module):
         _positive_int("pool", self.pool)
         _positive_int("group", self.group)
         _positive_int("devices", self.devices, 4096)
-        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, numbers.Integral)
-                                         or not 0 <= int(self.workers) <= 64):
+        w = self.workers
+        if w is not None and (isinstance(w, bool) or not isinstance(w, numbers.Integral) or not 0 <= int(w) <= 64):
             raise ValueError(f"workers must be an integer in [0, 64], got {self.workers!r}")
         if self.process is not None:
             if len(self.process) != 2:

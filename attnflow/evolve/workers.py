@@ -10,8 +10,8 @@ XLA's thread pool. So a study splits every block between worker processes, as it
 worker runs its own pool on its own share (:func:`attnflow.evolve.pool.stream_members`), and the parent labels,
 tallies and writes what they retire. A member's outcome, steps and final state never depend on the split.
 
-**Lifetime.** A worker is a new interpreter (``python -c``, this attnflow first on its path: about 1.5 s to import JAX; not
-:mod:`multiprocessing`, which would run the caller's script again in every worker unless it is guarded by
+**Lifetime.** A worker is a new interpreter (``python -c``, this attnflow first on its path: about 1.5 s to import
+JAX; not :mod:`multiprocessing`, which would run the caller's script again in every worker unless it is guarded by
 ``if __name__ == "__main__"``), fed pickled calls on a pipe, in order. Workers are kept for the next study of the
 process, so a second study starts warm. They take JAX's settings that matter from the parent (64-bit mode, the
 persistent compilation cache), ignore SIGINT (Ctrl-C stops the parent, which ends them) and end with their parent
@@ -206,7 +206,8 @@ class _Worker:
         env = dict(os.environ, PJRT_NPROC="1", JAX_PLATFORMS="cpu")
         here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this attnflow's parent
         code = f"import sys; sys.path.insert(0, {here!r}); from attnflow.evolve.workers import _serve; _serve()"
-        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env=env)
         self.pending: collections.deque[cf.Future] = collections.deque()
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.lock = threading.Lock()

@@ -290,12 +290,13 @@ def _execution(execution, dyn, solver, samples, n, d, dtype, span, ci_width, sen
         raise ValueError("the adaptive mode (ci_width) runs in one process; pass samples instead")
     workers = ex.workers
     if workers is None:
-        workers = _workers.default_workers(samples, platform=jax.default_backend(), local_devices=len(ex.local_devices()),
-                                           processes=pc)
+        workers = _workers.default_workers(samples, platform=jax.default_backend(),
+                                           local_devices=len(ex.local_devices()), processes=pc)
         if workers and _workers.unsent(sent) is not None:  # e.g. a model class of a notebook: this process runs it
             workers = 0
     elif workers and jax.default_backend() != "cpu":
-        raise ValueError(f"worker processes run a study on the CPU; this process's JAX backend is {jax.default_backend()}")
+        raise ValueError("worker processes run a study on the CPU; this process's JAX backend is "
+                         f"{jax.default_backend()}")
     elif workers and ex.devices is not None and ex.devices > 1:
         raise ValueError("pass devices or workers, not both: each worker process runs one pool on one CPU device")
     elif workers and (why := _workers.unsent(sent)) is not None:
