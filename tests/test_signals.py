@@ -353,6 +353,7 @@ def _gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.slow
 def test_basins_in_worker_processes_stops_them_then_resume(basins_cfg, reference, tmp_path):
     """A study in worker processes (``[basins] workers = 2``): Ctrl-C ends the command and its workers (SIGTERM takes
     the same path, :func:`attnflow.cli._interrupt._die`), finished chunks are kept, and the resumed result (in

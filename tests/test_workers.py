@@ -32,7 +32,7 @@ def _study(tmp_path, name, model, dtype, execution, certify=True, **kw):
     return r, (m["name"].tolist(), m["outcome"].tolist(), m["steps"].tolist())
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("float64", marks=pytest.mark.slow)])
 def test_members_identical_in_workers_and_in_process(tmp_path, dtype):
     V = np.diag([1.0, 0.5, -0.3]).astype(dtype)
     att = af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0)
