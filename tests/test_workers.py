@@ -76,9 +76,9 @@ def test_a_dead_worker_is_an_error_and_the_next_study_starts_new_ones(tmp_path):
 
 def test_worker_errors_reach_the_caller():
     w = W.workers(1)
-    w.begin({"dyn": None}, None)  # a context the worker cannot use
+    s = w.begin({"dyn": None}, None)  # a context the worker cannot use
     with pytest.raises(Exception):
-        w.result(0, w.block(0, np.zeros((1, 4, 3)), np.zeros(1, np.int32), 0, True, None))
+        s.result(0, s.block(0, np.zeros((1, 4, 3)), np.zeros(1, np.int32), 0, True, None))
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True, 65, "2"])
@@ -171,3 +171,29 @@ def test_a_call_the_worker_cannot_read_fails_alone(monkeypatch):
     with pytest.raises(ModuleNotFoundError, match="attnflow_test_only_here"):
         w.procs[0].submit("pid", _Elsewhere()).result(timeout=60)
     assert w.procs[0].submit("pid").result(timeout=60) == w.procs[0].proc.pid  # the worker lives on
+
+
+def test_studies_in_threads_share_the_workers_each_on_its_own_model(tmp_path):
+    """Two studies at once on the same workers (each names its stream): each gets its own model's members."""
+    import threading
+
+    V = np.diag([1.0, 0.5, -0.3])
+    att = af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0)
+    models = {"a": af.LayerMap(att, 0.1), "b": af.LayerMap(att, 0.3)}  # same shapes, other members' fates
+    alone = {k: _study(tmp_path, f"{k}0", m, "float64", af.Execution(workers=0, chunk=30), certify=False,
+                       budget=af.Budget(max_steps=300))[1] for k, m in models.items()}
+    assert alone["a"] != alone["b"]
+    got, errors = {}, []
+
+    def run(k):
+        try:
+            got[k] = _study(tmp_path, f"{k}2", models[k], "float64", af.Execution(workers=2, chunk=30, pool=4, group=2),
+                            certify=False, budget=af.Budget(max_steps=300))[1]
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in models]
+    [t.start() for t in threads]
+    [t.join(timeout=300) for t in threads]
+    assert not errors, errors
+    assert got == alone

@@ -392,8 +392,8 @@ def stream_members(dynamics, stream: Iterator, *, budget: Budget, stop: Stop, so
                    pool_size: int, queue_size: int, then: Callable | None, sink: Callable, drain: Callable | None = None,
                    regions: Regions | None = None, workers=None) -> None:
     """Run every member of a sample stream through one pool per local device (``execution.local_devices()``), or
-    with `workers` (:class:`attnflow.evolve.workers.Workers`, its stream begun by :func:`begin_workers`) one pool per
-    worker process.
+    with `workers` (the :class:`attnflow.evolve.workers.Stream` of :func:`begin_workers`) one pool per worker
+    process.
 
     `stream` yields ``(indices, states)`` blocks of at most `queue_size` members (or ``(None, None)``: a drain
     request, after which `drain()` is called once every member is retired). Each block is split into contiguous
@@ -486,13 +486,14 @@ def _blank(share: int, n: int, d: int, dtype) -> tuple[np.ndarray, np.ndarray]:
 
 def begin_workers(workers, dynamics, n: int, d: int, dtype, *, budget: Budget, stop: Stop, solver=None,
                   execution: Execution, pool_size: int, queue_size: int, then: Callable | None,
-                  regions: Regions | None = None) -> None:
+                  regions: Regions | None = None):
     """Begin a stream of :func:`stream_members` on `workers` (:class:`attnflow.evolve.workers.Workers`): each makes
-    its pool and compiles its program (`regions` may hold other radii of the same shapes), while the caller goes on."""
+    its pool and compiles its program (`regions` may hold other radii of the same shapes), while the caller goes on.
+    Returns the :class:`~attnflow.evolve.workers.Stream` to pass to :func:`stream_members`."""
     share, size = _shares(queue_size, pool_size, workers.count)
     ctx = dict(dyn=dynamics, n=n, d=d, dtype=np.dtype(dtype), share=share, pool_size=size, budget=budget, stop=stop,
                solver=solver, execution=execution, then=then)
-    workers.begin(ctx, regions)
+    return workers.begin(ctx, regions)
 
 
 def prepare_members(dynamics, n: int, d: int, dtype, *, budget: Budget, stop: Stop, solver=None, execution: Execution,

@@ -101,7 +101,9 @@ def unsent(obj) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------ in the worker
-_STATE: dict = {}
+_STREAMS: dict = {}
+"""This worker's streams by id: several studies of one process (e.g. in threads) may share its workers."""
+MAX_STREAMS = 8
 
 
 def _begin(sid: int, ctx: dict, layout) -> None:
@@ -112,14 +114,15 @@ def _begin(sid: int, ctx: dict, layout) -> None:
 
     from .pool import advance_pool, empty_pool
 
-    _STATE.clear()
     pool = empty_pool(ctx["pool_size"], ctx["n"], ctx["d"], ctx["dtype"], jax.devices()[0])  # as stream_members
     q = np.zeros((ctx["share"], ctx["n"], ctx["d"]), ctx["dtype"])
     qi = np.full(ctx["share"], -1, np.int32)
     kw = {k: ctx[k] for k in ("budget", "stop", "solver", "execution", "then")}
     _, out = advance_pool(ctx["dyn"], pool, q, qi, 0, regions=layout, **kw)
     out.count.block_until_ready()
-    _STATE.update(sid=sid, ctx=ctx, kw=kw, pool=pool)
+    while len(_STREAMS) >= MAX_STREAMS:  # the oldest goes (a block of it would then be refused, loudly)
+        _STREAMS.pop(next(iter(_STREAMS)))
+    _STREAMS[sid] = {"dyn": ctx["dyn"], "kw": kw, "pool": pool}
 
 
 def _block(sid: int, q, qi, count: int, drain: bool, regions):
@@ -128,13 +131,13 @@ def _block(sid: int, q, qi, count: int, drain: bool, regions):
 
     from .pool import advance_pool
 
-    if _STATE.get("sid") != sid:
-        raise RuntimeError("internal error: a worker got a block of a stream it did not begin")
-    pool, out = advance_pool(_STATE["ctx"]["dyn"], _STATE["pool"], q, qi, count, drain=drain, regions=regions,
-                             **_STATE["kw"])
-    _STATE["pool"] = pool
-    idx, fin, st, steps, extra = out.valid()
-    return idx, fin, st, steps, extra, np.asarray(out.tag)[: len(idx)]
+    st = _STREAMS.get(sid)
+    if st is None:
+        raise RuntimeError(f"internal error: a worker got a block of stream {sid}, which it did not begin (or dropped)")
+    pool, out = advance_pool(st["dyn"], st["pool"], q, qi, count, drain=drain, regions=regions, **st["kw"])
+    st["pool"] = pool
+    idx, fin, st_, steps, extra = out.valid()
+    return idx, fin, st_, steps, extra, np.asarray(out.tag)[: len(idx)]
 
 
 _CALLS = {"begin": _begin, "block": _block, "pid": os.getpid}
@@ -276,27 +279,18 @@ class _Worker:
             pass
 
 
-class Workers:
-    """`count` worker processes. :meth:`begin` starts a stream on all of them; :meth:`block` submits one pool call
-    to one worker (the calls of a stream reach the same worker, in order)."""
+class Stream:
+    """One study's stream on the workers (:meth:`Workers.begin`): its calls name it, so that studies sharing the
+    workers (e.g. in threads) never run on each other's model."""
 
-    _sids = itertools.count(1)
-
-    def __init__(self, count: int, settings: dict):
-        self.count, self.settings = count, settings
-        self.procs = [_Worker(settings) for _ in range(count)]
-        self.sid = 0
-        self.started: list[cf.Future] = []
-
-    def begin(self, ctx: dict, layout) -> None:
-        """Start a new stream (`ctx`: the model and the pool call's settings) on every worker; returns at once."""
-        self.sid = next(self._sids)
-        self.started = [w.submit("begin", self.sid, ctx, layout) for w in self.procs]
+    def __init__(self, workers: "Workers", sid: int, started: list[cf.Future]):
+        self.workers, self.sid, self.started = workers, sid, started
+        self.count = workers.count
 
     def block(self, j: int, q, qi, count: int, drain: bool, regions) -> cf.Future:
         """Submit one pool call of the stream (:func:`attnflow.evolve.pool.advance_pool` on queue `q`, indices `qi`,
         its first `count` entries) to worker `j`; its future holds the retired members on the host."""
-        return self.procs[j].submit("block", self.sid, q, qi, int(count), bool(drain), regions)
+        return self.workers.procs[j].submit("block", self.sid, q, qi, int(count), bool(drain), regions)
 
     def result(self, j: int, fut: cf.Future):
         """The result of worker `j`'s call `fut` (the stream's start error first)."""
@@ -304,8 +298,23 @@ class Workers:
             self.started[j].result()
             return fut.result()
         except WorkerError:
-            _drop(self)
+            _drop(self.workers)
             raise
+
+
+class Workers:
+    """`count` worker processes. :meth:`begin` starts a :class:`Stream` on all of them."""
+
+    _sids = itertools.count(1)
+
+    def __init__(self, count: int, settings: dict):
+        self.count, self.settings = count, settings
+        self.procs = [_Worker(settings) for _ in range(count)]
+
+    def begin(self, ctx: dict, layout) -> Stream:
+        """Start a new stream (`ctx`: the model and the pool call's settings) on every worker; returns at once."""
+        sid = next(self._sids)
+        return Stream(self, sid, [w.submit("begin", sid, ctx, layout) for w in self.procs])
 
     def close(self) -> None:
         """End the worker processes (calls in flight are dropped)."""

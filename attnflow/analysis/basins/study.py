@@ -157,15 +157,13 @@ def basin_fractions(
     # certificates (the program takes the radii as data: layout's shapes suffice)
     # (with worker processes: they are started, and each compiles its own, while this thread computes the
     # certificates)
-    begun: list = []  # the workers this study's stream was begun on
+    begun: list = []  # this study's stream on the workers
 
     def prepare(ex):
         kw = dict(budget=budget, stop=stop, solver=solver, execution=ex, pool_size=ex.pool,
                   queue_size=_queue_size(ex, samples, ci_width), then=then, regions=layout)
         if ex.workers:
-            w = _workers.workers(ex.workers)
-            begin_workers(w, dyn, n, d, dtype, **kw)
-            begun.append(w)
+            begun.append(begin_workers(_workers.workers(ex.workers), dyn, n, d, dtype, **kw))
         else:
             prepare_members(dyn, n, d, dtype, **kw)
 
