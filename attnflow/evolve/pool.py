@@ -118,6 +118,12 @@ class Retired(eqx.Module):
         return (cut(self.index).astype(np.int64), cut(self.final), cut(self.outcome), cut(self.steps),
                 None if self.extra is None else jax.tree.map(cut, self.extra))
 
+    def sink_args(self) -> tuple:
+        """``(index, outcome, steps, final, extra, tag)`` of the retired members on the host: the arguments of the
+        `sink` of :func:`stream_members`."""
+        idx, fin, st, steps, extra = self.valid()
+        return idx, st, steps, fin, extra, np.asarray(self.tag)[: len(idx)]
+
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
@@ -414,31 +420,23 @@ def stream_members(dynamics, stream: Iterator, *, budget: Budget, stop: Stop, so
 
     def hand(outs):
         for j, out in outs:
-            if workers is not None:
-                idx, fin, st, steps, extra, tag = workers.result(j, out)
-            else:
-                idx, fin, st, steps, extra = out.valid()
-                tag = np.asarray(out.tag)[: len(idx)]
-            if len(idx):
-                sink(idx, st, steps, fin, extra, tag)
+            args = workers.result(j, out) if workers is not None else out.sink_args()
+            if len(args[0]):
+                sink(*args)
 
     def call(j, q, qi, count, drain_):
+        """Pool call `j` (dispatched: a Retired, or a worker's future)."""
         if workers is not None:
-            return workers.block(j, q, qi, count, drain_, regions)
-        return advance_pool(dynamics, pools[j], q, qi, count, budget=budget, stop=stop, solver=solver,
-                            execution=execution, drain=drain_, then=then, regions=regions)
+            return j, workers.block(j, q, qi, count, drain_, regions)
+        pools[j], out = advance_pool(dynamics, pools[j], q, qi, count, budget=budget, stop=stop, solver=solver,
+                                     execution=execution, drain=drain_, then=then, regions=regions)
+        if serial:
+            out.count.block_until_ready()
+        return j, out
 
     def empty_all():
         nonlocal pending
-        outs = []
-        for j in range(ndev):
-            if workers is not None:
-                outs.append((j, call(j, blank[0], blank[1], 0, True)))
-            elif pools[j] is not None:
-                pools[j], out = call(j, blank[0], blank[1], 0, True)
-                if serial:
-                    out.count.block_until_ready()
-                outs.append((j, out))
+        outs = [call(j, blank[0], blank[1], 0, True) for j in range(ndev)]
         hand(pending)
         hand(outs)
         pending = []
@@ -461,13 +459,7 @@ def stream_members(dynamics, stream: Iterator, *, budget: Budget, stop: Stop, so
             lo, hi = min(j * share, len(ii)), min((j + 1) * share, len(ii))
             q, qi = blank[0].copy(), blank[1].copy()
             q[: hi - lo], qi[: hi - lo] = xx[lo:hi], ii[lo:hi]
-            if workers is not None:
-                outs.append((j, call(j, q, qi, hi - lo, False)))
-                continue
-            pools[j], out = call(j, q, qi, hi - lo, False)
-            if serial:
-                out.count.block_until_ready()
-            outs.append((j, out))
+            outs.append(call(j, q, qi, hi - lo, False))
         hand(pending)  # the host takes the previous calls' members while these calls run
         pending = outs
     if blank is not None:
@@ -504,8 +496,14 @@ def prepare_members(dynamics, n: int, d: int, dtype, *, budget: Budget, stop: St
     what the stream needs (certificates): XLA compiles without holding the GIL."""
     devices = execution.local_devices()
     share, size = _shares(queue_size, pool_size, len(devices))
-    q, qi = _blank(share, n, d, dtype)
     for dev in devices:
-        _, out = advance_pool(dynamics, empty_pool(size, n, d, dtype, dev), q, qi, 0, budget=budget, stop=stop,
-                              solver=solver, execution=execution, then=then, regions=regions)
-        out.count.block_until_ready()
+        compile_pool_call(dynamics, empty_pool(size, n, d, dtype, dev), share, n, d, budget=budget, stop=stop,
+                          solver=solver, execution=execution, then=then, regions=regions)
+
+
+def compile_pool_call(dynamics, pool: Pool, share: int, n: int, d: int, **kw) -> None:
+    """Compile the :func:`advance_pool` call of `pool` on queues of `share` states ``(n, d)`` (keywords: those of
+    the call) by a call on an empty queue, which runs nothing; returns once it is compiled."""
+    q, qi = _blank(share, n, d, pool.x.dtype)
+    _, out = advance_pool(dynamics, pool, q, qi, 0, **kw)
+    out.count.block_until_ready()

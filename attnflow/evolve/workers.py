@@ -84,7 +84,7 @@ def unsent(obj) -> str | None:
 
     class _Check(pickle.Pickler):
         def reducer_override(self, o):
-            if isinstance(o, type) or callable(o):
+            if callable(o):  # classes and functions (and callable instances: their class's module)
                 mod = getattr(o, "__module__", None)
                 if mod == "__main__":
                     found.append(getattr(o, "__qualname__", repr(o)))
@@ -110,34 +110,27 @@ def _begin(sid: int, ctx: dict, layout) -> None:
     """Start stream `sid`: keep its settings, make an empty pool and compile its program (a call on an empty queue,
     with `layout`'s region shapes)."""
     import jax
-    import numpy as np
 
-    from .pool import advance_pool, empty_pool
+    from .pool import compile_pool_call, empty_pool
 
     pool = empty_pool(ctx["pool_size"], ctx["n"], ctx["d"], ctx["dtype"], jax.devices()[0])  # as stream_members
-    q = np.zeros((ctx["share"], ctx["n"], ctx["d"]), ctx["dtype"])
-    qi = np.full(ctx["share"], -1, np.int32)
     kw = {k: ctx[k] for k in ("budget", "stop", "solver", "execution", "then")}
-    _, out = advance_pool(ctx["dyn"], pool, q, qi, 0, regions=layout, **kw)
-    out.count.block_until_ready()
+    compile_pool_call(ctx["dyn"], pool, ctx["share"], ctx["n"], ctx["d"], regions=layout, **kw)
     while len(_STREAMS) >= MAX_STREAMS:  # the oldest goes (a block of it would then be refused, loudly)
         _STREAMS.pop(next(iter(_STREAMS)))
     _STREAMS[sid] = {"dyn": ctx["dyn"], "kw": kw, "pool": pool}
 
 
 def _block(sid: int, q, qi, count: int, drain: bool, regions):
-    """One pool call of stream `sid` on this worker's share of a block: the retired members, on the host."""
-    import numpy as np
-
+    """One pool call of stream `sid` on this worker's share of a block: the retired members on the host
+    (:meth:`~attnflow.evolve.pool.Retired.sink_args`)."""
     from .pool import advance_pool
 
     st = _STREAMS.get(sid)
     if st is None:
         raise RuntimeError(f"internal error: a worker got a block of stream {sid}, which it did not begin (or dropped)")
-    pool, out = advance_pool(st["dyn"], st["pool"], q, qi, count, drain=drain, regions=regions, **st["kw"])
-    st["pool"] = pool
-    idx, fin, st_, steps, extra = out.valid()
-    return idx, fin, st_, steps, extra, np.asarray(out.tag)[: len(idx)]
+    st["pool"], out = advance_pool(st["dyn"], st["pool"], q, qi, count, drain=drain, regions=regions, **st["kw"])
+    return out.sink_args()
 
 
 _CALLS = {"begin": _begin, "block": _block, "pid": os.getpid}
