@@ -4,7 +4,8 @@ Needs torch (CPU) and transformers; the tests themselves do not. Run from the re
 
     python scripts/make_hf_fixtures.py            # writes tests/fixtures/hf/<family>/ and tests/fixtures/hf/refused/
 
-For each family (ALBERT, BERT, GPT-2, GPT-Neo) it saves ``config.json`` + ``model.safetensors`` and
+For each family (ALBERT, BERT, GPT-2, GPT-Neo; and ``bert_decoder``, BERT with ``is_decoder``) it saves
+``config.json`` + ``model.safetensors`` and
 ``reference.npz`` with, for every layer l, captured with forward hooks during one model forward (eager
 attention, no dropout):
 
@@ -37,6 +38,10 @@ def _configs():
         "albert": tf.AlbertConfig(vocab_size=11, embedding_size=8, hidden_size=16, num_hidden_layers=2,
                                   num_attention_heads=2, intermediate_size=24, max_position_embeddings=16, **common),
         "gpt2": tf.GPT2Config(vocab_size=11, n_embd=16, n_layer=2, n_head=4, n_positions=16, n_inner=24, **common),
+        # BERT as a decoder: BertModel masks its self-attention causally
+        "bert_decoder": tf.BertConfig(vocab_size=11, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=24, max_position_embeddings=16, type_vocab_size=2,
+                                      is_decoder=True, **common),
         "gpt_neo": tf.GPTNeoConfig(vocab_size=11, hidden_size=16, num_layers=2, num_heads=2, max_position_embeddings=16,
                                    attention_types=[[["global", "local"], 1]], window_size=3, intermediate_size=24,
                                    **common),
@@ -85,7 +90,8 @@ def build(family, config, seed=0):
     model.save_pretrained(out, safe_serialization=True)
     xs, ys = [], []
     hooks = []
-    for inp_mod, out_mod in _attention_hooks(family, model):
+    kind = config.model_type  # the fixture's folder may name a variant (bert_decoder)
+    for inp_mod, out_mod in _attention_hooks(kind, model):
         hooks.append(inp_mod.register_forward_hook(
             lambda m, args, kwargs, o: xs.append((kwargs.get("hidden_states", args[0] if args else None)).detach()),
             with_kwargs=True))
@@ -97,7 +103,7 @@ def build(family, config, seed=0):
         hs.append(kwargs.get("hidden_states", args[0] if args else None).detach())
         outs.append(_first(o).detach())
 
-    for blk in _block_modules(family, model):
+    for blk in _block_modules(kind, model):
         hooks.append(blk.register_forward_hook(block_hook, with_kwargs=True))
     gen = torch.Generator().manual_seed(seed + 1)
     emb = torch.randn(1, N_TOKENS, model.get_input_embeddings().weight.shape[1], generator=gen)
@@ -113,7 +119,7 @@ def build(family, config, seed=0):
         ref[f"h_{l}"] = h[0].numpy().astype(np.float32)
         ref[f"out_{l}"] = o[0].numpy().astype(np.float32)
     np.savez(out / "reference.npz", **ref)
-    meta = {"family": family, "layers_captured": len(xs), "blocks_captured": len(hs), "tokens": N_TOKENS, "torch": torch.__version__,
+    meta = {"family": kind, "fixture": family, "layers_captured": len(xs), "blocks_captured": len(hs), "tokens": N_TOKENS, "torch": torch.__version__,
             "transformers": tf.__version__}
     (out / "reference.json").write_text(json.dumps(meta, indent=1) + "\n")
     return out

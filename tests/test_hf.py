@@ -45,6 +45,74 @@ def test_conventions_matter(family):
     assert np.max(np.abs(y - ref["y_1"])) > 1e-3
 
 
+def test_bert_decoder_is_causal():
+    """BERT with ``is_decoder: true`` (fixture bert_decoder): BertModel masks its self-attention causally, and so
+    must attnflow; full attention misses Hugging Face's output by O(1)."""
+    m = load_hf(FIX / "bert_decoder")
+    ref = np.load(FIX / "bert_decoder" / "reference.npz")
+    assert m.family == "bert" and [lay.attention.mask for lay in m.layers] == ["causal", "causal"]
+    for l in range(2):
+        lay = m.layers[l]
+        x = jnp.asarray(ref[f"x_{l}"], jnp.float32)
+        y = np.asarray(SelfAttention(lay.heads, lay.attention, m.beta)(x))
+        np.testing.assert_allclose(y, ref[f"y_{l}"], atol=1e-5, rtol=1e-5)
+        full = np.asarray(SelfAttention(lay.heads, Attention(mask="full"), m.beta)(x))
+        assert np.max(np.abs(full - ref[f"y_{l}"])) > 1e-2
+
+
+def _edit(tmp_path, family, **changes):
+    d = tmp_path / family
+    shutil.copytree(FIX / family, d)
+    cfg = json.loads((d / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize("family", ["bert", "albert"])
+@pytest.mark.parametrize("kind", ["relative_key", "relative_key_query"])
+def test_relative_position_embeddings_refused(tmp_path, family, kind):
+    """Relative-position terms in the scores (transformers 4.x) cannot be expressed by heads: refused in one line,
+    not loaded as if absolute (that silently missed Hugging Face by O(1))."""
+    with pytest.raises(CheckpointError, match=f"position_embedding_type '{kind}' is not supported"):
+        load_hf(_edit(tmp_path, family, position_embedding_type=kind))
+    assert load_hf(_edit(tmp_path / "abs", family, position_embedding_type="absolute")).family == family
+
+
+@pytest.mark.parametrize("family, eps", [("bert", 1e-12), ("albert", 1e-12), ("gpt2", 1e-5), ("gpt_neo", 1e-5)])
+def test_layer_norm_eps_default_is_hugging_faces(tmp_path, family, eps):
+    """A config.json without its LayerNorm epsilon gets the family's Hugging Face default."""
+    m = load_hf(_edit(tmp_path, family, layer_norm_eps=None, layer_norm_epsilon=None))
+    assert m.eps == eps
+
+
+@pytest.mark.parametrize("family, key", [("gpt_neo", "num_layers"), ("albert", "num_hidden_groups"),
+                                         ("bert", "num_hidden_layers"), ("gpt2", "n_layer")])
+def test_more_weights_than_config_refused(tmp_path, family, key):
+    """Weights with more layers (ALBERT: layer groups) than config.json declares: refused, for every family."""
+    d = _edit(tmp_path, family)
+    cfg = json.loads((d / "config.json").read_text())
+    if family == "albert":
+        cfg.update(num_hidden_groups=1)  # the fixture has one group: ask for 2 layers, 2 groups' weights below
+        from safetensors.numpy import load_file, save_file
+
+        t = load_file(d / "model.safetensors")
+        p = "encoder.albert_layer_groups.0."
+        t.update({"encoder.albert_layer_groups.1." + k[len(p):]: v for k, v in t.items() if k.startswith(p)})
+        save_file(t, d / "model.safetensors")
+    else:
+        cfg[key] = 1
+        if family == "gpt_neo":
+            cfg["attention_types"] = [[["global"], 1]]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"has more than the 1 (layers|layer group)"):
+        load_hf(d)
+
+
 def test_family_details():
     neo = load_hf(FIX / "gpt_neo")
     assert neo.beta == 1.0

@@ -221,7 +221,7 @@ def test_fold_layernorm_full_block_is_exact():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["bert", "albert", "gpt2", "gpt_neo"])
+@pytest.mark.parametrize("family", ["bert", "albert", "gpt2", "gpt_neo", "bert_decoder"])
 @pytest.mark.parametrize("fold", [False, True])
 def test_full_block_matches_hf_layers(family, fold):
     """ffn=True, layernorm=True, biases=True reproduces Hugging Face's own layers, with and without folding

@@ -9,8 +9,13 @@ Conventions (docs/model.md sections 1 and 8; matrices act on column vectors):
   GPT-2's ``Conv1D`` stores [in, out] (``c_attn`` is the fused [d, 3d] q|k|v), so the matrix is its transpose.
 - Head h owns rows h*dh:(h+1)*dh of Q, K, V and columns h*dh:(h+1)*dh of O.
 - beta = 1/sqrt(dh), except GPT-Neo (beta = 1: it does not scale the scores).
-- BERT/ALBERT: full attention, post-norm. GPT-2: causal, pre-norm. GPT-Neo: pre-norm, alternating global
-  (causal) and local (causal window of ``window_size``) layers as listed in ``attention_types``.
+- BERT/ALBERT: full attention, post-norm (BERT with ``is_decoder``: causal, as ``BertModel`` masks it; its
+  cross-attention, if any, needs an encoder's states and is not part of the dynamics). Only absolute position
+  embeddings: ``position_embedding_type`` ``relative_key(_query)`` (learned terms in the scores) is refused.
+  GPT-2: causal, pre-norm. GPT-Neo: pre-norm, alternating global (causal) and local (causal window of
+  ``window_size``) layers as listed in ``attention_types``.
+- A config.json without its LayerNorm epsilon gets Hugging Face's default (1e-12 BERT/ALBERT, 1e-5 GPT-2/GPT-Neo).
+- Weights with more layers (ALBERT: layer groups) than config.json declares are refused.
 - ALBERT: one shared layer (per hidden group), used for every layer; its embedding projection
   ``embedding_hidden_mapping_in`` (E -> d) is kept.
 """
@@ -322,7 +327,9 @@ def load_hf(path) -> HFModel:
     if d % H:
         raise CheckpointError(f"{cfg_path}: hidden size {d} is not divisible by the number of heads {H}")
     dh = d // H
-    eps = _cfg_float(config, cfg_path, "layer_norm_eps", "layer_norm_epsilon", default=1e-5)
+    # Hugging Face's defaults when config.json omits it: 1e-12 for BERT and ALBERT, 1e-5 for GPT-2 and GPT-Neo
+    eps = _cfg_float(config, cfg_path, "layer_norm_eps", "layer_norm_epsilon",
+                     default=1e-12 if fam in ("bert", "albert") else 1e-5)
     _check_family_keys(fam, config, cfg_path, L)
     tensors, wfile = _read_weights(path)
     loader = {"bert": _bert, "albert": _albert, "gpt2": _gpt2, "gpt_neo": _gpt_neo}[fam]
@@ -335,6 +342,12 @@ def _check_family_keys(fam, config, cfg_path, L):
     """The family-specific config.json values, type- and range-checked before any weights are read."""
     if fam in ("bert", "albert"):
         _cfg_str(config, cfg_path, "hidden_act", default="gelu")
+        pos = _cfg_str(config, cfg_path, "position_embedding_type", default="absolute")
+        if pos != "absolute":  # learned relative-position terms in the scores: not a function of <Qx_i, Kx_j> alone
+            raise CheckpointError(f"{cfg_path}: position_embedding_type {pos!r} is not supported (only 'absolute': "
+                                  "relative-position terms in the attention scores have no attnflow equivalent)")
+        if fam == "bert":
+            _cfg_bool(config, cfg_path, "is_decoder", False)
     else:
         _cfg_str(config, cfg_path, "activation_function", default="gelu_new")
     if fam == "albert":
@@ -374,7 +387,10 @@ def _bert_like_layer(T, p, d, H, dh, full, ln_in, act, names):
 def _bert(config, tensors, wfile, cfg_path, d, H, dh, L):
     T = _Tensors(tensors, wfile, "encoder.layer.0.attention.self.query.weight")
     act = _cfg_str(config, cfg_path, "hidden_act", default="gelu")
-    full = Attention(kind="softmax", mask="full")
+    # BertModel masks its self-attention causally when the config is a decoder's (cross-attention, if any, needs
+    # an encoder's states and is not part of the dynamics)
+    mask = "causal" if _cfg_bool(config, cfg_path, "is_decoder", False) else "full"
+    full = Attention(kind="softmax", mask=mask)
     emb = _bert_embedding(T, config, d, d)
     names = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
              "attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm")
@@ -422,6 +438,8 @@ def _albert(config, tensors, wfile, cfg_path, d, H, dh, L):
         lay = shared[int(l / (L / groups))]
         ln_in = None if l == 0 else layers[-1].ln_out
         layers.append(dataclasses.replace(lay, ln_in=ln_in))
+    if f"encoder.albert_layer_groups.{groups}.albert_layers.0.attention.query.weight" in T.t:
+        raise CheckpointError(f"{wfile}: has more than the {groups} layer group(s) of config.json")
     return layers, emb, 1.0 / math.sqrt(dh), False, True
 
 
@@ -504,6 +522,8 @@ def _gpt_neo(config, tensors, wfile, cfg_path, d, H, dh, L):
                T.get(p + "mlp.c_proj.weight", (d, m)), T.get(p + "mlp.c_proj.bias", (d,)))
         layers.append(HFLayer(heads=heads, attention=att, ln_in=_ln(T, p + "ln_1", d), ln_attn=_ln(T, p + "ln_2", d),
                               ln_out=None, ffn=ffn, act=act))
+    if f"h.{L}.attn.attention.q_proj.weight" in T.t:
+        raise CheckpointError(f"{wfile}: has more than the {L} layers of config.json")
     return layers, _gpt_embedding(T, d), 1.0, True, False
 
 
