@@ -134,6 +134,49 @@ def test_cumulative_principal():
             assert sp.vector_correlation(out[l].v1, vecs[:, k]) == pytest.approx(1.0, abs=1e-8)
 
 
+def _principal_plain(P, order):
+    """NumPy reference: the eigenvector of P whose eigenvalue is first in `order` (ties not expected)."""
+    vals, vecs = np.linalg.eig(P)
+    key = {"real": vals.real, "modulus": np.abs(vals), "skip": np.abs(1 + vals)}[order]
+    k = int(np.argmax(key))
+    return vals, vecs[:, k], np.sort(key)[-2] < key[k] * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("order", sp.ORDERS)
+@pytest.mark.parametrize("scale", [0.2, 1.0, 3.0])
+def test_cumulative_principal_order_is_the_products_own(order, scale):
+    """The rescaling of the partial products must not change which eigenvector comes first, in any order: the skip
+    key |1 + lambda| is not scale invariant, so it is taken on P_l's own eigenvalues (before, diag(10, -25, 0.5)
+    gave e1 for skip where P itself gives e2). Reference: np.linalg.eig of the unscaled products, float64."""
+    rng = np.random.default_rng(7)
+    assert sp.vector_correlation(sp.cumulative_principal([np.diag([10.0, -25.0, 0.5])], order=order)[0].v1,
+                                 sp.eigenpairs(np.diag([10.0, -25.0, 0.5]), order=order).v1) == pytest.approx(1.0)
+    checked = 0
+    for trial in range(40):
+        Ws = [scale * rng.normal(size=(3, 3)) for _ in range(3)]
+        out = sp.cumulative_principal(Ws, order=order)
+        P = np.eye(3)
+        for l, W in enumerate(Ws):
+            P = W @ P
+            vals, v, clear = _principal_plain(P, order)
+            if clear and np.all(np.abs(vals.imag) < 1e-12):
+                assert sp.vector_correlation(out[l].v1, v) == pytest.approx(1.0, abs=1e-8), (trial, l)
+                checked += 1
+    assert checked > 40
+
+
+def test_cumulative_principal_skip_order_in_deep_stacks():
+    """Products far beyond float64's range: growing, the skip order tends to the modulus order (|1 + s lambda| ~
+    s |lambda|); shrinking, to the real order (|1 + s lambda| ~ 1 + s Re lambda). diag(10, -25, 0.5)^300 ~ 25^300
+    overflows; diag(0.1, -0.2, 0.05)^401 underflows, and its largest |1 + lambda| is 1 + 0.1^401 (e1), while its
+    largest modulus is 0.2^401 (e2)."""
+    grow = sp.cumulative_principal([np.diag([10.0, -25.0, 0.5])] * 300, order="skip")
+    np.testing.assert_allclose(np.abs(grow[-1].v1), [0, 1, 0], atol=1e-12)
+    shrink = sp.cumulative_principal([np.diag([0.1, -0.2, 0.05])] * 401, order="skip")
+    np.testing.assert_allclose(np.abs(shrink[-1].v1), [1, 0, 0], atol=1e-12)
+    assert np.abs(sp.cumulative_principal([np.diag([0.1, -0.2, 0.05])] * 401, order="modulus")[-1].v1[1]) == 1
+
+
 def test_validation():
     with pytest.raises(ValueError, match="square"):
         sp.eigenpairs(np.ones((2, 3)), order="real")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import math
+
 import numpy as np
 
 from .eigen import is_real
@@ -28,11 +30,18 @@ def _check_order(order: str) -> str:
     return order
 
 
-def _key(values: np.ndarray, order: str) -> np.ndarray:
+def _key(values: np.ndarray, order: str, log_s: float = 0.0) -> np.ndarray:
+    """The sort key. For the eigenvalues of a matrix rescaled by 1/s (log_s = log s), the skip order is that of the
+    matrix itself, |1 + s lambda|, through a key monotone in it that neither overflows nor rounds s lambda away:
+    |1/s + lambda| for s >= 1, and (|1 + s lambda|^2 - 1)/s = 2 Re lambda + s |lambda|^2 for s < 1."""
     if order == "real":
         return values.real
     if order == "skip":
-        return np.abs(1.0 + values)
+        if log_s == 0.0:
+            return np.abs(1.0 + values)
+        if log_s > 0.0:
+            return np.abs(math.exp(-log_s) + values)
+        return 2.0 * values.real + math.exp(log_s) * np.abs(values) ** 2
     return np.abs(values)
 
 
@@ -110,7 +119,11 @@ def eigenpairs(W, *, order: str) -> Eigen:
     fixed so their largest-magnitude entry is positive.
     """
     _check_order(order)
-    W = _square(W if isinstance(W, np.ndarray) else layer_matrix(W))
+    return _eigen(_square(W if isinstance(W, np.ndarray) else layer_matrix(W)), order)
+
+
+def _eigen(W: np.ndarray, order: str, log_s: float = 0.0) -> Eigen:
+    """:func:`eigenpairs` of a checked square `W`, in the order of the eigenvalues of s W (see :func:`_key`)."""
     vals, vecs = np.linalg.eig(W)
     # Snap numerically real eigenvalues to the real axis and make their vectors real.
     real = is_real(vals)
@@ -124,7 +137,7 @@ def eigenpairs(W, *, order: str) -> Eigen:
         v = v.real / np.linalg.norm(v.real)
         vecs[:, k] = v
     vecs = vecs / np.linalg.norm(vecs, axis=0, keepdims=True)
-    idx = np.lexsort((-vals.imag, -_key(vals, order)))
+    idx = np.lexsort((-vals.imag, -_key(vals, order, log_s)))
     return Eigen(values=vals[idx], vectors=vecs[:, idx], order=order)
 
 
@@ -273,8 +286,10 @@ def head_spectra(heads, *, order: str) -> HeadSpectra:
 def cumulative_principal(Ws, *, order: str) -> list[Eigen]:
     """Eigenpairs of the cumulative products P_l = W_l ... W_1, l = 1..L ([PM] Fig. 8).
 
-    Each product is rescaled by its Frobenius norm before the next factor (eigenvectors and the
-    order of eigenvalues are unchanged; overflow is avoided in deep stacks).
+    Each product is rescaled by its Frobenius norm before the next factor, so that deep stacks do not overflow:
+    the eigenvectors and the order of the eigenvalues are those of P_l itself (the skip order |1 + lambda| is taken
+    on P_l's eigenvalues, not on the rescaled ones), and the returned ``values`` are P_l's divided by the
+    product's accumulated scale s_l > 0.
 
     **Arguments:** `Ws`: sequence of ``(d, d)`` layer matrices, first layer first; `order` as in
     :func:`eigenpairs`. **Returns:** a list of L :class:`Eigen`.
@@ -282,11 +297,14 @@ def cumulative_principal(Ws, *, order: str) -> list[Eigen]:
     _check_order(order)
     P = None
     out = []
+    log_s = 0.0  # log of the scale removed so far: P_l = exp(log_s) * P
     for l, W in enumerate(Ws):
         W = _square(W, f"W[{l}]").astype(float)
         P = W if P is None else W @ P
-        P = P / max(np.linalg.norm(P), 1e-300)
-        out.append(eigenpairs(P, order=order))
+        norm = max(np.linalg.norm(P), 1e-300)
+        P = P / norm
+        log_s += math.log(norm)
+        out.append(_eigen(P, order, log_s))
     if not out:
         raise ValueError("cumulative_principal needs at least one matrix")
     return out
