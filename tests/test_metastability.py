@@ -35,7 +35,7 @@ def _np_reading(X, Xp, dt, beta, eps):
     labels = []
     for i in range(len(X)):  # the smallest j with cos > 1 - eps
         labels.append(next(j for j in range(len(X)) if j == i or U[i] @ U[j] > 1 - eps))
-    count = sum(1 for i, lab in enumerate(labels) if lab == i)
+    count = len(set(labels))  # distinct labels (docs/model.md 11.1)
     sizes = sorted(np.bincount(labels, minlength=len(X)).tolist(), reverse=True)
     n = len(X)
     energy = np.exp(beta * X @ X.T).sum() / (2 * beta * n * n)
@@ -138,6 +138,22 @@ def test_series_holds_the_last_reading_after_a_member_stops(small_case):
 def test_cluster_labels_are_the_smallest_close_index():
     X = np.array([[1.0, 0.0], [0.0, 1.0], [np.cos(0.01), np.sin(0.01)], [np.cos(1.57), np.sin(1.57)], [-1.0, 0.0]])
     assert np.asarray(cluster_labels(jnp.asarray(X), 1e-3)).tolist() == [0, 1, 0, 1, 4]
+
+
+def test_count_is_the_number_of_distinct_labels_when_closeness_is_not_transitive():
+    """A chain on the circle: tokens 0-1 and 1-2 closer than eps, 0-2 not. Labels 0 0 1 (token 2's smallest close
+    index is 1), then 3 and 4: four distinct labels, sizes 2 1 1 1 (docs/model.md 11.1). The count was the number of
+    tokens that are their own label (3), which disagreed with the sizes."""
+    from attnflow.analysis.metastability._plateaus import read
+
+    eps = 1e-2
+    th = 0.8 * math.acos(1 - eps)
+    ang = np.array([0.0, th, 2 * th, 2.0, 4.0])
+    X = jnp.asarray(np.stack([np.cos(ang), np.sin(ang)], 1))
+    assert np.asarray(cluster_labels(X, eps)).tolist() == [0, 0, 1, 3, 4]
+    r = read(af.SphereFlow(af.SelfAttention(af.Heads.single(np.eye(2)), beta=1.0)), X, X, 0.1, eps, 4)
+    assert int(r.count) == 4 and np.asarray(r.sizes).tolist() == [2, 1, 1, 1]
+    assert int(r.count) == int(np.sum(np.asarray(r.sizes) > 0))
 
 
 def test_beta_sweep_equals_separate_runs(small_case):

@@ -169,8 +169,10 @@ def read(dyn, X: Tokens, X_prev: Tokens, dt, eps: float, max_sizes: int) -> Read
         lab, close, energy = _pairs_blocked(dyn, X, eps, READ_BLOCK)
     else:
         lab, close, energy = _pairs_dense(dyn, X, eps)
-    count = jnp.sum(lab == jnp.arange(n)).astype(jnp.int32)
     sizes = jnp.zeros((n,), jnp.int32).at[lab].add(1)
+    # the number of distinct labels (docs/model.md 11.1), as many as the sizes; not the tokens that are their own
+    # label, which differ when closeness is not transitive (a chain 0 - 1 - 2: labels 0 0 1)
+    count = jnp.sum(sizes > 0).astype(jnp.int32)
     k = min(max_sizes, n)
     top = jax.lax.top_k(sizes, k)[0]
     if k < max_sizes:
