@@ -63,3 +63,14 @@ def test_consensus_closed_form_refuses_masks_it_does_not_hold_for():
     relu = af.LayerMap(af.SelfAttention(af.Heads.single(V), af.Attention("relu"), 1.0), 0.3)
     with pytest.raises(ValueError, match="row-stochastic"):
         st.consensus_closed_form(relu, 0, 4, alpha=0.3)
+    # row-normalised relu is row-stochastic at consensus when the score q = beta v^T M v is positive: on v_3 of
+    # M = V = diag(1, 0.4, -0.3), q = -0.3 (the rows are zero there)
+    rn = af.LayerMap(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("relu", relu_normalize=True), 1.0), 0.3)
+    with pytest.raises(ValueError, match="q_h > 0"):
+        st.consensus_closed_form(rn, 2, 4, alpha=0.3)
+    biased = af.SphereFlow(af.SelfAttention(af.Heads(*(np.eye(3)[None],) * 4, bv=np.ones((1, 3))), beta=1.0))
+    with pytest.raises(ValueError, match="biases"):
+        st.consensus_closed_form(biased, 0, 4)
+    ln = af.LayerMap(af.SelfAttention(af.Heads.single(V)), 0.3, norm=af.LayerNorm())
+    with pytest.raises(ValueError, match="l2"):
+        st.consensus_closed_form(ln, 0, 4, alpha=0.3)

@@ -369,6 +369,30 @@ def test_masked_consensus_spectrum_from_the_attention_at_consensus(kind, mask, w
             np.testing.assert_allclose(np.sort_complex(got), np.sort_complex(eigs), atol=(1e-11 if dtype == "float64" else 2e-5) * max(1.0, abs(lam1)))
 
 
+def test_row_normalised_relu_closed_form_where_every_score_is_positive():
+    """docs/model.md section 5 covers row-normalised relu when every q_h = beta <Q_h v_k, K_h v_k> > 0: the closed
+    form against autodiff spectra of the map and the flow, two heads with positive definite score matrices (every
+    q_h > 0 on every eigenvector), random V, O; d = 3, n = 5, float64, tolerance 1e-10."""
+    rng = np.random.default_rng(3)
+    H, d, n = 2, 3, 5
+    Q = np.stack([np.linalg.cholesky((lambda A: A @ A.T + d * np.eye(d))(rng.normal(size=(d, d)))).T for _ in range(H)])
+    V, O = rng.normal(size=(H, d, d)), rng.normal(size=(H, d, d))
+    attn = af.SelfAttention(af.Heads(Q, Q, V, O), af.Attention("relu", relu_normalize=True), 0.7)
+    lam = eq.eigenpairs(attn).values
+    real = [k for k in range(d) if lam[k].imag == 0]
+    checked = 0
+    for dyn, alpha in ((af.LayerMap(attn, 0.1), 0.1), (af.SphereFlow(attn), None)):
+        for k in real:
+            if alpha is not None and 1 + alpha * lam[k].real <= 0:
+                continue
+            stab = st.analyse(dyn, eq.consensus(dyn, k, n)[None])
+            assert stab.residual[0] < 1e-12
+            cf = st.consensus_closed_form(dyn, k, n, alpha=alpha)
+            np.testing.assert_allclose(np.sort_complex(stab.eigenvalues[0]), np.sort_complex(cf), atol=1e-10)
+            checked += 1
+    assert checked >= 2
+
+
 @pytest.mark.parametrize("kind", ["softmax", "sinkhorn"])
 def test_full_mask_closed_form_with_random_output_matrices(kind):
     """The full-mask table of docs/model.md section 5 for two heads with random Q, K, V, O (so W_h v_k is not parallel

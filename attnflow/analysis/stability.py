@@ -25,7 +25,7 @@ from .._types import Array, Float, Tokens
 from ..model.dynamics import AbstractDynamics, AbstractFlow, AbstractMap
 from . import _results, eigen as _eigen
 from .eigen import VERDICTS as VERDICTS, Verdict as Verdict
-from .equilibria import eigenpairs, residual
+from .equilibria import _real_eigvec, eigenpairs, residual
 
 
 STABLE, UNSTABLE, NEUTRAL, UNKNOWN = _eigen.STABLE, _eigen.UNSTABLE, _eigen.NEUTRAL, _eigen.UNKNOWN
@@ -198,14 +198,35 @@ def consensus_closed_form(model, k: int, n: int, *, alpha: float | None = None) 
     Discrete layer map (l2, step alpha): 1/(1 + alpha lambda_k) with multiplicity (n-1)(d-1), and
     (1 + alpha lambda_j)/(1 + alpha lambda_k) for j != k. Continuous flow (``alpha=None``): -lambda_k
     with multiplicity (n-1)(d-1), and lambda_j - lambda_k. Holds when the attention rows sum to one
-    (softmax, uniform, sinkhorn), so the attention terms vanish at consensus. Sorted like :func:`analyse`.
+    (softmax, uniform, sinkhorn; row-normalised relu when every head's score at consensus is positive), so the
+    attention terms vanish at consensus, with the full mask and no value or output biases; refused otherwise.
+    Sorted like :func:`analyse`.
     """
-    att = getattr(getattr(model, "attn", None), "attention", None)
-    if att is not None and (getattr(att, "mask", "full") != "full" or getattr(att, "kind", "softmax") not in ("softmax", "uniform", "sinkhorn")):
+    sa = getattr(model, "attn", None)
+    att = getattr(sa, "attention", None)
+    kind, mask = getattr(att, "kind", "softmax"), getattr(att, "mask", "full")
+    relu_rows = kind == "relu" and bool(getattr(att, "relu_normalize", False))
+    if att is not None and (mask != "full" or (kind not in ("softmax", "uniform", "sinkhorn") and not relu_rows)):
         raise ValueError(
-            "the consensus closed form holds for row-stochastic attention (softmax, uniform, sinkhorn) with the full "
-            f"mask; this model has kind={getattr(att, 'kind', '?')!r}, mask={getattr(att, 'mask', '?')!r}: use analyse() (autodiff)"
+            "the consensus closed form holds for row-stochastic attention (softmax, uniform, sinkhorn, row-normalised "
+            f"relu) with the full mask; this model has kind={kind!r}, mask={mask!r}"
+            + (", relu_normalize=False" if kind == "relu" else "") + ": use analyse() (autodiff)"
         )
+    heads = getattr(sa, "heads", None)
+    if heads is not None and (heads.bv is not None or heads.bo is not None):
+        raise ValueError("the consensus closed form has no value or output biases (bv, bo): with them consensus on "
+                         "v_k is in general no equilibrium; use analyse() (autodiff) at a located equilibrium")
+    if isinstance(model, AbstractMap) and type(getattr(model, "norm", None)).__name__ not in ("L2Norm", "NoneType"):
+        raise ValueError(f"the consensus closed form is for the l2-normalised layer map; this one normalises with "
+                         f"{type(model.norm).__name__}: use analyse() (autodiff)")
+    if relu_rows:
+        # row-normalised relu is row-stochastic where every row has a positive score: at consensus the scores are
+        # q_h = beta <Q_h v_k + bq_h, K_h v_k + bk_h>, the same for every pair; all must be > 0 (docs/model.md 5)
+        v = _real_eigvec(model, k)
+        q = np.asarray(sa.scores(jnp.asarray(np.tile(v, (n, 1)), jnp.asarray(sa.beta).dtype)))[:, 0, 0]
+        if not np.all(q > 0):
+            raise ValueError(f"row-normalised relu at consensus on v_{k + 1} needs every head's score q_h > 0 (the "
+                             f"rows are then uniform), got q = {np.array2string(q, precision=4)}: use analyse()")
     lam, _ = eigenpairs(model)
     d = len(lam)
     lk = lam[k].real

@@ -60,7 +60,8 @@ class MonotonicityCondition(eqx.Module):
     - `gradient_defect`: max_h |W_h - M_h| / |M_h|: zero iff the drift of head h is grad E_h's direction.
     - `overlap`: ``(H, H)`` mu_hg = |P_h P_g| (cosine of the smallest principal angle between the ranges of
       M_h and M_g; 0 = orthogonal heads); `max_overlap` its largest off-diagonal entry.
-    - `weight_ratio`: ``(H, H)`` kappa_hg, an upper bound of c^g_i / c^h_i for tokens of norm <= radius
+    - `weight_ratio`: ``(H, H)``, entry ``[g, h]`` = kappa_gh, an upper bound of c^g_i / c^h_i for tokens of norm
+      <= radius (symmetric here)
       (softmax: exp(beta radius^2 (|M_h| + |M_g|)), or the measured value passed in; unnormalized: 1).
     - `flat_margin`: 1 - max_h sum_{g != h} mu_hg (1 + kappa_gh) / 2 (>= 0 certifies the flat flow).
     - `total_flat`, `total_sphere`: E is certified non-decreasing along the flat / spherical flow.
@@ -112,7 +113,7 @@ def _overlaps(M) -> np.ndarray:
 
 
 def _weight_bound(kind, beta, norms, radius, weight_ratio) -> np.ndarray:
-    """kappa_hg: an upper bound of c^g_i / c^h_i (derivation, step 5)."""
+    """kappa, entry [g, h] = kappa_gh: an upper bound of c^g_i / c^h_i (derivation, step 5)."""
     H = len(norms)
     if kind == "unnormalized":
         return np.ones((H, H))
