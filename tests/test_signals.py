@@ -153,6 +153,19 @@ def test_basins_sigterm_mid_run_keeps_chunks_then_resume(basins_cfg, reference, 
     _resumed_equals(basins_cfg, run, reference)
 
 
+def test_a_refused_run_exits_with_its_line_not_an_abort(basins_cfg, reference, tmp_path):
+    """A refusal raised while the pool program still compiles in the study's other thread (a rerun without
+    --resume): exit 2 and one line. The interpreter aborted under that thread at its exit before (exit 134,
+    "FATAL: exception not rethrown"), every time with an empty compilation cache."""
+    run = tmp_path / "run"
+    _json_run(["basins", str(basins_cfg), "--out", str(run), "--json", "--no-progress"])
+    proc = subprocess.run([sys.executable, "-m", "attnflow", "--no-compile-cache", "basins", str(basins_cfg), "--out",
+                           str(run), "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = [s for s in proc.stderr.splitlines() if s.strip()]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and "already holds a run" in lines[0], proc.stderr[-2000:]
+
+
 def test_simulate_sigint_while_compiling(tmp_path):
     cfg = tmp_path / "s.toml"
     cfg.write_text(SIMULATE)

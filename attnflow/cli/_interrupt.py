@@ -363,8 +363,10 @@ def call(fn, *, command: str | None = None, out=None):
 
     sys.stdout = relay
     try:
-        threading.Thread(target=work, name=f"attnflow {command or ''}".strip(), daemon=True).start()
+        worker = threading.Thread(target=work, name=f"attnflow {command or ''}".strip(), daemon=True)
+        worker.start()
         relay.pump()
+        worker.join()  # its last native calls end before the exit does (the interpreter aborts under them)
     finally:
         relay._through = True
         if sys.stdout is relay:

@@ -24,6 +24,7 @@ all-gathered at the end, and every process returns the same result.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import math
@@ -169,6 +170,16 @@ def basin_fractions(
 
     ahead = _Ahead(lambda: _execution(execution, dyn, solver, samples, n, d, dtype, span, ci_width,
                                       (dyn, solver, budget, stop, then)), prepare)
+    try:
+        return _study(dyn, key, samples, sampler, solver, budget, stop, span, n, d, dtype, then, layout, ci_width,
+                      cluster_tol, progress, run_dir, ahead, begun, prepare)
+    finally:
+        ahead.cancel()
+
+
+def _study(dyn, key, samples, sampler, solver, budget, stop, span, n, d, dtype, then, layout, ci_width, cluster_tol,
+           progress, run_dir, ahead, begun, prepare) -> BasinResult:
+    """The study once its compile thread `ahead` is started (:func:`basin_fractions`)."""
     regions = _certified(dyn, solver, span, n, dtype, layout)
     ex, pi, pc, distributed = ahead.execution()
     if run_dir is not None:
@@ -233,33 +244,64 @@ def _queue_size(ex: Execution, samples: int, ci_width) -> int:
 class _Ahead(threading.Thread):
     """In a daemon thread: ``resolve()`` (the study's execution; :meth:`execution` waits for it and raises its
     error), then ``prepare(execution)`` (compiling the pool program; :meth:`join` waits for it). A failure of
-    `prepare` is dropped: the study's own call of the same program raises it."""
+    `prepare` is dropped: the study's own call of the same program raises it.
+
+    A study that ends early (refused, interrupted, or with nothing left to compute) calls :meth:`cancel`: `prepare`
+    is then skipped if it has not begun. One already in XLA's compiler cannot be stopped, and the interpreter must
+    not exit under it (it would abort: "FATAL: exception not rethrown", exit 134), so the exit waits for it
+    (:func:`_join_ahead`, at exit)."""
+
+    live: "set[_Ahead]" = set()
+    lock = threading.Lock()
 
     def __init__(self, resolve: Callable, prepare: Callable):
         super().__init__(daemon=True, name="attnflow-compile")
         self.resolve, self.prepare = resolve, prepare
         self.resolved = threading.Event()
+        self.cancelled = False
         self.result, self.error = None, None
+        with _Ahead.lock:
+            _Ahead.live.add(self)
         self.start()
 
     def run(self):
         try:
-            self.result = self.resolve()
-        except BaseException as e:  # noqa: BLE001 - raised in the study's thread by execution()
-            self.error = e
-            return
+            try:
+                self.result = self.resolve()
+            except BaseException as e:  # noqa: BLE001 - raised in the study's thread by execution()
+                self.error = e
+                return
+            finally:
+                self.resolved.set()
+            if self.cancelled:
+                return
+            try:
+                self.prepare(self.result[0])
+            except Exception:  # noqa: BLE001 - reported by the study's own call
+                pass
         finally:
-            self.resolved.set()
-        try:
-            self.prepare(self.result[0])
-        except Exception:  # noqa: BLE001 - reported by the study's own call
-            pass
+            with _Ahead.lock:
+                _Ahead.live.discard(self)
+
+    def cancel(self) -> None:
+        """The study is over: skip `prepare` if it has not begun."""
+        self.cancelled = True
 
     def execution(self):
         self.resolved.wait()
         if self.error is not None:
             raise self.error
         return self.result
+
+
+@atexit.register
+def _join_ahead() -> None:
+    """At exit, wait for the compile threads still running (see :class:`_Ahead`)."""
+    with _Ahead.lock:
+        live = list(_Ahead.live)
+    for t in live:
+        t.cancel()
+        t.join()
 
 
 def _sampler(dyn, tokens, sampler):
