@@ -402,3 +402,41 @@ def test_simulate_overwrites_its_own_output(tmp_path, capsys, cfg):
 def test_basins_reusing_its_own_directory_needs_resume(tmp_path, capsys, cfg):
     run = basins_run(tmp_path / "run")
     refused(capsys, ["basins", cfg, "--out", run], "already holds a run", "--resume")
+
+
+def test_basins_resumes_with_other_settings_of_speed_only(tmp_path, capsys, cfg, monkeypatch):
+    """[basins] workers, pool_size and round_steps change speed only (schema: speed_only): a run resumes with other
+    values, to the uninterrupted result. A run whose manifest recorded them (as before they were marked) resumes too,
+    keeping its finished chunks (stamped with that identity), not recomputing them."""
+    import os
+
+    from attnflow.cli import main
+    from attnflow.io.config import schema
+
+    def run(text, out, *extra):
+        p = tmp_path / "b.toml"
+        p.write_text(text)
+        assert main(["basins", str(p), "--out", str(out), "--json", "--no-progress", *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    base = CONFIG.replace("samples = 6", "samples = 9")
+    ref = run(base, tmp_path / "ref")
+    other = base + "pool_size = 64\nround_steps = 2\nworkers = 0\n"
+    for old_manifest in (False, True):
+        out = tmp_path / f"run{old_manifest}"
+        with monkeypatch.context() as m:
+            if old_manifest:
+                m.setattr(schema, "SPEED_ONLY", ())
+                m.setattr("attnflow.io.config.run.SPEED_ONLY", ())
+            run(base, out)
+        ident = json.loads((out / "manifest.json").read_text())["identity"]["config"]["basins"]
+        assert ("workers" in ident) == old_manifest
+        (out / "result.json").unlink()
+        (out / "chunks" / "00002.parquet").unlink()
+        kept = {p.name: p.stat().st_mtime_ns for p in (out / "chunks").glob("*.parquet")}
+        assert run(other, out, "--resume") == ref
+        assert {p.name: p.stat().st_mtime_ns for p in (out / "chunks").glob("*.parquet") if p.name in kept} == kept
+        assert sorted(os.listdir(out / "chunks")) == sorted(os.listdir(tmp_path / "ref" / "chunks"))
+    # a change that is not speed only is still refused
+    (tmp_path / "b.toml").write_text(base.replace("chunk_size = 3", "chunk_size = 9"))
+    refused(capsys, ["basins", tmp_path / "b.toml", "--out", tmp_path / "ref", "--resume"], "chunk_size")

@@ -176,6 +176,19 @@ def describe_change(old: dict, new: dict) -> str | None:
     return None
 
 
+def _speed_free(ident: dict) -> dict:
+    """`ident` without the config keys that change speed only (:data:`attnflow.io.config.schema.SPEED_ONLY`): a run
+    recorded them in its identity before they were known to be speed only, and resumes with other values."""
+    from .config.schema import SPEED_ONLY
+
+    config = ident.get("config")
+    if not isinstance(config, dict):
+        return ident
+    config = {t: ({k: v for k, v in tab.items() if (t, k) not in SPEED_ONLY} if isinstance(tab, dict) else tab)
+              for t, tab in config.items()}
+    return {**ident, "config": config}
+
+
 def _identity_hash(ident: dict) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
@@ -522,9 +535,13 @@ class RunDir:
         if mpath.exists():
             if not resume:
                 raise RunDirError(f"{self.path} already holds a run; pass resume (--resume) to continue it, or use a new directory")
-            change = describe_change(_manifest_identity(self.path, "resume"), ident)
+            old = _manifest_identity(self.path, "resume")
+            change = describe_change(_speed_free(old), _speed_free(ident))
             if change is not None:
                 raise RunDirError(f"cannot resume {self.path}: {change} (use a new --out for a different run)")
+            # the run keeps the identity it was started with (its chunks are stamped with it), whatever the settings
+            # of speed only it recorded
+            self.identity, self.identity_hash = old, _identity_hash(old)
         else:
             if resume and any(_CHUNK.match(p.name) for p in self.chunks.iterdir()):
                 raise RunDirError(f"cannot resume {self.path}: its manifest.json is missing; move the directory aside and "

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from .schema import (
-    INPUT_KEYS, STEPS_MAX, TABLES, BasinsTable, ConfigFile, DynamicsTable, EnergyTable, ModelTable, SamplerTable,
-    StabilityTable,
+    INPUT_KEYS, SPEED_ONLY, STEPS_MAX, TABLES, BasinsTable, ConfigFile, DynamicsTable, EnergyTable, ModelTable,
+    SamplerTable, StabilityTable,
 )
 from .validate import (
     MAX_CONFIG_BYTES, MAX_NESTING, ConfigError, check_fits, check_nesting, did_you_mean, load_npy, one_line, parse_table,
@@ -260,12 +260,15 @@ class RunConfig:
 
     def identity(self) -> dict[str, Any]:
         """What makes a run this run, by value (JSON values): the :meth:`canonical` config without the paths of
-        its input files (hosts may mount them differently), the input files by content (``inputs``: name ->
+        its input files (hosts may mount them differently) and without the keys that change speed only
+        (:data:`~attnflow.io.config.schema.SPEED_ONLY`), the input files by content (``inputs``: name ->
         SHA-256), the dtype and the backend asked for."""
         config = self.canonical()
         for table, k in INPUT_KEYS:
             if k in self.inputs:
                 config[table].pop(k, None)
+        for table, k in SPEED_ONLY:  # speed only, never the result: a run resumes with other values
+            config[table].pop(k, None)
         return {"config": config, "inputs": {k: v["sha256"] for k, v in self.inputs.items()}, "dtype": self.dtype,
                 "backend": self.backend}
 

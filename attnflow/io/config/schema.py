@@ -24,12 +24,15 @@ SINKHORN_ITERS_MAX = 1000  # the Sinkhorn sweeps are unrolled when the model is 
 Matrix = list  # a TOML array of arrays of numbers (annotation marker)
 
 
-def key(default=MISSING, *, doc: str, choices=None, ge=None, gt=None, le=None, lt=None, example=None, checked_by=None):
+def key(default=MISSING, *, doc: str, choices=None, ge=None, gt=None, le=None, lt=None, example=None, checked_by=None,
+        speed_only: bool = False):
     """A schema entry: a dataclass field whose metadata carries its documentation and its constraints.
 
     `checked_by` names the model constructor that already validates the value (its `choices` are then
-    documentation only: the check is not repeated here)."""
-    meta = dict(doc=doc, choices=choices, ge=ge, gt=gt, le=le, lt=lt, example=example, checked_by=checked_by)
+    documentation only: the check is not repeated here). `speed_only`: the value changes how fast a run goes,
+    never its result, so it is no part of the run's identity (a run resumes with another value)."""
+    meta = dict(doc=doc, choices=choices, ge=ge, gt=gt, le=le, lt=lt, example=example, checked_by=checked_by,
+                speed_only=speed_only)
     return field(default=default, metadata=meta)
 
 
@@ -115,9 +118,9 @@ class BasinsTable:
     cluster_tol: float = key(1e-3, doc="classifier tolerance", gt=0)
     ci_width: Union[float, None] = key(None, doc="adaptive: add chunks until every 95% interval is narrower", gt=0, lt=1)
     max_steps: Union[int, None] = key(None, doc="hard cap of steps per member; members still moving there are 'not converged' (default max(10 x [dynamics] steps or t1/dt, 10000), at most 2^31 - 1; the adaptive solver counts attempted steps, default 10000)", ge=1, le=STEPS_MAX)
-    round_steps: Union[int, None] = key(None, doc="steps between two retire-and-refill passes of the member pool (Execution.group; default 4 for the adaptive solver, else 8); speed only", ge=1, le=INT32_MAX)
-    pool_size: Union[int, None] = key(None, doc="member slots per device (default on the lanes backend: what fits the L2 cache, a power of two in [128, 4096]; else min(16384, samples, max(chunk_size, 64))); speed only", ge=1, le=INT32_MAX)
-    workers: Union[int, None] = key(None, doc="worker processes on a CPU, one member pool each, with a one-thread XLA (0: the pools run in the attnflow process; default one per core, at most 8, for a study of at least 50000 samples in one process on one CPU device); speed only", ge=0, le=64)
+    round_steps: Union[int, None] = key(None, doc="steps between two retire-and-refill passes of the member pool (Execution.group; default 4 for the adaptive solver, else 8); speed only", ge=1, le=INT32_MAX, speed_only=True)
+    pool_size: Union[int, None] = key(None, doc="member slots per device (default on the lanes backend: what fits the L2 cache, a power of two in [128, 4096]; else min(16384, samples, max(chunk_size, 64))); speed only", ge=1, le=INT32_MAX, speed_only=True)
+    workers: Union[int, None] = key(None, doc="worker processes on a CPU, one member pool each, with a one-thread XLA (0: the pools run in the attnflow process; default one per core, at most 8, for a study of at least 50000 samples in one process on one CPU device); speed only", ge=0, le=64, speed_only=True)
     certify: bool = key(True, doc="decide members early, inside certified contracting balls around stable equilibria (outcome certified); computed where they pay: tokens x d <= 32, or samples >= 20 (tokens x d)^2")
     initial: bool = key(False, doc="also store each sample's initial state in the run directory's per-sample table (column initial)")
     sampler: Union[str, SamplerTable] = key("uniform", doc="'uniform', or a table {around, eigenvector, split, radius}", choices=("uniform",))
@@ -228,6 +231,9 @@ def hints(cls) -> dict[str, Any]:
 TABLES: dict[str, type] = dict(hints(ConfigFile))  # table name -> record type
 
 INPUT_KEYS = (("model", "weights"), ("dynamics", "init"), ("stability", "states"))
+SPEED_ONLY = tuple((t, f.name) for t, cls in TABLES.items() if dataclasses.is_dataclass(cls)
+                   for f in dataclasses.fields(cls) if f.metadata.get("speed_only"))
+"""The (table, key) pairs that change speed only, never a result: not part of a run's identity."""
 """The (table, key) pairs that name input files: read at load, identified by content (SHA-256), not by path."""
 
 
