@@ -197,3 +197,22 @@ def test_studies_in_threads_share_the_workers_each_on_its_own_model(tmp_path):
     [t.join(timeout=300) for t in threads]
     assert not errors, errors
     assert got == alone
+
+
+def test_a_dead_worker_is_one_line_in_the_cli(monkeypatch, tmp_path, capsys):
+    """`attnflow basins` whose worker process is killed: one line naming it and --resume, exit 2 (it was a
+    60-line traceback and exit 1)."""
+    from attnflow.analysis import basins as bs
+    from attnflow.cli import main
+
+    def killed(*a, **k):
+        raise W.WorkerError("a worker process of this study died (exit status -9: killed, or out of memory?); "
+                            "the blocks finished before are kept in a run directory")
+
+    monkeypatch.setattr(bs, "basin_fractions", killed)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[model]\nd = 3\nV = [[1.0, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, -0.3]]\n[dynamics]\ntokens = 4\n"
+                   "steps = 20\n[basins]\nsamples = 6\nworkers = 2\n")
+    assert main(["basins", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "worker process of this study died" in err[0] and "--resume" in err[0], err

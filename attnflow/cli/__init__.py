@@ -91,6 +91,7 @@ def _dispatch(args) -> int:
     """Run the parsed command; bad input becomes one line on stderr and exit status 2, anything else is raised."""
     from ..io.config import ConfigError
     from ..io.results import RunDirError
+    from ..evolve.workers import WorkerError
     from ..io.weights import WeightsError
     from ._common import UsageError
 
@@ -100,6 +101,8 @@ def _dispatch(args) -> int:
         return int(args._run(args) or 0)
     except (ConfigError, UsageError, RunDirError, WeightsError) as e:
         return _fail(args.command, str(e))
+    except WorkerError as e:  # a worker process of a study was killed: its finished chunks are kept
+        return _fail(args.command, f"{e}; continue with --resume")
     except OSError as e:  # a file that vanished, a full disk, ...: the system's one-line reason
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         return _fail(args.command, f"{e.strerror or type(e).__name__}{where}")
