@@ -440,3 +440,16 @@ def test_basins_resumes_with_other_settings_of_speed_only(tmp_path, capsys, cfg,
     # a change that is not speed only is still refused
     (tmp_path / "b.toml").write_text(base.replace("chunk_size = 3", "chunk_size = 9"))
     refused(capsys, ["basins", tmp_path / "b.toml", "--out", tmp_path / "ref", "--resume"], "chunk_size")
+
+
+@pytest.mark.parametrize("name", ["run:1", "file:fx"])
+def test_a_relative_path_with_a_colon_is_a_path_not_a_uri(tmp_path, monkeypatch, name):
+    """pyarrow reads a path string with a colon as a URI ("file:fx", "run:1": an unknown scheme); chunks are written
+    and read through native files, so a relative --out like these works like any other."""
+    monkeypatch.chdir(tmp_path)
+    with RunDirWriter(Path(name)) as w:
+        w.open({"samples": 6})
+        w.write_chunk(0, columns(0))
+        w.write_chunk(1, columns(3))
+        assert w.done(0) and w.done(1)
+    np.testing.assert_array_equal(read_members(Path(name))["index"], np.arange(6))
