@@ -453,3 +453,46 @@ def test_a_relative_path_with_a_colon_is_a_path_not_a_uri(tmp_path, monkeypatch,
         w.write_chunk(1, columns(3))
         assert w.done(0) and w.done(1)
     np.testing.assert_array_equal(read_members(Path(name))["index"], np.arange(6))
+
+
+def test_a_resumed_study_keeps_the_same_members_for_figures(tmp_path):
+    """The members kept for figures (the lowest sample indices) are the same after a resume, partial or of a run
+    whose every chunk is written, as without a break: their final states are stored in the chunks (column
+    ``final``; NaN beyond them). Before, a full resume had none (no sphere.png) and a partial one other members."""
+    import jax
+
+    import attnflow as af
+
+    V = np.diag([1.0, 0.5, -0.3])
+    model = af.LayerMap(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0), 0.1)
+    kw = dict(tokens=4, budget=af.Budget(max_steps=500), execution=af.Execution(chunk=20, workers=0))
+    ref = af.basin_fractions(model, jax.random.PRNGKey(3), 60, run_dir=tmp_path / "ref", **kw)
+    assert ref.members is not None and len(ref.members.names) == 60
+    final = read_members(tmp_path / "ref")["final"]
+    np.testing.assert_array_equal(final, ref.members.finals.reshape(60, -1))
+    for drop in ([1], [0, 1, 2], []):
+        run = tmp_path / f"run{len(drop)}"
+        af.basin_fractions(model, jax.random.PRNGKey(3), 60, run_dir=run, **kw)
+        for b in drop:
+            (run / "chunks" / f"{b:05d}.parquet").unlink()
+        res = af.basin_fractions(model, jax.random.PRNGKey(3), 60, run_dir=run, resume=True, **kw)
+        assert res.members.names == ref.members.names
+        np.testing.assert_array_equal(res.members.index, ref.members.index)
+        np.testing.assert_array_equal(res.members.finals, ref.members.finals)
+
+
+def test_figure_temporaries_are_named_like_the_run_directorys(tmp_path, monkeypatch):
+    """A figure being written has a temporary name that a resume removes as stale and an interrupted process removes
+    as its own (.NAME.PID.UUID.tmp, results.TMP_NAME); figures had their own pattern, left behind by every kill."""
+    import os
+
+    import attnflow.plots as P
+    from attnflow._files import TMP_NAME, tmp_name
+
+    seen = []
+    monkeypatch.setattr(P, "tmp_name", lambda p: seen.append(tmp_name(p)) or seen[-1])
+    fig = P.figure()
+    P.write_atomic(fig, tmp_path / "sphere.png")
+    assert (tmp_path / "sphere.png").exists() and len(seen) == 1
+    assert TMP_NAME.match(seen[0].name) and f".{os.getpid()}." in seen[0].name
+    assert R._TMP is TMP_NAME

@@ -19,8 +19,9 @@ NumPy ``str`` arrays). Each table's schema metadata holds the run's identity has
 list and a SHA-256 of the column data (names, dtypes, shapes and values, in name order), all checked on reading.
 A basin study (:func:`attnflow.analysis.basins.basin_fractions`) writes, per sample: ``index`` (the sample index
 i, int64), ``name`` (the attractor or outcome name, e.g. ``consensus +v1``), ``outcome`` (e.g. ``converged``),
-``steps`` (steps taken), its label ``row`` and representative ``rep`` columns, and, when the writer is created
-with ``initial=True``, ``initial`` (the initial state, flattened to ``(n * d,)``).
+``steps`` (steps taken), its label ``row`` and representative ``rep`` columns, ``final`` (the final state,
+flattened to ``(n * d,)``, of the samples kept for figures, i < 2000; NaN for the others) and, when the writer is
+created with ``initial=True``, ``initial`` (the initial state, flattened to ``(n * d,)``).
 
 Guarantees: one writer per directory (a ``filelock`` lock; under ``jax.distributed`` process 0 holds it for
 the job, whose processes write disjoint chunks); a resume with another identity (a changed config key or input
@@ -42,12 +43,13 @@ import platform
 import re
 import stat
 import sys
-import uuid
 import weakref
 from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
+
+from .._files import TMP_NAME, tmp_name
 
 
 class RunDirError(ValueError):
@@ -76,13 +78,11 @@ def _arrow():
 
 
 # ------------------------------------------------------------------------------------- atomic writes
-_TMP = re.compile(r"^\..+\.\d+\.[0-9a-f]{12}\.tmp$")  # the names _tmp gives
+_TMP = TMP_NAME  # the names _tmp gives
 _LIVE: set[str] = set()  # temporary files this process is writing now (never removed as stale)
 
 
-def _tmp(p: Path) -> Path:
-    """A temporary name next to ``p``, unique to this process and call (so two writers never share one)."""
-    return p.with_name(f".{p.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+_tmp = tmp_name
 
 
 def _write_atomic(p: Path, write) -> None:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import os
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
+
+from .._files import tmp_name
 
 
 def subplots(nrows: int = 1, ncols: int = 1, *, figsize=None, **kw):
@@ -40,7 +41,7 @@ def write_atomic(fig, path, **savefig_kw) -> Path:
     The format comes from the suffix of `path` (default png). Returns `path`."""
     path = Path(path)
     fmt = path.suffix[1:].lower() or "png"
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = tmp_name(path)  # .NAME.PID.UUID.tmp: removed as stale by a resume, or by this process when interrupted
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # new and unique; the umask applies as usual
     try:
         with os.fdopen(fd, "wb") as f:

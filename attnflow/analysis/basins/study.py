@@ -190,7 +190,7 @@ def _study(dyn, key, samples, sampler, solver, budget, stop, span, n, d, dtype, 
     draw_samples(sampler, key, np.arange(ex.chunk))  # the sampler's program, meanwhile (one shape: a full block)
     ahead.join()
     report = _progress(progress, samples)
-    blocks = _Blocks(ex.chunk, samples, tally, run_dir, verifier, report)
+    blocks = _Blocks(ex.chunk, samples, tally, run_dir, verifier, report, (n, d))
     n_blocks = math.ceil(samples / ex.chunk)
     adaptive = None if ci_width is None else (lambda: all(a.interval[1] - a.interval[0] < ci_width
                                                           for a in summarize(tally, {}).attractors))
@@ -425,8 +425,10 @@ class _Blocks:
     """Collects retired members by block: names them (verifying each new label's equilibrium once), and writes (if
     a writer is given) and tallies each block once all its members are in."""
 
-    def __init__(self, block: int, samples: int, tally: Tally, writer, verifier: Verifier, report: Callable):
+    def __init__(self, block: int, samples: int, tally: Tally, writer, verifier: Verifier, report: Callable,
+                 final_shape: tuple[int, int]):
         self.C, self.N, self.tally, self.writer, self.verifier, self.report = block, samples, tally, writer, verifier, report
+        self.final_shape = final_shape  # (n, d): a member's final state
         self.keep_initial = bool(getattr(writer, "initial", False))
         self.open: dict[int, dict] = {}
         self.initial: dict[int, np.ndarray] = {}
@@ -446,6 +448,11 @@ class _Blocks:
     def read(self, b: int) -> None:
         """Tally a block already written."""
         c = self.writer.read_chunk(b)
+        idx = np.asarray(c["index"])
+        if "final" in c:  # the members kept for figures, as the run that computed the block kept them
+            shape = (-1,) + tuple(self.final_shape)
+            for j in np.flatnonzero(idx < KEEP):
+                self.kept[int(idx[j])] = (np.asarray(c["row"])[j], np.asarray(c["final"])[j].reshape(shape[1:]))
         cert = np.asarray(c["outcome"]) == "certified"
         self._stable(np.asarray(c["row"])[cert])
         self.tally.add(np.asarray(c["row"]), np.asarray(c["steps"]), np.asarray(c["index"]), np.asarray(c["rep"], np.float64),
@@ -500,9 +507,13 @@ class _Blocks:
             ok = np.flatnonzero((inv == j) & ~cert)
             if len(ok):
                 rep[ok[0]] = np.asarray(cols["final"][ok[0]], np.float64)
+        # the final states of the members kept for figures (sample index < KEEP; NaN for the others), so that a
+        # resumed run draws the same members as one run without a break
+        fin = cols["final"]
+        final = np.where((cols["index"] < KEEP)[:, None], fin, np.nan).astype(fin.dtype)
         out = {"index": cols["index"].astype(np.int64), "name": names[inv],
                "outcome": np.asarray(OUTCOMES)[cols["outcome"]], "steps": cols["steps"].astype(np.int64),
-               "row": cols["row"], "rep": rep}
+               "row": cols["row"], "rep": rep, "final": final}
         init = self.initial.pop(b, None)
         if init is not None:
             out["initial"] = init
