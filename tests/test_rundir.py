@@ -496,3 +496,15 @@ def test_figure_temporaries_are_named_like_the_run_directorys(tmp_path, monkeypa
     assert (tmp_path / "sphere.png").exists() and len(seen) == 1
     assert TMP_NAME.match(seen[0].name) and f".{os.getpid()}." in seen[0].name
     assert R._TMP is TMP_NAME
+
+
+def test_read_members_reads_each_chunk_once_whatever_copies_lie_beside_it(tmp_path):
+    """Only the names the writer gives ({i:05d}.parquet) are chunks: a copy saved as 3.parquet or 000001.parquet
+    was read as that chunk a second time (rows duplicated, no warning)."""
+    import shutil
+
+    run = basins_run(tmp_path / "run")
+    shutil.copy(run / "chunks" / "00001.parquet", run / "chunks" / "000001.parquet")
+    shutil.copy(run / "chunks" / "00001.parquet", run / "chunks" / "1.parquet")
+    np.testing.assert_array_equal(read_members(run)["index"], np.arange(6))
+    assert R._CHUNK.match("00001.parquet") and R._CHUNK.match("123456.parquet") and not R._CHUNK.match("0123456.parquet")

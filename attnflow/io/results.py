@@ -464,7 +464,9 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:160] or type(e).__name__
 
 
-_CHUNK = re.compile(r"^(\d+)\.parquet$")
+_CHUNK = re.compile(r"^(\d{5}|[1-9]\d{5,})\.parquet$")
+"""Chunk file names as :meth:`RunDir.chunk_path` writes them (``{i:05d}.parquet``), and no other spelling of the
+same index (``3.parquet``, ``000003.parquet``: a copy would be read as that chunk a second time)."""
 
 
 # ------------------------------------------------------------------------------------- the run directory
