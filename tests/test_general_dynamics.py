@@ -286,6 +286,11 @@ def test_cli_geometry_names_attractors_resumes_and_refuses(tmp_path):
     r = run(str(cfg), "--out", str(out), "--json")
     assert r.returncode == 0 and "resuming after row 8" in r.stderr
     assert json.loads(r.stdout) == first
+    # a truncated partial map is computed again (it raised BadZipFile, a traceback)
+    (out / "map_partial.npz").write_bytes((out / "map_partial.npz").read_bytes()[:500])
+    r = run(str(cfg), "--out", str(out), "--json")
+    assert r.returncode == 0 and "resuming" not in r.stderr, r.stderr
+    assert json.loads(r.stdout) == first
     bad = tmp_path / "bad.toml"
     bad.write_text('[model]\nd = 4\nV = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], '
                    '[0.0, 0.0, 0.0, 1.0]]\n[geometry]\nresolution = 4\n')

@@ -230,6 +230,24 @@ def test_cli_metastability_writes_resumes_and_refuses(tmp_path):
     again = json.loads(r.stdout)
     assert again["cells"] == first["cells"]  # a resumed run gives the same answer
     assert again["phase"] == first["phase"]
+    # a saved n is loaded only for its own run and n: swapped files, a truncated one, or files whose settings.json
+    # is lost are computed again (they were loaded for the wrong n, raised BadZipFile, or mixed into another run)
+    a, b = out / "episodes_n8.npz", out / "episodes_n12.npz"
+    a.rename(tmp_path / "t.npz"), b.rename(a), (tmp_path / "t.npz").rename(b)
+    r = run(str(cfg), "--out", str(out), "--json")
+    assert r.returncode == 0 and "resuming" not in r.stderr, r.stderr
+    assert json.loads(r.stdout)["cells"] == first["cells"]
+    b.write_bytes(b.read_bytes()[:300])
+    (out / "settings.json").unlink()
+    r = run(str(cfg), "--out", str(out), "--json")
+    assert r.returncode == 0 and "resuming" not in r.stderr and "starting afresh" in r.stderr, r.stderr
+    assert json.loads(r.stdout)["cells"] == first["cells"]
+    # one process per directory
+    from filelock import FileLock
+
+    with FileLock(str(out / ".lock")):
+        r = run(str(cfg), "--out", str(out), "--json")
+    assert r.returncode == 2 and "in use by another attnflow process" in r.stderr, r.stderr
     bad = tmp_path / "bad.toml"
     bad.write_text('[model]\nd = 2\nV = [[1.0, 0.0], [0.0, 1.0]]\n[metastability]\neps = 1e-9\n')
     r = run(str(bad))

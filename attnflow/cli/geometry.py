@@ -101,12 +101,12 @@ def _load_partial(out: Path, settings, shape):
     if not p.exists():
         return None
     try:
-        z = np.load(p)
-        meta = json.loads(str(z["meta"]))
-        if meta["settings"] != json.loads(json.dumps(settings)) or z["image"].shape != shape:
-            return None
-        return z["image"].copy(), int(z["rows_done"]), [_att_from_json(a) for a in meta["attractors"]]
-    except (OSError, ValueError, KeyError, TypeError):
+        with np.load(p) as z:
+            meta = json.loads(str(z["meta"]))
+            if meta["settings"] != json.loads(json.dumps(settings)) or z["image"].shape != shape:
+                return None
+            return z["image"].copy(), int(z["rows_done"]), [_att_from_json(a) for a in meta["attractors"]]
+    except Exception:  # noqa: BLE001 - truncated (BadZipFile), damaged: computed again
         return None
 
 
@@ -142,6 +142,9 @@ def run(args) -> int:
     matcher = ga.Matcher(system.space, run_.match_tol, run_.sample_time(system), system)
     start = 0
     if out is not None:
+        from attnflow.io.results import hold_lock
+
+        lock = hold_lock(out)  # noqa: F841 - one process per directory, held until this command ends
         got = _load_partial(out, settings, image.shape)
         if got is not None:
             image, start, matcher.attractors = got

@@ -9,6 +9,7 @@ settings loads them and computes only the rest, so an interrupted run resumes wh
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -50,33 +51,40 @@ def _npz_bytes(arrays: dict) -> bytes:
     return buf.getvalue()
 
 
-def _save_n(out: Path, n: int, ep, ser) -> None:
+def _stamp(settings: dict) -> str:
+    """The SHA-256 of a run's settings: every file a run saves carries it, so that a resume loads only its own."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _save_n(out: Path, n: int, ep, ser, stamp: str) -> None:
     from attnflow.io.results import atomic_write_bytes
 
     arrays = {f"ep_{f.name}": np.asarray(getattr(ep, f.name)) for f in dataclasses.fields(ep)}
     if ser is not None:
         arrays.update({f"ser_{f.name}": np.asarray(getattr(ser, f.name)) for f in dataclasses.fields(ser)})
+    arrays.update(meta_run=np.asarray(stamp), meta_n=np.asarray(n))  # whose run, which n
     atomic_write_bytes(out / f"episodes_n{n}.npz", _npz_bytes(arrays))
 
 
 def _same_settings(out: Path, settings: dict) -> bool:
     p = out / "settings.json"
-    if not p.exists():
-        return False
     try:
-        old = json.loads(p.read_text())
+        old = json.loads(p.read_text()) if p.exists() else None
     except (OSError, ValueError):
-        return False
-    if old != json.loads(json.dumps(settings)):
-        info(f"metastability: {out} holds a run with other settings; starting afresh")
-        for f in list(out.glob("episodes_n*.npz")) + list(out.glob("phase_*.json")):
+        old = None
+    if old == json.loads(json.dumps(settings)):
+        return True
+    stale = list(out.glob("episodes_n*.npz")) + list(out.glob("phase_*.json"))
+    if stale:  # another run's (or one whose settings are lost): never mixed into this one
+        info(f"metastability: {out} holds a run with other (or unreadable) settings; starting afresh")
+        for f in stale:
             f.unlink()
-        return False
-    return True
+    return False
 
 
-def _load_done(out: Path, tokens) -> dict:
-    """The n already computed by an earlier run with the same settings."""
+def _load_done(out: Path, tokens, stamp: str) -> dict:
+    """The n already computed by an earlier run with the same settings (files stamped with that run and their n;
+    any other, or one unreadable in any way, is computed again)."""
     from attnflow.analysis.metastability import Episodes, Series
 
     done = {}
@@ -85,12 +93,14 @@ def _load_done(out: Path, tokens) -> dict:
         if not f.exists():
             continue
         try:
-            z = np.load(f)
-            ep = Episodes(**{k[3:]: z[k] for k in z.files if k.startswith("ep_")})
-            ser_keys = [k for k in z.files if k.startswith("ser_")]
-            ser = Series(**{k[4:]: z[k] for k in ser_keys}) if ser_keys else None
-        except (OSError, ValueError, TypeError, KeyError):
-            continue  # unreadable: computed again
+            with np.load(f) as z:
+                if str(z["meta_run"]) != stamp or int(z["meta_n"]) != n:
+                    continue
+                ep = Episodes(**{k[3:]: z[k] for k in z.files if k.startswith("ep_")})
+                ser_keys = [k for k in z.files if k.startswith("ser_")]
+                ser = Series(**{k[4:]: z[k] for k in ser_keys}) if ser_keys else None
+        except Exception:  # noqa: BLE001 - truncated (BadZipFile), damaged, foreign: computed again
+            continue
         done[n] = (ep, ser)
     return done
 
@@ -98,7 +108,7 @@ def _load_done(out: Path, tokens) -> dict:
 def run(args) -> int:
     """Entry point of ``attnflow metastability``."""
     from attnflow.analysis import metastability as ms
-    from attnflow.io.results import atomic_write_bytes
+    from attnflow.io.results import atomic_write_bytes, hold_lock
 
     out = out_dir(args.out, "metastability")
     cfg = load_run_config(args.config)
@@ -114,10 +124,11 @@ def run(args) -> int:
     dyn = cfg.build()
     settings = _settings(cfg)
     tokens = tuple(m.tokens)
-    done, same = {}, False
+    done, same, stamp = {}, False, _stamp(settings)
     if out is not None:
+        lock = hold_lock(out)  # noqa: F841 - one process per directory, held until this command ends
         same = _same_settings(out, settings)
-        done = _load_done(out, tokens) if same else {}
+        done = _load_done(out, tokens, stamp) if same else {}
         atomic_write_bytes(out / "settings.json", json.dumps(settings, indent=1).encode())
         if done:
             info(f"metastability: resuming: n = {sorted(done)} loaded from {out}")
@@ -132,16 +143,16 @@ def run(args) -> int:
 
     res = ms.metastability(dyn, key, tokens=tokens, betas=m.betas, members=m.members, t1=m.t1, dt=dt, rule=rule,
                            trace=m.trace, progress=progress, done=done,
-                           on_done=None if out is None else (lambda n, ep, ser: _save_n(out, n, ep, ser)))
+                           on_done=None if out is None else (lambda n, ep, ser: _save_n(out, n, ep, ser, stamp)))
     summary = dict(config=str(cfg.path), **res.to_dict())
     phases = []
     if m.phase:
         pkey = jax.random.fold_in(key, 1)
-        phases.append(_phase(out, same, "t", lambda: ms.phase_t_beta(
+        phases.append(_phase(out, same, stamp, "t", lambda: ms.phase_t_beta(
             dyn, pkey, tokens=tokens[0], betas=m.betas, members=m.members, t1=m.t1, dt=dt, eps=m.eps,
             check=max(m.check, m.t1 / 200))))
         if len(tokens) > 1:
-            phases.append(_phase(out, same, "tokens", lambda: ms.phase_at_time(
+            phases.append(_phase(out, same, stamp, "tokens", lambda: ms.phase_at_time(
                 dyn, pkey, over="tokens", values=tokens, betas=m.betas, members=m.members, time=m.t1, dt=dt,
                 eps=m.eps)))
         summary["phase"] = [p.to_dict() for p in phases]
@@ -154,8 +165,9 @@ def run(args) -> int:
     return 0
 
 
-def _phase(out, same: bool, name: str, compute):
-    """A phase diagram: loaded from an earlier run with the same settings, or computed (and saved at once)."""
+def _phase(out, same: bool, stamp: str, name: str, compute):
+    """A phase diagram: loaded from an earlier run with the same settings (its file stamped with that run), or
+    computed (and saved at once)."""
     from attnflow._json import dumps
     from attnflow.analysis.metastability import PhaseDiagram
     from attnflow.io.results import atomic_write_bytes
@@ -163,12 +175,14 @@ def _phase(out, same: bool, name: str, compute):
     f = None if out is None else out / f"phase_{name}_beta.json"
     if f is not None and same and f.exists():
         try:
-            return PhaseDiagram.from_dict(json.loads(f.read_text()))
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # unreadable: computed again
+            saved = json.loads(f.read_text())
+            if saved.pop("run") == stamp:
+                return PhaseDiagram.from_dict(saved)
+        except Exception:  # noqa: BLE001 - unreadable, damaged or another run's: computed again
+            pass
     p = compute()
     if f is not None:
-        atomic_write_bytes(f, dumps(p.to_dict(), indent=1).encode())
+        atomic_write_bytes(f, dumps({**p.to_dict(), "run": stamp}, indent=1).encode())
     return p
 
 
