@@ -623,3 +623,19 @@ def test_adaptive_default_tol_stops_the_members_of_a_stiffer_model():
         assert r.to_json()["not_converged"] == 0 and r.to_json()["unclassified"] == 0
         names[cert] = {a.name: a.count for a in r.attractors}
     assert names[False] == names[True]
+
+
+def test_the_warning_advises_what_fits_the_unclassified_members():
+    """Raising max_steps helps members that did not converge, not overflowed or degenerate ones (a study of
+    alpha = 1e30 advised it for 3000 degenerate members)."""
+    from types import SimpleNamespace as NS
+
+    from attnflow.analysis.basins.results import _warning
+
+    att = [NS(sampling_interval=(0.4, 0.6))]
+    cat = lambda o, c: NS(outcome=o, name=o.replace("_", " "), count=c)  # noqa: E731
+    w = _warning(att, [cat("degenerate", 300)], 300, 1000, 5000)
+    assert "max_steps" not in w and "check the model's scale" in w
+    w = _warning(att, [cat("not_converged", 200), cat("nonfinite", 100)], 300, 1000, 5000)
+    assert "raise [basins] max_steps (now 5000)" in w and "overflowed" in w
+    assert _warning(att, [cat("not_converged", 10)], 10, 1000, 5000) is None  # within the sampling half-width

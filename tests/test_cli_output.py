@@ -433,3 +433,27 @@ def test_readme_ten_lines_build_the_demo_single_head():
     assert float(mine.alpha) == float(demo.alpha) and float(mine.attn.beta) == float(demo.attn.beta)
     assert (mine.attn.attention, type(mine.norm)) == (demo.attn.attention, type(demo.norm))
     assert "single head of `attnflow demo`" in lines[upto - 1]
+
+
+def test_time_left_is_measured_from_the_first_block(monkeypatch, capsys):
+    """The one-line estimate of a run without a progress bar takes its rate from the first finished block on: the
+    start (compiling) does not count (it said "6.76 minutes to go" for a run of 20 s)."""
+    import time
+
+    from attnflow.cli.basins import _estimate
+
+    clock = [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    report = _estimate()
+    clock[0] = 90.0  # 90 s to compile, then the first block of 1000 samples
+    report(1000, 100_000)
+    clock[0] = 95.0
+    report(1500, 100_000)  # not yet 10 s of measured work
+    assert capsys.readouterr().err == ""
+    clock[0] = 101.0
+    report(2100, 100_000)  # 1100 samples in 11 s: 100 samples/s, 97 900 left: 979 s
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("100 samples/s; about 16.3 minutes to go"), err
+    clock[0] = 200.0
+    report(5000, 100_000)  # said once
+    assert capsys.readouterr().err == ""

@@ -508,3 +508,14 @@ def test_read_members_reads_each_chunk_once_whatever_copies_lie_beside_it(tmp_pa
     shutil.copy(run / "chunks" / "00001.parquet", run / "chunks" / "1.parquet")
     np.testing.assert_array_equal(read_members(run)["index"], np.arange(6))
     assert R._CHUNK.match("00001.parquet") and R._CHUNK.match("123456.parquet") and not R._CHUNK.match("0123456.parquet")
+
+
+def test_a_file_that_cannot_replace_its_path_is_named_not_its_temporary(tmp_path):
+    """A directory where a chunk goes: the error names the chunk's path (it named the temporary file)."""
+    with RunDirWriter(tmp_path / "run") as w:
+        w.open({"samples": 6})
+        (tmp_path / "run" / "chunks" / "00000.parquet").mkdir()
+        with pytest.raises(OSError) as e:
+            w.write_chunk(0, columns(0))
+    assert e.value.filename == str(tmp_path / "run" / "chunks" / "00000.parquet")
+    assert not list((tmp_path / "run" / "chunks").glob(".*.tmp"))

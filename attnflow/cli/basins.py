@@ -127,7 +127,8 @@ def _study(args, cfg, pool, writer, out, lead):
     progress = (not args.no_progress) and sys.stderr.isatty() and not args.json and lead
     try:
         res = bs.basin_fractions(dyn, key, b.samples, ci_width=b.ci_width, run_dir=writer,
-                                 progress=True if progress else (_estimate() if lead else False), **kw)
+                                 progress=True if progress else (_estimate() if lead and not args.no_progress else False),
+                                 **kw)
     except RunDirError as e:
         raise UsageError(str(e)) from None
     result = res.to_json()
@@ -170,20 +171,29 @@ def _checked_stop(cfg, dyn):
 
 
 def _estimate():
-    """``progress(done, total)`` for a run without a progress bar: one line on stderr with the rate and the time
-    left, once, after 10 s, when the study will take more than a minute more."""
+    """``progress(done, total)`` for a run without a progress bar (and without --no-progress): one line on stderr with
+    the rate and the time left, once, 10 s after the first finished block, when the study will take more than a
+    minute more. The rate is measured from that first block on: the start (compiling, certificates) and blocks
+    read back on a resume do not count."""
     import time
 
-    t0, said = time.monotonic(), [False]
+    first, said = [None], [False]
 
     def report(done: int, total: int) -> None:
-        dt = time.monotonic() - t0
-        if said[0] or dt < 10 or done <= 0:
+        now = time.monotonic()
+        if said[0] or done <= 0:
             return
-        left = (total - done) * dt / done
+        if first[0] is None:
+            first[0] = (now, done)
+            return
+        t0, d0 = first[0]
+        dt = now - t0
+        if dt < 10 or done <= d0:
+            return
+        left = (total - done) * dt / (done - d0)
         if left > 60:
             said[0] = True
-            info(f"attnflow basins: {done} of {total} samples in {dt:.0f} s ({done / dt:.3g} samples/s); about "
+            info(f"attnflow basins: {done} of {total} samples, {(done - d0) / dt:.3g} samples/s; about "
                  f"{_duration(left)} to go")
 
     return report

@@ -91,7 +91,10 @@ def _write_atomic(p: Path, write) -> None:
     _LIVE.add(str(tmp))
     try:
         write(tmp)
-        os.replace(tmp, p)
+        try:
+            os.replace(tmp, p)
+        except OSError as e:  # e.g. a directory where the file goes: name the file, not the temporary one
+            raise OSError(e.errno, e.strerror, str(p)) from None
     finally:
         try:
             tmp.unlink(missing_ok=True)

@@ -84,7 +84,8 @@ def sphere_by_label(finals, labels, path: str | Path, *, max_points: int = 400, 
     from .trajectories import sphere_axes
 
     X = np.asarray(finals, float)[:max_points]
-    X = X / np.linalg.norm(X, axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):  # zero or non-finite tokens (degenerate): not drawn
+        X = X / np.linalg.norm(X, axis=-1, keepdims=True)
     labs = list(labels)[: len(X)]
     names, counts = np.unique(np.array(labs, dtype=object), return_counts=True)
     order = [str(names[i]) for i in np.argsort(-counts, kind="stable")]

@@ -242,5 +242,12 @@ def _warning(atts, cats, u, N, max_steps) -> str | None:
     if u / N <= half:
         return None
     parts = ", ".join(f"{c.count} {c.name}" for c in cats)
+    advice = {"not_converged": f"raise [basins] max_steps (now {max_steps})",
+              "saddle": "members stopped within tol of saddles (unstable equilibria): a smaller tol may let them move on",
+              "nonfinite": "nonfinite states overflowed: check the model's scale (alpha, beta, the weights) or the step",
+              "degenerate": "degenerate states left the state space: check the model's scale (alpha, beta, the "
+                            "weights) or the step",
+              "solver_failed": "the solver failed: check the model's scale or the solver's tolerances"}
+    todo = "; ".join(advice[c.outcome] for c in cats if c.count and c.outcome in advice)
     return (f"warning: {u} of {N} members are unclassified ({parts}); they could move a fraction by up to {u / N:.4f}, "
-            f"more than its sampling half-width {half:.4f}: raise [basins] max_steps (now {max_steps})")
+            f"more than its sampling half-width {half:.4f}: {todo}")

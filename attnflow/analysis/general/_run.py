@@ -50,7 +50,7 @@ def final_segments(system: Flow | Map, y0, *, steps: int, dt: float = 1.0, tail:
         raise ValueError(f"tail x stride = {tail * stride} exceeds the {steps} steps")
     B = y0.shape[0]
     C = min(int(chunk), B)
-    dt_arr = jnp.asarray(dt, y0.dtype)
+    dt_arr = jnp.asarray(dt, jnp.asarray(y0[:1]).dtype)  # the dtype JAX computes in (float64 states: float32 without x64)
     for s in range(0, B, C):
         e = min(s + C, B)
         yb = y0[s:e]
