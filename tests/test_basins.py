@@ -639,3 +639,19 @@ def test_the_warning_advises_what_fits_the_unclassified_members():
     w = _warning(att, [cat("not_converged", 200), cat("nonfinite", 100)], 300, 1000, 5000)
     assert "raise [basins] max_steps (now 5000)" in w and "overflowed" in w
     assert _warning(att, [cat("not_converged", 10)], 10, 1000, 5000) is None  # within the sampling half-width
+
+
+def test_a_state_whose_clusters_are_not_resolved_at_tol_is_not_named():
+    """Tokens closing in on one point but still a few tol apart are no equilibrium resolved at the classifier's tol:
+    reported not converged, not named by the accidental split (it named 'bipartite v1 5:0', two clusters at +v1, or
+    a clustering state); clusters far apart keep their name. float64, tol 1e-3."""
+    from attnflow.analysis.classify import classify
+
+    V = np.diag([1.0, 0.4, -0.3])
+    e1 = np.array([1.0, 0.0, 0.0])
+    tilt = lambda a: np.array([np.cos(a), np.sin(a), 0.0])  # noqa: E731
+    near = np.stack([e1, e1, tilt(3e-3), tilt(3e-3), e1])  # consensus +v1 not yet resolved: two clusters 3e-3 apart
+    far = np.stack([e1, e1, -e1, -e1, e1])  # bipartite v1 3:2
+    tight = np.stack([e1, tilt(2e-4), e1, tilt(1e-4), e1])  # consensus within tol
+    L = classify(V, np.stack([near, far, tight]), tol=1e-3)
+    assert L.names() == ["not converged", "bipartite v1 3:2", "consensus +v1"]

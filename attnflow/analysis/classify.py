@@ -17,7 +17,7 @@ import numpy as np
 
 from .._device import device_array
 from .._types import Array, Batch, Int
-from ..evolve.outcome import CONVERGED, OUTCOMES, SADDLE, outcome_code
+from ..evolve.outcome import CONVERGED, NOT_CONVERGED, OUTCOMES, SADDLE, outcome_code
 from .eigen import is_real, is_simple
 from .equilibria import eigenpairs
 
@@ -63,14 +63,22 @@ class Labels(eqx.Module):
         return [describe(r, self.tokens)["name"] for r in self.rows()]
 
 
+SEPARATION = 10.0
+"""Two clusters of a converged state must be at least ``SEPARATION x tol`` apart; closer (but not within `tol`),
+the state is no equilibrium resolved at `tol` (e.g. tokens still closing in on one point, stopped by a coarse stop
+tolerance), and the member is reported ``not converged`` rather than named by an accidental split."""
+
+
 def _components(X, tol):
+    """(number of clusters, sizes descending, whether two distinct clusters are closer than SEPARATION x tol)."""
     n = X.shape[0]
     D = jnp.sqrt(jnp.maximum(jnp.sum((X[:, None] - X[None]) ** 2, -1), 0.0))
     A = D < tol
     lab = jnp.arange(n)
     lab = jax.lax.fori_loop(0, n, lambda _, l: jnp.min(jnp.where(A, l[None, :], n), axis=1), lab)
     sizes = jnp.sum(lab[None, :] == jnp.arange(n)[:, None], axis=1)
-    return jnp.sum(sizes > 0), -jnp.sort(-sizes)
+    close = jnp.any((lab[:, None] != lab[None, :]) & (D < SEPARATION * tol))
+    return jnp.sum(sizes > 0), -jnp.sort(-sizes), close
 
 
 def _gram_spectrum(X):
@@ -94,12 +102,13 @@ class Classifier(eqx.Module):
     def __call__(self, final: Batch, outcome=None) -> Labels:
         oc = jnp.full(final.shape[0], CONVERGED, jnp.int32) if outcome is None else jnp.asarray(outcome, jnp.int32)
         vecs = self.vecs.astype(final.dtype)
-        out = jax.vmap(lambda x: self._one(jnp.where(jnp.isfinite(x), x, 0.0), vecs))(final)
+        *out, unresolved = jax.vmap(lambda x: self._one(jnp.where(jnp.isfinite(x), x, 0.0), vecs))(final)
+        oc = jnp.where((oc == CONVERGED) & unresolved, NOT_CONVERGED, oc)
         return Labels(oc, *out, tokens=final.shape[1])
 
     def _one(self, X, vecs):
         n, tol = X.shape[0], self.tol
-        clusters, sizes = _components(X, tol)
+        clusters, sizes, close = _components(X, tol)
         c = X @ vecs  # (n, d): cosines with each eigenvector
         on_axis = jnp.all(jnp.abs(jnp.abs(c) - 1.0) < tol, axis=0) & self.real
         k = jnp.where(jnp.any(on_axis), jnp.argmax(on_axis), -1)
@@ -107,13 +116,15 @@ class Classifier(eqx.Module):
         npos = jnp.sum(ck > 0)
         aligned = k >= 0
         consensus = clusters == 1
-        bip = aligned & (clusters == 2)
+        bip = aligned & (clusters == 2) & (npos > 0) & (npos < n)
         poly = (~aligned) & (clusters >= 2) & (jnp.max(jnp.abs(jnp.sum(X, axis=0))) < tol)
         kind = jnp.where(consensus, CONSENSUS, jnp.where(bip, BIPARTITE, jnp.where(poly, POLYGONAL, CLUSTERING)))
         sign = jnp.where(consensus & aligned, jnp.where(npos == n, 1, -1), jnp.where(bip, 1, 0))
         split = jnp.where(bip, npos, jnp.where(consensus & aligned, n, 0))
         g = jnp.round(_gram_spectrum(X) * 10**self.decimals) / 10**self.decimals
-        return kind, clusters, sizes, jnp.where(aligned | consensus, k, -1), sign, split, g
+        # unresolved at tol: two clusters closer than SEPARATION x tol, or two clusters on one side of an axis
+        unresolved = close | (aligned & (clusters == 2) & ((npos == 0) | (npos == n)))
+        return kind, clusters, sizes, jnp.where(aligned | consensus, k, -1), sign, split, g, unresolved
 
 
 def classifier(model, *, tol: float = 1e-3, decimals: int = 3) -> Classifier:
