@@ -363,6 +363,11 @@ def run_cli(a) -> int:
         if wl not in WORKLOADS:
             raise ValueError(f"unknown workload {wl!r}; expected some of {', '.join(WORKLOADS)}")
     impls = None if not a.impls else a.impls.split(",")
+    known = ("numpy_loop", "numpy_batched", "jax_plain", "torch", "torch_compile", "attnflow", "attnflow_xla",
+             "attnflow_adaptive")
+    for im in impls or []:
+        if im not in known:
+            raise ValueError(f"unknown implementation {im!r}; expected some of {', '.join(known)}")
     log = (lambda m: print(m, file=sys.stderr)) if a.json else print
     records, info = run_suite(mode, wls, impls, log=log)
     if a.json:

@@ -979,3 +979,58 @@ def test_tol_below_the_dtype_floor_is_one_line(tmp_path, capsys, no_compute, cmd
     cfg = tmp_path / "c.toml"
     cfg.write_text(MODEL + extra)
     refused(capsys, [cmd, cfg], "tol", "is below", "float32")
+
+
+def test_bad_numbers_are_refused_in_one_line_not_answered():
+    """Inputs that were accepted and gave a wrong-looking answer (or a raw error): beta or alpha <= 0 in an array or
+    through with_params (alpha = 0 retired every member after one step), negative or NaN tolerances (a stable
+    consensus reported unstable), the adaptive solver's settings, a Wilson interval with k > N, and a basin study
+    with tokens = 0, cluster_tol <= 0, a sampler of another d, or d = 1."""
+    import jax
+
+    import attnflow as af
+    from attnflow.analysis.basins.intervals import wilson
+
+    V = np.diag([1.0, 0.4, -0.3])
+    attn = af.SelfAttention(af.Heads.single(V, K=V))
+    lm = af.LayerMap(attn, 0.1)
+    key = jax.random.PRNGKey(0)
+    b = af.Budget(max_steps=50)
+    cases = [
+        (lambda: af.SelfAttention(af.Heads.single(V), beta=np.array([-1.0])), "beta must be a finite number > 0"),
+        (lambda: af.LayerMap(attn, alpha=np.array([0.0])), "alpha must be a finite number > 0"),
+        (lambda: lm.with_params(alpha=0.0), "alpha must be"),
+        (lambda: af.SphereFlow(attn).with_params(beta=float("nan")), "beta must be"),
+        (lambda: af.analyse(lm, af.consensus(lm, 0, 4)[None], tol=-1), "tol must be a finite number >= 0"),
+        (lambda: af.monotonicity_condition(attn, tol=float("nan")), "tol must be"),
+        (lambda: af.Adaptive(rtol=-1.0), "rtol must be"),
+        (lambda: af.Adaptive(max_steps=0), "max_steps must be"),
+        (lambda: af.Adaptive(dt0=-1.0), "dt0 must be"),
+        (lambda: wilson(11, 10), "0 <= k <= N"),
+        (lambda: af.basin_fractions(lm, key, 10, tokens=0, budget=b), "tokens must be an integer >= 1"),
+        (lambda: af.basin_fractions(lm, key, 10, tokens=4, cluster_tol=0.0, budget=b), "cluster_tol must be"),
+        (lambda: af.basin_fractions(lm, key, 10, sampler=af.basins.Sphere(5, 4), budget=b), "d = 4, but the model"),
+        (lambda: af.basin_fractions(af.LayerMap(af.SelfAttention(af.Heads.single(np.eye(1))), 0.1), key, 10,
+                                    tokens=3, budget=b), "needs d >= 2"),
+    ]
+    for call, needle in cases:
+        with pytest.raises(ValueError, match=needle):
+            call()
+    # positive arrays (sweeps) still pass
+    assert af.SphereFlow(attn).with_params(beta=np.array([0.5, 2.0])).attn.beta.shape == (2,)
+
+
+@pytest.mark.parametrize("text, needle", [
+    ('[model]\nd = 1\nV = [[1.0]]\n[dynamics]\ntokens = 3\nsteps = 10\n', "needs d >= 2"),
+    ('[model]\nd = 3\nV = [[1.0, 0.0, 0.0], [0.0, 0.4, 0.0], [0.0, 0.0, -0.3]]\n[dynamics]\ntokens = 3\nsteps = 10\n'
+     '[energy]\nw = [1.0, 2.0]\nm = [1.0, 1.0]\n', "one per head"),
+])
+def test_config_inputs_that_were_answered_are_refused(tmp_path, capsys, text, needle):
+    from attnflow.cli import main
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text)
+    cmd = "stability" if "d = 1" in text else "energy"
+    assert main([cmd, str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._device import brief_jit
-from .._types import Array, Float, Tokens
+from .._types import Array, Float, Tokens, check_tolerance
 from ..model.dynamics import AbstractDynamics, AbstractFlow, AbstractMap
 from . import _results, eigen as _eigen
 from .eigen import VERDICTS as VERDICTS, Verdict as Verdict
@@ -181,7 +181,7 @@ def analyse(dyn: AbstractDynamics, states, *, tol: float | None = None, beta=Non
     Jint, _, res = jacobians(dyn, states, beta=beta, alpha=alpha)
     J = np.asarray(Jint)
     dtype = J.dtype
-    tol = _eigen.tolerance(dtype) if tol is None else float(tol)
+    tol = _eigen.tolerance(dtype) if tol is None else check_tolerance("tol", tol)
     finite = np.all(np.isfinite(J), axis=(-2, -1))
     eigs = np.linalg.eigvals(np.where(finite[..., None, None], J, 0.0)).astype(complex)
     eigs = np.where(finite[..., None], eigs, np.nan)

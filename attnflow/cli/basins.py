@@ -96,6 +96,9 @@ def _run(args):
     if any(v is not None for v in dist):  # before anything initialises JAX's backend (the config's model does)
         _join(jax, args)
     cfg = load_run_config(args.config)
+    if cfg.d < 2:
+        raise UsageError(f"{cfg.path}: [model] d = {cfg.d}: a basin study needs d >= 2 (on the sphere S^0 tokens "
+                         "never move)")
     lead = jax.process_index() == 0
     pool = _pool_size(cfg, cfg.basins, cfg.basins.samples, cfg.basins_chunk_size)
     try:  # the run directory's one lock is taken now, before any compile, and released on return

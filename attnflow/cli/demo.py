@@ -121,6 +121,10 @@ def run(args) -> int:
         from ._common import UsageError
 
         raise UsageError(f"--samples must be a positive integer, got {args.samples}")
+    if not 0 <= args.seed <= 2**32 - 1:
+        from ._common import UsageError
+
+        raise UsageError(f"--seed must be in [0, {2**32 - 1}] (larger seeds would repeat smaller ones), got {args.seed}")
     out = out_dir(args.out, "demo")
     mods, _ = models(args.seed)
     n, steps = TOKENS, STEPS

@@ -191,6 +191,9 @@ def run(args) -> int:
 
     out = out_dir(args.out, "stability")  # before any work
     cfg = load_run_config(args.config)
+    if cfg.d < 2:
+        raise UsageError(f"{cfg.path}: [model] d = {cfg.d}: the stability analysis needs d >= 2 (on the sphere S^0 tokens "
+                         "never move)")
     S = cfg.stability  # validated [stability] table
     _check_memory(cfg)
     dyn = cfg.build()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import numbers
 
 import diffrax
 import equinox as eqx
@@ -74,6 +75,18 @@ class Adaptive(eqx.Module):
     atol: float = eqx.field(static=True, default=1e-8)
     dt0: float | None = eqx.field(static=True, default=None)
     max_steps: int = eqx.field(static=True, default=100_000)
+
+    def __check_init__(self):
+        for name in ("rtol", "atol"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (v > 0 and v < float("inf")):
+                raise ValueError(f"Adaptive {name} must be a finite number > 0, got {v!r}")
+        if self.dt0 is not None and (isinstance(self.dt0, bool) or not isinstance(self.dt0, numbers.Real)
+                                     or not (self.dt0 > 0 and self.dt0 < float("inf"))):
+            raise ValueError(f"Adaptive dt0 must be None or a finite number > 0, got {self.dt0!r}")
+        m = self.max_steps
+        if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1:
+            raise ValueError(f"Adaptive max_steps must be an integer >= 1, got {m!r}")
 
     def check(self, dyn):
         """Refuse maps: the adaptive solver integrates flows only."""

@@ -16,10 +16,9 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .._types import Array, Float, Int, Tokens
-from .heads import SelfAttention, _as_float_array
+from .heads import SelfAttention, _as_float_array, check_positive
 from .norms import AbstractNorm, L2Norm, normalize_rows, sphere_residual
 
 
@@ -34,9 +33,9 @@ def set_attn_params(module, *, beta=None, alpha=None):
     """A copy of a layer with fields ``attn.beta`` and ``alpha`` replaced (arrays, so sweeps compile once)."""
     out = module
     if beta is not None:
-        out = eqx.tree_at(lambda m: m.attn.beta, out, _as_float_array(beta))
+        out = eqx.tree_at(lambda m: m.attn.beta, out, _as_float_array(check_positive("beta", beta)))
     if alpha is not None:
-        out = eqx.tree_at(lambda m: m.alpha, out, _as_float_array(alpha))
+        out = eqx.tree_at(lambda m: m.alpha, out, _as_float_array(check_positive("alpha", alpha)))
     return out
 
 
@@ -76,7 +75,7 @@ class AbstractFlow(AbstractDynamics):
             raise ValueError("alpha is a step size of the discrete layer map; a flow has none")
         if beta is None:
             return self
-        return eqx.tree_at(lambda m: m.attn.beta, self, _as_float_array(beta))
+        return eqx.tree_at(lambda m: m.attn.beta, self, _as_float_array(check_positive("beta", beta)))
 
 
 class SphereFlow(AbstractFlow):
@@ -141,10 +140,7 @@ class LayerMap(AbstractMap):
     norm: AbstractNorm = eqx.field(default_factory=L2Norm)
 
     def __check_init__(self):
-        if not isinstance(self.alpha, jax.core.Tracer):
-            a = np.asarray(self.alpha)
-            if a.ndim == 0 and not (np.isfinite(a) and a > 0):
-                raise ValueError(f"alpha must be a finite number > 0, got {float(a)}")
+        check_positive("alpha", self.alpha)
 
     def step(self, k, X: Tokens) -> Tokens:
         """x_i <- N(x_i + alpha u_i)."""
@@ -235,9 +231,11 @@ class LayerStack(AbstractMap):
         def set_group(G):
             out = G
             if beta is not None:
-                out = eqx.tree_at(lambda m: m.attn.beta, out, jnp.broadcast_to(_as_float_array(beta), G.attn.beta.shape))
+                b = _as_float_array(check_positive("beta", beta))
+                out = eqx.tree_at(lambda m: m.attn.beta, out, jnp.broadcast_to(b, G.attn.beta.shape))
             if alpha is not None:
-                out = eqx.tree_at(lambda m: m.alpha, out, jnp.broadcast_to(_as_float_array(alpha), G.alpha.shape))
+                a = _as_float_array(check_positive("alpha", alpha))
+                out = eqx.tree_at(lambda m: m.alpha, out, jnp.broadcast_to(a, G.alpha.shape))
             return out
 
         return eqx.tree_at(lambda s: s.groups, self, tuple(set_group(G) for G in self.groups))

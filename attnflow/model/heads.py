@@ -37,6 +37,18 @@ def _as_float_array(x):
     return x if isinstance(x, jax.core.Tracer) else device_array(x)
 
 
+def check_positive(name: str, x):
+    """Refuse a concrete `x` (any shape: a swept array too) unless every entry is finite and > 0; tracers pass (they
+    were checked where they were made concrete)."""
+    if isinstance(x, jax.core.Tracer):
+        return x
+    a = np.asarray(x)
+    if a.size and not (np.all(np.isfinite(a)) and np.all(a > 0)):
+        shown = f"{float(a)}" if a.ndim == 0 else f"{a.tolist()}"[:80]
+        raise ValueError(f"{name} must be a finite number > 0, got {shown}")
+    return x
+
+
 def _opt(x):
     return None if x is None else _as_float_array(x)
 
@@ -138,9 +150,7 @@ class SelfAttention(eqx.Module):
     key_block: int | str | None = eqx.field(static=True, default="auto")
 
     def __check_init__(self):
-        b = np.asarray(self.beta) if not isinstance(self.beta, jax.core.Tracer) else None
-        if b is not None and (b.ndim == 0) and not (np.isfinite(b) and b > 0):
-            raise ValueError(f"beta must be a finite number > 0, got {float(b)}")
+        check_positive("beta", self.beta)
         kb = self.key_block
         if not (kb is None or kb == "auto" or (isinstance(kb, int) and not isinstance(kb, bool) and kb >= 1)):
             raise ValueError(f"key_block must be None (dense), 'auto' or a block size >= 1, got {kb!r}")

@@ -80,7 +80,8 @@ def sphere_trajectories(trajectory, path: str | Path, *, title: str = "", member
             p = geodesic(traj[:, b, i])
             ax.plot(p[:, 0], p[:, 1], p[:, 2], color=colors[i], linewidth=1.0)
             ax.scatter(*p[0], color=colors[i], marker="o", s=12, alpha=0.6)
-        end = traj[-1, b] / np.linalg.norm(traj[-1, b], axis=-1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):  # zero or non-finite tokens: not drawn
+            end = traj[-1, b] / np.linalg.norm(traj[-1, b], axis=-1, keepdims=True)
         ax.scatter(*end.T, color="crimson", marker="*", s=70, depthshade=False, zorder=10)
         head = titles[j] if titles is not None else f"member {b}"
         ax.set_title(f"{head}\n(o start, * end)", fontsize=9)
@@ -100,8 +101,9 @@ def pairwise_cosines(trajectory, ts, path: str | Path, *, member: int = 0, title
     """
     traj = np.asarray(trajectory)[:, member]
     ts = np.asarray(ts, float)
-    X = traj / np.linalg.norm(traj, axis=-1, keepdims=True)
-    G = np.einsum("sid,sjd->sij", X, X)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # zero or non-finite tokens: gaps
+        X = traj / np.linalg.norm(traj, axis=-1, keepdims=True)
+        G = np.einsum("sid,sjd->sij", X, X)
     iu = np.triu_indices(X.shape[1], 1)
     fig, ax = subplots(figsize=(7, 4))
     C = G[:, iu[0], iu[1]]

@@ -12,6 +12,10 @@ Z95 = 1.96
 
 def wilson(k: int, N: int, z: float = Z95) -> tuple[float, float]:
     """The Wilson score interval of a binomial proportion k / N (95% by default); ``(0, 1)`` when N = 0."""
+    if not 0 <= k <= N:
+        raise ValueError(f"the Wilson interval needs 0 <= k <= N, got k = {k}, N = {N}")
+    if not (z > 0 and math.isfinite(z)):
+        raise ValueError(f"z must be a finite number > 0, got {z}")
     if N == 0:
         return (0.0, 1.0)
     p = k / N

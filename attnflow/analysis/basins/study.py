@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..._types import Array
+from ..._types import Array, check_tolerance
 from ...evolve.options import Budget, Execution, Stop, check_tol
 from ...evolve.outcome import CERTIFIED, CONVERGED, OUTCOMES, SADDLE
 from ...evolve import workers as _workers
@@ -138,6 +138,9 @@ def basin_fractions(
     **Returns:** a :class:`BasinResult`. Host memory is bounded by the pools, the blocks in flight and the number of
     labels, not by `samples`.
     """
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, (int, np.integer)) or tokens < 1):
+        raise ValueError(f"tokens must be an integer >= 1, got {tokens!r}")
+    cluster_tol = check_tolerance("cluster_tol", cluster_tol, allow_zero=False)
     sampler = _sampler(dyn, tokens, sampler)
     if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or not 1 <= samples <= SAMPLES_MAX:
         raise ValueError(f"samples must be an integer in [1, {SAMPLES_MAX}], got {samples!r}")
@@ -149,6 +152,11 @@ def basin_fractions(
     span = budget.resolve(dyn, isinstance(solver, Adaptive), study=True)
     shape = jax.eval_shape(lambda k: sampler(k, 1), key)
     n, d, dtype = int(shape.shape[1]), int(shape.shape[2]), shape.dtype
+    heads = getattr(getattr(dyn, "attn", None), "heads", None)
+    if heads is not None and int(heads.dim) != d:
+        raise ValueError(f"the sampler draws states of d = {d}, but the model's tokens have d = {int(heads.dim)}")
+    if d < 2:
+        raise ValueError("a basin study needs d >= 2 (d = 1: tokens on the sphere S^0 are +-1 and never move)")
     stop = dataclasses.replace(stop, tol=check_tol(stop.tol, dyn, solver, span.dt, dtype, study=True))
     then = classifier(dyn, tol=cluster_tol)
     layout = None

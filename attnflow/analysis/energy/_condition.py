@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..._types import Array, Float, Tokens
+from ..._types import Array, Float, Tokens, check_tolerance
 from ...model.dynamics import AbstractFlow
 from ._energies import _attn_of, energy_rates, head_energies
 
@@ -153,6 +153,7 @@ def monotonicity_condition(model, *, tol: float = 1e-9, radius: float = 1.0, wei
 
     **Returns:** a :class:`MonotonicityCondition`.
     """
+    tol = check_tolerance("tol", tol)
     attn = _attn_of(model)
     kind = attn.attention.kind
     if attn.attention.mask != "full":

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..._types import Array, Float, Int
+from ..._types import Array, Float, Int, check_tolerance
 from ...model.dynamics import AbstractDynamics, AbstractFlow
 from .. import _results
 from ._energies import _attn_of, energy_rates, head_energies
@@ -180,7 +180,7 @@ def _trace_inputs(trajectory, ts, tol):
         raise ValueError(f"ts must have shape ({s},), got {ts.shape}")
     if tol is None:
         tol = 1e-10 if traj.dtype == jnp.float64 else 1e-5
-    return traj, ts, tol
+    return traj, ts, check_tolerance("tol", tol)
 
 
 def _violations(E, rate, scale, tol, flow):

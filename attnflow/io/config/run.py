@@ -474,6 +474,15 @@ def _check_tables(path: Path, f: ConfigFile, dtype: str) -> None:
     e = f.energy
     if (e.w is None) != (e.m is None) or (e.w is not None and len(e.w) != len(e.m)):
         raise ConfigError(f"{path}: [energy] give both w and m, one value per head")
+    if e.w is not None and len(e.w) != f.model.heads:
+        raise ConfigError(f"{path}: [energy] w and m have {len(e.w)} values, one per head: the model has "
+                          f"{f.model.heads} head(s)")
+    ms = f.metastability
+    if f.dynamics.time == "continuous" and ms.t1 < ms.dt:
+        raise ConfigError(f"{path}: [metastability] t1 = {ms.t1:g} is shorter than one step dt = {ms.dt:g}")
+    g = f.geometry
+    if g.box > g.resolution:
+        raise ConfigError(f"{path}: [geometry] box = {g.box} is larger than the image (resolution = {g.resolution})")
 
 
 def read_toml(path: str | Path) -> dict:
