@@ -127,7 +127,9 @@ def basin_fractions(
     - `execution`: an :class:`~attnflow.Execution`: backend (``"auto"`` resolved once for the whole study, a pure
       function of the model, the shapes, N, the cap and the platform), ``chunk`` (samples per block, default
       ``min(N, 10_000)``), ``pool`` (slots per device), ``group`` (steps between retire passes), ``devices``,
-      ``process``. None of these changes a member's outcome.
+      ``process``. None of these changes a member's outcome in float64; in float32 the block and pool sizes change
+      the rounding (of the initial states, drawn one block at a time, and of the steps), so step counts, and in
+      principle names near a basin boundary, may differ (see :class:`~attnflow.Execution`).
     - `cluster_tol`: the classifier's tolerance (distance under which two tokens are one cluster).
     - `ci_width`: adaptive mode: keep adding blocks (beyond `samples`, up to 100 x `samples`) until every
       attractor's interval is narrower than this (one process only).
