@@ -1020,17 +1020,21 @@ def test_bad_numbers_are_refused_in_one_line_not_answered():
     assert af.SphereFlow(attn).with_params(beta=np.array([0.5, 2.0])).attn.beta.shape == (2,)
 
 
-@pytest.mark.parametrize("text, needle", [
-    ('[model]\nd = 1\nV = [[1.0]]\n[dynamics]\ntokens = 3\nsteps = 10\n', "needs d >= 2"),
-    ('[model]\nd = 3\nV = [[1.0, 0.0, 0.0], [0.0, 0.4, 0.0], [0.0, 0.0, -0.3]]\n[dynamics]\ntokens = 3\nsteps = 10\n'
-     '[energy]\nw = [1.0, 2.0]\nm = [1.0, 1.0]\n', "one per head"),
+@pytest.mark.parametrize("cmd, text, needle", [
+    ("stability", '[model]\nd = 1\nV = [[1.0]]\n[dynamics]\ntokens = 3\nsteps = 10\n', "needs d >= 2"),
+    ("basins", '[model]\nd = 1\nV = [[1.0]]\n[dynamics]\ntokens = 3\nsteps = 10\n', "needs d >= 2"),
+    ("geometry", '[model]\nd = 3\nV = [[1.0, 0.0, 0.0], [0.0, 0.4, 0.0], [0.0, 0.0, -0.3]]\n[geometry]\n'
+     'resolution = 8\nbox = 50\n', "box = 50 is larger than the image"),
+    ("metastability", '[model]\nd = 2\nV = [[1.0, 0.0], [0.0, 1.0]]\n[dynamics]\ntime = "continuous"\n'
+     '[metastability]\nt1 = 0.05\ndt = 0.1\n', "shorter than one step"),
+    ("energy", '[model]\nd = 3\nV = [[1.0, 0.0, 0.0], [0.0, 0.4, 0.0], [0.0, 0.0, -0.3]]\n[dynamics]\ntokens = 3\n'
+     'steps = 10\n[energy]\nw = [1.0, 2.0]\nm = [1.0, 1.0]\n', "one per head"),
 ])
-def test_config_inputs_that_were_answered_are_refused(tmp_path, capsys, text, needle):
+def test_config_inputs_that_were_answered_are_refused(tmp_path, capsys, cmd, text, needle):
     from attnflow.cli import main
 
     cfg = tmp_path / "c.toml"
     cfg.write_text(text)
-    cmd = "stability" if "d = 1" in text else "energy"
-    assert main([cmd, str(cfg)]) == 2
+    assert main([cmd, str(cfg), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err

@@ -293,7 +293,7 @@ def test_cli_geometry_names_attractors_resumes_and_refuses(tmp_path):
     assert json.loads(r.stdout) == first
     bad = tmp_path / "bad.toml"
     bad.write_text('[model]\nd = 4\nV = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], '
-                   '[0.0, 0.0, 0.0, 1.0]]\n[geometry]\nresolution = 4\n')
+                   '[0.0, 0.0, 0.0, 1.0]]\n[geometry]\nresolution = 4\nbox = 2\n')
     r = run(str(bad))
     assert r.returncode == 2 and "d must be 2 or 3" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
