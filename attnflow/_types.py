@@ -1,5 +1,7 @@
 """jaxtyping aliases shared across attnflow."""
 
+import math
+
 from jaxtyping import Array, Bool, Float, Int
 
 Tokens = Float[Array, "n d"]
@@ -19,6 +21,6 @@ def check_tolerance(name: str, tol, *, allow_zero: bool = True) -> float:
         t = float(tol)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a number, got {tol!r}") from None
-    if not (t == t and abs(t) != float("inf") and (t >= 0 if allow_zero else t > 0)):
+    if not (math.isfinite(t) and (t >= 0 if allow_zero else t > 0)):
         raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {tol!r}")
     return t

@@ -23,6 +23,7 @@ import numpy as np
 from .._device import brief_jit
 from .._types import Array, Float, Tokens, check_tolerance
 from ..model.dynamics import AbstractDynamics, AbstractFlow, AbstractMap
+from ..model.norms import L2Norm
 from . import _results, eigen as _eigen
 from .eigen import VERDICTS as VERDICTS, Verdict as Verdict
 from .equilibria import _real_eigvec, eigenpairs, residual
@@ -216,7 +217,7 @@ def consensus_closed_form(model, k: int, n: int, *, alpha: float | None = None) 
     if heads is not None and (heads.bv is not None or heads.bo is not None):
         raise ValueError("the consensus closed form has no value or output biases (bv, bo): with them consensus on "
                          "v_k is in general no equilibrium; use analyse() (autodiff) at a located equilibrium")
-    if isinstance(model, AbstractMap) and type(getattr(model, "norm", None)).__name__ not in ("L2Norm", "NoneType"):
+    if isinstance(model, AbstractMap) and not isinstance(getattr(model, "norm", L2Norm()), L2Norm):
         raise ValueError(f"the consensus closed form is for the l2-normalised layer map; this one normalises with "
                          f"{type(model.norm).__name__}: use analyse() (autodiff)")
     if relu_rows:

@@ -416,10 +416,12 @@ def _decode(table) -> dict[str, np.ndarray]:
     return out
 
 
-def _with_file(pa, p: Path, mode: str, use) -> None:
-    """``use(f)`` on ``p`` opened as a native file (a path given to pyarrow as such may be read as a URI)."""
-    with pa.OSFile(os.fspath(p), mode) as f:
-        use(f)
+def _write_table(table, p: Path) -> None:
+    """Write a Parquet table to ``p`` through a native file (a path given to pyarrow as such may be read as a URI,
+    e.g. ``run:1/...``)."""
+    pa, pq = _arrow()
+    with pa.OSFile(os.fspath(p), "wb") as f:
+        pq.write_table(table, f)
 
 
 def _load(p: Path, identity_hash: str, i: int) -> tuple[dict | None, str | None]:
@@ -427,7 +429,8 @@ def _load(p: Path, identity_hash: str, i: int) -> tuple[dict | None, str | None]
     Reads only; never raises for a damaged file."""
     pa, pq = _arrow()
     try:
-        with pa.OSFile(os.fspath(p), "rb") as src, pq.ParquetFile(src) as f:  # (pq.read_table imports pandas)
+        # a native file, as in _write_table; (pq.read_table imports pandas)
+        with pa.OSFile(os.fspath(p), "rb") as src, pq.ParquetFile(src) as f:
             table = f.read()
     except (OSError, ValueError, TypeError, KeyError, IndexError, NotImplementedError, pa.ArrowException) as e:
         return None, f"unreadable: {_one_line(e)}"
@@ -601,15 +604,13 @@ class RunDir:
         """Write chunk i's columns atomically (a unique temporary file, then a rename; an existing file is
         replaced), stamped with this run, the index, the column list and the SHA-256 of the data."""
         self._writable()
-        pa, pq = _arrow()
         cols = _columns(columns)
         meta = {"attnflow.format": _FORMAT, "attnflow.identity": self.identity_hash, "attnflow.chunk": str(i),
                 "attnflow.columns": json.dumps(_column_list(cols)), "attnflow.sha256": chunk_digest(cols)}
         table = _table(cols, meta)
         if self._cache is not None and self._cache[0] == i:
             self._cache = None
-        # a native file, not a path: pyarrow reads a path with a colon ("run:1/...") as a URI
-        _write_atomic(self.chunk_path(i), lambda t: _with_file(pa, t, "wb", lambda f: pq.write_table(table, f)))
+        _write_atomic(self.chunk_path(i), lambda t: _write_table(table, t))
 
     def read_chunk(self, i: int) -> dict[str, np.ndarray]:
         """Chunk i's columns as NumPy arrays, verified as by :meth:`done` (strings as ``str`` arrays, 2-D columns

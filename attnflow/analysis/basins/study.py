@@ -458,16 +458,14 @@ class _Blocks:
     def read(self, b: int) -> None:
         """Tally a block already written."""
         c = self.writer.read_chunk(b)
-        idx = np.asarray(c["index"])
+        idx, rows = np.asarray(c["index"]), np.asarray(c["row"])
         if "final" in c:  # the members kept for figures, as the run that computed the block kept them
-            shape = (-1,) + tuple(self.final_shape)
             for j in np.flatnonzero(idx < KEEP):
-                self.kept[int(idx[j])] = (np.asarray(c["row"])[j], np.asarray(c["final"])[j].reshape(shape[1:]))
+                self.kept[int(idx[j])] = (rows[j], np.asarray(c["final"][j]).reshape(self.final_shape))
         cert = np.asarray(c["outcome"]) == "certified"
-        self._stable(np.asarray(c["row"])[cert])
-        self.tally.add(np.asarray(c["row"]), np.asarray(c["steps"]), np.asarray(c["index"]), np.asarray(c["rep"], np.float64),
-                       certified=cert)
-        self.report(len(c["index"]))
+        self._stable(rows[cert])
+        self.tally.add(rows, np.asarray(c["steps"]), idx, np.asarray(c["rep"], np.float64), certified=cert)
+        self.report(len(idx))
 
     def add(self, idx, outcome, steps, finals, labels, tag) -> None:
         """Take the members one pool call retired (the sink of :func:`attnflow.evolve.pool.stream_members`), with

@@ -231,10 +231,11 @@ def hints(cls) -> dict[str, Any]:
 TABLES: dict[str, type] = dict(hints(ConfigFile))  # table name -> record type
 
 INPUT_KEYS = (("model", "weights"), ("dynamics", "init"), ("stability", "states"))
+"""The (table, key) pairs that name input files: read at load, identified by content (SHA-256), not by path."""
+
 SPEED_ONLY = tuple((t, f.name) for t, cls in TABLES.items() if dataclasses.is_dataclass(cls)
                    for f in dataclasses.fields(cls) if f.metadata.get("speed_only"))
 """The (table, key) pairs that change speed only, never a result: not part of a run's identity."""
-"""The (table, key) pairs that name input files: read at load, identified by content (SHA-256), not by path."""
 
 
 # --------------------------------------------------------------------------------------- documentation
