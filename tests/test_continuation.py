@@ -74,3 +74,9 @@ def test_consensus_closed_form_refuses_masks_it_does_not_hold_for():
     ln = af.LayerMap(af.SelfAttention(af.Heads.single(V)), 0.3, norm=af.LayerNorm())
     with pytest.raises(ValueError, match="l2"):
         st.consensus_closed_form(ln, 0, 4, alpha=0.3)
+    flow = af.SphereFlow(af.SelfAttention(af.Heads.single(V), beta=1.0))
+    for k in (3, -1, 1.0):  # v_1..v_3 are k = 0..2; a negative k must not wrap to the last pair
+        with pytest.raises(ValueError, match="from 0"):
+            st.consensus_closed_form(flow, k, 4)
+    with pytest.raises(ValueError, match="number of tokens"):
+        st.consensus_closed_form(flow, 0, 0)

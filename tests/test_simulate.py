@@ -197,6 +197,38 @@ def test_validation_messages():
         af.simulate(af.SphereFlow(dyn.attn), x0, t1=1.0, dt=0.1, solver=af.Iterate())
 
 
+
+def test_states_that_do_not_fit_the_model_are_one_line_errors():
+    """Tokens of another d, a flow's states off its sphere and half-precision states are refused before any work by
+    simulate and analyse; a map may start anywhere (its step normalises), and half-precision weights compute in
+    float32 (as the weight loaders do)."""
+    V = np.diag([1.0, 0.4, -0.3])
+    sa = af.SelfAttention(af.Heads.single(V, K=V))
+    flow, lmap = af.SphereFlow(sa), af.LayerMap(sa, alpha=0.1)
+    x4 = af.sample.sphere(jax.random.PRNGKey(0), (2, 5, 4))
+    x3 = af.sample.sphere(jax.random.PRNGKey(0), (2, 5, 3))
+    for dyn, kw in [(flow, dict(t1=1.0, dt=0.1)), (lmap, dict(steps=3))]:
+        with pytest.raises(ValueError, match=r"5 tokens in d = 4 do not fit this model"):
+            af.simulate(dyn, x4, **kw)
+        with pytest.raises(ValueError, match=r"5 tokens in d = 4 do not fit this model"):
+            af.analyse(dyn, x4[0])
+        with pytest.raises(ValueError, match="float32 or float64, got float16"):
+            af.simulate(dyn, x3.astype(jnp.float16), **kw)
+    with pytest.raises(ValueError, match=r"off this flow's state space by 2(.*)unit norm"):
+        af.simulate(flow, 3.0 * x3, t1=1.0, dt=0.1)
+    with pytest.raises(ValueError, match="off this flow's state space"):
+        af.analyse(flow, 3.0 * x3)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(af.simulate(lmap, 3.0 * x3, steps=2).final), axis=-1), 1.0,
+                               rtol=1e-6)
+    bad = np.asarray(x3).copy()
+    bad[0, 0, 0] = np.nan  # a non-finite start stays a per-member outcome
+    assert af.simulate(flow, bad, t1=1.0, dt=0.1).outcome_counts()["nonfinite"] == 1
+    half = af.SphereFlow(af.SelfAttention(af.Heads.single(V.astype(np.float16), K=V.astype(np.float16))))
+    assert half.attn.heads.V.dtype == jnp.float32
+    with pytest.raises(ValueError, match="dtype must be float32 or float64"):
+        af.basins.Sphere(5, 3, "float16")
+
+
 SHARD_SCRIPT = textwrap.dedent(
     """
     import os, sys, json

@@ -22,6 +22,7 @@ import numpy as np
 
 from .._device import brief_jit
 from .._types import Array, Float, Tokens, check_tolerance
+from ..evolve.simulate import check_states
 from ..model.dynamics import AbstractDynamics, AbstractFlow, AbstractMap
 from ..model.norms import L2Norm
 from . import _results, eigen as _eigen
@@ -97,6 +98,9 @@ def jacobians(dyn: AbstractDynamics, states, *, beta=None, alpha=None):
     Xs = jnp.asarray(states)
     if Xs.ndim == 2:
         Xs = Xs[None]
+    if Xs.ndim != 3 or not jnp.issubdtype(Xs.dtype, jnp.floating):
+        raise ValueError(f"states must be floating point of shape (b, n, d) or (n, d), got {Xs.dtype} {tuple(Xs.shape)}")
+    check_states(dyn, Xs)
     params = {}
     if beta is not None:
         params["beta"] = jnp.atleast_1d(jnp.asarray(beta, dtype=Xs.dtype))
@@ -203,6 +207,12 @@ def consensus_closed_form(model, k: int, n: int, *, alpha: float | None = None) 
     attention terms vanish at consensus, with the full mask and no value or output biases; refused otherwise.
     Sorted like :func:`analyse`.
     """
+    lam, _ = eigenpairs(model)
+    d = len(lam)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < d:
+        raise ValueError(f"k indexes the value map's eigenpairs from 0 (v_1) to d - 1 = {d - 1}, got {k!r}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n is the number of tokens, an integer >= 1, got {n!r}")
     sa = getattr(model, "attn", None)
     att = getattr(sa, "attention", None)
     kind, mask = getattr(att, "kind", "softmax"), getattr(att, "mask", "full")
@@ -228,8 +238,6 @@ def consensus_closed_form(model, k: int, n: int, *, alpha: float | None = None) 
         if not np.all(q > 0):
             raise ValueError(f"row-normalised relu at consensus on v_{k + 1} needs every head's score q_h > 0 (the "
                              f"rows are then uniform), got q = {np.array2string(q, precision=4)}: use analyse()")
-    lam, _ = eigenpairs(model)
-    d = len(lam)
     lk = lam[k].real
     others = np.delete(lam, k)
     if alpha is None:

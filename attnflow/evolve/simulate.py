@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._types import Array, Batch, Float, Int
-from ..model.dynamics import AbstractDynamics, AbstractFlow
+from ..model.dynamics import AbstractDynamics, AbstractFlow, SphereFlow
 from .solvers import RK4, AbstractSolver, Adaptive, Iterate
 
 from ._plan import Plan
@@ -30,6 +30,7 @@ from .backends import one_step, resolve_backend
 from .options import Budget, Execution, Stop, check_tol, options
 from .outcome import (
     CONVERGED,
+    DEGENERATE_TOL,
     NONFINITE,
     NOT_CONVERGED,
     SOLVER_FAILED,
@@ -209,6 +210,49 @@ def _make_plan(dyn, budget: Budget, stop: Stop, solver, saves):
     return plan, solver, dt
 
 
+_FITS: set = set()
+"""Model structures (tree, leaf shapes and dtypes) and state shapes that :func:`check_states` has traced."""
+
+
+def check_states(dyn: AbstractDynamics, X) -> None:
+    """Refuse states ``(..., n, d)`` that ``dyn`` cannot take, in one line: tokens of another dimension than the
+    model's (one step traced, nothing computed), or, for a flow, states off its state space by more than
+    :data:`~attnflow.evolve.outcome.DEGENERATE_TOL` (e.g. rows not of unit norm for :class:`SphereFlow`: its tangent
+    projection is exact only there)."""
+    shape, dtype = tuple(X.shape[-2:]), X.dtype
+    if dtype not in (jnp.float32, jnp.float64):
+        raise ValueError(f"states must be float32 or float64, got {dtype} (half precision cannot resolve the tolerances "
+                         f"attnflow decides with): pass X.astype(np.float32)")
+    leaves, tree = jax.tree.flatten(dyn)
+    fits = (tree, tuple((getattr(a, "shape", None), getattr(a, "dtype", None)) for a in leaves), shape, dtype)
+    try:
+        hash(fits)
+    except TypeError:  # a static field that cannot be hashed: trace every time
+        fits = None
+    if fits is None or fits not in _FITS:
+        one, k = jax.ShapeDtypeStruct(shape, dtype), jax.ShapeDtypeStruct((), jnp.int32)  # k traced: every layer
+        step = (lambda k, Y: dyn.vf(0.0, Y)) if isinstance(dyn, AbstractFlow) else (lambda k, Y: dyn.step(k, Y))
+        try:
+            out = eqx.filter_eval_shape(step, k, one)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"states of {shape[0]} tokens in d = {shape[1]} do not fit this model: "
+                             f"{str(e).splitlines()[0]}") from None
+        if getattr(out, "shape", None) != shape:
+            raise ValueError(f"states of {shape[0]} tokens in d = {shape[1]} do not fit this model: one step maps "
+                             f"them to shape {getattr(out, 'shape', None)}")
+        if fits is not None:
+            if len(_FITS) > 64:
+                _FITS.clear()
+            _FITS.add(fits)
+    if isinstance(dyn, AbstractFlow) and X.size:
+        flat = jnp.reshape(jnp.asarray(X), (-1,) + shape)
+        off = float(jnp.max(jax.vmap(dyn.state_residual)(flat)))
+        if off > DEGENERATE_TOL:  # NaN passes: a non-finite start is a per-member outcome, not an error
+            raise ValueError(f"the states are off this flow's state space by {off:.3g} (tolerance {DEGENERATE_TOL:g}): "
+                             + ("pass tokens of unit norm (X / |X| row by row)" if isinstance(dyn, SphereFlow)
+                                else "pass states on it (see its state_residual)"))
+
+
 def _check_x0(dyn, x0):
     x0 = jnp.asarray(x0) if not isinstance(x0, np.ndarray) else x0
     if x0.ndim != 3:
@@ -221,6 +265,7 @@ def _check_x0(dyn, x0):
 def _prepare(dynamics, x0, budget: Budget, stop: Stop, execution: Execution, solver, saves, sweep):
     """Checked inputs, the plan (with its resolved backend and devices), solver, dt and the chunk size."""
     x0 = _check_x0(dynamics, x0)
+    check_states(dynamics, x0)
     plan, solver, dt = _make_plan(dynamics, budget, stop, solver, saves)
     B = x0.shape[0]
     ndev = len(execution.local_devices())

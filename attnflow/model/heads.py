@@ -24,11 +24,14 @@ AUTO_BLOCK = 256
 
 def _float(x):
     """`x` as a floating array that is never weakly typed (so jit caches do not split on Python floats): a tracer as
-    it is, else on the host (NumPy; integers as JAX's default float), so that no eager XLA compile runs."""
+    it is, else on the host (NumPy; integers as JAX's default float, half precision as float32, as the weight loaders
+    do), so that no eager XLA compile runs."""
     if isinstance(x, jax.core.Tracer):
         return x
     a = np.asarray(x)
-    return a if jnp.issubdtype(a.dtype, jnp.floating) else a.astype(jnp.result_type(float))
+    if jnp.issubdtype(a.dtype, jnp.floating):  # half precision (float16, bfloat16) is computed in float32
+        return a if a.dtype.itemsize >= 4 else a.astype(np.float32)
+    return a.astype(jnp.result_type(float))
 
 
 def _as_float_array(x):

@@ -22,6 +22,10 @@ class Sphere(eqx.Module):
     d: int = eqx.field(static=True)
     dtype: str = eqx.field(static=True, default="float32")
 
+    def __check_init__(self):
+        if str(jnp.dtype(self.dtype)) not in ("float32", "float64"):
+            raise ValueError(f"Sphere: dtype must be float32 or float64, got {self.dtype}")
+
     def __call__(self, key: Array, num: int):
         return sample.sphere(key, (num, self.tokens, self.d), dtype=jnp.dtype(self.dtype))
 
