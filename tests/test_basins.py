@@ -633,11 +633,15 @@ def test_the_warning_advises_what_fits_the_unclassified_members():
     from attnflow.analysis.basins.results import _warning
 
     att = [NS(sampling_interval=(0.4, 0.6))]
-    cat = lambda o, c: NS(outcome=o, name=o.replace("_", " "), count=c)  # noqa: E731
+    cat = lambda o, c, m=5000: NS(outcome=o, name=o.replace("_", " "), count=c, steps_max=m)  # noqa: E731
     w = _warning(att, [cat("degenerate", 300)], 300, 1000, 5000)
     assert "max_steps" not in w and "check the model's scale" in w
     w = _warning(att, [cat("not_converged", 200), cat("nonfinite", 100)], 300, 1000, 5000)
     assert "raise [basins] max_steps (now 5000)" in w and "overflowed" in w
+    # members not converged that all stopped before the cap were stopped by tol, unresolved (a slow flow): more steps
+    # would not help them
+    w = _warning(att, [cat("not_converged", 200, 4000)], 200, 1000, 5000, 9.5e-5)
+    assert "max_steps" not in w and "lower [basins] tol" in w and "9.5e-05" in w
     assert _warning(att, [cat("not_converged", 10)], 10, 1000, 5000) is None  # within the sampling half-width
 
 

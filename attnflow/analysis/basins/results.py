@@ -231,18 +231,25 @@ def summarize(tally: Tally, verdicts: dict, *, max_steps: int | None = None, tol
     cats = [dataclasses.replace(c, simultaneous_interval=wilson(c.count, N, z)) for c in cats]
     not_conv = sum(tally.table[r].count for r in by_outcome.get(NOT_CONVERGED, []))
     return BasinResult(N, tuple(atts), tuple(cats), u, not_conv, max_steps, tol, backend,
-                       _warning(atts, cats, u, N, max_steps), members)
+                       _warning(atts, cats, u, N, max_steps, tol), members)
 
 
-def _warning(atts, cats, u, N, max_steps) -> str | None:
-    """One line when u / N exceeds the sampling half-width of some attractor's fraction."""
+def _warning(atts, cats, u, N, max_steps, tol=None) -> str | None:
+    """One line when u / N exceeds the sampling half-width of some attractor's fraction, with advice per category
+    (members not converged that stopped before max_steps were stopped by the stop tolerance with clusters not yet
+    resolved, docs/model.md section 10: more steps would not help them)."""
     if u == 0 or N == 0:
         return None
     half = min([(a.sampling_interval[1] - a.sampling_interval[0]) / 2 for a in atts] or [0.0])
     if u / N <= half:
         return None
     parts = ", ".join(f"{c.count} {c.name}" for c in cats)
-    advice = {"not_converged": f"raise [basins] max_steps (now {max_steps})",
+    stopped = ("members stopped by the stop tolerance" + (f" ({tol:.2g})" if tol is not None else "") + " before "
+               "their clusters were resolved (a slow flow): lower [basins] tol, or use float64 or the adaptive solver, whose "
+               "floors are lower")
+    capped = f"raise [basins] max_steps (now {max_steps})"
+    nc = next((c for c in cats if c.outcome == "not_converged" and c.count), None)
+    advice = {"not_converged": capped if nc is None or nc.steps_max >= max_steps else stopped,
               "saddle": "members stopped within tol of saddles (unstable equilibria): a smaller tol may let them move on",
               "nonfinite": "nonfinite states overflowed: check the model's scale (alpha, beta, the weights) or the step",
               "degenerate": "degenerate states left the state space: check the model's scale (alpha, beta, the "
