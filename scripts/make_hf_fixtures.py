@@ -42,6 +42,15 @@ def _configs():
         "bert_decoder": tf.BertConfig(vocab_size=11, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
                                       intermediate_size=24, max_position_embeddings=16, type_vocab_size=2,
                                       is_decoder=True, **common),
+        # BERT's layers with RoBERTa's position ids (pad_token_id 1: positions from 2)
+        "roberta": tf.RobertaConfig(vocab_size=11, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=24, max_position_embeddings=18, type_vocab_size=1, pad_token_id=1,
+                                    **common),
+        # BERT's layers after an embedding of width 8 and its projection to d = 16
+        "electra": tf.ElectraConfig(vocab_size=11, embedding_size=8, hidden_size=16, num_hidden_layers=2,
+                                    num_attention_heads=4, intermediate_size=24, max_position_embeddings=16, **common),
+        "distilbert": tf.DistilBertConfig(vocab_size=11, dim=16, n_layers=2, n_heads=4, hidden_dim=24,
+                                          max_position_embeddings=16, **common),
         "gpt_neo": tf.GPTNeoConfig(vocab_size=11, hidden_size=16, num_layers=2, num_heads=2, max_position_embeddings=16,
                                    attention_types=[[["global", "local"], 1]], window_size=3, intermediate_size=24,
                                    **common),
@@ -50,8 +59,10 @@ def _configs():
 
 def _attention_hooks(family, model):
     """(module whose input is the attention input x, module whose output is O(...) + bo) per layer."""
-    if family == "bert":
+    if family in ("bert", "roberta", "electra"):
         return [(l.attention.self, l.attention.output.dense) for l in model.encoder.layer]
+    if family == "distilbert":
+        return [(l.attention, l.attention.out_lin) for l in model.transformer.layer]
     if family == "albert":
         lay = model.encoder.albert_layer_groups[0].albert_layers[0]
         return [(lay.attention, lay.attention.dense)]
@@ -64,8 +75,10 @@ def _attention_hooks(family, model):
 
 def _block_modules(family, model):
     """The module computing one whole layer, called once per layer (ALBERT: the shared layer, called L times)."""
-    if family == "bert":
+    if family in ("bert", "roberta", "electra"):
         return list(model.encoder.layer)
+    if family == "distilbert":
+        return list(model.transformer.layer)
     if family == "albert":
         return [model.encoder.albert_layer_groups[0].albert_layers[0]]
     if family in ("gpt2", "gpt_neo"):
@@ -83,7 +96,7 @@ def build(family, config, seed=0):
     model = tf.AutoModel.from_config(config, attn_implementation="eager").eval()
     with torch.no_grad():  # non-zero biases and LayerNorm affine parts, so the tests can see them
         for name, p in model.named_parameters():
-            if name.endswith("bias") or "LayerNorm.weight" in name or ".ln_" in name:
+            if name.endswith("bias") or "LayerNorm.weight" in name or "layer_norm.weight" in name or ".ln_" in name:
                 p.add_(0.3 * torch.randn_like(p))
     out = ROOT / family
     out.mkdir(parents=True, exist_ok=True)
@@ -109,9 +122,16 @@ def build(family, config, seed=0):
     emb = torch.randn(1, N_TOKENS, model.get_input_embeddings().weight.shape[1], generator=gen)
     with torch.no_grad():
         model(inputs_embeds=emb)
+    # the embedding of token ids (with the padding id among them, for RoBERTa's position ids): layer 0's input
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2]])[:, :N_TOKENS]
+    nx, ny, nh = len(xs), len(ys), len(hs)
+    with torch.no_grad():
+        model(input_ids=ids)
+    embedded = hs[nh]
+    del xs[nx:], ys[ny:], hs[nh:], outs[nh:]
     for h in hooks:
         h.remove()
-    ref = {}
+    ref = {"embed_ids": ids[0].numpy(), "embed_h0": embedded[0].numpy().astype(np.float32)}
     for l, (x, y) in enumerate(zip(xs, ys)):
         ref[f"x_{l}"] = x[0].numpy().astype(np.float32)
         ref[f"y_{l}"] = y[0].numpy().astype(np.float32)

@@ -49,6 +49,9 @@ def test_out_figures_and_steer(tmp_path, capsys):
         ([str(FIX / "bert"), "--extra-layers", "2"], "shared-weight"),
         ([str(FIX / "bert"), "--tokens", "0"], "--tokens"),
         ([str(FIX / "bert"), "--steer", "abc"], "--steer"),
+        # BERT's 16 position embeddings place at most 16 tokens; RoBERTa's 18 too (its positions start at pad + 1 = 2)
+        ([str(FIX / "bert"), "--embedding", "--tokens", "17"], "at most 16"),
+        ([str(FIX / "roberta"), "--embedding", "--tokens", "17"], "at most 16"),
     ],
 )
 def test_errors(argv, msg, capsys):

@@ -13,7 +13,7 @@ from attnflow import Attention, SelfAttention
 from attnflow.io.hf import CheckpointError, load_hf, minilm_path, resolve
 
 FIX = pathlib.Path(__file__).parent / "fixtures" / "hf"
-FAMILIES = ("albert", "bert", "gpt2", "gpt_neo")
+FAMILIES = ("albert", "bert", "distilbert", "electra", "gpt2", "gpt_neo", "roberta")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -43,6 +43,39 @@ def test_conventions_matter(family):
     other = Attention(mask="full") if lay.attention.mask != "full" else Attention(mask="causal")
     y = np.asarray(SelfAttention(lay.heads, other, m.beta)(x))
     assert np.max(np.abs(y - ref["y_1"])) > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES + ("bert_decoder",))
+def test_embedding_of_token_ids_matches_hf(family):
+    """embed(ids) is Hugging Face's input of layer 0 for those ids (fixture: ids with the padding id 1 among them):
+    word + position (+ type 0), the embedding LayerNorm, and ALBERT's / ELECTRA's projection; RoBERTa's positions
+    count from pad + 1 and skip the padding tokens (create_position_ids_from_input_ids). float32, 1e-5."""
+    m = load_hf(FIX / family)
+    ref = np.load(FIX / family / "reference.npz")
+    np.testing.assert_allclose(m.embed(ref["embed_ids"]), ref["embed_h0"], atol=1e-5, rtol=1e-5)
+    m.embed(np.full(m.max_tokens, 3))
+    with pytest.raises(ValueError, match=f"at most {m.max_tokens} tokens"):  # one past the position embeddings
+        m.embed(np.full(m.max_tokens + 1, 3))
+    if family == "roberta":  # BERT's positions 0..n-1 miss it
+        e = m.embedding
+        bert_like = m.embed(ref["embed_ids"], positions=np.arange(len(ref["embed_ids"])))
+        assert e["pad"] == 1 and np.max(np.abs(bert_like - ref["embed_h0"])) > 1e-2
+
+
+@pytest.mark.parametrize("model_type", ["xlm-roberta", "camembert"])
+def test_roberta_variants_load_as_roberta(tmp_path, model_type):
+    """XLM-RoBERTa and CamemBERT are RobertaModel under other names: the same layers and embedding."""
+    a, b = load_hf(FIX / "roberta"), load_hf(_edit(tmp_path, "roberta", model_type=model_type))
+    assert b.family == model_type and b.embedding["pad"] == 1
+    np.testing.assert_array_equal(np.asarray(a.layers[1].heads.Q), np.asarray(b.layers[1].heads.Q))
+
+
+def test_electra_projection_and_distilbert_names():
+    el = load_hf(FIX / "electra")
+    assert el.embedding["word"].shape == (11, 8) and el.embedding["project"][0].shape == (16, 8)
+    assert el.layers[0].ln_in is None and el.layers[1].ln_in is not None  # the projection sits between LN and layer 0
+    db = load_hf(FIX / "distilbert")
+    assert (db.d, db.num_heads, db.num_layers, db.eps) == (16, 4, 2, 1e-12) and db.embedding["type"] is None
 
 
 def test_bert_decoder_is_causal():

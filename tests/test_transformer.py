@@ -82,7 +82,7 @@ def test_layer_metrics_vs_numpy_loops():
 
 def test_reduced_step_matches_hf_attention():
     """One reduced layer with biases = l2(x + HF attention output), float32 to 1e-5."""
-    for fam in ("bert", "gpt2", "gpt_neo", "albert"):
+    for fam in ("bert", "gpt2", "gpt_neo", "albert", "roberta", "electra", "distilbert"):
         m = load_hf(FIX / fam)
         r = np.load(FIX / fam / "reference.npz")
         stack = T.build_stack(m, biases=True)
@@ -221,7 +221,8 @@ def test_fold_layernorm_full_block_is_exact():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["bert", "albert", "gpt2", "gpt_neo", "bert_decoder"])
+@pytest.mark.parametrize("family", ["bert", "albert", "gpt2", "gpt_neo", "bert_decoder", "roberta", "electra",
+                                    "distilbert"])
 @pytest.mark.parametrize("fold", [False, True])
 def test_full_block_matches_hf_layers(family, fold):
     """ffn=True, layernorm=True, biases=True reproduces Hugging Face's own layers, with and without folding

@@ -166,6 +166,9 @@ def power_method_experiment(model, *, key, tokens: int = 10, samples: int = 100,
     """
     if tokens < 1 or samples < 1:
         raise ValueError(f"tokens and samples must be >= 1, got {tokens}, {samples}")
+    if embedding and tokens > model.max_tokens:
+        raise ValueError(f"embedding=True places {tokens} tokens, but {model.name} has position embeddings for at "
+                         f"most {model.max_tokens}")
     if heads is None:
         heads = layer_heads(model, biases=biases, fold_layernorm=fold_layernorm, extra_layers=extra_layers)
     stack = build_stack(model, biases=biases, fold_layernorm=fold_layernorm, ffn=ffn, layernorm=layernorm,

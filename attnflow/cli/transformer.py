@@ -37,7 +37,8 @@ def add_parser(sub):
         "transformer",
         help="[PM] experiment: token alignment with the layer matrices' principal eigenvectors",
         description=textwrap.fill(
-            "Run random tokens through the layers of a Hugging Face checkpoint (ALBERT, BERT, GPT-2, GPT-Neo) "
+            "Run random tokens through the layers of a Hugging Face checkpoint (ALBERT, BERT, DistilBERT, ELECTRA, "
+            "GPT-2, GPT-Neo, RoBERTa, XLM-RoBERTa, CamemBERT) "
             "with the reduced dynamics of [PM] (Li and Altafini, Analogies between transformer layers and power "
             "method, arXiv 2605.25619; see docs/model.md section 8): attention plus skip (alpha = 1), then l2 normalisation. "
             "Report per layer c, Delta, p, their all-eigenvector baselines, the spectral gap and the principal "
@@ -80,6 +81,9 @@ def run(args) -> int:
         model = load_hf(resolve(args.model))
     except CheckpointError as e:
         raise UsageError(str(e)) from None
+    if args.embedding and args.tokens > model.max_tokens:
+        raise UsageError(f"--embedding places --tokens {args.tokens} tokens, but {model.name} has position embeddings "
+                         f"for at most {model.max_tokens}")
     if args.extra_layers and not model.shared:
         raise UsageError(f"--extra-layers needs a shared-weight model (ALBERT); {model.family} has layer-varying weights")
     if args.ffn:

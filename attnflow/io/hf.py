@@ -1,4 +1,5 @@
-"""Hugging Face checkpoint folders (ALBERT, BERT, GPT-2, GPT-Neo, all-MiniLM-L6-v2) -> attnflow layers.
+"""Hugging Face checkpoint folders (ALBERT, BERT, DistilBERT, ELECTRA, GPT-2, GPT-Neo, RoBERTa, XLM-RoBERTa,
+CamemBERT, all-MiniLM-L6-v2) -> attnflow layers.
 
 A folder holds ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``, read only with
 torch's weights-only loader when torch is installed). Nothing is ever downloaded.
@@ -14,10 +15,16 @@ Conventions (docs/model.md sections 1 and 8; matrices act on column vectors):
   embeddings: ``position_embedding_type`` ``relative_key(_query)`` (learned terms in the scores) is refused.
   GPT-2: causal, pre-norm. GPT-Neo: pre-norm, alternating global (causal) and local (causal window of
   ``window_size``) layers as listed in ``attention_types``.
-- A config.json without its LayerNorm epsilon gets Hugging Face's default (1e-12 BERT/ALBERT, 1e-5 GPT-2/GPT-Neo).
+- A config.json without its LayerNorm epsilon gets Hugging Face's default (1e-12 for the BERT-like families and
+  ALBERT, 1e-5 for GPT-2/GPT-Neo).
 - Weights with more layers (ALBERT: layer groups) than config.json declares are refused.
 - ALBERT: one shared layer (per hidden group), used for every layer; its embedding projection
   ``embedding_hidden_mapping_in`` (E -> d) is kept.
+- RoBERTa, XLM-RoBERTa, CamemBERT: BERT's layers (``RobertaModel``); their position ids start after the padding
+  index (``pad_token_id`` + 1; a padding token gets ``pad_token_id``), as ``create_position_ids_from_input_ids``.
+- ELECTRA: BERT's layers, and ``embeddings_project`` (E -> d) after the embedding when E != d.
+- DistilBERT: BERT's post-norm layers under other names (``q_lin`` ... ``output_layer_norm``), no token types,
+  LayerNorm epsilon 1e-12 (fixed in its code).
 """
 
 from __future__ import annotations
@@ -34,7 +41,11 @@ from ..model.attention import WINDOW_MAX, Attention
 from ..model.heads import Heads
 from .weights import WeightsError, load_safetensors, load_torch_bin
 
-FAMILIES = ("albert", "bert", "gpt2", "gpt_neo")
+FAMILIES = ("albert", "bert", "camembert", "distilbert", "electra", "gpt2", "gpt_neo", "roberta", "xlm-roberta")
+ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert")
+"""Families that are BERT's layers with RoBERTa's position ids."""
+BERT_LIKE = ("bert", "electra", *ROBERTA_LIKE)
+"""Families whose layers are ``BertLayer``'s (names, post-norm, ``is_decoder``)."""
 
 
 class CheckpointError(WeightsError):
@@ -83,6 +94,12 @@ class HFModel:
     embedding: dict
 
     @property
+    def max_tokens(self) -> int:
+        """The most tokens :meth:`embed` can place (its position embeddings; RoBERTa's start after the padding id)."""
+        pad = self.embedding.get("pad")
+        return self.embedding["position"].shape[0] - (0 if pad is None else pad + 1)
+
+    @property
     def num_layers(self) -> int:
         """Number of transformer layers."""
         return len(self.layers)
@@ -123,10 +140,22 @@ class HFModel:
 
     def embed(self, ids, positions=None) -> np.ndarray:
         """Token ids ``(n,)`` -> embedded states ``(n, d)`` entering layer 0 (word + position (+ type 0),
-        then the embedding LayerNorm for BERT/ALBERT and ALBERT's E -> d projection)."""
+        then the embedding LayerNorm for the BERT-like families and ALBERT, and ALBERT's / ELECTRA's E -> d
+        projection). Without `positions`: 0..n-1, or RoBERTa's (padding tokens at ``pad_token_id``, the others
+        counting from ``pad_token_id + 1``)."""
         e = self.embedding
         ids = np.asarray(ids)
-        pos = np.arange(ids.shape[0]) if positions is None else np.asarray(positions)
+        pad = e.get("pad")
+        if positions is not None:
+            pos = np.asarray(positions)
+        elif pad is not None:  # RoBERTa: non-padding tokens count up from pad + 1, padding tokens sit at pad
+            keep = (ids != pad).astype(np.int64)
+            pos = np.cumsum(keep) * keep + pad
+        else:
+            pos = np.arange(ids.shape[0])
+        if pos.size and (pos.max() >= e["position"].shape[0] or pos.min() < 0):
+            raise ValueError(f"{ids.shape[0]} tokens need position {int(pos.max())}; this checkpoint has "
+                             f"{e['position'].shape[0]} position embeddings (at most {self.max_tokens} tokens)")
         x = e["word"][ids] + e["position"][pos]
         if e.get("type") is not None:
             x = x + e["type"][0]
@@ -321,18 +350,19 @@ def load_hf(path) -> HFModel:
     fam = config.get("model_type")
     if not isinstance(fam, str) or fam not in FAMILIES:
         raise CheckpointError(f"{cfg_path}: unsupported model_type {_show(fam)}; supported: {', '.join(FAMILIES)}")
-    d = _cfg_int(config, cfg_path, "hidden_size", "n_embd")
-    H = _cfg_int(config, cfg_path, "num_attention_heads", "n_head", "num_heads")
-    L = _cfg_int(config, cfg_path, "num_hidden_layers", "n_layer", "num_layers", maximum=MAX_LAYERS)
+    d = _cfg_int(config, cfg_path, "hidden_size", "n_embd", "dim")
+    H = _cfg_int(config, cfg_path, "num_attention_heads", "n_head", "num_heads", "n_heads")
+    L = _cfg_int(config, cfg_path, "num_hidden_layers", "n_layer", "num_layers", "n_layers", maximum=MAX_LAYERS)
     if d % H:
         raise CheckpointError(f"{cfg_path}: hidden size {d} is not divisible by the number of heads {H}")
     dh = d // H
-    # Hugging Face's defaults when config.json omits it: 1e-12 for BERT and ALBERT, 1e-5 for GPT-2 and GPT-Neo
-    eps = _cfg_float(config, cfg_path, "layer_norm_eps", "layer_norm_epsilon",
-                     default=1e-12 if fam in ("bert", "albert") else 1e-5)
+    # Hugging Face's defaults when config.json omits it: 1e-12 for the BERT-like families and ALBERT, 1e-5 for GPT-2
+    # and GPT-Neo; DistilBERT's is fixed in its code (nn.LayerNorm(dim, eps=1e-12)), whatever config.json says
+    eps = 1e-12 if fam == "distilbert" else _cfg_float(config, cfg_path, "layer_norm_eps", "layer_norm_epsilon",
+                                                       default=1e-5 if fam in ("gpt2", "gpt_neo") else 1e-12)
     _check_family_keys(fam, config, cfg_path, L)
     tensors, wfile = _read_weights(path)
-    loader = {"bert": _bert, "albert": _albert, "gpt2": _gpt2, "gpt_neo": _gpt_neo}[fam]
+    loader = {"albert": _albert, "distilbert": _distilbert, "gpt2": _gpt2, "gpt_neo": _gpt_neo}.get(fam, _bert)
     layers, emb, beta, pre, shared = loader(config, tensors, wfile, cfg_path, d, H, dh, L)
     return HFModel(family=fam, path=path, config=config, d=d, num_heads=H, head_dim=dh, beta=beta, eps=eps,
                    pre_norm=pre, shared=shared, layers=tuple(layers), embedding=emb)
@@ -340,14 +370,23 @@ def load_hf(path) -> HFModel:
 
 def _check_family_keys(fam, config, cfg_path, L):
     """The family-specific config.json values, type- and range-checked before any weights are read."""
-    if fam in ("bert", "albert"):
+    if fam == "distilbert":
+        _cfg_str(config, cfg_path, "activation", default="gelu")
+        _cfg_int(config, cfg_path, "hidden_dim")
+        if _cfg_bool(config, cfg_path, "is_decoder", False):
+            raise CheckpointError(f"{cfg_path}: a DistilBERT decoder (is_decoder: true) is not supported")
+    elif fam in ("albert", *BERT_LIKE):
         _cfg_str(config, cfg_path, "hidden_act", default="gelu")
         pos = _cfg_str(config, cfg_path, "position_embedding_type", default="absolute")
         if pos != "absolute":  # learned relative-position terms in the scores: not a function of <Qx_i, Kx_j> alone
             raise CheckpointError(f"{cfg_path}: position_embedding_type {pos!r} is not supported (only 'absolute': "
                                   "relative-position terms in the attention scores have no attnflow equivalent)")
-        if fam == "bert":
+        if fam in BERT_LIKE:
             _cfg_bool(config, cfg_path, "is_decoder", False)
+        if fam in ROBERTA_LIKE:
+            _cfg_int(config, cfg_path, "pad_token_id", default=1, minimum=0)
+        if fam == "electra":
+            _cfg_int(config, cfg_path, "embedding_size", default=None, null_default=True)
     else:
         _cfg_str(config, cfg_path, "activation_function", default="gelu_new")
     if fam == "albert":
@@ -385,16 +424,27 @@ def _bert_like_layer(T, p, d, H, dh, full, ln_in, act, names):
 
 
 def _bert(config, tensors, wfile, cfg_path, d, H, dh, L):
+    """BERT and the families with its layers: RoBERTa (and XLM-RoBERTa, CamemBERT), ELECTRA."""
+    fam = config["model_type"]
     T = _Tensors(tensors, wfile, "encoder.layer.0.attention.self.query.weight")
     act = _cfg_str(config, cfg_path, "hidden_act", default="gelu")
     # BertModel masks its self-attention causally when the config is a decoder's (cross-attention, if any, needs
-    # an encoder's states and is not part of the dynamics)
+    # an encoder's states and is not part of the dynamics); so do RobertaModel and ElectraModel
     mask = "causal" if _cfg_bool(config, cfg_path, "is_decoder", False) else "full"
     full = Attention(kind="softmax", mask=mask)
-    emb = _bert_embedding(T, config, d, d)
+    E = d
+    if fam == "electra":  # ElectraModel: embeddings of width embedding_size, then embeddings_project when it is not d
+        E = _cfg_int(config, cfg_path, "embedding_size", default=None, null_default=True) or d
+    emb = _bert_embedding(T, config, E, d)
+    if fam == "electra" and E != d:
+        emb["project"] = (T.get("embeddings_project.weight", (d, E)), T.get("embeddings_project.bias", (d,)))
+    elif "embeddings_project.weight" in T.t:
+        raise CheckpointError(f"{wfile}: has embeddings_project but config.json's embedding_size equals hidden_size")
+    if fam in ROBERTA_LIKE:
+        emb["pad"] = _cfg_int(config, cfg_path, "pad_token_id", default=1, minimum=0)
     names = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
              "attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm")
-    layers, ln_in = [], emb["ln"]
+    layers, ln_in = [], (emb["ln"] if emb["project"] is None else None)  # a projection sits between LN and layer 0
     for l in range(L):
         lay = _bert_like_layer(T, f"encoder.layer.{l}.", d, H, dh, full, ln_in, act, names)
         layers.append(lay)
@@ -416,7 +466,25 @@ def _bert_embedding(T, config, E, d):
         if "embeddings.token_type_embeddings.weight" in T.t else None,
         "ln": _ln(T, "embeddings.LayerNorm", E),
         "project": None,
+        "pad": None,
     }
+
+
+def _distilbert(config, tensors, wfile, cfg_path, d, H, dh, L):
+    T = _Tensors(tensors, wfile, "transformer.layer.0.attention.q_lin.weight")
+    act = _cfg_str(config, cfg_path, "activation", default="gelu")
+    full = Attention(kind="softmax", mask="full")
+    emb = _bert_embedding(T, config, d, d)
+    names = ("attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin", "sa_layer_norm",
+             "ffn.lin1", "ffn.lin2", "output_layer_norm")
+    layers, ln_in = [], emb["ln"]
+    for l in range(L):
+        lay = _bert_like_layer(T, f"transformer.layer.{l}.", d, H, dh, full, ln_in, act, names)
+        layers.append(lay)
+        ln_in = lay.ln_out
+    if f"transformer.layer.{L}.attention.q_lin.weight" in T.t:
+        raise CheckpointError(f"{wfile}: has more than the {L} layers of config.json")
+    return layers, emb, 1.0 / math.sqrt(dh), False, False
 
 
 def _albert(config, tensors, wfile, cfg_path, d, H, dh, L):
