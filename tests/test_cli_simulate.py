@@ -152,3 +152,20 @@ def test_compile_cache_is_used_and_can_be_turned_off(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         stored = list((cache / "attnflow" / "jax").glob("*")) if (cache / "attnflow" / "jax").exists() else []
         assert bool(stored) == (not flag), (flag, stored)
+
+
+def test_init_file_off_the_sphere_is_refused_for_the_sphere_flow(tmp_path, capsys):
+    """A sphere flow's tangent projection holds on the sphere only: an init file with a token of norm != 1 is one
+    line naming the state and token (it simulated silently, then raised a traceback); the l2 map normalises its
+    first step and takes it."""
+    x = np.random.default_rng(0).normal(size=(6, 5, 3))
+    x /= np.linalg.norm(x, axis=-1, keepdims=True)
+    x[2, 3] *= 1.5
+    np.save(tmp_path / "x.npy", x)
+    flow = GOOD.replace('time = "discrete"', 'time = "continuous"\nt1 = 0.4\ndt = 0.1').replace('norm = "l2"', 'norm = "sphere"')
+    flow = flow.replace('seed = 0', 'seed = 0\ninit = "x.npy"')
+    rc, _, err = run_cli(["simulate", str(write(tmp_path, flow)), "--out", str(tmp_path / "o1")], capsys)
+    assert rc == 2 and "state 2 token 3 has norm 1.5" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = run_cli(["simulate", str(write(tmp_path, GOOD.replace('seed = 0', 'seed = 0\ninit = "x.npy"'))),
+                          "--out", str(tmp_path / "o2")], capsys)
+    assert rc == 0, err

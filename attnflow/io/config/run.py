@@ -422,6 +422,15 @@ def _state_files(path: Path, f: ConfigFile, dtype: str, inputs: dict):
         if init_array.shape != want:
             raise ConfigError(f"{wd} init file {str(p)!r} has shape {init_array.shape}, expected (batch, tokens, d) = {want}")
         check_fits(f"{wd} init file {str(p)!r}", init_array, dtype)
+        if dy.time == "continuous" and dy.norm == "sphere" and init_array.size:
+            from ...evolve.outcome import DEGENERATE_TOL
+
+            off = np.abs(np.linalg.norm(np.asarray(init_array, np.float64), axis=-1) - 1.0)
+            if np.nanmax(off) > DEGENERATE_TOL:
+                b, i = np.unravel_index(int(np.nanargmax(off)), off.shape)
+                raise ConfigError(f"{wd} init file {str(p)!r}: state {b} token {i} has norm "
+                                  f"{np.linalg.norm(init_array[b, i]):.4g}; the sphere flow needs tokens of unit norm "
+                                  f"(within {DEGENERATE_TOL:g}): normalise each row")
     if f.stability.states is not None:
         p = _resolve(path, f.stability.states)
         states_array, h = load_npy(f"{path}: [stability] states", p)
