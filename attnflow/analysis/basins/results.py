@@ -249,7 +249,8 @@ def _warning(atts, cats, u, N, max_steps, tol=None) -> str | None:
                "floors are lower")
     capped = f"raise [basins] max_steps (now {max_steps})"
     nc = next((c for c in cats if c.outcome == "not_converged" and c.count), None)
-    advice = {"not_converged": capped if nc is None or nc.steps_max >= max_steps else stopped,
+    below_cap = nc is not None and None not in (nc.steps_max, max_steps) and nc.steps_max < max_steps
+    advice = {"not_converged": stopped if below_cap else capped,
               "saddle": "members stopped within tol of saddles (unstable equilibria): a smaller tol may let them move on",
               "nonfinite": "nonfinite states overflowed: check the model's scale (alpha, beta, the weights) or the step",
               "degenerate": "degenerate states left the state space: check the model's scale (alpha, beta, the "
