@@ -175,6 +175,7 @@ def test_tipping_and_continuation_of_a_bistable_normal_form():
     assert tp.matrix[lower, upper] == 1 and tp.matrix[upper, upper] == 1
     assert tp.lo[lower, upper] > 0.8  # Wilson interval of 20 / 20
     assert tp.unknown == 1  # the member that starts on the unstable y = 0
+    assert tp.matrix.shape[1] > lower and tp.matrix[lower, lower] == 0  # the vanished attractor's column: zeros
     c = g.continuation(lambda p: g.Flow(Bistable(p)), [0.0, 0.2, 0.35, 0.5], y0, run)
     ups = [next(a.label for a in f.attractors if a.stable and a.state[0] > 0) for f in c.fractions]
     assert len(set(ups)) == 1
@@ -330,3 +331,239 @@ def test_t_quantiles_and_too_few_box_sizes():
     img[:, 21:] = 1
     ex = g.uncertainty_exponent(img, eps=[3, 4, 5])  # three box sizes: too few to fit with an interval
     assert math.isnan(ex.alpha) and math.isnan(ex.lo)
+
+
+# ------------------------------------------------------------------ recurrence: cycles, maps, phantoms (section 12.1)
+class Hopf(eqx.Module):
+    """r' = r (-mu + 2 r^2 - r^4), theta' = w: stable origin, unstable cycle r_u^2 = 1 - sqrt(1 - mu), stable cycle
+    r_s^2 = 1 + sqrt(1 - mu) of period 2 pi / w."""
+
+    mu: float = 0.5
+    w: float = 1.0
+
+    def __call__(self, t, y):
+        r2 = y[0] ** 2 + y[1] ** 2
+        gr = -self.mu + 2 * r2 - r2 ** 2
+        return jnp.stack([y[0] * gr - self.w * y[1], y[1] * gr + self.w * y[0]])
+
+
+@pytest.mark.parametrize("tail", [400, 512, 700])
+def test_one_limit_cycle_is_one_attractor_whatever_the_sampling_phase(tail):
+    """The Hopf normal form (mu = 0.5): two attractors for any segment length (the second half spanning a fractional
+    number of periods split the cycle into 25 attractors at tail = 400, 11 at 700). Closed forms: the period 2 pi,
+    the cycle's per-coordinate mean 0 and spread r_s / sqrt 2, the origin's basin the disk r < r_u. float64:
+    period to 1e-5, features to 1e-4."""
+    rs, ru = math.sqrt(1 + math.sqrt(0.5)), math.sqrt(1 - math.sqrt(0.5))
+    y0 = np.random.default_rng(2).uniform(-1, 1, (120, 2))
+    fr = g.basin_fractions(g.Flow(Hopf()), y0, g.Run(t1=60.0, dt=0.05, tail=tail))
+    assert len(fr.attractors) == 2 and fr.unknown == 0
+    cyc = next(a for a in fr.attractors if a.kind == "periodic orbit")
+    fp = next(a for a in fr.attractors if a.kind == "fixed point")
+    assert cyc.period == pytest.approx(2 * np.pi, abs=1e-5)
+    np.testing.assert_allclose(cyc.features, [0, 0, rs / math.sqrt(2), rs / math.sqrt(2)], atol=1e-4)
+    assert np.linalg.norm(cyc.state) == pytest.approx(rs, abs=1e-4)
+    inside = np.sum(y0 ** 2, 1) < ru ** 2
+    np.testing.assert_array_equal(fr.labels == fp.label, inside)
+
+
+def _vdp_period_scipy():
+    """The van der Pol (mu = 1) period from SciPy: upward zero crossings of x after the transient."""
+    from scipy.integrate import solve_ivp
+
+    ev = lambda t, y: y[0]  # noqa: E731
+    ev.direction = 1
+    sol = solve_ivp(lambda t, y: [y[1], (1 - y[0] ** 2) * y[1] - y[0]], (0, 120), [2.0, 0.0], method="DOP853",
+                    rtol=1e-11, atol=1e-12, events=ev)
+    return float(np.diff(sol.t_events[0][-6:]).mean())
+
+
+def test_van_der_pol_cycle_is_one_attractor_with_no_unknown_member():
+    """x'' - (1 - x^2) x' + x = 0: every member (but the unstable origin) on one cycle. The lag used to be the first
+    sample within tol + h of the last, several samples early on the slow part, and half the members were unknown
+    (144 / 300); the cycle split into 7-19 attractors. Period against SciPy (DOP853) to 1e-4 (RK4, dt = 0.05)."""
+    vdp = g.Flow(lambda t, y: jnp.stack([y[1], (1 - y[0] ** 2) * y[1] - y[0]]))
+    y0 = np.random.default_rng(3).uniform(-3, 3, (60, 2))
+    fr = g.basin_fractions(vdp, y0, g.Run(t1=100.0, dt=0.05, tail=400))
+    assert fr.unknown == 0 and len(fr.attractors) == 1 and fr.counts == {0: 60}
+    assert fr.attractors[0].period == pytest.approx(_vdp_period_scipy(), abs=1e-4)
+
+
+def test_a_rotating_cycle_on_a_periodic_coordinate_is_one_attractor():
+    """theta' = 1 + 0.5 sin theta on the circle: one rotating orbit of period 2 pi / sqrt(1 - 0.25) (5 attractors
+    and 28 unknown of 64 before)."""
+    fr = g.basin_fractions(g.Flow(lambda t, y: 1.0 + 0.5 * jnp.sin(y), g.Space.periodic([2 * np.pi])),
+                           np.linspace(0, 2 * np.pi, 32, endpoint=False)[:, None], g.Run(t1=40.0, dt=0.05, tail=600))
+    assert len(fr.attractors) == 1 and fr.unknown == 0
+    assert fr.attractors[0].period == pytest.approx(2 * np.pi / math.sqrt(0.75), abs=1e-5)
+
+
+@pytest.mark.parametrize("p", [2, 3, 5, 8])
+def test_exact_periodic_segments_are_orbits_of_their_period(p):
+    """A segment that repeats every p samples (a map's cycle): periodic with lag p (it was unknown: h, the largest
+    step, is the orbit's diameter, so the segment never went 'farther than 2 (tol + h)')."""
+    rng = np.random.default_rng(p)
+    seg = np.tile(rng.uniform(-1, 1, (p, 3)), (64 // p + 1, 1))[None, :64]
+    for flow in (True, False):
+        kind, lag = g.recurrence(g.Space(), seg, 1e-3, flow=flow)
+        assert kind[0] == 2 and lag[0] == p
+    kind, _ = g.recurrence(g.Space(), seg + 0.01 * np.arange(64)[None, :, None], 1e-3, flow=False)
+    assert kind[0] == 0  # drifting by 0.01 a sample: not an orbit
+
+
+@pytest.mark.parametrize("r, p", [(3.2, 2), (3.5, 4), (3.83, 3)])
+def test_logistic_map_cycles(r, p):
+    """x <- r x (1 - x) in its periodic windows: one cycle of period p attracts (0, 1) (200 / 200 unknown before).
+    The cycle's mean over one period against a NumPy iteration (and for p = 2 the closed form (r + 1) / (2 r))."""
+    y0 = np.random.default_rng(0).uniform(0.01, 0.99, (50, 1))
+    fr = g.basin_fractions(g.Map(lambda k, y: r * y * (1 - y)), y0, g.Run(steps=3000, tail=64, tol=1e-6))
+    assert fr.unknown == 0 and len(fr.attractors) == 1
+    a = fr.attractors[0]
+    assert a.kind == "periodic orbit" and a.lag == p and a.period == p
+    x = 0.3
+    for _ in range(5000):
+        x = r * x * (1 - x)
+    orb = [x]
+    for _ in range(p - 1):
+        orb.append(r * orb[-1] * (1 - orb[-1]))
+    assert a.features[0] == pytest.approx(np.mean(orb), abs=1e-6)
+    assert a.features[1] == pytest.approx(np.std(orb), abs=1e-6)
+    if p == 2:
+        assert a.features[0] == pytest.approx((r + 1) / (2 * r), abs=1e-6)
+
+
+def test_henon_period_two_attractor():
+    """Henon map a = 0.9, b = 0.3: a period-2 attractor (all unknown before); its points against a NumPy loop."""
+    henon = g.Map(lambda k, y: jnp.stack([1 - 0.9 * y[0] ** 2 + y[1], 0.3 * y[0]]))
+    y0 = np.random.default_rng(4).uniform(-0.3, 0.3, (30, 2))
+    fr = g.basin_fractions(henon, y0, g.Run(steps=2000, tail=32, tol=1e-6))
+    assert fr.unknown == 0 and len(fr.attractors) == 1 and fr.attractors[0].lag == 2
+    x, y = 0.1, 0.1
+    for _ in range(3000):
+        x, y = 1 - 0.9 * x * x + y, 0.3 * x
+    assert min(np.linalg.norm(fr.attractors[0].state - [x, y]),
+               np.linalg.norm(fr.attractors[0].state - [1 - 0.9 * x * x + y, 0.3 * x])) < 1e-6
+
+
+def test_converging_spirals_and_chaos_are_not_orbits():
+    """A spiral that loses less than tol + h per turn, and chaos, are unknown (docs 12.1): the whole segment must
+    recur. Synthetic: y = A e^{-lam t} (cos t, sin t) sampled at dt = 0.05, losing 0.5 tol per turn (each turn
+    passes a one-period test, the segment does not); the same with lam = 0 is an orbit of period 2 pi. Systems: the
+    unforced Duffing oscillator (delta = 0.02, only two stable foci: 27 phantom orbits holding 48 of 150 members
+    before; 2 with 14 members at t = 400 without the trend test) and Lorenz (7 phantom orbits before)."""
+    t = np.arange(512) * 0.05
+    A, tol = 0.1, 1e-3
+    lam = -math.log(1 - 0.5 * tol / A) / (2 * np.pi)
+    spiral = A * np.exp(-lam * t)[:, None] * np.stack([np.cos(t), np.sin(t)], 1)
+    circle = A * np.stack([np.cos(t), np.sin(t)], 1)
+    # and a spiral whose whole-segment drift is below tol (A = 0.007, losing 4.4% a turn, as Duffing's members at
+    # t = 400): the mismatch two periods back is more than twice that one period back, a trend towards a limit
+    # A (its distance) > tol away
+    small = 0.007 * np.exp(-0.01 * t)[:, None] * np.stack([np.cos(t), np.sin(t)], 1)
+    assert np.max(np.abs(small[:-126] - small[126:])) < tol  # (it passes every test on the drift alone)
+    kind, lag = g.recurrence(g.Space(), np.stack([spiral, circle]), tol)
+    assert list(kind) == [0, 2] and lag[1] * 0.05 == pytest.approx(2 * np.pi, abs=1e-6)
+    assert g.recurrence(g.Space(), small[None, :256], tol)[0][0] == 0
+    duffing = g.Flow(lambda t, y: jnp.stack([y[1], -0.02 * y[1] + y[0] - y[0] ** 3]))
+    fr = g.basin_fractions(duffing, np.random.default_rng(1).uniform(-2, 2, (60, 2)), g.Run(t1=100.0, dt=0.05, tail=256))
+    assert not any(a.kind == "periodic orbit" for a in fr.attractors)
+    lorenz = g.Flow(lambda t, y: jnp.stack([10 * (y[1] - y[0]), y[0] * (28 - y[2]) - y[1], y[0] * y[1] - 8 / 3 * y[2]]))
+    y0 = np.random.default_rng(6).uniform(-15, 15, (40, 3)) + [0, 0, 25]
+    for tail in (256, 1000):
+        fr = g.basin_fractions(lorenz, y0, g.Run(t1=40.0, dt=0.01, tail=tail))
+        assert fr.unknown == 40 and not fr.attractors
+
+
+class Pair(eqx.Module):
+    """Two unit vectors on circles attracting each other: x_i' = P(x_i) x_j. Every consensus x_1 = x_2 is a fixed
+    point (a circle of them: a zero tangent eigenvalue), attracting almost every start."""
+
+    def __call__(self, t, y):
+        a, b = y[:2], y[2:]
+        return jnp.concatenate([b - jnp.dot(a, b) * a, a - jnp.dot(a, b) * b])
+
+
+@pytest.mark.filterwarnings("ignore:members up to")  # a continuum merges in patches of match_tol (docs 12.1)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_continuum_of_fixed_points_is_neutral_not_unstable(dtype):
+    """The tangent Jacobian at consensus has eigenvalues 0 (the symmetry) and -2 (closed form): verdict neutral
+    (within eigen.tolerance of the dtype: 1e-4 float32, 1e-8 float64), and every member counts in a basin. Before,
+    max Re < -1e-9 was required: float32 15 of 40 members were on 'saddles', float64 all 40."""
+    from attnflow.analysis.eigen import tolerance
+
+    y0 = np.random.default_rng(0).normal(size=(20, 4)).astype(dtype)
+    fr = g.basin_fractions(g.Flow(Pair(), g.Space.product_of_spheres(2, 2)), y0, g.Run(t1=40.0, dt=0.05, tail=16))
+    assert fr.saddle == 0 and fr.unknown == 0 and sum(fr.counts.values()) == 20
+    assert {a.verdict for a in fr.attractors} == {"neutral"} and {a.stable for a in fr.attractors} == {None}
+    assert all(a.kind == "fixed point" and a.name.endswith("(neutral)") for a in fr.attractors)
+    for a in fr.attractors:  # consensus: the two blocks agree (to the dtype's tolerance)
+        np.testing.assert_allclose(a.state[:2], a.state[2:], atol=10 * tolerance(dtype))
+
+
+class CircleFourfold(eqx.Module):
+    """theta' = -sin(4 theta) on the unit circle (Cartesian (2,)): stable at theta = 0, unstable at +-pi / 4."""
+
+    def __call__(self, t, y):
+        th = jnp.arctan2(y[1], y[0])
+        return -jnp.sin(4 * th) * jnp.stack([-y[1], y[0]])
+
+
+def test_minimal_fatal_shock_on_a_circle_is_tangent():
+    """On S^1 (state (2,)) the shock is tangent: from e1 a shock r (0, +-1) projects to the angle atan r, so the
+    boundary pi / 4 is reached at r = tan(pi / 4) = 1 (closed form). Before, the 2-D branch used all directions of
+    R^2 (the radial one included): 1 / sqrt 2."""
+    system = g.Flow(CircleFourfold(), g.Space.product_of_spheres(1, 2))
+    fs = g.minimal_fatal_shock(system, [1.0, 0.0], g.Run(t1=30.0, dt=0.05, tail=8, tol=1e-6), radii=20, r_max=2.0,
+                               refine=16)
+    assert fs.upper == pytest.approx(1.0, abs=1e-3) and fs.lower <= fs.upper
+    assert abs(fs.shock[0]) < 1e-12 and fs.tested == 2 * 20 + 2 * 16
+
+
+def test_minimal_fatal_shock_from_a_limit_cycle():
+    """From (r_s, 0) on the Hopf cycle the nearest boundary is the unstable cycle: r_s - r_u = 0.7654 radially inward
+    (closed form), whatever the segment length (it depended on the sampling phase before)."""
+    rs, ru = math.sqrt(1 + math.sqrt(0.5)), math.sqrt(1 - math.sqrt(0.5))
+    for tail in (400, 512):
+        fs = g.minimal_fatal_shock(g.Flow(Hopf()), [rs, 0.0], g.Run(t1=60.0, dt=0.05, tail=tail), directions=8,
+                                   radii=8, r_max=1.0, refine=12)
+        assert fs.upper == pytest.approx(rs - ru, abs=1e-3)
+        np.testing.assert_allclose(fs.shock, [-fs.upper, 0.0], atol=1e-9)
+
+
+def test_attractors_closer_than_match_tol_merge_with_a_warning():
+    """Stable points 0 and 0.04 (x' = -k x (x - 0.02)(x - 0.04)) merge at match_tol = 0.05: a warning says so;
+    match_tol = 0.01 separates them with fractions 1/2 each (exact for the symmetric start grid)."""
+    f = g.Flow(lambda t, y: -1e4 * y * (y - 0.02) * (y - 0.04))
+    y0 = np.linspace(-0.02, 0.06, 41)[:, None] + 1e-6
+    with pytest.warns(UserWarning, match="match_tol"):
+        fr = g.basin_fractions(f, y0, g.Run(t1=5.0, dt=0.005, tail=64, match_tol=0.05))
+    assert len(fr.attractors) == 1
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fr = g.basin_fractions(f, y0, g.Run(t1=5.0, dt=0.005, tail=64, match_tol=0.01))
+    assert sorted(round(float(a.state[0]), 6) for a in fr.attractors if a.stable) == [0.0, 0.04]
+
+
+def test_bad_runs_and_states_are_refused_before_any_work():
+    """One ValueError each, not a traceback from inside JAX."""
+    f = g.Flow(lambda t, y: y - y ** 3)
+    R = g.Run(t1=2.0, dt=0.05, tail=8)
+    bad = [
+        lambda: g.basin_fractions(f, np.array([[2], [-2]]), R),  # integer states
+        lambda: g.basin_fractions(f, np.array([[2.0 + 0j]]), R),  # complex states
+        lambda: g.basin_fractions(f, np.zeros((0, 1)), R),  # no member
+        lambda: g.Run(t1=2.0, dt=0.0),
+        lambda: g.Run(t1=2.0, dt=-0.05),
+        lambda: g.Run(t1=2.0, tail=0),
+        lambda: g.Run(t1=2.0, tail=1),
+        lambda: g.Run(t1=2.0, chunk=0),
+        lambda: g.basin_fractions(g.Flow(lambda t, y: y, g.Space(spheres=((0, 5),))), np.ones((2, 2)), R),
+        lambda: g.basin_fractions(g.Flow(lambda t, y: jnp.concatenate([y, y])), np.ones((2, 1)), R),
+        lambda: g.basin_fractions(g.Flow(lambda t, y: jnp.sum(y - y ** 3)), np.ones((2, 2)), R),
+        lambda: list(g.final_segments(f, np.ones((2, 1)), steps=10, dt=0.0)),
+        lambda: list(g.final_segments(f, np.ones((2, 1)), steps=10, chunk=0)),
+    ]
+    for fn in bad:
+        with pytest.raises(ValueError):
+            fn()

@@ -10,9 +10,9 @@ from typing import Any, Callable
 import numpy as np
 
 from ..basins.intervals import interval_with_unknown, simultaneous_z, wilson
-from ._label import UNKNOWN, Attractor, Matcher, recurrence
+from ._label import Attractor, Matcher, recurrence
 from ._run import final_segments
-from ._system import Flow, Map
+from ._system import Flow
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +29,20 @@ class Run:
     tol: float = 1e-3
     match_tol: float = 0.05
     chunk: int = 65536
+
+    def __post_init__(self):
+        for name in ("dt", "tol", "match_tol"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float, np.number)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"Run.{name} must be a finite number > 0, got {v!r}")
+        if self.t1 is not None and not (math.isfinite(self.t1) and self.t1 > 0):
+            raise ValueError(f"Run.t1 must be a finite number > 0, got {self.t1!r}")
+        if self.steps is not None and not (int(self.steps) == self.steps and self.steps >= 1):
+            raise ValueError(f"Run.steps must be an integer >= 1, got {self.steps!r}")
+        for name, least in (("tail", 2), ("stride", 1), ("chunk", 1)):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, np.integer)) and v >= least):
+                raise ValueError(f"Run.{name} must be an integer >= {least}, got {v!r}")
 
     def total_steps(self, system) -> int:
         """Steps of a member's run."""
@@ -59,7 +73,7 @@ def label_members(system, y0, run: Run = Run(), *, label: Callable | None = None
         if label is not None:
             out[s:e] = [int(label(seg[i])) for i in range(e - s)]
         else:
-            kind, lag = recurrence(system.space, seg, run.tol)
+            kind, lag = recurrence(system.space, seg, run.tol, flow=isinstance(system, Flow))
             out[s:e] = matcher.assign(seg, kind, lag)
         if finals is not None:
             finals.append(seg[:, -1])
@@ -298,32 +312,55 @@ class FatalShock:
     tested: int
 
 
+def _tangent_basis(space, y) -> np.ndarray:
+    """An orthonormal basis ``(m, k)`` of the tangent space at ``y``: all of R^m, less each sphere block's normal."""
+    m = y.size
+    P = np.eye(m)
+    for block in space.spheres:
+        b = list(block)
+        u = np.zeros(m)
+        u[b] = y[b] / max(np.linalg.norm(y[b]), 1e-300)
+        P -= np.outer(u, u)
+    if not space.spheres:
+        return np.eye(m)
+    w, V = np.linalg.eigh(P)
+    return V[:, w > 0.5]
+
+
 def minimal_fatal_shock(system, state, run: Run = Run(), *, directions: int = 256, radii: int = 64,
                         r_max: float = 1.0, refine: int = 20, key=None, label: Callable | None = None) -> FatalShock:
     """Search the smallest perturbation of ``state`` (a point on an attractor) that sends it to another attractor.
 
-    Shocks r u for `directions` unit vectors u (evenly spaced angles in 2-D; random otherwise, from `key`) and `radii`
-    radii up to `r_max`: along each direction the first radius whose member does not return to the attractor of
-    ``state`` is bisected `refine` times against the last radius that returned. On spheres the shock is tangent and
-    the state is projected back (a geodesic step for small shocks).
+    Shocks r u for unit vectors u in the tangent space at ``state`` (R^m less each sphere block's normal): `directions`
+    evenly spaced angles when that space is 2-D, the two directions when it is 1-D (a circle S^1), random ones from
+    `key` projected onto it otherwise; and `radii` radii up to `r_max`: along each direction the first radius whose
+    member does not return to the attractor of ``state`` is bisected `refine` times against the last radius that
+    returned. The shocked state is projected back onto the space (on spheres a geodesic step for small shocks).
 
     **Returns:** a :class:`FatalShock`: `upper` the smallest leaving shock found, `lower` the smallest radius at
     which any direction first left the grid's returning radii (over the tested shocks only).
     """
     import jax
+    import jax.numpy as jnp
 
     from ._system import key_of
 
     y = np.asarray(state, float)
     m = y.size
-    if m == 2:
+    y = np.asarray(system.space.project(jnp.asarray(y)), float)  # a point of the space (unit sphere blocks)
+    B = _tangent_basis(system.space, y)  # (m, k): the directions a shock may take
+    k = B.shape[1]
+    if k == 0:
+        raise ValueError("the space has no tangent direction at this state: nothing to shock")
+    if k == 1:
+        U = np.stack([B[:, 0], -B[:, 0]])
+        directions = 2
+    elif k == 2:
         ang = np.linspace(0, 2 * np.pi, directions, endpoint=False)
-        U = np.stack([np.cos(ang), np.sin(ang)], 1)
+        U = np.cos(ang)[:, None] * B[:, 0] + np.sin(ang)[:, None] * B[:, 1]
     else:
         U = np.array(jax.random.normal(key_of(key), (directions, m)), dtype=float)
-        for block in system.space.spheres:  # tangent to each sphere
-            b = list(block)
-            U[:, b] -= np.sum(U[:, b] * y[b], 1, keepdims=True) * y[b]
+        U = (U @ B) @ B.T  # tangent to each sphere (the same random directions as before off spheres: B = I)
         U /= np.linalg.norm(U, axis=1, keepdims=True)
     rs = np.linspace(r_max / radii, r_max, radii)
     matcher = Matcher(system.space, run.match_tol, run.sample_time(system), system)
@@ -359,8 +396,8 @@ def minimal_fatal_shock(system, state, run: Run = Run(), *, directions: int = 25
 @dataclasses.dataclass(frozen=True)
 class Tipping:
     """P(attractor j after | attractor i before) from paired members: `matrix[i, j]` with Wilson 95% intervals
-    `lo`, `hi`; `before`, `after` the attractors at the two parameter values (a row and a column for each label;
-    a row with no member is NaN); `counts[i]` the members that started on attractor i. Members unknown before or
+    `lo`, `hi`; `before`, `after` the attractors at the two parameter values (a row and a column for each label,
+    before or after: the column of an attractor that vanished is zeros; a row with no member is NaN); `counts[i]` the members that started on attractor i. Members unknown before or
     after, including those on saddles, are counted apart (`unknown`). Attractors after are matched to those before by their features (docs/model.md section 12)."""
 
     matrix: np.ndarray
@@ -427,8 +464,8 @@ def tipping(system_before, system_after, y0, run: Run = Run(), *, label: Callabl
             max_distance: float = math.inf) -> Tipping:
     """Tipping probabilities (Kaszas et al. 2019) between two parameter values: each member y0 is run to its
     attractor under `system_before`; that final state then evolves under `system_after`. Attractors after are
-    matched to those before by :func:`match_across` (so a moved attractor keeps its label; one that vanished has no
-    column, one that appeared gets a new label)."""
+    matched to those before by :func:`match_across` (so a moved attractor keeps its label; one that vanished keeps
+    its column, indexed by label, filled with zeros; one that appeared gets a new label and a new column)."""
     parts: list = []
     lab0, m0 = label_members(system_before, y0, run, label=label, finals=parts)  # one run gives labels and finals
     lab0 = _unknown_on_saddles(lab0, m0.attractors)
