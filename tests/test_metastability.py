@@ -299,6 +299,7 @@ def test_causal_attention_with_v_identity_ends_in_one_cluster_through_metastable
     assert np.all(np.asarray(ep.count)[:, 0] >= 2)
     # token 1 attends only to itself: it never moves
     np.testing.assert_allclose(series.count[-1], 1)
+    np.testing.assert_array_equal(ep.t1, 400.0)  # the end of the run, where absorbed members are censored
 
 
 @pytest.mark.parametrize("block", [7, 64])
@@ -356,3 +357,182 @@ def test_first_keeps_the_beta_axis_and_few_exits_give_an_open_interval(small_cas
     d, o, g = np.array([5.0, 7.0, 9.0]), np.array([True, True, True]), np.array([0, 1, 2])
     m = _median_with_interval(d, o, g, np.random.default_rng(0), 4)
     assert m.known and m.value == 7.0 and m.lo == 7.0 and math.isinf(m.hi) and m.events < MIN_EVENTS
+
+
+# ----------------------------------------------------------------------------------------- audit fixes (section 11)
+def _km_median_exact(d, o):
+    """Kaplan-Meier median in exact fractions (the reference): the first duration where S <= 1/2, events before
+    censorings at equal times; (largest duration, False) when S stays above 1/2."""
+    from fractions import Fraction
+
+    rows = sorted(zip(d.tolist(), (~o).tolist()))  # (time, censored): events first at ties
+    S, r = Fraction(1), len(rows)
+    for t, cens in rows:
+        if not cens:
+            S *= Fraction(r - 1, r)
+            if S <= Fraction(1, 2):
+                return t, True
+        r -= 1
+    return max(d.tolist()), False
+
+
+def test_kaplan_meier_median_is_exact_at_one_half():
+    """2m uncensored durations 1..2m: S = 1/2 exactly after the m-th, so the median is m. The float product came to
+    0.5000000000000001 for 49 of the 100 even n up to 200 and the median was m + 1. With censoring and ties the
+    median equals an exact-fraction Kaplan-Meier."""
+    from attnflow.analysis.metastability import km_median
+
+    for n in range(2, 201, 2):
+        assert km_median(np.arange(1.0, n + 1), np.ones(n, bool)) == (n / 2, True), n
+    rng = np.random.default_rng(8)
+    for trial in range(200):
+        m = int(rng.integers(1, 40))
+        d = rng.integers(1, 12, m).astype(float)  # many ties
+        o = rng.random(m) < 0.7
+        assert km_median(d, o) == _km_median_exact(d, o), trial
+
+
+def _hand_episodes(first_count, entry, exit_, t_end, t1):
+    """Episodes of one episode per member, built by hand."""
+    from attnflow.analysis.metastability import Episodes
+
+    B = len(first_count)
+    col = lambda v, dt=float: np.asarray(v, dt)[:, None]  # noqa: E731
+    nan = np.full((B, 1), np.nan)
+    end = {"t1": np.full(B, float(t1))} if "t1" in Episodes.__dataclass_fields__ else {}  # (older Episodes: none)
+    return Episodes(entry=col(entry), exit=col(exit_), count=col(first_count, int), sizes=np.zeros((B, 1, 2), int),
+                    energy_entry=nan, energy_exit=nan, speed=nan, num=np.ones(B, int),
+                    open=~np.isfinite(np.asarray(exit_)), t_end=np.asarray(t_end, float), finite=np.ones(B, bool),
+                    **end)
+
+
+def test_members_stopped_on_one_cluster_never_escape():
+    """A first plateau of one cluster is never left (exit +inf): the member is censored at the end of the run t1, not
+    where it stopped (entry + ~min_duration). With 6 of 10 members absorbed the escape median is a lower bound (t1,
+    known False), as the exact-fraction Kaplan-Meier of (escape times, censored at t1) says; it was a finite, known
+    5.0. With 3 of 10 absorbed it is a value, equal to the reference."""
+    from attnflow.analysis.metastability._study import summarise
+
+    t1 = 50.0
+    for absorbed in (6, 3):
+        k = 10 - absorbed
+        entry = np.r_[np.linspace(2.0, 4.5, absorbed), np.full(k, 1.0)]
+        exit_ = np.r_[np.full(absorbed, np.inf), 5.0 + 2.0 * np.arange(k)]
+        t_end = np.r_[entry[:absorbed] + 1.0, exit_[absorbed:]]  # stop_at_one: about entry + min_duration
+        ep = _hand_episodes([1] * absorbed + [2] * k, entry, exit_, t_end, t1)
+        cell = summarise(ep, 8, 2.0, None, np.random.default_rng(0))
+        o = np.isfinite(exit_)
+        want = _km_median_exact(np.where(o, exit_, t1), o)
+        assert (cell.escape.value, cell.escape.known) == want, absorbed
+        assert (cell.escape.events, cell.escape.censored) == (k, absorbed)
+        want = _km_median_exact(np.where(o, exit_, t1) - entry, o)
+        assert (cell.first_dwell.value, cell.first_dwell.known) == want, absorbed
+        if absorbed > 5:
+            assert cell.escape.value == t1 and not cell.escape.known and math.isinf(cell.escape.hi)
+        else:
+            assert cell.escape.known
+    np.testing.assert_array_equal(ep.first()["dwell"][:absorbed], t1 - entry[:absorbed])
+
+
+def test_episodes_past_the_cap_are_counted_and_followed_exactly(small_case):
+    """max_episodes = 1 stores one episode but must find the same ones: num, open and t_end as the NumPy state
+    machine (the second episode was compared with the stored first one's count: spurious exits, num 3 for 2)."""
+    x0, beta, dt, t1, rule, ep16, _ = small_case
+    import dataclasses
+
+    flow = af.SphereFlow(af.SelfAttention(af.Heads.single(np.eye(2)), beta=beta, key_block=None))
+    ep, _ = find_plateaus(flow, x0, t1=t1, dt=dt, rule=dataclasses.replace(rule, max_episodes=1))
+    assert int(np.max(ep16.num)) >= 2  # the case has members with more episodes than the cap
+    for b in range(len(x0)):
+        ref, t_end = _np_episodes(x0[b], beta, dt, t1, rule)
+        assert int(ep.num[b]) == len(ref), b
+        assert bool(ep.open[b]) == (len(ref) > 0 and math.isinf(ref[-1]["exit"])), b
+        assert float(ep.t_end[b]) == pytest.approx(t_end, abs=1e-9)
+        if ref:
+            assert float(ep.entry[b, 0]) == pytest.approx(ref[0]["entry"], abs=1e-9)
+            assert int(ep.count[b, 0]) == ref[0]["count"]
+            assert float(ep.exit[b, 0]) == pytest.approx(ref[0]["exit"], abs=1e-9) or (
+                len(ref) == 1 and math.isinf(ep.exit[b, 0]))
+
+
+def test_run_ends_at_t1_when_it_is_not_a_whole_number_of_checks():
+    """t1 = 1.1 with checks every 0.25: readings at 0.25, 0.5, 0.75, 1.0 and 1.1 (the run went to 1.25), the last
+    one equal to a NumPy RK4 of 22 steps (float64: speed and energy to 1e-9 relative); t1 not a whole number of steps is rounded down, never up."""
+    rng = np.random.default_rng(3)
+    x0 = rng.normal(size=(1, 5, 2))
+    x0 /= np.linalg.norm(x0, axis=-1, keepdims=True)
+    beta, dt = 5.0, 0.05
+    flow = af.SphereFlow(af.SelfAttention(af.Heads.single(np.eye(2)), beta=beta, key_block=None))
+    ep, ser = find_plateaus(flow, x0, t1=1.1, dt=dt, trace=1)
+    np.testing.assert_allclose(ser.t, [0.25, 0.5, 0.75, 1.0, 1.1], rtol=0, atol=1e-12)
+    assert float(ep.t_end[0]) == pytest.approx(1.1, abs=1e-12) and float(ep.t1[0]) == pytest.approx(1.1, abs=1e-12)
+    X = x0[0]
+    for _ in range(22):
+        Xp, X = X, _np_rk4(X, beta, dt)
+    speed, count, _, energy = _np_reading(X, Xp, dt, beta, 1e-2)
+    assert float(ser.speed[-1, 0]) == pytest.approx(speed, rel=1e-9)
+    # the two RK4 loops round differently (~1e-11 here): the tolerance of the episode test above
+    assert float(ser.energy[-1, 0]) == pytest.approx(energy, rel=1e-9) and int(ser.count[-1, 0]) == count
+    from attnflow.analysis.metastability._plateaus import run_steps
+
+    assert (run_steps(1.1, 0.05), run_steps(0.3, 0.1), run_steps(1.0, 0.3), run_steps(60, 1.0)) == (22, 3, 3, 60)
+    with pytest.raises(ValueError, match="shorter than one step"):
+        find_plateaus(flow, x0, t1=0.01, dt=dt)
+
+
+def test_phase_at_time_reads_the_state_at_that_time():
+    """time = 2.3, dt = 0.1: the diagram equals NumPy readings after 23 RK4 steps (it read at 2.5 and said 2.3)."""
+    import jax
+
+    from attnflow.analysis.metastability import phase_at_time
+    from attnflow.evolve.sample import sphere
+
+    n, M, betas, eps, key = 12, 6, [1.0, 4.0], 1e-2, jax.random.PRNGKey(5)
+    flow = af.SphereFlow(af.SelfAttention(af.Heads.single(np.eye(2)), beta=1.0, key_block=None))
+    P = phase_at_time(flow, key, over="tokens", values=[n], betas=betas, members=M, time=2.3, dt=0.1, eps=eps)
+    assert P.time == pytest.approx(2.3, abs=1e-12)
+    X0 = np.asarray(sphere(jax.random.split(key, 1)[0], (M, n, 2), dtype=np.float64))
+    for i, beta in enumerate(betas):
+        pairs, counts = [], []
+        for m in range(M):
+            X = X0[m]
+            for _ in range(23):
+                X = _np_rk4(X, beta, 0.1)
+            pairs.append((np.sum(X @ X.T > 1 - eps) - n) / (n * (n - 1)))
+            counts.append(_np_reading(X, X, 0.1, beta, eps)[1])
+        assert P.pairs[i, 0] == pytest.approx(np.mean(pairs), abs=1e-12)
+        assert P.clusters[i, 0] == pytest.approx(np.mean(counts), abs=1e-12)
+        assert P.pairs_se[i, 0] == pytest.approx(np.std(pairs, ddof=1) / math.sqrt(M), abs=1e-12)
+
+
+def test_series_keeps_the_last_finite_reading_after_a_blow_up():
+    """An unnormalized flat flow blows up: after its last finite reading (t_end) the traced readings repeat it, never
+    NaN (they held NaN from the blow-up on)."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(2, 6, 2))
+    att = af.SelfAttention(af.Heads.single(0.5 * np.eye(2)), af.Attention(kind="unnormalized"), beta=0.3,
+                           key_block=None)
+    ep, ser = find_plateaus(af.FlatFlow(att), X, t1=10.0, dt=0.1, rule=Plateaus(min_duration=1.0), trace=2)
+    assert not np.any(np.asarray(ep.finite))
+    for b in range(2):
+        i = int(np.argmin(np.abs(ser.t - float(ep.t_end[b]))))
+        assert ser.t[i] == pytest.approx(float(ep.t_end[b])) and i < len(ser.t) - 1
+        for a in (ser.speed, ser.energy, ser.pairs, ser.count):
+            assert np.all(np.isfinite(a[:, b]))
+            np.testing.assert_array_equal(a[i:, b], a[i, b])
+
+
+@pytest.mark.parametrize("dtype, beta, rel", [(np.float64, 705.0, 1e-12), (np.float32, 85.0, 1e-4)])
+def test_energy_is_finite_while_it_is_representable(dtype, beta, rel):
+    """n = 100 identical tokens: E = n^2 e^beta / (2 beta n^2) = e^beta / (2 beta), representable, but exp of the
+    log-sum-exp (beta + log n^2) overflowed before the division (dense and blocked readings, head_energies)."""
+    from attnflow.analysis.metastability._plateaus import _pairs_blocked, read
+
+    X = jnp.asarray(np.tile(np.array([[1.0, 0.0]], dtype), (100, 1)))
+    flow = af.SphereFlow(af.SelfAttention(af.Heads.single(np.eye(2, dtype=dtype)), beta=np.asarray(beta, dtype),
+                                          key_block=None))
+    want = math.exp(beta - math.log(2 * beta))
+    assert math.log(want) < math.log(float(np.finfo(dtype).max)) < beta + math.log(100**2)
+    for got in (read(flow, X, X, 1.0, 1e-2, 4).energy, _pairs_blocked(flow, X, 1e-2, 7)[2],
+                af.head_energies(flow, X)[0]):
+        assert float(got) == pytest.approx(want, rel=rel)

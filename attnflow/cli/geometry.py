@@ -71,20 +71,22 @@ def _slice(cfg, g, ref):
 
 
 def _settings(cfg) -> dict:
+    """What identifies a run, by value: the config with its input files (``[model] weights``, ...) by content
+    (:meth:`~attnflow.io.config.RunConfig.identity`), not by path, so that a changed file is never resumed."""
     g = cfg.geometry
-    return dict(config=cfg.canonical(), table={f.name: getattr(g, f.name) for f in dataclasses.fields(g)})
+    return dict(config=cfg.identity(), table={f.name: getattr(g, f.name) for f in dataclasses.fields(g)})
 
 
 def _att_to_json(a):
     return dict(label=a.label, kind=a.kind, lag=a.lag, period=a.period, state=a.state.tolist(),
-                features=a.features.tolist(), name=a.name, stable=a.stable)
+                features=a.features.tolist(), name=a.name, stable=a.stable, verdict=a.verdict)
 
 
 def _att_from_json(d):
     from attnflow.analysis.general import Attractor
 
     return Attractor(label=d["label"], kind=d["kind"], lag=d["lag"], period=d["period"], state=np.asarray(d["state"]),
-                     features=np.asarray(d["features"]), name=d["name"], stable=d["stable"])
+                     features=np.asarray(d["features"]), name=d["name"], stable=d["stable"], verdict=d.get("verdict"))
 
 
 def _save_partial(out: Path, image, rows_done, matcher, settings):
@@ -104,6 +106,7 @@ def _load_partial(out: Path, settings, shape):
         with np.load(p) as z:
             meta = json.loads(str(z["meta"]))
             if meta["settings"] != json.loads(json.dumps(settings)) or z["image"].shape != shape:
+                info(f"geometry: {p} holds a map with other settings or input files; starting afresh")
                 return None
             return z["image"].copy(), int(z["rows_done"]), [_att_from_json(a) for a in meta["attractors"]]
     except Exception:  # noqa: BLE001 - truncated (BadZipFile), damaged: computed again
@@ -111,6 +114,17 @@ def _load_partial(out: Path, settings, shape):
 
 
 def run(args) -> int:
+    """The command, with its hold on the --out lock released when it ends, however it ends (a hold left to the
+    garbage collector kept a second in-process run of the same --out waiting)."""
+    locks: list = []
+    try:
+        return _run(args, locks)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _run(args, locks: list) -> int:
     """Entry point of ``attnflow geometry``."""
     import jax
 
@@ -144,7 +158,7 @@ def run(args) -> int:
     if out is not None:
         from attnflow.io.results import hold_lock
 
-        lock = hold_lock(out)  # noqa: F841 - one process per directory, held until this command ends
+        locks.append(hold_lock(out))  # one process per directory, held until this command ends
         got = _load_partial(out, settings, image.shape)
         if got is not None:
             image, start, matcher.attractors = got

@@ -40,9 +40,11 @@ def add_parser(sub):
 
 
 def _settings(cfg) -> dict:
+    """What identifies a run, by value: the config with its input files (``[model] weights``, ...) by content
+    (:meth:`~attnflow.io.config.RunConfig.identity`), not by path, so that a changed file is never resumed."""
     m = cfg.metastability
     seed = cfg.seed if m.seed is None else m.seed
-    return dict(config=cfg.canonical(), seed=seed, table={f.name: getattr(m, f.name) for f in dataclasses.fields(m)})
+    return dict(config=cfg.identity(), seed=seed, table={f.name: getattr(m, f.name) for f in dataclasses.fields(m)})
 
 
 def _npz_bytes(arrays: dict) -> bytes:
@@ -106,6 +108,17 @@ def _load_done(out: Path, tokens, stamp: str) -> dict:
 
 
 def run(args) -> int:
+    """The command, with its hold on the --out lock released when it ends, however it ends (a hold left to the
+    garbage collector kept a second in-process run of the same --out waiting)."""
+    locks: list = []
+    try:
+        return _run(args, locks)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _run(args, locks: list) -> int:
     """Entry point of ``attnflow metastability``."""
     from attnflow.analysis import metastability as ms
     from attnflow.io.results import atomic_write_bytes, hold_lock
@@ -126,7 +139,7 @@ def run(args) -> int:
     tokens = tuple(m.tokens)
     done, same, stamp = {}, False, _stamp(settings)
     if out is not None:
-        lock = hold_lock(out)  # noqa: F841 - one process per directory, held until this command ends
+        locks.append(hold_lock(out))  # one process per directory, held until this command ends
         same = _same_settings(out, settings)
         done = _load_done(out, tokens, stamp) if same else {}
         atomic_write_bytes(out / "settings.json", json.dumps(settings, indent=1).encode())
@@ -212,7 +225,7 @@ def _print_text(cfg, res, phases, out) -> None:
         counts = ", ".join(f"{k}: {v[1]:.2f} [{v[2]:.2f}, {v[3]:.2f}]" for k, v in sorted(c.first_counts.items()))
         fd = c.first_dwell
         dwell = "-" if fd.events + fd.censored == 0 else (
-            f"{fd.value:.3g} [{fd.lo:.3g}, {fd.hi:.3g}]" if fd.known else f"> {fd.value:.3g} (run ended first)")
+            f"{fd.value:.3g} [{fd.lo:.3g}, {fd.hi:.3g}]" if fd.known else f"> {fd.value:.3g} (not reached in the run)")
         ks = "-" if c.k_star is None else str(c.k_star)
         mode = "-" if c.mode is None else str(c.mode)
         print(f"{c.tokens:6d} {c.beta:6g} {mode:>4s} {ks:>3s}  {counts:40s} {c.no_plateau:10d}  {dwell}")

@@ -80,7 +80,8 @@ def dwell_vs_beta(result, path: str | Path, *, tokens: int) -> Figure:
     ax.set_ylabel("median dwell time")
     ax.set_title(f"dwell times, n = {tokens}", fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    if counts:  # no plateau of two clusters or more: nothing to name
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return save(fig, path)
 

@@ -8,6 +8,8 @@ E_h(X) = 1/(2 beta n^2) sum_{i,j} exp(s^h_ij), s^h_ij = beta x_i^T M_h x_j, and 
 
 from __future__ import annotations
 
+import math
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -40,8 +42,8 @@ def head_energies(model, X: Tokens) -> Float[Array, " h"]:
     s = attn.scores(X)
     n = X.shape[0]
     beta = attn.beta.astype(X.dtype)
-    # log-sum-exp keeps large beta finite as long as the energy itself is representable
-    return jnp.exp(jax.nn.logsumexp(s, axis=(1, 2))) / (2 * beta * n * n)
+    # log-sum-exp, divided in log space and exponentiated once: finite as long as the energy itself is representable
+    return jnp.exp(jax.nn.logsumexp(s, axis=(1, 2)) - jnp.log(2 * beta) - 2 * math.log(n))
 
 
 @eqx.filter_jit

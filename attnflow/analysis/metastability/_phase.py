@@ -21,8 +21,8 @@ from ._plateaus import Plateaus, find_plateaus
 class PhaseDiagram:
     """Member means on a grid: `pairs` and `clusters` of shape ``(len(rows), len(cols))``, with their standard
     errors `pairs_se`, `clusters_se`; `rows` are the values of `row_name` (``"beta"``), `cols` of `col_name`
-    (``"t"``, ``"tokens"`` or ``"d"``); `members` per cell and the settings (`eps`, `time` for a fixed-time
-    diagram)."""
+    (``"t"``, ``"tokens"`` or ``"d"``); `members` per cell and the settings (`eps`; `time` for a fixed-time
+    diagram: the time at which the state was read)."""
 
     row_name: str
     rows: tuple[float, ...]
@@ -105,7 +105,8 @@ def phase_at_time(dynamics, key, *, over: str, values, betas, members: int, time
     ``"tokens"``) or d (``"d"``, the model's weights must then be the identity: Q = K = V = I, rebuilt per d).
 
     **Arguments:** `values` the columns; `tokens` the fixed n of a (beta, d) diagram; the rest as in
-    :func:`phase_t_beta`.
+    :func:`phase_t_beta`. The state is read once, at `time` exactly when it is a whole number of steps dt (rounded
+    down to one otherwise); the diagram's `time` is the time read.
     """
     import equinox as eqx
     import jax.numpy as jnp
@@ -115,6 +116,8 @@ def phase_at_time(dynamics, key, *, over: str, values, betas, members: int, time
 
     if over not in ("tokens", "d"):
         raise ValueError(f"over must be 'tokens' or 'd', got {over!r}")
+    if len(values) == 0:
+        raise ValueError("values must list at least one n or d")
     betas = np.atleast_1d(np.asarray(betas, float))
     attn = dynamics.attn
     dtype = attn.heads.Q.dtype
@@ -134,14 +137,14 @@ def phase_at_time(dynamics, key, *, over: str, values, betas, members: int, time
             n = int(v)
         d = dyn.attn.heads.dim
         X = np.asarray(sphere(keys[i], (members, n, d), dtype=dtype))
-        check = time / max(1, round(time / 0.5))
-        ser = _readings(dyn, X, betas, time, dt, eps, check)
-        j = int(np.argmin(np.abs(np.asarray(ser.t) - time)))
-        m, s = _means(np.asarray(ser.pairs)[:, j, :], -1)
+        # one reading, at the end of the run: t = time (rounded down to whole steps when it is not a whole number)
+        ser = _readings(dyn, X, betas, time, dt, eps, time)
+        read_at = float(ser.t[-1])
+        m, s = _means(np.asarray(ser.pairs)[:, -1, :], -1)
         pairs.append(m), pse.append(s)
-        m, s = _means(np.asarray(ser.count)[:, j, :], -1)
+        m, s = _means(np.asarray(ser.count)[:, -1, :], -1)
         clus.append(m), cse.append(s)
     T = lambda L: np.stack(L, 1)  # noqa: E731  (p, values)
     return PhaseDiagram(row_name="beta", rows=tuple(betas.tolist()), col_name=over,
                         cols=tuple(float(v) for v in values), pairs=T(pairs), pairs_se=T(pse), clusters=T(clus),
-                        clusters_se=T(cse), members=members, eps=eps, time=float(time))
+                        clusters_se=T(cse), members=members, eps=eps, time=read_at)

@@ -131,7 +131,8 @@ def _pairs_blocked(dyn, X: Tokens, eps, block: int):
     (first, close, m, l), _ = jax.lax.scan(step, c0, jnp.arange(nb, dtype=jnp.int32))
     if has_energy:
         beta = attn.beta.astype(X.dtype)
-        energy = jnp.sum(jnp.exp(m + jnp.log(l)) / (2 * beta * n * n))
+        # in log space, exponentiated once: finite whenever E_h itself is representable
+        energy = jnp.sum(jnp.exp(m + jnp.log(l) - jnp.log(2 * beta) - 2 * math.log(n)))
     else:
         energy = jnp.full((), jnp.nan, X.dtype)
     return first.astype(jnp.int32), close, energy
@@ -194,6 +195,9 @@ class Episodes(eqx.Module):
     - `open`: ``(b,)`` whether the last episode was still on when the run ended.
     - `t_end`: ``(b,)`` the time the member's run ended; `finite`: ``(b,)`` False where the state went non-finite
       (the member stopped there).
+    - `t1`: ``(b,)`` the end of the run (the time of its last reading, the same for every member; None in episodes
+      built by hand: then the latest `t_end`). A member stopped on a one-cluster episode is known to stay there up
+      to `t1` and beyond (:meth:`censor_at`).
     """
 
     entry: Float[Array, "b e"]
@@ -207,16 +211,26 @@ class Episodes(eqx.Module):
     open: Bool[Array, " b"]
     t_end: Float[Array, " b"]
     finite: Bool[Array, " b"]
+    t1: Float[Array, " b"] | None = None
+
+    def censor_at(self, e: int) -> np.ndarray:
+        """Per member, where episode `e` (when open) is censored: `t1` for an open one-cluster episode of a finite
+        member (absorbing: it never ends, so it was at risk of ending through the whole run), `t_end` otherwise (the
+        member stopped being observed there). Leading axes are kept."""
+        t_end = np.asarray(self.t_end)
+        t1 = np.max(t_end, -1, keepdims=True, initial=-np.inf) if self.t1 is None else np.asarray(self.t1)
+        absorbed = (np.asarray(self.count)[..., e] == 1) & np.asarray(self.finite)
+        return np.where(absorbed, t1, t_end)
 
     def first(self) -> dict[str, np.ndarray]:
         """Per member: the first episode's count, entry, exit and dwell time (NaN where it has none; the dwell time
-        of an open episode is its lower bound t_end - entry, flagged by ``first_open``). Leading axes (a sweep over
-        beta) are kept."""
+        of an open episode is its lower bound, censored as in :meth:`censor_at`, flagged by ``first_open``). Leading
+        axes (a sweep over beta) are kept."""
         has = np.asarray(self.num) > 0
         entry = np.where(has, np.asarray(self.entry)[..., 0], np.nan)
         exit_ = np.where(has, np.asarray(self.exit)[..., 0], np.nan)
         is_open = has & ~np.isfinite(exit_)
-        dwell = np.where(is_open, np.asarray(self.t_end) - entry, exit_ - entry)
+        dwell = np.where(is_open, self.censor_at(0) - entry, exit_ - entry)
         return {"count": np.where(has, np.asarray(self.count)[..., 0], 0), "entry": entry, "exit": exit_,
                 "dwell": dwell, "first_open": is_open}
 
@@ -224,7 +238,8 @@ class Episodes(eqx.Module):
 class Series(eqx.Module):
     """Readings at every check, for the first ``trace`` members: `t` ``(c,)``; `speed`, `energy`, `count` (clusters)
     and `pairs` (the fraction of token pairs with cos > 1 - eps), each ``(c, m)``. The energy is section 7's, over all
-    pairs whatever the mask (for causal attention it is not the flow's Lyapunov function)."""
+    pairs whatever the mask (for causal attention it is not the flow's Lyapunov function). After a member stopped
+    (one cluster, or a non-finite state) its last finite reading is repeated."""
 
     t: Float[Array, " c"]
     speed: Float[Array, "c m"]
@@ -241,26 +256,31 @@ def _init_state(rule: Plateaus, dtype):
         entry=f(), exit=f(), count=jnp.zeros((E,), jnp.int32), sizes=jnp.zeros((E, S), jnp.int32),
         e_in=f(), e_out=f(), sp_sum=f(jnp.asarray(0, dtype)), sp_n=jnp.zeros((E,), jnp.int32),
         num=jnp.zeros((), jnp.int32), on=jnp.zeros((), bool), peak=jnp.zeros((), dtype),
+        k=jnp.zeros((), jnp.int32), k_sum=jnp.zeros((), dtype), k_n=jnp.zeros((), jnp.int32),
         cand=jnp.zeros((), bool), c_t=nan, c_k=jnp.zeros((), jnp.int32), c_e=nan,
         c_sum=jnp.zeros((), dtype), c_n=jnp.zeros((), jnp.int32),
     )
 
 
 def _advance(rule: Plateaus, st: dict, t, r: Reading) -> dict:
-    """One reading at time t through the episode state machine (docs/model.md section 11)."""
+    """One reading at time t through the episode state machine (docs/model.md section 11). The current episode's
+    count and speed sum live in their own fields (`k`, `k_sum`, `k_n`), so an episode past the storage cap is
+    followed exactly like a stored one; only the storing is skipped."""
     st = dict(st)
     E = rule.max_episodes
-    slot = jnp.minimum(st["num"] - 1, E - 1)  # the current episode's slot (when on)
+    slot = jnp.clip(st["num"] - 1, 0, E - 1)  # the current episode's slot (when on and stored)
     stored = st["num"] <= E
     on = st["on"]
     # -- on an episode: the count changed -> close it; otherwise accumulate its speed
-    close = on & (r.count != st["count"][slot])
+    close = on & (r.count != st["k"])
     keep = on & ~close
+    k_sum = jnp.where(keep, st["k_sum"] + r.speed, st["k_sum"])
+    k_n = jnp.where(keep, st["k_n"] + 1, st["k_n"])
     upd = lambda a, v, m: a.at[slot].set(jnp.where(m & stored, v, a[slot]))  # noqa: E731
     st["exit"] = upd(st["exit"], t, close)
     st["e_out"] = upd(st["e_out"], r.energy, close)
-    st["sp_sum"] = upd(st["sp_sum"], st["sp_sum"][slot] + r.speed, keep)
-    st["sp_n"] = upd(st["sp_n"], st["sp_n"][slot] + 1, keep)
+    st["sp_sum"] = upd(st["sp_sum"], k_sum, keep)
+    st["sp_n"] = upd(st["sp_n"], k_n, keep)
     # -- off an episode: track the peak, the candidate, and open an episode once the candidate lasted
     off = ~on
     peak = jnp.where(close, r.speed, jnp.where(off, jnp.maximum(st["peak"], r.speed), st["peak"]))
@@ -287,14 +307,17 @@ def _advance(rule: Plateaus, st: dict, t, r: Reading) -> dict:
     st["num"] = st["num"] + open_.astype(jnp.int32)
     st["on"] = keep | open_
     st["cand"] = cand & ~open_
+    st["k"] = jnp.where(open_, c_k, st["k"])
+    st["k_sum"] = jnp.where(open_, c_sum, k_sum)
+    st["k_n"] = jnp.where(open_, c_n, k_n)
     st.update(peak=peak, c_t=c_t, c_e=c_e, c_k=c_k, c_sum=c_sum, c_n=c_n)
     return st
 
 
-def _run_one(dyn, solver, x0, dt, rule: Plateaus, every: int, n_checks: int, trace: bool, stop_at_one: bool,
-             stop_after: int | None):
-    """Evolve one configuration for ``every x n_checks`` steps, reading it every ``every`` steps; a member that
-    stopped (one cluster, or a non-finite state) keeps its last reading for the remaining checks."""
+def _run_one(dyn, solver, x0, dt, rule: Plateaus, every: int, total: int, n_checks: int, trace: bool,
+             stop_at_one: bool, stop_after: int | None):
+    """Evolve one configuration for `total` steps, reading it every `every` steps and after the last one; a member
+    that stopped (one cluster, or a non-finite state) keeps its last (finite) reading for the remaining checks."""
     from ...evolve.backends import one_step
 
     dtype = x0.dtype
@@ -309,20 +332,21 @@ def _run_one(dyn, solver, x0, dt, rule: Plateaus, every: int, n_checks: int, tra
             Y, _ = carry
             return one_step(args, k + j, Y), Y
 
-        Y, Y_prev = jax.lax.fori_loop(0, every, body, (X, X))
+        steps = jnp.minimum(every, total - k)  # the last segment ends at step `total` (t1), never past it
+        Y, Y_prev = jax.lax.fori_loop(0, steps, body, (X, X))
         ok = jnp.all(jnp.isfinite(Y))
-        t = ((k + every).astype(dtype)) * dt
+        t = ((k + steps).astype(dtype)) * dt
         r = read(dyn, Y, Y_prev, dt, rule.eps, rule.max_sizes)
         st2 = _advance(rule, st, t, r)
         st = jax.tree.map(lambda a, b: jnp.where(ok, a, b), st2, st)
-        slot = jnp.clip(st["num"] - 1, 0, rule.max_episodes - 1)
-        done = ~ok | (stop_at_one & st["on"] & (st["count"][slot] == 1))
+        done = ~ok | (stop_at_one & st["on"] & (st["k"] == 1))
         if stop_after is not None:
             done = done | (st["num"] >= stop_after)
-        if trace:
+        if trace:  # a non-finite state repeats the last finite reading (the first one has none to repeat)
             vals = (r.speed, r.energy, r.count, r.pairs)
-            buf = tuple(b.at[i].set(v) for b, v in zip(buf, vals))
-        return (jnp.where(ok, Y, X), k + every, st, done, fin & ok, jnp.where(ok, t, t_end), i + 1, buf)
+            new = ok | (i == 0)
+            buf = tuple(b.at[i].set(jnp.where(new, v, b[jnp.maximum(i - 1, 0)])) for b, v in zip(buf, vals))
+        return (jnp.where(ok, Y, X), k + steps, st, done, fin & ok, jnp.where(ok, t, t_end), i + 1, buf)
 
     c0 = (x0, jnp.zeros((), jnp.int32), _init_state(rule, dtype), jnp.zeros((), bool), jnp.ones((), bool),
           jnp.zeros((), dtype), jnp.zeros((), jnp.int32), buf0)
@@ -335,9 +359,9 @@ def _run_one(dyn, solver, x0, dt, rule: Plateaus, every: int, n_checks: int, tra
 
 
 @eqx.filter_jit
-def _run(dyn, solver, x0, dt, betas, rule, every, n_checks, trace, stop_at_one, stop_after):
+def _run(dyn, solver, x0, dt, betas, rule, every, total, n_checks, trace, stop_at_one, stop_after):
     def batch(d):
-        return jax.vmap(lambda x: _run_one(d, solver, x, dt, rule, every, n_checks, trace > 0, stop_at_one,
+        return jax.vmap(lambda x: _run_one(d, solver, x, dt, rule, every, total, n_checks, trace > 0, stop_at_one,
                                            stop_after))(x0)
 
     if betas is None:
@@ -345,7 +369,7 @@ def _run(dyn, solver, x0, dt, betas, rule, every, n_checks, trace, stop_at_one, 
     return jax.vmap(lambda b: batch(dyn.with_params(beta=b)))(betas)
 
 
-def _episodes(st, fin, t_end) -> Episodes:
+def _episodes(st, fin, t_end, t1: float) -> Episodes:
     st = jax.tree.map(np.asarray, st)
     n = st["sp_n"]
     speed = np.where(n > 0, st["sp_sum"] / np.maximum(n, 1), np.nan)
@@ -356,9 +380,20 @@ def _episodes(st, fin, t_end) -> Episodes:
     stored_open = is_open & (st["num"] <= E)
     np.put_along_axis(exit_, last[..., None], np.where(stored_open[..., None], np.inf,
                                                        np.take_along_axis(exit_, last[..., None], -1)), -1)
+    t_end = np.asarray(t_end)
     return Episodes(entry=st["entry"], exit=exit_, count=st["count"], sizes=st["sizes"], energy_entry=st["e_in"],
-                    energy_exit=st["e_out"], speed=speed, num=st["num"], open=is_open, t_end=np.asarray(t_end),
-                    finite=np.asarray(fin))
+                    energy_exit=st["e_out"], speed=speed, num=st["num"], open=is_open, t_end=t_end,
+                    finite=np.asarray(fin), t1=np.full(t_end.shape, t1, t_end.dtype))
+
+
+def run_steps(t1: float, dt: float) -> int:
+    """The steps of a run to `t1`: t1 / dt when it is a whole number (to 1e-9 relative), otherwise rounded down, so
+    that a run never goes past `t1`."""
+    ratio = float(t1) / float(dt)
+    k = round(ratio)
+    if abs(k - ratio) <= 1e-9 * max(1.0, ratio):
+        return int(k)
+    return int(math.floor(ratio))
 
 
 def find_plateaus(dynamics: AbstractDynamics, x0: Batch, *, t1: float, dt: float | None = None,
@@ -369,7 +404,9 @@ def find_plateaus(dynamics: AbstractDynamics, x0: Batch, *, t1: float, dt: float
     **Arguments:**
 
     - `dynamics`: a flow (:class:`~attnflow.SphereFlow`, ...) or a map; `x0` ``(b, n, d)``.
-    - `t1`: how long each member runs (a map: steps); `dt`: the fixed step of a flow (default 0.05).
+    - `t1`: how long each member runs (a map: steps), rounded down to whole steps when it is not a whole number of
+      them: a run never goes past `t1`, and its last reading is at its end; `dt`: the fixed step of a flow (default
+      0.05).
     - `rule`: a :class:`Plateaus`; `solver`: RK4 for flows (Euler works too), Iterate for maps.
     - `trace`: keep the readings at every check of the first `trace` members (a :class:`Series`).
     - `stop_at_one`: stop a member once it sits on a one-cluster episode (all tokens within eps of each other stay
@@ -398,7 +435,10 @@ def find_plateaus(dynamics: AbstractDynamics, x0: Batch, *, t1: float, dt: float
         raise ValueError(f"t1 and dt must be finite numbers > 0, got t1={t1!r}, dt={dt!r}")
     rule.check_dtype(x0.dtype)
     every = max(1, int(round(rule.check / dt)))
-    n_checks = max(1, int(math.ceil(float(t1) / (every * dt) - 1e-9)))
+    total = run_steps(t1, dt)
+    if total < 1:
+        raise ValueError(f"t1 = {t1!r} is shorter than one step dt = {dt!r}")
+    n_checks = -(-total // every)  # every `every` steps, and at step `total` (t1) when that is not one of them
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, (int, np.integer))
                                    or stop_after < 1):
         raise ValueError(f"stop_after must be None or an integer >= 1, got {stop_after!r}")
@@ -406,12 +446,12 @@ def find_plateaus(dynamics: AbstractDynamics, x0: Batch, *, t1: float, dt: float
     if not 0 <= trace:
         raise ValueError(f"trace must be >= 0, got {trace}")
     betas = None if beta is None else jnp.asarray(np.atleast_1d(np.asarray(beta, float)), x0.dtype)
-    st, fin, t_end, out = _run(dynamics, solver, x0, jnp.asarray(dt, x0.dtype), betas, rule, every, n_checks,
-                               trace, bool(stop_at_one), stop_after)
-    eps = _episodes(st, fin, t_end)
+    st, fin, t_end, out = _run(dynamics, solver, x0, jnp.asarray(dt, x0.dtype), betas, rule, every, total,
+                               n_checks, trace, bool(stop_at_one), stop_after)
+    eps = _episodes(st, fin, t_end, total * dt)
     series = None
     if trace:
-        t = (np.arange(1, n_checks + 1) * every * dt)
+        t = np.minimum(np.arange(1, n_checks + 1) * every, total) * dt
         sp, en, ct, pr = (np.asarray(a) for a in out)  # (..., b, c)
         m = min(trace, x0.shape[0])
         sw = lambda a: np.swapaxes(a[..., :m, :], -1, -2)  # noqa: E731  (..., c, m)

@@ -30,8 +30,10 @@ BOOTSTRAP = 200
 
 
 def km_median(durations: np.ndarray, observed: np.ndarray) -> tuple[float, bool]:
-    """The Kaplan-Meier median of right-censored durations: ``(median, known)``. When the survival curve never
-    falls to 1/2, the median is beyond the data: ``(largest duration, False)``, a lower bound."""
+    """The Kaplan-Meier median of right-censored durations: ``(median, known)``, the first duration where the
+    survival curve S <= 1/2. When S never falls to 1/2, the median is beyond the data: ``(largest duration, False)``,
+    a lower bound. S is a product of floats; where it lies within 1e-9 of 1/2 the comparison is made in exact
+    integers (S = 1/2 exactly, as for 2m uncensored durations after the m-th, is not lost to rounding)."""
     d = np.asarray(durations, float)
     o = np.asarray(observed, bool)
     if d.size == 0:
@@ -40,15 +42,25 @@ def km_median(durations: np.ndarray, observed: np.ndarray) -> tuple[float, bool]
     d, o = d[order], o[order]
     at_risk = d.size - np.arange(d.size)
     surv = np.cumprod(np.where(o, 1.0 - 1.0 / at_risk, 1.0))
-    hit = np.nonzero(surv <= 0.5)[0]
-    if hit.size == 0:
-        return float(d.max()), False
-    return float(d[hit[0]]), True
+    for i in np.nonzero(o & (surv <= 0.5 + 1e-9))[0]:  # S steps down only at events
+        if surv[i] < 0.5 - 1e-9 or _half_or_below(at_risk[: i + 1][o[: i + 1]]):
+            return float(d[i]), True
+    return float(d.max()), False
+
+
+def _half_or_below(at_risk) -> bool:
+    """Whether prod (1 - 1/r) over the risk sets r of the events is <= 1/2, in exact integers."""
+    num = den = 1
+    for r in at_risk.tolist():
+        num, den = num * (r - 1), den * r
+    return 2 * num <= den
 
 
 @dataclasses.dataclass(frozen=True)
 class Median:
-    """A Kaplan-Meier median with its 95% bootstrap interval; `known` False: `value` is a lower bound."""
+    """A Kaplan-Meier median with its 95% bootstrap interval; `known` False: `value` is a lower bound. In JSON an
+    infinite `lo` or `hi` is written as null; with ``events + censored > 0`` a null bound is +inf (NaN, unknown,
+    only occurs without any duration)."""
 
     value: float
     lo: float
@@ -89,29 +101,32 @@ def _median_with_interval(d, o, groups, rng, members: int) -> Median:
 
 
 def _durations(ep: Episodes, count: int | None = None, first: bool = False):
-    """(durations, observed, member) of the stored episodes (those with `count`; or only the first)."""
+    """(durations, observed, member) of the stored episodes (those with `count`; or only the first). An open
+    episode is censored where :meth:`Episodes.censor_at` says: at the end of the run for a one-cluster episode (it
+    never ends), where the member stopped otherwise."""
     num = np.minimum(np.asarray(ep.num), ep.entry.shape[1])
     entry, exit_ = np.asarray(ep.entry), np.asarray(ep.exit)
-    t_end = np.asarray(ep.t_end)
+    ends = [ep.censor_at(e) for e in range(1 if first else entry.shape[1])]
     d, o, g = [], [], []
     for b in range(entry.shape[0]):
         for e in range(1 if first else num[b]):
             if e >= num[b] or (count is not None and int(ep.count[b, e]) != count):
                 continue
             closed = np.isfinite(exit_[b, e])
-            d.append((exit_[b, e] if closed else t_end[b]) - entry[b, e])
+            d.append((exit_[b, e] if closed else ends[e][b]) - entry[b, e])
             o.append(closed)
             g.append(b)
     return np.asarray(d, float), np.asarray(o, bool), np.asarray(g, int)
 
 
 def _escape(ep: Episodes):
-    """(time of leaving the first plateau, observed, member), over members that have one."""
+    """(time of leaving the first plateau, observed, member), over members that have one; a member whose first
+    plateau is one cluster never leaves it and is censored at the end of the run."""
     num = np.asarray(ep.num)
     has = num > 0
     exit_ = np.asarray(ep.exit)[:, 0]
     closed = has & np.isfinite(exit_)
-    t = np.where(closed, exit_, np.asarray(ep.t_end))
+    t = np.where(closed, exit_, ep.censor_at(0))
     return t[has], closed[has], np.nonzero(has)[0]
 
 
