@@ -226,15 +226,15 @@ for (n, k), r in sorted(dwell.rates.items()):
 # - **2 clusters:** the median dwell time is known (at least half of the episodes ended inside the run) only for
 #   beta <= 3.5; from beta = 4 on most 2-cluster episodes outlast t = 400 (at beta >= 5.5 none ended), so those
 #   medians are lower bounds (> 393-396) and are left out of the fit. Over beta = 2-3.5 the fitted rates are
-#   r = 1.02 [0.76, 1.45] (n = 16) and 1.38 [1.18, 1.74] (n = 24): the dwell time grows by a factor e^r ~ 3-4 per
+#   r = 1.02 [0.77, 1.43] (n = 16) and 1.39 [1.15, 1.77] (n = 24): the dwell time grows by a factor e^r ~ 3-4 per
 #   unit of beta; both intervals exclude 0. At n = 16 the median is not monotone at the low end (50 at beta = 2,
 #   39 at 2.5); at beta = 2 most members skip the 2-cluster plateau (first-plateau mode 1), so the 2-cluster
 #   episodes there are a selected minority.
 # - **3 clusters:** 3-cluster plateaus appear from beta ~ 3-3.5 (k* = 3 from beta = 3.17); a beta enters the fit
 #   only when its median rests on at least 10 exits (from beta = 4 at n = 24, 4.5 at n = 16). n = 24, betas 4-6:
-#   r = 0.73 [0.42, 0.95], positive and smaller than for 2 clusters; the medians rise from 20 to 91. n = 16, betas
-#   4.5-6: r = 0.28 [-0.05, 0.91]: the interval includes 0, so this run does not show growth at n = 16 (the
-#   medians level off above beta = 5: 37, 30, 35).
+#   r = 0.74 [0.35, 0.95], positive and smaller than for 2 clusters; the medians rise from 20 to 91. n = 16, betas
+#   4.5-6: r = 0.30 [-0.16, 0.87]: the interval includes 0, so this run does not show growth at n = 16 (the
+#   medians level off from beta = 5: 33, 30, 35).
 # - **4 clusters:** 4 episodes in all, at most 2 per beta: no rate is fitted, and each median's interval is
 #   (median, +inf), the most that so few exits support.
 # - For comparison, a rough heuristic that is not computed here: k equally spaced equal clusters are held apart by
