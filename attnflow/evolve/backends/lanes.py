@@ -20,7 +20,6 @@ TILE = 1024
 
 def _tile_run(x, prog, flats, plan, scale):
     """Evolve one tile ``x`` ``(d n, T)``: final tile, saved ``(n_seg, d n, T)`` (or None), status, steps."""
-    T = x.shape[1]
     stacked = lambda X, k: prog.step_array(flats, k, X)  # one (d n, T) carry: see machine.over_rows
 
     def seg(c, s):

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .schema import (
-    INPUT_KEYS, SPEED_ONLY, STEPS_MAX, TABLES, BasinsTable, ConfigFile, DynamicsTable, EnergyTable, ModelTable,
+    INPUT_KEYS, SPEED_ONLY, TABLES, BasinsTable, ConfigFile, DynamicsTable, EnergyTable, ModelTable,
     SamplerTable, StabilityTable,
 )
 from .validate import (
