@@ -168,3 +168,20 @@ class stdout_to_stderr:
         os.dup2(self._saved, 1)
         os.close(self._saved)
         return False
+
+
+def releasing_locks(command):
+    """``run(args)`` for a command written as ``command(args, locks)``: every run-directory hold it appends to
+    `locks` is released when it ends, however it ends (a hold left to the garbage collector kept a second in-process
+    run of the same --out waiting)."""
+
+    def run(args) -> int:
+        locks: list = []
+        try:
+            return command(args, locks)
+        finally:
+            for lock in locks:
+                lock.release()
+
+    run.__doc__ = command.__doc__
+    return run

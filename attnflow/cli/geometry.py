@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import UsageError, emit_json, info, load_run_config, out_dir
+from ._common import UsageError, emit_json, info, load_run_config, out_dir, releasing_locks
 
 
 def add_parser(sub):
@@ -111,17 +111,6 @@ def _load_partial(out: Path, settings, shape):
             return z["image"].copy(), int(z["rows_done"]), [_att_from_json(a) for a in meta["attractors"]]
     except Exception:  # noqa: BLE001 - truncated (BadZipFile), damaged: computed again
         return None
-
-
-def run(args) -> int:
-    """The command, with its hold on the --out lock released when it ends, however it ends (a hold left to the
-    garbage collector kept a second in-process run of the same --out waiting)."""
-    locks: list = []
-    try:
-        return _run(args, locks)
-    finally:
-        for lock in locks:
-            lock.release()
 
 
 def _run(args, locks: list) -> int:
@@ -251,3 +240,6 @@ def _print(cfg, s) -> None:
         t = s["tipping"]
         print(f"tipping from beta = {t['beta_before']:g} to {t['beta_after']:g} (rows: before, columns: after): "
               f"{np.round(np.asarray(t['matrix'], float), 3).tolist()}")
+
+
+run = releasing_locks(_run)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import UsageError, emit_json, info, load_run_config, out_dir
+from ._common import UsageError, emit_json, info, load_run_config, out_dir, releasing_locks
 
 
 def add_parser(sub):
@@ -105,17 +105,6 @@ def _load_done(out: Path, tokens, stamp: str) -> dict:
             continue
         done[n] = (ep, ser)
     return done
-
-
-def run(args) -> int:
-    """The command, with its hold on the --out lock released when it ends, however it ends (a hold left to the
-    garbage collector kept a second in-process run of the same --out waiting)."""
-    locks: list = []
-    try:
-        return _run(args, locks)
-    finally:
-        for lock in locks:
-            lock.release()
 
 
 def _run(args, locks: list) -> int:
@@ -239,3 +228,6 @@ def _print_text(cfg, res, phases, out) -> None:
             print(f"clustering time (half the pairs within eps), n = {res.tokens[0]}: {shown}")
     if out is not None:
         print(f"wrote {out}/metastability.json, first_plateau.csv and figures")
+
+
+run = releasing_locks(_run)

@@ -444,14 +444,19 @@ def _bert(config, tensors, wfile, cfg_path, d, H, dh, L):
         emb["pad"] = _cfg_int(config, cfg_path, "pad_token_id", default=1, minimum=0)
     names = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
              "attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm")
-    layers, ln_in = [], (emb["ln"] if emb["project"] is None else None)  # a projection sits between LN and layer 0
+    ln0 = emb["ln"] if emb["project"] is None else None  # a projection sits between the LayerNorm and layer 0
+    return _post_norm_layers(T, "encoder.layer.", L, d, H, dh, full, ln0, act, names), emb, 1.0 / math.sqrt(dh), False, False
+
+
+def _post_norm_layers(T, prefix, L, d, H, dh, full, ln_in, act, names):
+    """L post-norm layers ``{prefix}{l}.``, each fed by the LayerNorm before it; weights of a layer L are refused."""
+    layers = []
     for l in range(L):
-        lay = _bert_like_layer(T, f"encoder.layer.{l}.", d, H, dh, full, ln_in, act, names)
-        layers.append(lay)
-        ln_in = lay.ln_out
-    if f"encoder.layer.{L}.attention.self.query.weight" in T.t:
-        raise CheckpointError(f"{wfile}: has more than the {L} layers of config.json")
-    return layers, emb, 1.0 / math.sqrt(dh), False, False
+        layers.append(_bert_like_layer(T, f"{prefix}{l}.", d, H, dh, full, ln_in, act, names))
+        ln_in = layers[-1].ln_out
+    if f"{prefix}{L}.{names[0]}.weight" in T.t:
+        raise CheckpointError(f"{T.wfile}: has more than the {L} layers of config.json")
+    return layers
 
 
 def _bert_embedding(T, config, E, d):
@@ -477,14 +482,7 @@ def _distilbert(config, tensors, wfile, cfg_path, d, H, dh, L):
     emb = _bert_embedding(T, config, d, d)
     names = ("attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin", "sa_layer_norm",
              "ffn.lin1", "ffn.lin2", "output_layer_norm")
-    layers, ln_in = [], emb["ln"]
-    for l in range(L):
-        lay = _bert_like_layer(T, f"transformer.layer.{l}.", d, H, dh, full, ln_in, act, names)
-        layers.append(lay)
-        ln_in = lay.ln_out
-    if f"transformer.layer.{L}.attention.q_lin.weight" in T.t:
-        raise CheckpointError(f"{wfile}: has more than the {L} layers of config.json")
-    return layers, emb, 1.0 / math.sqrt(dh), False, False
+    return _post_norm_layers(T, "transformer.layer.", L, d, H, dh, full, emb["ln"], act, names), emb, 1.0 / math.sqrt(dh), False, False
 
 
 def _albert(config, tensors, wfile, cfg_path, d, H, dh, L):
