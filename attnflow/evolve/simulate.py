@@ -211,15 +211,28 @@ def _make_plan(dyn, budget: Budget, stop: Stop, solver, saves):
 
 
 _FITS: set = set()
-"""Model structures (tree, leaf shapes and dtypes) and state shapes that :func:`check_states` has traced."""
+"""Model structures (tree, leaf shapes and dtypes) and state shapes that :func:`check_shape` has traced."""
 
 
 def check_states(dyn: AbstractDynamics, X) -> None:
-    """Refuse states ``(..., n, d)`` that ``dyn`` cannot take, in one line: tokens of another dimension than the
-    model's (one step traced, nothing computed), or, for a flow, states off its state space by more than
-    :data:`~attnflow.evolve.outcome.DEGENERATE_TOL` (e.g. rows not of unit norm for :class:`SphereFlow`: its tangent
-    projection is exact only there)."""
-    shape, dtype = tuple(X.shape[-2:]), X.dtype
+    """Refuse states ``(..., n, d)`` that ``dyn`` cannot take, in one line: :func:`check_shape`, and, for a flow,
+    states off its state space by more than :data:`~attnflow.evolve.outcome.DEGENERATE_TOL` (e.g. rows not of unit
+    norm for :class:`SphereFlow`: its tangent projection is exact only there)."""
+    shape = tuple(X.shape[-2:])
+    check_shape(dyn, shape, X.dtype)
+    if isinstance(dyn, AbstractFlow) and X.size:
+        flat = jnp.reshape(jnp.asarray(X), (-1,) + shape)
+        off = float(jnp.max(jax.vmap(dyn.state_residual)(flat)))
+        if off > DEGENERATE_TOL:  # NaN passes: a non-finite start is a per-member outcome, not an error
+            raise ValueError(f"the states are off this flow's state space by {off:.3g} (tolerance {DEGENERATE_TOL:g}): "
+                             + ("pass tokens of unit norm (X / |X| row by row)" if isinstance(dyn, SphereFlow)
+                                else "pass states on it (see its state_residual)"))
+
+
+def check_shape(dyn: AbstractDynamics, shape: tuple[int, int], dtype) -> None:
+    """Refuse states of shape ``(n, d)`` and `dtype` that ``dyn`` cannot take, in one line: half precision, or tokens
+    of another dimension than the model's (one step traced once per model structure, nothing computed)."""
+    shape, dtype = tuple(shape), jnp.dtype(dtype)
     if dtype not in (jnp.float32, jnp.float64):
         raise ValueError(f"states must be float32 or float64, got {dtype} (half precision cannot resolve the tolerances "
                          f"attnflow decides with): pass X.astype(np.float32)")
@@ -244,13 +257,6 @@ def check_states(dyn: AbstractDynamics, X) -> None:
             if len(_FITS) > 64:
                 _FITS.clear()
             _FITS.add(fits)
-    if isinstance(dyn, AbstractFlow) and X.size:
-        flat = jnp.reshape(jnp.asarray(X), (-1,) + shape)
-        off = float(jnp.max(jax.vmap(dyn.state_residual)(flat)))
-        if off > DEGENERATE_TOL:  # NaN passes: a non-finite start is a per-member outcome, not an error
-            raise ValueError(f"the states are off this flow's state space by {off:.3g} (tolerance {DEGENERATE_TOL:g}): "
-                             + ("pass tokens of unit norm (X / |X| row by row)" if isinstance(dyn, SphereFlow)
-                                else "pass states on it (see its state_residual)"))
 
 
 def _check_x0(dyn, x0):

@@ -41,6 +41,7 @@ import numpy as np
 from ..._types import Array, check_tolerance
 from ...evolve.options import Budget, Execution, Stop, check_tol
 from ...evolve.outcome import CERTIFIED, CONVERGED, OUTCOMES, SADDLE
+from ...evolve.simulate import check_shape
 from ...evolve import workers as _workers
 from ...evolve.pool import begin_workers, check_solver, lanes_cost, pool_backend, prepare_members, stream_members
 from ...evolve.solvers import Adaptive
@@ -154,9 +155,10 @@ def basin_fractions(
     span = budget.resolve(dyn, isinstance(solver, Adaptive), study=True)
     shape = jax.eval_shape(lambda k: sampler(k, 1), key)
     n, d, dtype = int(shape.shape[1]), int(shape.shape[2]), shape.dtype
-    heads = getattr(getattr(dyn, "attn", None), "heads", None)
-    if heads is not None and int(heads.dim) != d:
-        raise ValueError(f"the sampler draws states of d = {d}, but the model's tokens have d = {int(heads.dim)}")
+    try:  # any model: one step traced on the sampler's shape
+        check_shape(dyn, (n, d), dtype)
+    except ValueError as e:
+        raise ValueError(f"the sampler draws {n} tokens in d = {d}, but the model does not take them: {e}") from None
     if d < 2:
         raise ValueError("a basin study needs d >= 2 (d = 1: tokens on the sphere S^0 are +-1 and never move)")
     stop = dataclasses.replace(stop, tol=check_tol(stop.tol, dyn, solver, span.dt, dtype, study=True))
