@@ -62,8 +62,8 @@ def pool(key, N):
                            execution=af.Execution(chunk=chunk, pool=pool_size))
     total = sum(a.count * a.steps_mean for a in r.attractors + r.categories)
     from attnflow.evolve import backends
-    from attnflow.analysis.basins.study import _lanes_pool
-    default = _lanes_pool(dyn, af.Iterate(), af.Budget(max_steps=CAP).resolve(dyn, study=True), 10, 3, np.float32)
+    from attnflow.evolve.pool import pool_tile
+    default = pool_tile(dyn, af.Iterate(), r.backend, 10, 3, np.float32)
     return {"unclassified": r.unclassified, "steps_mean": total / N, "steps_paid_mean": None, "backend": r.backend,
             "pool": default if pool_size is None else pool_size, "default_pool": default,
             "l2_cache_bytes": backends.l2_cache_bytes(), "certified": sum(a.certified for a in r.attractors),

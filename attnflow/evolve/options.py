@@ -227,12 +227,11 @@ class Execution(eqx.Module):
     - `backend`: ``"auto"``, ``"xla"``, ``"lanes"`` or ``"fused"`` (see :mod:`attnflow.evolve.backends`).
     - `chunk`: members per call of :func:`attnflow.simulate` (results gathered on the host); for a study, samples
       per block (one Parquet table of a run directory; part of a run's identity).
-    - `pool`: member slots per device of a study (default: on the lanes backend, the slots that fit the L2 cache,
-      :func:`attnflow.evolve.backends.cache_slots`; else
-      ``min(16384, samples, max(chunk, 64))``). In float32 the pool size changes how XLA compiles the step, and so
-      the rounding: measured (adaptive flow, 1000 members), pools of 37, 64 and 128 gave identical members, 192,
-      256 and 512 changed the step counts of 35-37% of them (by a few steps; no name changed). Float64 is identical
-      for every pool. A run directory records the pool size as part of its identity.
+    - `pool`: member slots per device of a study (default: one tile of the pool's step,
+      :func:`attnflow.evolve.pool.pool_tile`: on the lanes backend the slots whose unrolled step fits a 2 MiB cache,
+      on xla 128; on fused ``min(16384, samples, max(chunk, 64))``). Speed and memory only: a pool runs its slots
+      in tiles of that fixed width, so every member's outcome, steps and final state are the same bits for any pool
+      size, in float32 too.
     - `group`: steps between two retire-and-refill passes of a study's pool (default: 4 for the adaptive pair, 8
       otherwise, :func:`attnflow.evolve.pool.default_group`).
     - `devices`: how many local devices to use (default: all of them). A study runs one pool per device;

@@ -58,6 +58,28 @@ of ``benchmarks/bench_peer_basins.py``), so that waiting for half a group costs 
 :data:`GROUP`."""
 
 
+XLA_TILE = 128
+"""Members per tile of a pool's step on the ``"xla"`` backend (the model under ``vmap``). Measured on the 2-core CPU
+(2026-12-03, float32, warm, one process): the toy layer map (10^4 samples, cap 1000) in pools of 64, 128, 256, 1024,
+10 240 slots 1.7, 1.7, 1.75, 2.5, 8.7 s; the adaptive sphere flow (3000 samples) in 128, 256, 1024, 3000 slots
+0.44, 0.55, 0.85, 1.3 s."""
+
+
+def pool_tile(dynamics, solver, backend: str, n: int, d: int, dtype) -> int:
+    """Members per tile of a pool's step: a pool runs its slots as a loop over tiles of exactly this many (the last
+    one padded), so every member goes through the same compiled arithmetic whatever the pool size, the number of
+    devices or worker processes, or the machine. (XLA compiles an operation differently for different extents:
+    which loops it vectorises, splits over threads or contracts into fused multiply-adds; in float32 that changes
+    the rounding. Measured, jax 0.10.2, the adaptive sphere flow of ``benchmarks/bench_peer_basins.py``: its vector
+    field on 37, 64, 192 and 512 slots rounded four ways, and a study of 1000 members changed the step counts of
+    35-37% of them between pools; in fixed tiles every pool gives the same bits.) On ``"lanes"``: the slots whose
+    unrolled step fits a 2 MiB cache (:func:`attnflow.evolve.backends.cache_slots`), a pure function of the model's
+    size and the dtype; on ``"xla"``: :data:`XLA_TILE`; on ``"fused"`` the kernel has its own tiles (0)."""
+    if backend == "lanes":
+        return backends.cache_slots(lanes_cost(dynamics, solver, 1.0, n, d, dtype), np.dtype(dtype).itemsize)
+    return XLA_TILE if backend == "xla" else 0
+
+
 def default_group(solver) -> int:
     """The group of :class:`~attnflow.Execution` when it sets none: :data:`GROUP_ADAPTIVE` for the adaptive pair,
     else :data:`GROUP`. Speed only: a member's outcome never depends on the group."""
@@ -135,6 +157,7 @@ class _Spec:
     continuous: bool
     backend: str
     adaptive: _adaptive.Controller | None = None
+    tile: int = 0
 
 
 def check_solver(dynamics, solver):
@@ -215,7 +238,8 @@ def advance_pool(dynamics, pool: Pool, queue, queue_index, count: int, *, budget
         raise ValueError(f"count must be in [0, {M}] and queue_index of length {M}, got {count}, {len(queue_index)}")
     solver = check_solver(dynamics, solver)
     span = budget.resolve(dynamics, isinstance(solver, Adaptive), study=True)
-    spec = make_spec(dynamics, solver, span, stop, execution, pool_backend(execution.backend, dynamics, solver, (P, n, d), queue.dtype, span))
+    backend = pool_backend(execution.backend, dynamics, solver, (P, n, d), queue.dtype, span)
+    spec = make_spec(dynamics, solver, span, stop, execution, backend, n, d, queue.dtype)
     (dev,) = pool.x.devices()
     put = lambda a, dtype=None: device_array(a, dtype, dev)  # noqa: E731
     dt = 1.0 if span.dt is None else span.dt
@@ -224,13 +248,15 @@ def advance_pool(dynamics, pool: Pool, queue, queue_index, count: int, *, budget
                     spec, then)
 
 
-def make_spec(dynamics, solver, span: Span, stop: Stop, execution: Execution, backend: str) -> _Spec:
-    """The static description of the pool calls of one run."""
+def make_spec(dynamics, solver, span: Span, stop: Stop, execution: Execution, backend: str, n: int, d: int,
+              dtype) -> _Spec:
+    """The static description of the pool calls of one run (states ``(n, d)`` of `dtype`)."""
     ctrl = _adaptive.Controller.of(solver) if isinstance(solver, Adaptive) else None
     if ctrl is not None and stop.tol is None:
         raise ValueError("the adaptive solver stops a member at steady state: it needs a tol")
     group = default_group(solver) if execution.group is None else int(execution.group)
-    return _Spec(stop.tol, group, isinstance(dynamics, AbstractFlow), backend, ctrl)
+    return _Spec(stop.tol, group, isinstance(dynamics, AbstractFlow), backend, ctrl,
+                 pool_tile(dynamics, solver, backend, n, d, dtype))
 
 
 def _looped_stages(dyn, solver, n: int, d: int, dtype) -> int:
@@ -287,7 +313,42 @@ def _rk4_stage_loop(dyn, solver, dt, n: int, d: int, P: int, dtype):
 
 def _group_runner(dyn, solver, dt, cap, regions, spec: _Spec, n: int, d: int, P: int, dtype):
     """``run(X, outcome, steps, t, h, tag) -> (X, outcome, steps, t, h, tag)``: `spec.group` steps of every member
-    that still runs (the others are frozen), on ``(d n, P)`` rows."""
+    that still runs (the others are frozen), on ``(d n, P)`` rows: in tiles of ``spec.tile`` members on the lanes
+    and xla backends (:func:`pool_tile`, :func:`_tiled`), in the fused kernel's own tiles on the fused one."""
+    if not spec.tile:
+        return _tile_runner(dyn, solver, dt, cap, regions, spec, n, d, P, dtype)
+    return _tiled(_tile_runner(dyn, solver, dt, cap, regions, spec, n, d, spec.tile, dtype), P, spec.tile)
+
+
+def _tiled(run, P: int, W: int):
+    """`run` (on ``(d n, W)`` rows) over ``(d n, P)`` rows as a loop over tiles of W slots, the last one padded with
+    frozen copies of slot 0. The loop's trip count is hidden from XLA (an optimisation barrier), so that one tile is
+    compiled the same way as many."""
+    nt = -(-P // W)
+    Pp = nt * W
+
+    def pad(a, fill):
+        if Pp == P:
+            return a
+        extra = jnp.broadcast_to(a[..., :1] if fill is None else jnp.asarray(fill, a.dtype), a.shape[:-1] + (Pp - P,))
+        return jnp.concatenate([a, extra], axis=-1)
+
+    def tiled(X, st, ns, t, h, tag):
+        c = (pad(X, None), pad(st, CONVERGED), pad(ns, 0), pad(t, 0), pad(h, 0), pad(tag, -1))
+
+        def body(i, c):
+            out = run(*[jax.lax.dynamic_slice_in_dim(a, i * W, W, axis=a.ndim - 1) for a in c])
+            return tuple(jax.lax.dynamic_update_slice_in_dim(a, o.astype(a.dtype), i * W, axis=a.ndim - 1)
+                         for a, o in zip(c, out))
+
+        c = jax.lax.fori_loop(0, jax.lax.optimization_barrier(jnp.int32(nt)), body, c)
+        return tuple(a[..., :P] for a in c)
+
+    return tiled
+
+
+def _tile_runner(dyn, solver, dt, cap, regions, spec: _Spec, n: int, d: int, P: int, dtype):
+    """:func:`_group_runner` on one tile of P slots."""
     scale = dt if spec.continuous else None
     if spec.adaptive is not None:
         return functools.partial(_adaptive.run_group, dyn, spec.adaptive, spec.tol, cap, regions, spec.group, n, d,

@@ -56,14 +56,36 @@ def around_sampler(X, radius: float) -> Around:
 
 @brief_jit
 def _draw(sampler, key, idx):
-    return jax.vmap(lambda i: sampler(jax.random.fold_in(key, i), 1)[0])(idx)
+    one = jax.vmap(lambda i: sampler(jax.random.fold_in(key, i), 1)[0])
+    tiles = idx.reshape(-1, DRAW_TILE)
+    shape = jax.eval_shape(one, tiles[0])
+    out = jnp.zeros((tiles.shape[0],) + shape.shape, shape.dtype)
+
+    def body(t, out):  # the trip count hidden from XLA (an optimisation barrier): one tile compiles as many do
+        return out.at[t].set(one(tiles[t]))
+
+    out = jax.lax.fori_loop(0, jax.lax.optimization_barrier(jnp.int32(tiles.shape[0])), body, out)
+    return out.reshape((-1,) + shape.shape[1:])
+
+
+DRAW_TILE = 512
+"""Samples per tile of :func:`draw_samples`: they are drawn by a loop over tiles of exactly this many (the last one
+padded), so sample i is the same bits whatever the number of indices drawn with it (a study's block size, a resume,
+a user's own call). XLA compiles the sampler differently for different extents, and in float32 that changed the
+rounding: measured, the states of a 10^4-sample block differed from the same samples drawn 37 at a time by up to
+1.8e-7."""
 
 
 def draw_samples(sampler: Callable, key: Array, indices) -> np.ndarray:
-    """Samples ``indices`` of a study: sample i is ``sampler(fold_in(key, i), 1)[0]``. Returns ``(len, n, d)``.
-    Compiled once per sampler structure and number of indices (a :class:`Sphere` or :class:`Around` of the same
-    shapes reuses it; another plain function compiles anew)."""
-    return np.asarray(_draw(sampler, key, device_array(np.asarray(indices, np.uint32))))
+    """Samples ``indices`` of a study: sample i is ``sampler(fold_in(key, i), 1)[0]``, the same bits for any set of
+    indices it is drawn with (:data:`DRAW_TILE`). Returns ``(len, n, d)``. Compiled once per sampler structure and
+    number of tiles (a :class:`Sphere` or :class:`Around` of the same shapes reuses it; another plain function
+    compiles anew)."""
+    idx = np.asarray(indices, np.uint32).reshape(-1)
+    m = len(idx)
+    padded = np.zeros(max(1, -(-m // DRAW_TILE)) * DRAW_TILE, np.uint32)
+    padded[:m] = idx
+    return np.asarray(_draw(sampler, key, device_array(padded)))[:m]
 
 
 def sample_stream(sampler: Callable, key: Array, blocks: Iterator, block_size: int, samples: int) -> Iterator:

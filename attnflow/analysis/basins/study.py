@@ -43,7 +43,7 @@ from ...evolve.options import Budget, Execution, Stop, check_tol
 from ...evolve.outcome import CERTIFIED, CONVERGED, OUTCOMES, SADDLE
 from ...evolve.simulate import check_shape
 from ...evolve import workers as _workers
-from ...evolve.pool import begin_workers, check_solver, lanes_cost, pool_backend, prepare_members, stream_members
+from ...evolve.pool import begin_workers, check_solver, pool_backend, pool_tile, prepare_members, stream_members
 from ...evolve.solvers import Adaptive
 from ...model import AbstractFlow
 from ..classify import classifier, describe, label_rows
@@ -52,14 +52,6 @@ from .results import BasinResult, MemberSample, summarize
 from .sampling import Sphere, draw_samples, sample_stream
 from .tally import Tally, gather_tally, unique_rows
 from .verify import Verifier
-
-def _lanes_pool(dyn, solver, span, n, d, dtype) -> int:
-    """The default pool of a study on the lanes backend, per device: the slots whose working set fits the L2 cache
-    (:func:`attnflow.evolve.backends.cache_slots` of the size of the lanes step the pool compiles)."""
-    from ...evolve import backends
-
-    cost = lanes_cost(dyn, solver, 1.0 if span.dt is None else span.dt, n, d, dtype)
-    return backends.cache_slots(cost, np.dtype(dtype).itemsize)
 
 KEEP = 2000
 """The members of lowest sample index whose final states a result keeps (:attr:`BasinResult.members`)."""
@@ -128,9 +120,9 @@ def basin_fractions(
     - `execution`: an :class:`~attnflow.Execution`: backend (``"auto"`` resolved once for the whole study, a pure
       function of the model, the shapes, N, the cap and the platform), ``chunk`` (samples per block, default
       ``min(N, 10_000)``), ``pool`` (slots per device), ``group`` (steps between retire passes), ``devices``,
-      ``process``. None of these changes a member's outcome in float64; in float32 the block and pool sizes change
-      the rounding (of the initial states, drawn one block at a time, and of the steps), so step counts, and in
-      principle names near a basin boundary, may differ (see :class:`~attnflow.Execution`).
+      ``process``. None of these changes a member's initial state, outcome, steps or final state, in float32
+      too: samples are drawn, and pools step, in tiles of a fixed width
+      (:data:`~attnflow.analysis.basins.sampling.DRAW_TILE`, :func:`attnflow.evolve.pool.pool_tile`).
     - `cluster_tol`: the classifier's tolerance (distance under which two tokens are one cluster).
     - `ci_width`: adaptive mode: keep adding blocks (beyond `samples`, up to 100 x `samples`) until every
       attractor's interval is narrower than this (one process only).
@@ -334,8 +326,8 @@ def _execution(execution, dyn, solver, samples, n, d, dtype, span, ci_width, sen
     ex = Execution() if execution is None else execution
     chunk = min(samples, 10_000) if ex.chunk is None else ex.chunk
     backend = pool_backend(ex.backend, dyn, solver, (samples, n, d), dtype, span)
-    pool = ex.pool if ex.pool is not None else (min(_lanes_pool(dyn, solver, span, n, d, dtype), samples) if backend == "lanes"
-                                                else min(16384, samples, max(chunk, 64)))
+    tile = pool_tile(dyn, solver, backend, n, d, dtype)  # lanes and xla: the pool's tile, its fastest size measured
+    pool = ex.pool if ex.pool is not None else min(tile, samples) if tile else min(16384, samples, max(chunk, 64))
     distributed = jax.process_count() > 1
     pi, pc = ex.process if ex.process is not None else (jax.process_index(), jax.process_count())
     if pc > 1 and ci_width is not None:

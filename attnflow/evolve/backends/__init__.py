@@ -191,13 +191,20 @@ SLOTS_RANGE = (128, 4096)
 """The range of :func:`cache_slots`."""
 
 
+TILE_L2 = 2 << 20
+"""The cache a tile of the pool's step is sized for (:func:`cache_slots`): 2 MiB, the L2 of the 2-core machine the
+sizes were measured on. Fixed, not read from the machine: the tile is part of the arithmetic (XLA rounds an
+operation differently for different extents), and a result must not depend on the machine."""
+
+
 def cache_slots(cost: int, itemsize: int, l2: int | None = None) -> int:
-    """Members per call of an unrolled (lanes) program whose working set fits the L2 cache: the largest power of two
-    at most ``l2 / (cost * itemsize)`` (`cost` the program's scalar operations per step, each a lane vector of
-    `itemsize` bytes per member), within :data:`SLOTS_RANGE`. A pure function of the model's size, the dtype and the
-    machine's cache. Measured on a 2-core VM with a 2 MiB L2 (toy model, cost 1452, float32: 256 slots): a basin
-    study's pool of 256, 512, 1024, 2048 slots ran 16 100, 14 000, 14 300, 14 900 samples/s."""
-    l2 = l2_cache_bytes() if l2 is None else int(l2)
+    """Members per tile of an unrolled (lanes) program whose working set fits an L2 cache of `l2` bytes (default
+    :data:`TILE_L2`): the largest power of two at most ``l2 / (cost * itemsize)`` (`cost` the program's scalar
+    operations per step, each a lane vector of `itemsize` bytes per member), within :data:`SLOTS_RANGE`. A pure
+    function of the model's size and the dtype. Measured on a 2-core VM with a 2 MiB L2 (toy model, cost 1452,
+    float32: 256 slots): a basin study's pool of 128, 256, 512, 1024, 2048 slots ran 9 800, 25 700, 18 100, 19 500,
+    19 600 samples/s."""
+    l2 = TILE_L2 if l2 is None else int(l2)
     fit = max(1, l2 // max(1, int(cost) * int(itemsize)))
     p = 1 << (fit.bit_length() - 1)
     return int(min(max(p, SLOTS_RANGE[0]), SLOTS_RANGE[1]))
