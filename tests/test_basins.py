@@ -659,3 +659,21 @@ def test_a_state_whose_clusters_are_not_resolved_at_tol_is_not_named():
     tight = np.stack([e1, tilt(2e-4), e1, tilt(1e-4), e1])  # consensus within tol
     L = classify(V, np.stack([near, far, tight]), tol=1e-3)
     assert L.names() == ["not converged", "bipartite v1 3:2", "consensus +v1"]
+
+
+def test_clustering_names_are_one_per_row_and_an_ambiguous_name_is_refused():
+    """A clustering state's name carries its Gram spectrum to the row's own precision (thousandths), so two rows
+    whose spectra differ in the third decimal get two names (they had shared one at two decimals, and res[name]
+    found only the first); a name that several attractors share is a KeyError, not the first of them."""
+    import dataclasses
+
+    conv = af.OUTCOMES.index("converged")
+    rows = [np.array([conv, cl.CLUSTERING, -1, 0, 0, 1, 1, g, 2000 - g]) for g in (1231, 1234)]
+    names = [cl.describe(r, 2)["name"] for r in rows]
+    assert names[0] != names[1] and "1.231" in names[0] and "1.234" in names[1]
+    res = bs.basin_fractions(mapped(V3), jax.random.PRNGKey(0), 40, **small(3000))
+    a = res.attractors[0]
+    assert res[a.name] is a
+    twice = dataclasses.replace(res, attractors=tuple(res.attractors) + (dataclasses.replace(a, count=0),))
+    with pytest.raises(KeyError, match="2 attractors are named"):
+        twice[a.name]

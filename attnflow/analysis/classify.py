@@ -235,7 +235,7 @@ def describe(row, n: int) -> dict:
     else:
         eq = equilibrium_name(kname, None, sizes=sizes)
         gram = [g / 1000 for g in row[5 + n :] if g != 0]
-        eq += f" gram {np.round(gram, 2).tolist()}" if kind == CLUSTERING else ""
+        eq += f" gram {np.round(gram, 3).tolist()}" if kind == CLUSTERING else ""  # the row's thousandths: one name per row
     return {"name": eq if outcome == CONVERGED else OUTCOME_LABELS[oname], "outcome": oname, "equilibrium": eq,
             "kind": kname if outcome == CONVERGED else oname, "eigenvector": vec,
             "sign": sign if kind in (CONSENSUS, BIPARTITE) and vec is not None else None,

@@ -115,10 +115,12 @@ class BasinResult:
     members: MemberSample | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __getitem__(self, name: str) -> Attractor:
-        """The attractor or category of this name (KeyError listing the names otherwise)."""
-        for a in self.attractors + self.categories:
-            if a.name == name:
-                return a
+        """The attractor or category of this name (KeyError listing the names otherwise, or when several share it)."""
+        found = [a for a in self.attractors + self.categories if a.name == name]
+        if len(found) > 1:
+            raise KeyError(f"{len(found)} attractors are named {name!r}; select them from res.attractors")
+        if found:
+            return found[0]
         raise KeyError(f"no attractor or category named {name!r}; have {[a.name for a in self.attractors + self.categories]}")
 
     def union(self, select: Callable[[Attractor], bool] | Iterable[str], name: str | None = None) -> Attractor:
