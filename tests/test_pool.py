@@ -360,3 +360,22 @@ def test_float32_members_do_not_depend_on_the_pool_size(case):
     for size, got in out.items():
         for a, b in zip(got, ref):
             assert np.array_equal(a, b), (case, size)
+
+
+def test_pool_tile_is_a_pure_function_of_the_model_not_the_machine(monkeypatch):
+    """The tile: on lanes from the model's size and dtype for a fixed 2 MiB cache (the machine's L2 does not enter),
+    128 on a CPU's xla backend, none on fused or on a GPU's xla backend (unmeasured there: the pool stays one
+    program, as before)."""
+    from attnflow.evolve import backends
+    from attnflow.evolve.pool import pool_tile
+
+    V = np.diag([1.0, 0.5, -0.3]).astype(np.float32)
+    toy = af.LayerMap(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0), 0.1)
+    assert pool_tile(toy, af.Iterate(), "lanes", 10, 3, np.float32) == 256
+    assert pool_tile(toy, af.Iterate(), "lanes", 10, 3, np.float64) == 128
+    monkeypatch.setattr(backends, "l2_cache_bytes", lambda: 64 << 20)  # another machine: the same tile
+    assert pool_tile(toy, af.Iterate(), "lanes", 10, 3, np.float32) == 256
+    assert pool_tile(toy, af.Iterate(), "xla", 10, 3, np.float32) == S.XLA_TILE == 128
+    assert pool_tile(toy, af.Iterate(), "fused", 10, 3, np.float32) == 0
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert pool_tile(toy, af.Iterate(), "xla", 10, 3, np.float32) == 0

@@ -232,9 +232,10 @@ class Execution(eqx.Module):
       steps of a sphere flow, 1e-14 in float64; a study does not: it steps in fixed tiles, see `pool`).
     - `pool`: member slots per device of a study (default: one tile of the pool's step,
       :func:`attnflow.evolve.pool.pool_tile`: on the lanes backend the slots whose unrolled step fits a 2 MiB cache,
-      on xla 128; on fused ``min(16384, samples, max(chunk, 64))``). Speed and memory only: a pool runs its slots
-      in tiles of that fixed width, so every member's outcome, steps and final state are the same bits for any pool
-      size, in float32 too.
+      on xla on a CPU 128; on fused, and on xla on a GPU, ``min(16384, samples, max(chunk, 64))``). Speed and memory
+      only: a pool runs its slots in tiles of that fixed width, so every member's outcome, steps and final state
+      are the same bits for any pool size, in float32 too (on a GPU's xla backend, which has no tiles, the pool size
+      may change the last bits).
     - `group`: steps between two retire-and-refill passes of a study's pool (default: 4 for the adaptive pair, 8
       otherwise, :func:`attnflow.evolve.pool.default_group`).
     - `devices`: how many local devices to use (default: all of them). A study runs one pool per device;

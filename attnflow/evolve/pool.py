@@ -74,10 +74,12 @@ def pool_tile(dynamics, solver, backend: str, n: int, d: int, dtype) -> int:
     field on 37, 64, 192 and 512 slots rounded four ways, and a study of 1000 members changed the step counts of
     35-37% of them between pools; in fixed tiles every pool gives the same bits.) On ``"lanes"``: the slots whose
     unrolled step fits a 2 MiB cache (:func:`attnflow.evolve.backends.cache_slots`), a pure function of the model's
-    size and the dtype; on ``"xla"``: :data:`XLA_TILE`; on ``"fused"`` the kernel has its own tiles (0)."""
+    size and the dtype; on ``"xla"`` on a CPU: :data:`XLA_TILE`. 0 (no tiles: the pool is one program) on
+    ``"fused"``, whose kernel has its own tiles, and on ``"xla"`` on other platforms, where a GPU wants thousands of
+    members per kernel and no tile size has been measured (there the pool size may change a member's last bits)."""
     if backend == "lanes":
         return backends.cache_slots(lanes_cost(dynamics, solver, 1.0, n, d, dtype), np.dtype(dtype).itemsize)
-    return XLA_TILE if backend == "xla" else 0
+    return XLA_TILE if backend == "xla" and jax.default_backend() == "cpu" else 0
 
 
 def default_group(solver) -> int:
