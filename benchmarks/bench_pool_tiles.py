@@ -71,9 +71,17 @@ def child(tree: str, case) -> dict:
     if out.returncode != 0:
         sys.exit(out.stderr[-3000:])
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    if not res["attnflow"].startswith(str(Path(tree).resolve())):
-        sys.exit(f"the child imported {res['attnflow']}, not the tree {tree}")
+    if not res.pop("attnflow").startswith(str(Path(tree).resolve())):
+        sys.exit(f"the child did not import attnflow from the tree {tree}")
     return res
+
+
+def _commit(tree: str | None) -> str | None:
+    """The commit of a checkout (the record names it, not its path)."""
+    if tree is None:
+        return None
+    out = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
 
 
 def main():
@@ -98,7 +106,7 @@ def main():
 
     rec = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                       "jax": jax.__version__}, "before": args.before, "rows": rows}
+                       "jax": jax.__version__}, "before": _commit(args.before), "rows": rows}
     path = Path(__file__).parent / "results" / args.out
     path.write_text(json.dumps(rec, indent=1))
     print(f"record: {path}")
