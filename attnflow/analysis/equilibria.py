@@ -15,7 +15,7 @@ import optimistix as optx
 
 from .._device import brief_jit
 from .._types import Array, Float, Tokens
-from ..model.dynamics import AbstractDynamics, AbstractFlow, AbstractMap, LayerMap, tangent_project
+from ..model.dynamics import AbstractDynamics, AbstractFlow, AbstractMap, FlatFlow, LayerMap, tangent_project
 from ..model.norms import normalize_rows
 from .eigen import is_real
 from .spectral import Eigen, eigenpairs as _eigenpairs, layer_matrix as layer_matrix
@@ -70,7 +70,10 @@ def polygonal(n: int, d: int, key: Array | None = None) -> Tokens:
 
 
 def residual(dyn: AbstractDynamics, X: Tokens) -> Tokens:
-    """Equilibrium residual: the tangent-projected vector field (flows) or ``step(X) - X`` (maps)."""
+    """Equilibrium residual: the tangent-projected vector field (sphere flows), the vector field itself (a
+    :class:`FlatFlow`, whose state space is R^{nd}) or ``step(X) - X`` (maps)."""
+    if isinstance(dyn, FlatFlow):  # no constraint: an equilibrium is a zero of the whole vector field
+        return dyn.vf(0.0, X)
     if isinstance(dyn, AbstractFlow):
         return tangent_project(X, dyn.vf(0.0, X))
     if isinstance(dyn, AbstractMap):

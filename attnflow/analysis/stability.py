@@ -23,10 +23,11 @@ import numpy as np
 from .._device import brief_jit
 from .._types import Array, Float, Tokens, check_tolerance
 from ..evolve.simulate import check_states
-from ..model.dynamics import AbstractDynamics, AbstractFlow, AbstractMap
+from ..model.dynamics import AbstractDynamics, AbstractFlow, AbstractMap, FlatFlow, LayerMap
 from ..model.norms import L2Norm
 from . import _results, eigen as _eigen
 from .eigen import VERDICTS as VERDICTS, Verdict as Verdict
+from .eigen import is_real, is_simple
 from .equilibria import _real_eigvec, eigenpairs, residual
 
 
@@ -172,6 +173,25 @@ def classify_spectrum(eigs: np.ndarray, discrete: bool, tol: float | None = None
     return _eigen.verdicts(eigs, discrete, dtype=dtype, tol=tol)
 
 
+def _on_spheres(dyn) -> bool:
+    """Whether the state space of `dyn` is the product of unit spheres (intrinsic Jacobian) or not (extrinsic
+    Jacobian): not for a :class:`FlatFlow`, a :class:`LayerMap` with a norm other than l2, a
+    :class:`TransformerBlock` whose output norm is not l2, or a :class:`LayerStack` holding any of these. Other
+    models (the sphere flow, a user's dynamics) are taken to live on the spheres, as before."""
+    from ..model.dynamics import LayerStack
+    from ..model.transformer import TransformerBlock
+
+    if isinstance(dyn, FlatFlow):
+        return False
+    if isinstance(dyn, LayerMap):
+        return isinstance(dyn.norm, L2Norm)
+    if isinstance(dyn, TransformerBlock):
+        return isinstance(dyn.norm_out, L2Norm)
+    if isinstance(dyn, LayerStack):
+        return all(_on_spheres(G) for G in dyn.groups)
+    return True
+
+
 def analyse(dyn: AbstractDynamics, states, *, tol: float | None = None, beta=None, alpha=None) -> Stability:
     """Stability of equilibria: autodiff intrinsic Jacobians (one jit), eigenvalues on the host.
 
@@ -183,8 +203,10 @@ def analyse(dyn: AbstractDynamics, states, *, tol: float | None = None, beta=Non
     **Returns:** a :class:`Stability` (its `tol` is the tolerance used). A state whose Jacobian is not finite (an
     overflow) gets verdict ``unknown``, NaN measure and NaN eigenvalues, never an exception.
     """
-    Jint, _, res = jacobians(dyn, states, beta=beta, alpha=alpha)
-    J = np.asarray(Jint)
+    Jint, Jext, res = jacobians(dyn, states, beta=beta, alpha=alpha)
+    # off the product of unit spheres (a FlatFlow, a layer map normalising with LayerNorm or none) the tangent spaces
+    # x_i^perp are not the state space's: read the spectrum from the extrinsic Jacobian (docs/model.md section 5)
+    J = np.asarray(Jint if _on_spheres(dyn) else Jext)
     dtype = J.dtype
     tol = _eigen.tolerance(dtype) if tol is None else check_tolerance("tol", tol)
     finite = np.all(np.isfinite(J), axis=(-2, -1))
@@ -202,7 +224,8 @@ def consensus_closed_form(model, k: int, n: int, *, alpha: float | None = None) 
 
     Discrete layer map (l2, step alpha): 1/(1 + alpha lambda_k) with multiplicity (n-1)(d-1), and
     (1 + alpha lambda_j)/(1 + alpha lambda_k) for j != k. Continuous flow (``alpha=None``): -lambda_k
-    with multiplicity (n-1)(d-1), and lambda_j - lambda_k. Holds when the attention rows sum to one
+    with multiplicity (n-1)(d-1), and lambda_j - lambda_k. For a :class:`LayerMap` `alpha` defaults to the map's own
+    (another value is refused), for a flow it must be None; lambda_k must be real and alpha finite and > 0. Holds when the attention rows sum to one
     (softmax, uniform, sinkhorn; row-normalised relu when every head's score at consensus is positive), so the
     attention terms vanish at consensus, with the full mask and no value or output biases; refused otherwise.
     Sorted like :func:`analyse`.
@@ -213,6 +236,22 @@ def consensus_closed_form(model, k: int, n: int, *, alpha: float | None = None) 
         raise ValueError(f"k indexes the value map's eigenpairs from 0 (v_1) to d - 1 = {d - 1}, got {k!r}")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n is the number of tokens, an integer >= 1, got {n!r}")
+    if not is_real(lam[k]):
+        raise ValueError(f"eigenvalue {k} of W is complex ({lam[k]:.4g}): there is no consensus on a real eigenvector")
+    if isinstance(model, FlatFlow):
+        raise ValueError("the consensus closed form is for the sphere flow and the l2 layer map; a FlatFlow has no "
+                         "equilibrium at consensus (u = lambda_k v_k != 0): use analyse() (autodiff)")
+    if isinstance(model, AbstractFlow) and alpha is not None:
+        raise ValueError(f"alpha is the step size of the layer map; this model is a flow ({type(model).__name__}): "
+                         "pass alpha=None")
+    if isinstance(model, LayerMap):
+        a = float(np.asarray(model.alpha))
+        if alpha is None:
+            alpha = a  # the map's own step size, not the flow's spectrum
+        elif not np.isclose(float(alpha), a, rtol=1e-12, atol=0.0):
+            raise ValueError(f"alpha={alpha!r} differs from this LayerMap's alpha={a!r}: pass alpha=None or the model's")
+    if alpha is not None and (isinstance(alpha, bool) or not np.isfinite(alpha) or not alpha > 0):
+        raise ValueError(f"alpha is the step size of the layer map, a finite number > 0, got {alpha!r}")
     sa = getattr(model, "attn", None)
     att = getattr(sa, "attention", None)
     kind, mask = getattr(att, "kind", "softmax"), getattr(att, "mask", "full")
@@ -259,6 +298,8 @@ def step_size_threshold(model) -> float:
     lambda_j < -lambda_1 this is 2 / (-lambda_j - lambda_1)); inf when no eigenvalue bounds it."""
     lam, _ = eigenpairs(model)
     l1 = lam[0].real
+    if not is_simple(lam)[0]:  # lambda_j = lambda_1: (1 + alpha lambda_j)/(1 + alpha lambda_1) = 1, never stable
+        return 0.0
     bounds = [2.0 * (l1 - lj.real) / (abs(lj) ** 2 - l1**2) for lj in lam[1:] if abs(lj) > l1]
     return float(min(bounds)) if bounds else float("inf")
 
@@ -295,6 +336,9 @@ def measured_dwell(dyn: AbstractDynamics, X: Tokens, *, distance: float, escape:
     from ..evolve.simulate import simulate
     from ..model.norms import normalize_rows
 
+    if not _on_spheres(dyn):
+        raise ValueError(f"measured_dwell perturbs along the tangent spaces of the unit spheres; this "
+                         f"{type(dyn).__name__} does not live on them")
     X = jnp.asarray(X)
     n, d = X.shape
     Jint = np.asarray(jacobians(dyn, X[None])[0][0])
