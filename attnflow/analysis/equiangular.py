@@ -19,7 +19,8 @@ Closed forms derived here (each is checked against full simulations in the tests
 - **rate near consensus** (delta = 1 - rho -> 0): d delta/dt = -lambda_1 delta with lambda_1 = 2 sum_h w_h
   (softmax: a_o -> 1/n and p ~ n delta; independent of beta and m) and lambda_1 = 2 beta sum_h w_h m_h (relu).
 - **rate at the simplex** rho_* = -1/(n-1) (the repelling equiangular equilibrium): softmax
-  lambda_0 = 2n sum_h w_h / (e^{beta m_h n/(n-1)} + n - 1); relu: 0 (rho <= 0 never moves).
+  lambda_0 = 2n sum_h w_h / (e^{beta m_h n/(n-1)} + n - 1); relu: 2 beta sum_h w_h max(-m_h, 0)/(n - 1), 0 when
+  every m_h >= 0 (rho <= 0 never moves). (The relu rate near consensus is likewise 2 beta sum_h w_h max(m_h, 0).)
 - **clustering time** T_eps = int_{rho0}^{1-eps} d rho / F(rho) (solved as an ODE in rho with diffrax).
   For softmax 1/F = (e^{beta m (1-rho)} + n - 1)/(2 w p) (one head), so T_eps = (n-1) A + B(beta) splits exactly
   into a beta-free part (attention on the other tokens) and a part that grows like e^{beta m (1-rho0)}
@@ -158,6 +159,8 @@ def clustering_time(eps, rho0, *, n: int, beta, w, m, kind: str = "softmax") -> 
     """
     if not (0 < eps < 1):
         raise ValueError(f"eps must lie in (0, 1), got {eps}")
+    if n < 2:
+        raise ValueError(f"the equiangular reduction needs n >= 2 tokens, got {n}")
     lo = -1.0 / (n - 1)
     if not (lo < rho0 < 1 - eps):
         raise ValueError(f"rho0 must lie in ({lo:.4g}, 1 - eps), got {rho0}")
@@ -166,6 +169,10 @@ def clustering_time(eps, rho0, *, n: int, beta, w, m, kind: str = "softmax") -> 
         beta = jnp.asarray(np.asarray(beta, dtype=np.float64))
         f = lambda b: _time_one(jnp.asarray(rho0, float), jnp.asarray(1 - eps, float), b, w, m, n, kind)  # noqa: E731
         T = np.asarray(jax.vmap(f)(beta.ravel()).reshape(beta.shape))
+        F0 = np.asarray(jax.vmap(lambda b: _rhs(jnp.asarray(rho0, float), n, b, w, m, kind))(beta.ravel()))
+    # F <= 0 at the start (e.g. sum_h w_h < 0): rho never rises to 1 - eps; the quadrature of 1/F would return a
+    # finite negative "time" when F < 0 throughout
+    T = np.where((F0.reshape(beta.shape) > 0) & (T > 0), T, np.inf)
     if kind == "relu" and rho0 <= 0:
         T = np.full_like(T, np.inf)
     return T
@@ -178,17 +185,21 @@ def self_attention_weight(rho, *, n: int, beta, m) -> Float[Array, "..."]:
 
 
 def rate_near_consensus(*, beta, w, m, kind: str = "softmax") -> float:
-    """lambda_1: d(1 - rho)/dt = -lambda_1 (1 - rho) near rho = 1: 2 sum w_h (softmax), 2 beta sum w_h m_h (relu)."""
+    """lambda_1: d(1 - rho)/dt = -lambda_1 (1 - rho) near rho = 1: 2 sum w_h (softmax), 2 beta sum w_h max(m_h, 0)
+    (relu)."""
     w, m = _check(2, w, m, kind)
-    return float(2 * jnp.sum(w)) if kind == "softmax" else float(2 * beta * jnp.sum(w * m))
+    # relu: a_o -> max(beta m_h, 0)/n at rho = 1, so a head with m_h <= 0 contributes nothing
+    return float(2 * jnp.sum(w)) if kind == "softmax" else float(2 * beta * jnp.sum(w * jnp.maximum(m, 0.0)))
 
 
 def rate_near_simplex(*, n: int, beta, w, m, kind: str = "softmax") -> float:
     """lambda_0 = F'(rho_*) at the simplex rho_* = -1/(n-1): 2n sum_h w_h/(e^{beta m_h n/(n-1)} + n - 1) (softmax),
-    0 for relu."""
+    2 beta sum_h w_h max(-m_h, 0)/(n - 1) for relu (0 when every m_h >= 0)."""
     w, m = _check(n, w, m, kind)
     if kind == "relu":
-        return 0.0
+        # F'(rho_*) = p'(rho_*) 2 sum_h w_h a_o(rho_*), p'(rho_*) = n, a_o(rho_*) = max(-beta m_h, 0)/(n (n-1)):
+        # zero for attracting heads (m_h >= 0), not for m_h < 0
+        return float(2 * beta * jnp.sum(w * jnp.maximum(-m, 0.0)) / (n - 1))
     return float(2 * n * jnp.sum(w / (jnp.exp(beta * m * n / (n - 1)) + n - 1)))
 
 
@@ -216,9 +227,11 @@ def critical_beta(*, n: int, rho0: float, m, w=None) -> float:
         raise ValueError(f"beta_c needs n >= 3 (for n = 2, a_self >= 1/2 at every beta >= 0), got n = {n}")
     if not (rho0 < 1):
         raise ValueError(f"rho0 must be < 1, got {rho0}")
+    if w.shape != m.shape or m.ndim != 1:
+        raise ValueError(f"w and m must be 1-d arrays of the same length (one per head), got {w.shape} and {m.shape}")
     if np.any(m <= 0) or np.any(w <= 0):
         raise ValueError("beta_c is derived for attracting heads, m_h > 0 and w_h > 0")
-    if np.allclose(m, m[0]):
+    if np.all(m == m[0]):  # exactly equal (allclose's absolute tolerance would merge e.g. m = 1e-9, 2e-9)
         return float(np.log(n - 1) / (m[0] * (1 - rho0)))
     g = lambda b: float(np.sum(w * (1 / (1 + (n - 1) * np.exp(-b * m * (1 - rho0))) - 0.5)))  # noqa: E731
     lo, hi = 0.0, 1.0

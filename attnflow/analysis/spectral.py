@@ -69,6 +69,9 @@ class Eigen:
     values: np.ndarray
     vectors: np.ndarray
     order: str
+    log_scale: float = 0.0
+    """log s when `values` are those of a matrix rescaled by 1/s (:func:`cumulative_principal`): the skip key,
+    the gap and the tie test are then those of the unscaled matrix (see :func:`_key`)."""
 
     def __iter__(self):
         """Unpacks as ``values, vectors`` (like NumPy's ``EigResult``)."""
@@ -138,7 +141,23 @@ def _eigen(W: np.ndarray, order: str, log_s: float = 0.0) -> Eigen:
         vecs[:, k] = v
     vecs = vecs / np.linalg.norm(vecs, axis=0, keepdims=True)
     idx = np.lexsort((-vals.imag, -_key(vals, order, log_s)))
-    return Eigen(values=vals[idx], vectors=vecs[:, idx], order=order)
+    return Eigen(values=vals[idx], vectors=vecs[:, idx], order=order, log_scale=float(log_s))
+
+
+def _gap(eig: Eigen, k: int) -> tuple[float, float]:
+    """(key_0 - key_k, relative gap (key_0 - key_k) / |key_0|) with the key of the matrix itself: for the skip order
+    of a rescaled matrix (log_scale != 0) the gap of |1 + s lambda| divided by s, in the units of the returned
+    (rescaled) eigenvalues like the other orders, and the scale-free relative gap."""
+    vals, log_s = eig.values, eig.log_scale
+    if eig.order != "skip" or log_s >= 0.0:
+        key = _key(vals, eig.order, log_s)
+        return float(key[0] - key[k]), float((key[0] - key[k]) / max(abs(key[0]), 1e-300))
+    # s < 1: |1 + s l_0| - |1 + s l_k| = s (q_0 - q_k) / (|1 + s l_0| + |1 + s l_k|), q = 2 Re l + s |l|^2
+    s = math.exp(log_s)
+    q = _key(vals, "skip", log_s)
+    a, b = abs(1.0 + s * vals[0]), abs(1.0 + s * vals[k])
+    gap = (q[0] - q[k]) / max(a + b, 1e-300)
+    return float(gap), float(s * gap / max(a, 1e-300))
 
 
 def orthonormal_basis(vectors, tol: float = 1e-10) -> np.ndarray:
@@ -165,7 +184,10 @@ def real_subspace(v) -> np.ndarray:
 
 
 def spectral_gap(eig: Eigen) -> float:
-    """key(lambda_1) - key(lambda_next), key = real part or modulus as in ``eig.order``.
+    """key(lambda_1) - key(lambda_next), key = real part, modulus or |1 + lambda| as in ``eig.order``.
+
+    For a rescaled product of :func:`cumulative_principal` (values of P_l / s_l) the skip gap is that of P_l's own
+    |1 + lambda| divided by s_l (the real and modulus gaps are P_l's divided by s_l too).
 
     lambda_next is the first eigenvalue that is not the complex conjugate of lambda_1 (the
     "obvious correction" of [PM] for a complex principal pair).
@@ -178,8 +200,7 @@ def spectral_gap(eig: Eigen) -> float:
         k = 2
     if k >= vals.size:
         return float("nan")
-    key = _key(vals, eig.order)
-    return float(key[0] - key[k])
+    return _gap(eig, k)[0]
 
 
 def vector_correlation(a, b) -> float:
@@ -206,9 +227,7 @@ def principal_subspace(eig: Eigen, *, tie: float | None = None) -> np.ndarray:
     nxt = 2 if (not eig.is_real(0) and vals.size > 2 and np.isclose(vals[1], np.conj(vals[0]))) else 1
     cols = [eig.vectors[:, 0]]
     if tie is not None and nxt < vals.size:
-        key = _key(vals, eig.order)
-        rel = (key[0] - key[nxt]) / max(abs(key[0]), 1e-300)
-        if rel < tie:
+        if _gap(eig, nxt)[1] < tie:
             cols.append(eig.vectors[:, nxt])
     return orthonormal_basis(np.stack(cols, axis=1))
 
@@ -278,8 +297,13 @@ def head_spectra(heads, *, order: str) -> HeadSpectra:
         e = eigenpairs(Vh @ Oh, order=order)
         v = Oh @ e.vectors
         nrm = np.linalg.norm(v, axis=0, keepdims=True)
+        v = v / np.where(nrm > 0, nrm, 1.0)
+        for k in np.flatnonzero(e.values.imag == 0):  # the sign convention of eigenpairs: largest entry positive
+            j = int(np.argmax(np.abs(v[:, k])))
+            if v[j, k].real < 0:
+                v[:, k] = -v[:, k]
         vals.append(e.values)
-        vecs.append(v / np.where(nrm > 0, nrm, 1.0))
+        vecs.append(v)
     return HeadSpectra(values=np.stack(vals), vectors=np.stack(vecs), order=order)
 
 
