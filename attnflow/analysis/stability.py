@@ -173,25 +173,6 @@ def classify_spectrum(eigs: np.ndarray, discrete: bool, tol: float | None = None
     return _eigen.verdicts(eigs, discrete, dtype=dtype, tol=tol)
 
 
-def _on_spheres(dyn) -> bool:
-    """Whether the state space of `dyn` is the product of unit spheres (intrinsic Jacobian) or not (extrinsic
-    Jacobian): not for a :class:`FlatFlow`, a :class:`LayerMap` with a norm other than l2, a
-    :class:`TransformerBlock` whose output norm is not l2, or a :class:`LayerStack` holding any of these. Other
-    models (the sphere flow, a user's dynamics) are taken to live on the spheres, as before."""
-    from ..model.dynamics import LayerStack
-    from ..model.transformer import TransformerBlock
-
-    if isinstance(dyn, FlatFlow):
-        return False
-    if isinstance(dyn, LayerMap):
-        return isinstance(dyn.norm, L2Norm)
-    if isinstance(dyn, TransformerBlock):
-        return isinstance(dyn.norm_out, L2Norm)
-    if isinstance(dyn, LayerStack):
-        return all(_on_spheres(G) for G in dyn.groups)
-    return True
-
-
 def analyse(dyn: AbstractDynamics, states, *, tol: float | None = None, beta=None, alpha=None) -> Stability:
     """Stability of equilibria: autodiff intrinsic Jacobians (one jit), eigenvalues on the host.
 
@@ -206,7 +187,7 @@ def analyse(dyn: AbstractDynamics, states, *, tol: float | None = None, beta=Non
     Jint, Jext, res = jacobians(dyn, states, beta=beta, alpha=alpha)
     # off the product of unit spheres (a FlatFlow, a layer map normalising with LayerNorm or none) the tangent spaces
     # x_i^perp are not the state space's: read the spectrum from the extrinsic Jacobian (docs/model.md section 5)
-    J = np.asarray(Jint if _on_spheres(dyn) else Jext)
+    J = np.asarray(Jint if dyn.on_spheres else Jext)
     dtype = J.dtype
     tol = _eigen.tolerance(dtype) if tol is None else check_tolerance("tol", tol)
     finite = np.all(np.isfinite(J), axis=(-2, -1))
@@ -336,7 +317,7 @@ def measured_dwell(dyn: AbstractDynamics, X: Tokens, *, distance: float, escape:
     from ..evolve.simulate import simulate
     from ..model.norms import normalize_rows
 
-    if not _on_spheres(dyn):
+    if not dyn.on_spheres:
         raise ValueError(f"measured_dwell perturbs along the tangent spaces of the unit spheres; this "
                          f"{type(dyn).__name__} does not live on them")
     X = jnp.asarray(X)

@@ -54,6 +54,13 @@ class AbstractDynamics(eqx.Module):
         member whose final state is off by more than ``attnflow.evolve.outcome.DEGENERATE_TOL`` is ``degenerate``."""
         return jnp.zeros((), X.dtype)
 
+    @property
+    def on_spheres(self) -> bool:
+        """Whether the state space is the product of unit spheres (stability then reads the intrinsic Jacobian on
+        their tangent spaces, docs/model.md section 5). True unless a model says otherwise (a user's dynamics is taken
+        to live on the spheres)."""
+        return True
+
 
 class AbstractFlow(AbstractDynamics):
     """dX/dt = vf(t, X)."""
@@ -109,6 +116,11 @@ class FlatFlow(AbstractFlow):
         """The identity: no constraint."""
         return X
 
+    @property
+    def on_spheres(self) -> bool:
+        """False: the state space is R^{nd}."""
+        return False
+
 
 class AbstractMap(AbstractDynamics):
     """x(k+1) = step(k, x(k))."""
@@ -153,6 +165,11 @@ class LayerMap(AbstractMap):
     def state_residual(self, X: Tokens) -> Float[Array, ""]:
         """How far X is from the image of the normalisation (see :meth:`AbstractNorm.residual`)."""
         return self.norm.residual(X)
+
+    @property
+    def on_spheres(self) -> bool:
+        """Whether the map normalises with :class:`L2Norm`."""
+        return isinstance(self.norm, L2Norm)
 
 
 def _signature(layer: eqx.Module):
@@ -221,10 +238,14 @@ class LayerStack(AbstractMap):
         return jax.lax.switch(g, branches, X, j)
 
     def state_residual(self, X: Tokens) -> Float[Array, ""]:
-        """The sphere residual when every layer normalises with :class:`L2Norm`; otherwise 0 (not checked)."""
-        if all(isinstance(getattr(G, "norm", None), L2Norm) for G in self.groups):
-            return sphere_residual(X)
-        return jnp.zeros((), X.dtype)
+        """The sphere residual when every layer lands on the unit spheres (:attr:`on_spheres`); otherwise 0 (not
+        checked)."""
+        return sphere_residual(X) if self.on_spheres else jnp.zeros((), X.dtype)
+
+    @property
+    def on_spheres(self) -> bool:
+        """Whether every layer lands on the unit spheres."""
+        return all(G.on_spheres for G in self.groups)
 
     def with_params(self, *, beta=None, alpha=None):
         """The same stack with new beta and/or alpha in every layer."""

@@ -80,6 +80,11 @@ class TransformerBlock(AbstractMap):
     ffn: FFN | None
     alpha: Float[Array, ""] = eqx.field(default=1.0, converter=_as_float_array)
 
+    @property
+    def on_spheres(self) -> bool:
+        """Whether the block's output norm is :class:`L2Norm` (its states then lie on the unit spheres)."""
+        return isinstance(self.norm_out, L2Norm)
+
     def step(self, k, X: Tokens) -> Tokens:
         """One block: attention (and FFN, LayerNorm as configured) applied to X ``(n, d)``."""
         h = self.norm_attn(X + self.alpha.astype(X.dtype) * self.attn(self.norm_in(X)))
