@@ -43,3 +43,11 @@ def brief_jit(fun):
         return (cpu if jax.default_backend() == "cpu" else default)(*args, **kwargs)
 
     return call
+
+
+def tile_loop(body, count: int, carry):
+    """``fori_loop(0, count, body, carry)`` over the tiles of a fixed-width computation, with the trip count hidden
+    from XLA (an optimisation barrier), so that one tile compiles exactly as many do (a loop of one trip would be
+    inlined into its surroundings and rounded differently). Used where a result must not depend on how many members
+    are computed together (a study's pool, its sampler)."""
+    return jax.lax.fori_loop(0, jax.lax.optimization_barrier(jnp.int32(count)), body, carry)

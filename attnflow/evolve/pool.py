@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._device import device_array
+from .._device import device_array, tile_loop
 from .._types import Array, Float, Int
 from ..model.dynamics import AbstractFlow, AbstractMap
 from . import adaptive as _adaptive, backends
@@ -324,8 +324,7 @@ def _group_runner(dyn, solver, dt, cap, regions, spec: _Spec, n: int, d: int, P:
 
 def _tiled(run, P: int, W: int):
     """`run` (on ``(d n, W)`` rows) over ``(d n, P)`` rows as a loop over tiles of W slots, the last one padded with
-    frozen copies of slot 0. The loop's trip count is hidden from XLA (an optimisation barrier), so that one tile is
-    compiled the same way as many."""
+    frozen copies of slot 0 (:func:`~attnflow._device.tile_loop`)."""
     nt = -(-P // W)
     Pp = nt * W
 
@@ -343,7 +342,7 @@ def _tiled(run, P: int, W: int):
             return tuple(jax.lax.dynamic_update_slice_in_dim(a, o.astype(a.dtype), i * W, axis=a.ndim - 1)
                          for a, o in zip(c, out))
 
-        c = jax.lax.fori_loop(0, jax.lax.optimization_barrier(jnp.int32(nt)), body, c)
+        c = tile_loop(body, nt, c)
         return tuple(a[..., :P] for a in c)
 
     return tiled
