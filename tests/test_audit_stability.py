@@ -32,7 +32,12 @@ def test_flat_flow_residual_is_the_whole_vector_field():
     u = _np_drift_uniform(X, W)
     np.testing.assert_allclose(np.asarray(eq.residual(ff, jnp.asarray(X))), u, atol=1e-14)
     assert float(st.analyse(ff, jnp.asarray(X)[None]).residual[0]) == pytest.approx(1.0, abs=1e-14)
-    assert not bool(eq.refine(ff, jnp.asarray(X + 0.01)).success)
+    # refine must not report success at the consensus: it finds a true zero of the flat flow's field instead, here
+    # X = 0 (the mean token in ker W; refine no longer pins a flat flow's tokens to the unit sphere)
+    ref = eq.refine(ff, jnp.asarray(X + 0.01))
+    assert bool(ref.success)
+    assert float(np.abs(np.asarray(eq.residual(ff, ref.state))).max()) < 1e-12
+    assert float(np.abs(np.asarray(ref.state)).max()) < 1e-12
 
 
 def test_flat_flow_spectrum_is_the_extrinsic_one():
@@ -127,3 +132,37 @@ def test_step_size_threshold_with_a_repeated_principal_eigenvalue(diag):
     m = af.LayerMap(af.SelfAttention(af.Heads.single(np.diag(diag)), af.Attention("softmax"), 1.0), 0.1)
     assert st.step_size_threshold(m) == 0.0
     assert st.analyse(m, eq.consensus(m, 0, 3)[None]).verdict_names[0] == "neutral"
+
+
+def test_refine_and_verdict_off_the_unit_spheres():
+    """refine pinned every token to the unit sphere, so it could not land on an equilibrium of a LayerNorm(gain, bias)
+    map (its tokens have other norms) and reported failure; a basin study's verdict of such a map was "unknown".
+    Reference: the fixed point reached by iterating the map in plain NumPy (float64, |step(X) - X| < 1e-12); refine
+    from a 1e-3 perturbation must return it to 1e-9."""
+    from attnflow.analysis.basins.verify import verify_state
+
+    rng = np.random.default_rng(0)
+    d = 4
+    Q, K = rng.normal(size=(1, d, d)), rng.normal(size=(1, d, d))
+    V, O = rng.normal(size=(1, d, d)) / np.sqrt(d), rng.normal(size=(1, d, d)) / np.sqrt(d)
+    g, b = rng.uniform(0.5, 2, d), rng.normal(size=d) * 0.5
+    m = af.LayerMap(af.SelfAttention(af.Heads(Q, K, V, O), af.Attention("softmax"), 1.0), 1.0,
+                    norm=af.LayerNorm(gain=jnp.asarray(g), bias=jnp.asarray(b)))
+
+    def step(X):
+        s = (X @ Q[0].T) @ (X @ K[0].T).T
+        a = np.exp(s - s.max(1, keepdims=True))
+        a /= a.sum(1, keepdims=True)
+        y = X + a @ X @ (O[0] @ V[0]).T
+        c = y - y.mean(1, keepdims=True)
+        return c / np.sqrt((c * c).mean(1, keepdims=True)) * g + b
+
+    X = rng.normal(size=(3, d))
+    for _ in range(3000):
+        X = step(X)
+    assert np.abs(step(X) - X).max() < 1e-12
+    X0 = X + 1e-3 * rng.normal(size=X.shape)
+    ref = eq.refine(m, jnp.asarray(X0))
+    assert bool(ref.success)
+    np.testing.assert_allclose(np.asarray(ref.state), X, atol=1e-9)
+    assert verify_state(m, jnp.asarray(X0)) == "stable"

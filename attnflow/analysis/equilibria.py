@@ -84,9 +84,9 @@ def residual(dyn: AbstractDynamics, X: Tokens) -> Tokens:
 class Refined(eqx.Module):
     """Result of :func:`refine`, carried through from the optimistix solve (leading batch axis if the input had one).
 
-    - `state`: ``(n, d)`` the refined state, rows normalised.
-    - `residual`: max |F| of the solver's objective F(X) = residual(X) + (|x_i|^2 - 1) x_i at its final iterate
-      (optimistix's own residual, not recomputed): the distance from an equilibrium on the spheres.
+    - `state`: ``(n, d)`` the refined state (rows normalised when the model lives on the unit spheres).
+    - `residual`: max |F| of the solver's objective at its final iterate (optimistix's own residual, not
+      recomputed): F(X) = residual(X) + (|x_i|^2 - 1) x_i on the unit spheres, F(X) = residual(X) otherwise.
     - `result`: the ``optimistix.RESULTS`` item of the solve (``successful``, ``nonlinear_max_steps_reached``, ...).
     - `steps`: the number of Levenberg-Marquardt steps taken.
     - `success`: the solve succeeded and `residual` < `tol`.
@@ -107,17 +107,19 @@ def _fix_map(dyn):
 
 def _solve_one(dyn, X0, rtol, atol, max_steps):
     n, d = X0.shape
+    spheres = dyn.on_spheres  # off the unit spheres (flat flow, layernorm or no norm) nothing pins the tokens
 
     def fn(z, _):
         X = z.reshape(n, d)
-        radial = (jnp.sum(X * X, axis=-1, keepdims=True) - 1.0) * X
+        radial = (jnp.sum(X * X, axis=-1, keepdims=True) - 1.0) * X if spheres else 0.0
         return (residual(dyn, X) + radial).ravel()
 
     sol = optx.least_squares(
         fn, optx.LevenbergMarquardt(rtol=rtol, atol=atol), X0.ravel(), max_steps=max_steps, throw=False
     )
     r = jnp.max(jnp.abs(sol.state.f_info.residual))
-    return normalize_rows(sol.value.reshape(n, d)), r, sol.result, sol.stats["num_steps"]
+    X = sol.value.reshape(n, d)
+    return normalize_rows(X) if spheres else X, r, sol.result, sol.stats["num_steps"]
 
 
 @brief_jit  # compiled cheaply on a CPU: same speed, measured at 1 to 2000 states
@@ -128,12 +130,14 @@ def _refine(dyn, X0, rtol, atol, max_steps):
 
 
 def refine(dyn: AbstractDynamics, X0: Tokens, *, tol: float | None = None, max_steps: int = 200) -> Refined:
-    """Refine approximate equilibria to machine precision on the product of spheres.
+    """Refine approximate equilibria to machine precision.
 
-    Solves ``residual(X) + (|x_i|^2 - 1) x_i = 0`` in R^{nd} by Levenberg-Marquardt (optimistix): the
-    radial term pins every token to the sphere, the residual (tangent-projected vector field, or
-    ``step(X) - X``) vanishes exactly at equilibria. A damped Gauss-Newton method copes with the
-    singular Jacobians of symmetric models (neutral directions).
+    Solves ``residual(X) + (|x_i|^2 - 1) x_i = 0`` in R^{nd} by Levenberg-Marquardt (optimistix) for a model
+    on the unit spheres (:attr:`~attnflow.model.dynamics.AbstractDynamics.on_spheres`): the radial term pins
+    every token to the sphere, the residual (tangent-projected vector field, or ``step(X) - X``) vanishes
+    exactly at equilibria. Off the unit spheres (a :class:`FlatFlow`, a layer map normalised by layernorm or
+    none) it solves ``residual(X) = 0`` alone and leaves the rows unnormalised. A damped Gauss-Newton method
+    copes with the singular Jacobians of symmetric models (neutral directions).
 
     **Arguments:** `dyn` a flow or a :class:`LayerMap`; `X0` ``(n, d)`` or a batch ``(b, n, d)`` (one solve per
     state, vmapped; a failed solve is data, never an exception); `tol` the residual below which a solve counts
@@ -142,7 +146,8 @@ def refine(dyn: AbstractDynamics, X0: Tokens, *, tol: float | None = None, max_s
     **Returns:** a :class:`Refined` (with a leading batch axis for a batch).
     """
     _fix_map(dyn)
-    X0 = normalize_rows(jnp.asarray(X0))
+    X0 = jnp.asarray(X0)
+    X0 = normalize_rows(X0) if dyn.on_spheres else X0
     # solve in JAX's default float (float64 when x64 is on): optimistix builds its damping in that dtype, and a
     # float32 state against it (or against float64 model parameters) would not solve
     X0 = X0.astype(jnp.promote_types(X0.dtype, jnp.result_type(float)))
