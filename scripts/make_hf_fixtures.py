@@ -13,7 +13,17 @@ attention, no dropout):
   (V x_j + bv)) + bo, that module's output (no FFN, no LayerNorm);
 - ``h_l`` (n, d): the input of the whole layer (block), and ``out_l`` (n, d): its output, with the FFN and
   every LayerNorm as Hugging Face computes them (post-norm BERT/ALBERT: the output LayerNorm included;
-  pre-norm GPT-2/GPT-Neo: the residual stream, before the final ``ln_f``).
+  pre-norm GPT-2/GPT-Neo: the residual stream, before the final ``ln_f``);
+- ``hs_0`` ... ``hs_L``: Hugging Face's ``hidden_states`` (``output_hidden_states=True``) for the token ids
+  ``embed_ids`` (``hs_0`` = ``embed_h0``; for GPT-2/GPT-Neo ``hs_L`` has the final ``ln_f`` applied).
+
+The configurations the first fixtures do not cover (written by the audit of docs/model.md section 8, tested by
+tests/test_audit_hf.py): ``gpt2_scaling`` (``scale_attn_weights: false`` and ``scale_attn_by_inverse_layer_idx``,
+``n_inner: null``, ``quick_gelu``, a large LayerNorm epsilon), ``gpt_neo_layers`` (``attention_layers`` set apart
+from ``attention_types``, as ``GPTNeoConfig`` lets it decide; window 2, ``relu``), ``albert_groups`` (3 layers in 2
+groups, ``mish``), ``distilbert_sinusoidal`` (``sinusoidal_pos_embds``, ``relu``); and ``activations/``, Hugging
+Face's FFN activations (``ACT2FN``) on a grid. Regenerate one fixture with ``python scripts/make_hf_fixtures.py
+gpt2_scaling``.
 """
 
 from __future__ import annotations
@@ -54,7 +64,28 @@ def _configs():
         "gpt_neo": tf.GPTNeoConfig(vocab_size=11, hidden_size=16, num_layers=2, num_heads=2, max_position_embeddings=16,
                                    attention_types=[[["global", "local"], 1]], window_size=3, intermediate_size=24,
                                    **common),
+        # GPT2Attention's scaling: 1 (scale_attn_weights false) divided by l + 1 (scale_attn_by_inverse_layer_idx)
+        "gpt2_scaling": tf.GPT2Config(vocab_size=11, n_embd=8, n_layer=3, n_head=2, n_positions=12, n_inner=None,
+                                      scale_attn_weights=False, scale_attn_by_inverse_layer_idx=True,
+                                      activation_function="quick_gelu", layer_norm_epsilon=0.5, **common),
+        # attention_layers (set below) decides over attention_types' expansion (local, global, local)
+        "gpt_neo_layers": tf.GPTNeoConfig(vocab_size=11, hidden_size=8, num_layers=3, num_heads=2,
+                                          max_position_embeddings=12, attention_types=[[["local", "global"], 1],
+                                                                                       [["local"], 1]],
+                                          window_size=2, intermediate_size=None, activation_function="relu",
+                                          layer_norm_epsilon=0.5, **common),
+        # 3 layers in 2 groups: layers 0, 1 use group 0 and layer 2 group 1 (int(l / (3 / 2)))
+        "albert_groups": tf.AlbertConfig(vocab_size=11, embedding_size=4, hidden_size=8, num_hidden_layers=3,
+                                         num_hidden_groups=2, num_attention_heads=2, intermediate_size=12,
+                                         max_position_embeddings=12, hidden_act="mish", layer_norm_eps=0.5, **common),
+        "distilbert_sinusoidal": tf.DistilBertConfig(vocab_size=11, dim=8, n_layers=2, n_heads=2, hidden_dim=12,
+                                                     max_position_embeddings=12, sinusoidal_pos_embds=True,
+                                                     activation="relu", **common),
     }
+
+
+_EDITS = {"gpt_neo_layers": {"attention_layers": ["global", "local", "local"]}}
+"""Config attributes set after construction (written to config.json by save_pretrained)."""
 
 
 def _attention_hooks(family, model):
@@ -63,9 +94,8 @@ def _attention_hooks(family, model):
         return [(l.attention.self, l.attention.output.dense) for l in model.encoder.layer]
     if family == "distilbert":
         return [(l.attention, l.attention.out_lin) for l in model.transformer.layer]
-    if family == "albert":
-        lay = model.encoder.albert_layer_groups[0].albert_layers[0]
-        return [(lay.attention, lay.attention.dense)]
+    if family == "albert":  # every group's shared layer (called in layer order, so the captures are too)
+        return [(g.albert_layers[0].attention, g.albert_layers[0].attention.dense) for g in model.encoder.albert_layer_groups]
     if family == "gpt2":
         return [(b.attn, b.attn) for b in model.h]
     if family == "gpt_neo":
@@ -80,7 +110,7 @@ def _block_modules(family, model):
     if family == "distilbert":
         return list(model.transformer.layer)
     if family == "albert":
-        return [model.encoder.albert_layer_groups[0].albert_layers[0]]
+        return [g.albert_layers[0] for g in model.encoder.albert_layer_groups]
     if family in ("gpt2", "gpt_neo"):
         return list(model.h)
     raise ValueError(family)
@@ -92,6 +122,8 @@ def _first(o):
 
 def build(family, config, seed=0):
     torch.manual_seed(seed)
+    for k, v in _EDITS.get(family, {}).items():
+        setattr(config, k, v)
     config._attn_implementation = "eager"
     model = tf.AutoModel.from_config(config, attn_implementation="eager").eval()
     with torch.no_grad():  # non-zero biases and LayerNorm affine parts, so the tests can see them
@@ -126,12 +158,13 @@ def build(family, config, seed=0):
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2]])[:, :N_TOKENS]
     nx, ny, nh = len(xs), len(ys), len(hs)
     with torch.no_grad():
-        model(input_ids=ids)
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
     embedded = hs[nh]
     del xs[nx:], ys[ny:], hs[nh:], outs[nh:]
     for h in hooks:
         h.remove()
     ref = {"embed_ids": ids[0].numpy(), "embed_h0": embedded[0].numpy().astype(np.float32)}
+    ref.update({f"hs_{i}": h[0].numpy().astype(np.float32) for i, h in enumerate(hidden)})
     for l, (x, y) in enumerate(zip(xs, ys)):
         ref[f"x_{l}"] = x[0].numpy().astype(np.float32)
         ref[f"y_{l}"] = y[0].numpy().astype(np.float32)
@@ -155,11 +188,33 @@ def refused_bin():
     return out
 
 
+LEARNED_ACTIVATIONS = ("prelu", "xielu")
+"""ACT2FN entries with learned parameters: not FFN activations attnflow can name, left out of ``activations/``."""
+
+
+def activations():
+    """``activations/reference.npz``: ``x`` (a float64 grid over [-12, 12]) and, for every parameter-free name in
+    ``transformers.activations.ACT2FN``, its values there (float64), to check attnflow's FFN activations."""
+    from transformers.activations import ACT2CLS, ACT2FN
+
+    out = ROOT / "activations"
+    out.mkdir(parents=True, exist_ok=True)
+    x = np.concatenate([np.linspace(-12.0, 12.0, 49), [-0.3, -0.1, -1e-3, 1e-3, 0.1, 0.3]])
+    ref = {"x": x}
+    for name in ACT2CLS:
+        if name not in LEARNED_ACTIVATIONS:
+            ref[name] = ACT2FN[name](torch.tensor(x, dtype=torch.float64)).numpy()
+    np.savez_compressed(out / "reference.npz", **ref)
+    meta = {"names": sorted(k for k in ref if k != "x"), "torch": torch.__version__, "transformers": tf.__version__}
+    (out / "reference.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return out
+
+
 def main(argv=None):
-    families = (argv or sys.argv[1:]) or list(_configs()) + ["refused"]
+    families = (argv or sys.argv[1:]) or list(_configs()) + ["refused", "activations"]
     cfgs = _configs()
     for fam in families:
-        p = refused_bin() if fam == "refused" else build(fam, cfgs[fam])
+        p = refused_bin() if fam == "refused" else activations() if fam == "activations" else build(fam, cfgs[fam])
         print(fam, "->", p, sorted(f.name for f in p.iterdir()))
 
 

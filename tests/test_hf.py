@@ -139,8 +139,9 @@ def test_more_weights_than_config_refused(tmp_path, family, key):
         save_file(t, d / "model.safetensors")
     else:
         cfg[key] = 1
-        if family == "gpt_neo":
+        if family == "gpt_neo":  # config.json's attention_layers decides over attention_types (GPTNeoConfig)
             cfg["attention_types"] = [[["global"], 1]]
+            cfg["attention_layers"] = ["global"]
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"has more than the 1 (layers|layer group)"):
         load_hf(d)
@@ -274,7 +275,11 @@ CONFIG_FAULTS = [
     ("gpt_neo", {"window_size": 0}, r"'window_size' must be >= 1, got 0"),
     ("gpt_neo", {"attention_types": "global"}, r"'attention_types' must be a list of"),
     ("gpt_neo", {"attention_types": [[["global", "local"], 10**12]]}, r"lists more than the 2 layers"),
-    ("gpt_neo", {"attention_types": [[["global"], 1]]}, r"'attention_types' lists 1 layers, config\.json has 2"),
+    # the fixture's config.json lists attention_layers too, which decides (its length must be num_layers); the same
+    # check on attention_types alone: tests/test_audit_hf.py
+    ("gpt_neo", {"attention_types": [[["global"], 1]], "attention_layers": ["global"]},
+     r"'attention_layers' lists 1 layers, config\.json has 2"),
+    ("gpt_neo", {"attention_layers": ["global", "sparse"]}, r"'attention_layers' must be a list of"),
 ]
 
 

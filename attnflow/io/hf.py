@@ -9,22 +9,31 @@ Conventions (docs/model.md sections 1 and 8; matrices act on column vectors):
 - ``nn.Linear`` stores ``weight`` as [out, in], so the attnflow matrix is ``weight`` itself;
   GPT-2's ``Conv1D`` stores [in, out] (``c_attn`` is the fused [d, 3d] q|k|v), so the matrix is its transpose.
 - Head h owns rows h*dh:(h+1)*dh of Q, K, V and columns h*dh:(h+1)*dh of O.
-- beta = 1/sqrt(dh), except GPT-Neo (beta = 1: it does not scale the scores).
+- beta = 1/sqrt(dh), except GPT-Neo and GPT-2 with ``scale_attn_weights: false`` (beta = 1: no scaling). GPT-2's
+  ``scale_attn_by_inverse_layer_idx`` divides layer l's scores by l + 1: folded into that layer's Q and bq.
 - BERT/ALBERT: full attention, post-norm (BERT with ``is_decoder``: causal, as ``BertModel`` masks it; its
   cross-attention, if any, needs an encoder's states and is not part of the dynamics). Only absolute position
   embeddings: ``position_embedding_type`` ``relative_key(_query)`` (learned terms in the scores) is refused.
   GPT-2: causal, pre-norm. GPT-Neo: pre-norm, alternating global (causal) and local (causal window of
-  ``window_size``) layers as listed in ``attention_types``.
-- A config.json without its LayerNorm epsilon gets Hugging Face's default (1e-12 for the BERT-like families and
-  ALBERT, 1e-5 for GPT-2/GPT-Neo).
+  ``window_size``) layers as listed in config.json's ``attention_layers`` if it has one (``GPTNeoConfig`` takes it
+  over ``attention_types``), else in ``attention_types``. Their ``last_hidden_state`` is ``ln_f`` of the last
+  block's output (:meth:`HFModel.final_norm`).
+- LayerNorm epsilon: each family's own key (``layer_norm_epsilon`` for GPT-2/GPT-Neo, ``layer_norm_eps`` for the
+  others; DistilBERT: 1e-12, fixed in its code). A config.json without it gets Hugging Face's default (1e-12 for
+  the BERT-like families and ALBERT, 1e-5 for GPT-2/GPT-Neo); so do ``embedding_size`` (ALBERT, ELECTRA: 128),
+  ``window_size`` (256) and ``attention_types`` (GPT-Neo), DistilBERT's ``hidden_dim`` (3072).
+- Old checkpoints' ``LayerNorm.gamma`` / ``LayerNorm.beta`` are read as ``LayerNorm.weight`` / ``.bias`` (as
+  Hugging Face renames them).
 - Weights with more layers (ALBERT: layer groups) than config.json declares are refused.
-- ALBERT: one shared layer (per hidden group), used for every layer; its embedding projection
-  ``embedding_hidden_mapping_in`` (E -> d) is kept.
+- ALBERT: one shared layer per hidden group, layer l using group int(l / (L / ``num_hidden_groups``)) as
+  ``AlbertTransformer``; its embedding projection ``embedding_hidden_mapping_in`` (E -> d) is kept;
+  ``inner_group_num`` != 1 (several layers per group) is refused.
 - RoBERTa, XLM-RoBERTa, CamemBERT: BERT's layers (``RobertaModel``); their position ids start after the padding
   index (``pad_token_id`` + 1; a padding token gets ``pad_token_id``), as ``create_position_ids_from_input_ids``.
 - ELECTRA: BERT's layers, and ``embeddings_project`` (E -> d) after the embedding when E != d.
 - DistilBERT: BERT's post-norm layers under other names (``q_lin`` ... ``output_layer_norm``), no token types,
-  LayerNorm epsilon 1e-12 (fixed in its code).
+  LayerNorm epsilon 1e-12 (fixed in its code). DistilBERT and ALBERT attend bidirectionally even with
+  ``is_decoder: true`` (their Hugging Face models never mask causally).
 """
 
 from __future__ import annotations
@@ -167,6 +176,17 @@ class HFModel:
         return x.astype(np.float32)
 
 
+    def final_norm(self, X) -> np.ndarray:
+        """The last layer's output ``(..., n, d)`` as Hugging Face's ``last_hidden_state`` (and the last entry of
+        ``hidden_states``) reports it: GPT-2 and GPT-Neo apply their final LayerNorm ``ln_f`` after the last block;
+        the post-norm families (their last block already ends with a LayerNorm) return X unchanged."""
+        X = np.asarray(X)
+        ln_f = self.embedding.get("ln_f")
+        if ln_f is None:
+            return X
+        return _layernorm(X.astype(np.float64), *ln_f, self.eps).astype(X.dtype)
+
+
 def _layernorm(x, g, b, eps):
     m = x.mean(-1, keepdims=True)
     v = ((x - m) ** 2).mean(-1, keepdims=True)
@@ -230,6 +250,10 @@ def _read_weights(path: pathlib.Path):
     return tensors, wfile
 
 
+def _legacy_name(k: str) -> str:
+    return k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+
+
 class _Tensors:
     """Checked access to the state dict, with the model prefix (``bert.``, ``transformer.``, ...) stripped."""
 
@@ -242,7 +266,9 @@ class _Tensors:
                 break
         if prefix is None:
             raise CheckpointError(f"{wfile}: no tensor named like '*{marker}': not a checkpoint of this family, or truncated")
-        self.t = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        # old BERT-era checkpoints (e.g. bert-base-uncased) name LayerNorm parameters gamma and beta; Hugging Face
+        # renames them on load ("legacy" weight renaming), and so does attnflow
+        self.t = {_legacy_name(k[len(prefix) :]): v for k, v in tensors.items() if k.startswith(prefix)}
 
     def get(self, name, shape, optional=False):
         if name not in self.t:
@@ -356,10 +382,16 @@ def load_hf(path) -> HFModel:
     if d % H:
         raise CheckpointError(f"{cfg_path}: hidden size {d} is not divisible by the number of heads {H}")
     dh = d // H
-    # Hugging Face's defaults when config.json omits it: 1e-12 for the BERT-like families and ALBERT, 1e-5 for GPT-2
-    # and GPT-Neo; DistilBERT's is fixed in its code (nn.LayerNorm(dim, eps=1e-12)), whatever config.json says
-    eps = 1e-12 if fam == "distilbert" else _cfg_float(config, cfg_path, "layer_norm_eps", "layer_norm_epsilon",
-                                                       default=1e-5 if fam in ("gpt2", "gpt_neo") else 1e-12)
+    # each family reads its own key (GPT-2/GPT-Neo layer_norm_epsilon, the others layer_norm_eps; the other key, if
+    # config.json has it, is ignored as Hugging Face ignores it), with Hugging Face's default when config.json omits
+    # it: 1e-12 for the BERT-like families and ALBERT, 1e-5 for GPT-2 and GPT-Neo; DistilBERT's is fixed in its code
+    # (nn.LayerNorm(dim, eps=1e-12)), whatever config.json says
+    if fam == "distilbert":
+        eps = 1e-12
+    elif fam in ("gpt2", "gpt_neo"):
+        eps = _cfg_float(config, cfg_path, "layer_norm_epsilon", default=1e-5)
+    else:
+        eps = _cfg_float(config, cfg_path, "layer_norm_eps", default=1e-12)
     _check_family_keys(fam, config, cfg_path, L)
     tensors, wfile = _read_weights(path)
     loader = {"albert": _albert, "distilbert": _distilbert, "gpt2": _gpt2, "gpt_neo": _gpt_neo}.get(fam, _bert)
@@ -372,9 +404,9 @@ def _check_family_keys(fam, config, cfg_path, L):
     """The family-specific config.json values, type- and range-checked before any weights are read."""
     if fam == "distilbert":
         _cfg_str(config, cfg_path, "activation", default="gelu")
-        _cfg_int(config, cfg_path, "hidden_dim")
-        if _cfg_bool(config, cfg_path, "is_decoder", False):
-            raise CheckpointError(f"{cfg_path}: a DistilBERT decoder (is_decoder: true) is not supported")
+        _cfg_int(config, cfg_path, "hidden_dim", default=3072)
+        # DistilBertModel's attention is bidirectional whatever is_decoder says (so is AlbertModel's): checked only
+        _cfg_bool(config, cfg_path, "is_decoder", False)
     elif fam in ("albert", *BERT_LIKE):
         _cfg_str(config, cfg_path, "hidden_act", default="gelu")
         pos = _cfg_str(config, cfg_path, "position_embedding_type", default="absolute")
@@ -386,11 +418,11 @@ def _check_family_keys(fam, config, cfg_path, L):
         if fam in ROBERTA_LIKE:
             _cfg_int(config, cfg_path, "pad_token_id", default=1, minimum=0)
         if fam == "electra":
-            _cfg_int(config, cfg_path, "embedding_size", default=None, null_default=True)
+            _electra_embedding_size(config, cfg_path, 0)
     else:
         _cfg_str(config, cfg_path, "activation_function", default="gelu_new")
     if fam == "albert":
-        _cfg_int(config, cfg_path, "embedding_size")
+        _cfg_int(config, cfg_path, "embedding_size", default=128)
         _cfg_int(config, cfg_path, "num_hidden_groups", default=1, maximum=L)
         if _cfg_int(config, cfg_path, "inner_group_num", default=1) != 1:
             raise CheckpointError(f"{cfg_path}: inner_group_num != 1 is not supported")
@@ -400,7 +432,7 @@ def _check_family_keys(fam, config, cfg_path, L):
         _cfg_bool(config, cfg_path, "scale_attn_by_inverse_layer_idx", False)
     elif fam == "gpt_neo":
         _cfg_int(config, cfg_path, "intermediate_size", default=None, null_default=True)
-        _cfg_int(config, cfg_path, "window_size")
+        _cfg_int(config, cfg_path, "window_size", default=256)
         _gpt_neo_types(config, cfg_path, L)
 
 
@@ -423,6 +455,13 @@ def _bert_like_layer(T, p, d, H, dh, full, ln_in, act, names):
                    ffn=ffn, act=act)
 
 
+def _electra_embedding_size(config, cfg_path, d) -> int:
+    """ELECTRA's embedding width: ``embedding_size``, Hugging Face's default 128 when config.json omits it, d if null."""
+    if config.get("embedding_size", 128) is None:
+        return d
+    return _cfg_int(config, cfg_path, "embedding_size", default=128)
+
+
 def _bert(config, tensors, wfile, cfg_path, d, H, dh, L):
     """BERT and the families with its layers: RoBERTa (and XLM-RoBERTa, CamemBERT), ELECTRA."""
     fam = config["model_type"]
@@ -434,7 +473,7 @@ def _bert(config, tensors, wfile, cfg_path, d, H, dh, L):
     full = Attention(kind="softmax", mask=mask)
     E = d
     if fam == "electra":  # ElectraModel: embeddings of width embedding_size, then embeddings_project when it is not d
-        E = _cfg_int(config, cfg_path, "embedding_size", default=None, null_default=True) or d
+        E = _electra_embedding_size(config, cfg_path, d)
     emb = _bert_embedding(T, config, E, d)
     if fam == "electra" and E != d:
         emb["project"] = (T.get("embeddings_project.weight", (d, E)), T.get("embeddings_project.bias", (d,)))
@@ -487,7 +526,7 @@ def _distilbert(config, tensors, wfile, cfg_path, d, H, dh, L):
 
 def _albert(config, tensors, wfile, cfg_path, d, H, dh, L):
     T = _Tensors(tensors, wfile, "encoder.embedding_hidden_mapping_in.weight")
-    E = _cfg_int(config, cfg_path, "embedding_size")
+    E = _cfg_int(config, cfg_path, "embedding_size", default=128)
     groups = _cfg_int(config, cfg_path, "num_hidden_groups", default=1, maximum=L)
     if _cfg_int(config, cfg_path, "inner_group_num", default=1) != 1:
         raise CheckpointError(f"{cfg_path}: inner_group_num != 1 is not supported")
@@ -523,32 +562,35 @@ def _gpt2(config, tensors, wfile, cfg_path, d, H, dh, L):
     m = _cfg_int(config, cfg_path, "n_inner", default=None, null_default=True) or 4 * d
     causal = Attention(kind="softmax", mask="causal")
     act = _cfg_str(config, cfg_path, "activation_function", default="gelu_new")
+    # GPT2Attention divides layer l's scores by l + 1 under scale_attn_by_inverse_layer_idx: one beta per model
+    # cannot say that, so the factor is folded into that layer's Q and bq (W = sum_h O_h V_h is unchanged)
+    inverse_idx = _cfg_bool(config, cfg_path, "scale_attn_by_inverse_layer_idx", False)
     layers = []
     for l in range(L):
         p = f"h.{l}."
         Wqkv = T.get(p + "attn.c_attn.weight", (d, 3 * d)).T  # Conv1D [in, out] -> [out, in]
         bqkv = T.get(p + "attn.c_attn.bias", (3 * d,))
         Wo = T.get(p + "attn.c_proj.weight", (d, d)).T
-        heads = _split_heads(Wqkv[:d], Wqkv[d : 2 * d], Wqkv[2 * d :], Wo, bqkv[:d], bqkv[d : 2 * d], bqkv[2 * d :],
-                             T.get(p + "attn.c_proj.bias", (d,)), H, dh)
+        s = np.float32(1.0 / (l + 1) if inverse_idx else 1.0)
+        heads = _split_heads(Wqkv[:d] * s, Wqkv[d : 2 * d], Wqkv[2 * d :], Wo, bqkv[:d] * s, bqkv[d : 2 * d],
+                             bqkv[2 * d :], T.get(p + "attn.c_proj.bias", (d,)), H, dh)
         ffn = (T.get(p + "mlp.c_fc.weight", (d, m)).T, T.get(p + "mlp.c_fc.bias", (m,)),
                T.get(p + "mlp.c_proj.weight", (m, d)).T, T.get(p + "mlp.c_proj.bias", (d,)))
         layers.append(HFLayer(heads=heads, attention=causal, ln_in=_ln(T, p + "ln_1", d), ln_attn=_ln(T, p + "ln_2", d),
                               ln_out=None, ffn=ffn, act=act))
     if f"h.{L}.attn.c_attn.weight" in T.t:
         raise CheckpointError(f"{wfile}: has more than the {L} layers of config.json")
-    if not _cfg_bool(config, cfg_path, "scale_attn_weights", True):
-        beta = 1.0
-    else:
-        beta = 1.0 / math.sqrt(dh)
-    if _cfg_bool(config, cfg_path, "scale_attn_by_inverse_layer_idx", False):
-        raise CheckpointError(f"{cfg_path}: scale_attn_by_inverse_layer_idx is not supported")
+    beta = 1.0 / math.sqrt(dh) if _cfg_bool(config, cfg_path, "scale_attn_weights", True) else 1.0
     return layers, _gpt_embedding(T, d), beta, True, False
 
 
 def _gpt_neo_types(config, cfg_path, L):
-    """``attention_types`` = [[["global", "local"], repeats], ...] expanded to one kind per layer (exactly L)."""
-    _, spec = _cfg(config, cfg_path, "attention_types")
+    """The kind ("global" or "local") of each of the L layers, as ``GPTNeoModel`` builds them.
+
+    ``attention_types`` = [[["global", "local"], repeats], ...] expanded to one kind per layer; but Hugging Face's
+    ``GPTNeoConfig`` takes a list ``attention_layers`` stored in config.json (``save_pretrained`` writes both) over
+    that expansion, so when config.json has one, it decides (and must list exactly L kinds)."""
+    _, spec = _cfg(config, cfg_path, "attention_types", default=[[["global", "local"], 12]])
     bad = CheckpointError(f"{cfg_path}: 'attention_types' must be a list of [[\"global\"|\"local\", ...], repeats] "
                           f"pairs, got {_show(spec)}")
     if not isinstance(spec, list):
@@ -565,6 +607,14 @@ def _gpt_neo_types(config, cfg_path, L):
         if len(out) + len(kinds) * reps > L:
             raise CheckpointError(f"{cfg_path}: 'attention_types' lists more than the {L} layers of config.json")
         out.extend(kinds * reps)
+    if "attention_layers" in config:
+        layers = config["attention_layers"]
+        if not isinstance(layers, list) or any(not isinstance(k, str) or k not in ("global", "local") for k in layers):
+            raise CheckpointError(f"{cfg_path}: 'attention_layers' must be a list of \"global\"|\"local\", "
+                                  f"got {_show(layers)}")
+        if len(layers) != L:
+            raise CheckpointError(f"{cfg_path}: 'attention_layers' lists {len(layers)} layers, config.json has {L}")
+        return list(layers)
     if len(out) != L:
         raise CheckpointError(f"{cfg_path}: 'attention_types' lists {len(out)} layers, config.json has {L}")
     return out
@@ -573,7 +623,7 @@ def _gpt_neo_types(config, cfg_path, L):
 def _gpt_neo(config, tensors, wfile, cfg_path, d, H, dh, L):
     T = _Tensors(tensors, wfile, "h.0.attn.attention.q_proj.weight")
     m = _cfg_int(config, cfg_path, "intermediate_size", default=None, null_default=True) or 4 * d
-    window = min(_cfg_int(config, cfg_path, "window_size"), WINDOW_MAX)  # wider than any sequence: the same mask
+    window = min(_cfg_int(config, cfg_path, "window_size", default=256), WINDOW_MAX)  # wider than any sequence: the same mask
     types = _gpt_neo_types(config, cfg_path, L)
     act = _cfg_str(config, cfg_path, "activation_function", default="gelu_new")
     layers = []

@@ -19,15 +19,42 @@ from .dynamics import AbstractMap, LayerMap, LayerStack, set_attn_params
 from .heads import Heads, SelfAttention, _as_float_array
 from .norms import AbstractNorm, L2Norm, LayerNorm, NoNorm
 
+
+def _gelu(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
 ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": _gelu,
+    "gelu_python": _gelu,
+    "gelu_new": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,  # the same tanh formula, its constant rounded to 0.7978845608
+    "gelu_accurate": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_python_tanh": _gelu_tanh,
+    "gelu_10": lambda x: jnp.clip(_gelu(x), -10.0, 10.0),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "relu": jax.nn.relu,
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
+    "relu6": jax.nn.relu6,
+    "leaky_relu": lambda x: jax.nn.leaky_relu(x, 0.01),
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    "hardswish": jax.nn.hard_swish,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "linear": lambda x: x,
+    "laplace": lambda x: 0.5 * (1.0 + jax.lax.erf((x - 0.707107) / (0.282095 * 2.0**0.5))),
+    "sqrtsoftplus": lambda x: jnp.sqrt(jax.nn.softplus(x)),
 }
-"""FFN activations by their Hugging Face config name (``hidden_act`` / ``activation_function``)."""
+"""FFN activations by their Hugging Face config name (``hidden_act`` / ``activation_function`` / DistilBERT's
+``activation``), each as ``transformers.activations.ACT2FN`` computes it (tests/test_audit_hf.py). Others (e.g.
+``prelu``, ``xielu``: learned parameters) are refused by :func:`build_stack` with ``ffn=True``."""
 
 _ACTS = ACTIVATIONS  # the old private name
 
