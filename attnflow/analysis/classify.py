@@ -17,9 +17,10 @@ import numpy as np
 
 from .._device import device_array
 from .._types import Array, Batch, Int
-from ..evolve.outcome import CONVERGED, NOT_CONVERGED, OUTCOMES, SADDLE, outcome_code
+from ..evolve.outcome import CONVERGED, NONFINITE, NOT_CONVERGED, OUTCOMES, SADDLE, outcome_code
 from .eigen import is_real, is_simple
 from .equilibria import eigenpairs
+from .spectral import matrix_dtype
 
 CONSENSUS, BIPARTITE, CLUSTERING, POLYGONAL = 0, 1, 2, 3
 KIND_NAMES = ("consensus", "bipartite", "clustering", "polygonal")
@@ -34,7 +35,8 @@ OUTCOME_LABELS = {"not_converged": "not converged", "nonfinite": "nonfinite", "d
 class Labels(eqx.Module):
     """Per-state labels (arrays with a leading batch axis).
 
-    - `outcome`: :class:`~attnflow.Outcome` code of each member (``converged`` when the states were given alone).
+    - `outcome`: :class:`~attnflow.Outcome` code of each member (``converged`` when the states were given alone;
+      ``nonfinite`` for a state with a non-finite entry, which is never named as an equilibrium).
     - `kind`: code in :data:`KIND_NAMES` (the shape of the state, whatever its outcome).
     - `clusters`: number of distinct token positions.
     - `sizes`: ``(b, n)`` cluster sizes, sorted descending, zero-padded.
@@ -101,6 +103,8 @@ class Classifier(eqx.Module):
 
     def __call__(self, final: Batch, outcome=None) -> Labels:
         oc = jnp.full(final.shape[0], CONVERGED, jnp.int32) if outcome is None else jnp.asarray(outcome, jnp.int32)
+        # a state with a non-finite entry is no equilibrium, whatever it was called (states given alone are)
+        oc = jnp.where((oc == CONVERGED) & ~jnp.all(jnp.isfinite(final), axis=(1, 2)), NONFINITE, oc)
         vecs = self.vecs.astype(final.dtype)
         *out, unresolved = jax.vmap(lambda x: self._one(jnp.where(jnp.isfinite(x), x, 0.0), vecs))(final)
         oc = jnp.where((oc == CONVERGED) & unresolved, NOT_CONVERGED, oc)
@@ -109,7 +113,8 @@ class Classifier(eqx.Module):
     def _one(self, X, vecs):
         n, tol = X.shape[0], self.tol
         clusters, sizes, close = _components(X, tol)
-        c = X @ vecs  # (n, d): cosines with each eigenvector
+        r = jnp.sqrt(jnp.sum(X * X, axis=-1, keepdims=True))
+        c = (X / jnp.where(r > 0, r, 1.0)) @ vecs  # (n, d): cosines with each eigenvector (off the unit sphere too)
         on_axis = jnp.all(jnp.abs(jnp.abs(c) - 1.0) < tol, axis=0) & self.real
         k = jnp.where(jnp.any(on_axis), jnp.argmax(on_axis), -1)
         ck = c[:, jnp.maximum(k, 0)]
@@ -122,8 +127,9 @@ class Classifier(eqx.Module):
         sign = jnp.where(consensus & aligned, jnp.where(npos == n, 1, -1), jnp.where(bip, 1, 0))
         split = jnp.where(bip, npos, jnp.where(consensus & aligned, n, 0))
         g = jnp.round(_gram_spectrum(X) * 10**self.decimals) / 10**self.decimals
-        # unresolved at tol: two clusters closer than SEPARATION x tol, or two clusters on one side of an axis
-        unresolved = close | (aligned & (clusters == 2) & ((npos == 0) | (npos == n)))
+        # unresolved at tol: two clusters closer than SEPARATION x tol, or two clusters on one side of an axis (every
+        # token on the axis but the state neither a consensus nor bipartite: two clusters on one side, or three or more)
+        unresolved = close | (aligned & ~consensus & ~bip)
         return kind, clusters, sizes, jnp.where(aligned | consensus, k, -1), sign, split, g, unresolved
 
 
@@ -132,7 +138,8 @@ def classifier(model, *, tol: float = 1e-3, decimals: int = 3) -> Classifier:
     simple eigenvectors of W label states (:mod:`attnflow.analysis.eigen`): an eigenvector of a repeated eigenvalue
     is an arbitrary basis vector of its eigenspace."""
     lam, V = eigenpairs(model)
-    real = is_real(lam) & is_simple(lam)
+    dt = matrix_dtype(model)  # the tolerance of the dtype W was computed in (W itself is handed over in float64)
+    real = is_real(lam, dtype=dt) & is_simple(lam, dtype=dt)
     vecs = np.where(real[None, :], np.real(V), 0.0)
     return Classifier(device_array(vecs), device_array(real), float(tol), int(decimals))
 
@@ -166,9 +173,13 @@ def equilibrium_name(kind: str, vector: int | None, *, sign: int | None = None, 
     - consensus on an eigenvector: ``"consensus +v1"`` / ``"consensus -v1"`` (`sign`, default +1);
       consensus that is not on an eigenvector (`vector` None): ``"consensus (off-axis)"``.
     - bipartite: ``"bipartite v1 3:7"``: `split` = 3 tokens at +v1 and ``tokens - split`` = 7 at -v1
-      (the sign of v_k is fixed by the largest entry being positive).
+      (the sign of v_k is fixed by the largest entry being positive); without a vector (`vector` None) there is no
+      sign to count against: ``"bipartite (off-axis) 7:3"``, the two sizes descending.
     - clustering / polygonal: ``"clustering 4:3:3"``, ``"polygonal 5:5"``: the cluster `sizes`, descending
-      (just ``"clustering"`` when no sizes are given); on an eigenvector: ``"clustering v2 4:3:3"``.
+      (just ``"clustering"`` when no sizes are given). :func:`describe` appends the row's Gram spectrum
+      (``"polygonal 1:1:1:1 gram [2.0, 2.0]"``, a square) so that distinct rows have distinct names. The
+      classifier never names one on an eigenvector (every token on an axis is a consensus, a bipartite state, or
+      unresolved: ``not converged``).
     - outcome categories that are no equilibrium: ``"not converged"``, ``"nonfinite"``, ``"degenerate"``,
       ``"solver failed"``, ``"saddle"``.
     - any other kind: the kind with ``v{k+1}`` and the sizes appended when given.
@@ -192,8 +203,10 @@ def equilibrium_name(kind: str, vector: int | None, *, sign: int | None = None, 
     if kind == "bipartite":
         if split is None or tokens is None:
             raise ValueError("a bipartite name needs split and tokens")
-        parts = f"{int(split)}:{int(tokens) - int(split)}"
-        return f"bipartite {v} {parts}" if v is not None else f"bipartite (off-axis) {parts}"
+        m, rest = int(split), int(tokens) - int(split)
+        if v is not None:
+            return f"bipartite {v} {m}:{rest}"
+        return f"bipartite (off-axis) {max(m, rest)}:{min(m, rest)}"  # no axis, no sign: the sizes, descending
     name = kind if v is None else f"{kind} {v}"
     sz = [int(s) for s in (sizes if sizes is not None else []) if int(s) > 0]
     return f"{name} {':'.join(str(s) for s in sorted(sz, reverse=True))}" if sz else name
@@ -235,7 +248,9 @@ def describe(row, n: int) -> dict:
     else:
         eq = equilibrium_name(kname, None, sizes=sizes)
         gram = [g / 1000 for g in row[5 + n :] if g != 0]
-        eq += f" gram {np.round(gram, 3).tolist()}" if kind == CLUSTERING else ""  # the row's thousandths: one name per row
+        # the row's thousandths: one name per row (two zero-sum states with the same sizes, a square and a
+        # tetrahedron, are two polygonal rows)
+        eq += f" gram {np.round(gram, 3).tolist()}"
     return {"name": eq if outcome == CONVERGED else OUTCOME_LABELS[oname], "outcome": oname, "equilibrium": eq,
             "kind": kname if outcome == CONVERGED else oname, "eigenvector": vec,
             "sign": sign if kind in (CONSENSUS, BIPARTITE) and vec is not None else None,

@@ -8,10 +8,12 @@ Every question of this kind in attnflow is answered here (docs/model.md section 
 - the growth of an eigenvalue mu of a map's Jacobian is ``|mu| - 1``, of a flow's ``Re mu``: *unstable* when the
   growth exceeds tol, *neutral* when it is within tol of 0, *stable* below.
 
-The tolerance is :func:`tolerance` of the dtype the matrix was computed in: ``10^floor(log10 sqrt(eps))``, i.e.
-1e-8 for float64 and 1e-4 for float32. The square root is the accuracy of an eigenvalue of multiplicity two (a
-perturbation of size eps of a defective eigenvalue moves it by about sqrt(eps)); neutral directions of symmetric
-models come in such pairs, and a smaller tolerance would call them stable or unstable by rounding.
+The tolerance is :func:`tolerance` of the dtype the matrix was computed in (for :func:`is_real` and
+:func:`is_simple`, by default the precision of the eigenvalues given: complex64 ones are float32's):
+``10^floor(log10 sqrt(eps))``, i.e. 1e-8 for float64 and 1e-4 for float32. The square root is the accuracy of an
+eigenvalue of multiplicity two (a perturbation of size eps of a defective eigenvalue moves it by about sqrt(eps));
+neutral directions of symmetric models come in such pairs, and a smaller tolerance would call them stable or
+unstable by rounding.
 """
 
 from __future__ import annotations
@@ -28,17 +30,29 @@ def tolerance(dtype=np.float64) -> float:
     return float(10.0 ** math.floor(math.log10(math.sqrt(eps))))
 
 
-def is_real(values, *, dtype=np.float64, tol: float | None = None) -> np.ndarray:
-    """Which eigenvalues are real: ``|Im lambda| <= tol max(1, |lambda|)`` (default tol: :func:`tolerance`)."""
+def _dtype(v: np.ndarray, dtype):
+    """`dtype`, or when None the precision of the values themselves: float32 for float32/complex64 eigenvalues (what
+    ``numpy.linalg.eig`` returns for a float32 matrix), float16 for float16, float64 for anything else."""
+    if dtype is not None:
+        return dtype
+    if v.dtype in (np.dtype(np.float32), np.dtype(np.complex64)):
+        return np.float32
+    return np.float16 if v.dtype == np.dtype(np.float16) else np.float64
+
+
+def is_real(values, *, dtype=None, tol: float | None = None) -> np.ndarray:
+    """Which eigenvalues are real: ``|Im lambda| <= tol max(1, |lambda|)`` (default tol: :func:`tolerance` of `dtype`,
+    by default the precision of `values`: 1e-4 for complex64, 1e-8 for complex128)."""
     v = np.asarray(values)
-    tol = tolerance(dtype) if tol is None else tol
+    tol = tolerance(_dtype(v, dtype)) if tol is None else tol
     return np.abs(v.imag) <= tol * np.maximum(1.0, np.abs(v))
 
 
-def is_simple(values, *, dtype=np.float64, tol: float | None = None) -> np.ndarray:
-    """Which eigenvalues are simple: no other eigenvalue within ``tol max(1, |lambda|)``."""
+def is_simple(values, *, dtype=None, tol: float | None = None) -> np.ndarray:
+    """Which eigenvalues are simple: no other eigenvalue within ``tol max(1, |lambda|)`` (default tol as
+    :func:`is_real`)."""
     v = np.asarray(values).ravel()
-    tol = tolerance(dtype) if tol is None else tol
+    tol = tolerance(_dtype(v, dtype)) if tol is None else tol
     close = np.abs(v[:, None] - v[None, :]) <= tol * np.maximum(1.0, np.abs(v))[:, None]
     return close.sum(axis=1) == 1
 

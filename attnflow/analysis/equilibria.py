@@ -17,8 +17,8 @@ from .._device import brief_jit
 from .._types import Array, Float, Tokens
 from ..model.dynamics import AbstractDynamics, AbstractFlow, AbstractMap, FlatFlow, LayerMap, tangent_project
 from ..model.norms import normalize_rows
-from .eigen import is_real
-from .spectral import Eigen, eigenpairs as _eigenpairs, layer_matrix as layer_matrix
+from .eigen import is_real, is_simple
+from .spectral import Eigen, eigenpairs as _eigenpairs, layer_matrix as layer_matrix, matrix_dtype
 
 
 def eigenpairs(model, *, order: str = "real") -> Eigen:
@@ -159,16 +159,29 @@ def refine(dyn: AbstractDynamics, X0: Tokens, *, tol: float | None = None, max_s
 
 
 def alignment(model, X: Tokens, tol: float = 1e-6) -> tuple[int, np.ndarray]:
-    """The eigenvector index k (or -1) such that every token is at +-v_k, and the per-token signs."""
+    """The eigenvector index k (or -1) such that every token is at +-v_k, and the per-token signs. Only a simple real
+    eigenvalue names an axis (docs/model.md section 10): an eigenvector of a repeated one is an arbitrary vector of
+    its eigenspace."""
     lam, V = eigenpairs(model)
+    dt = matrix_dtype(model)
+    axis = is_real(lam, dtype=dt) & is_simple(lam, dtype=dt)
     X = np.asarray(X)
     for k in range(len(lam)):
-        if not is_real(lam[k]):
+        if not axis[k]:
             continue
         c = X @ np.real(V[:, k])
         if np.all(np.abs(np.abs(c) - 1) < tol):
             return k, np.sign(c).astype(int)
     return -1, np.zeros(len(X), dtype=int)
+
+
+def _positions(X, tol: float = 1e-6) -> int:
+    """The number of distinct token positions of X (tokens within `tol` in every coordinate share one)."""
+    reps: list[np.ndarray] = []
+    for x in np.asarray(X):
+        if not any(np.max(np.abs(x - r)) < tol for r in reps):
+            reps.append(x)
+    return len(reps)
 
 
 def find_clusterings(dyn: AbstractDynamics, key: Array, n: int, *, starts: int = 64, clusters: int = 2, tol: float | None = None):
@@ -189,6 +202,8 @@ def find_clusterings(dyn: AbstractDynamics, key: Array, n: int, *, starts: int =
     found, keys = [], []
     for X, ok in zip(np.asarray(res.state), np.asarray(res.success)):
         if not ok or alignment(dyn, X)[0] >= 0:
+            continue
+        if _positions(X) != clusters:  # a start whose groups merged (a consensus) or split is none of these
             continue
         G = np.round(np.sort((X @ X.T).ravel()), 6)
         if not any(np.allclose(G, g, atol=1e-6) for g in keys):

@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from .eigen import is_real
+from .eigen import is_real, tolerance
 
 ORDERS = ("real", "modulus", "skip")
 """``real``: descending Re lambda; ``modulus``: descending |lambda|; ``skip``: descending |1 + lambda|, the
@@ -43,6 +43,14 @@ def _key(values: np.ndarray, order: str, log_s: float = 0.0) -> np.ndarray:
             return np.abs(math.exp(-log_s) + values)
         return 2.0 * values.real + math.exp(log_s) * np.abs(values) ** 2
     return np.abs(values)
+
+
+def _fix_sign(v: np.ndarray, tol: float) -> np.ndarray:
+    """The sign convention of real eigenvectors: the first entry within `tol` (relative) of the largest magnitude is
+    positive, so that entries tied in magnitude ((1, -1)/sqrt 2) do not leave the sign to rounding."""
+    a = np.abs(v)
+    j = int(np.flatnonzero(a >= a.max() * (1.0 - tol))[0])
+    return v if v[j] > 0 else -v
 
 
 def _square(W, name="W") -> np.ndarray:
@@ -106,6 +114,18 @@ def layer_matrix(model) -> np.ndarray:
     return np.asarray(heads.layer_matrix(), dtype=float)
 
 
+def matrix_dtype(model) -> np.dtype:
+    """The dtype the layer matrix W of `model` is computed in (as :func:`~attnflow.analysis.spectral.layer_matrix`
+    finds it; float64 for anything but a float16/float32 array): a float32 model's repeated eigenvalue is split by
+    rounding far beyond float64's tolerance, and must not be called simple."""
+    attn = getattr(model, "attn", model)
+    heads = getattr(attn, "heads", attn)
+    src = heads.layer_matrix() if hasattr(heads, "layer_matrix") else model
+    dt = getattr(src, "dtype", None)
+    dt = np.asarray(src).dtype if dt is None else np.dtype(dt)
+    return dt if dt in (np.dtype(np.float16), np.dtype(np.float32)) else np.dtype(np.float64)
+
+
 def eigenpairs(W, *, order: str) -> Eigen:
     """Eigenpairs of W sorted by descending real part (``order="real"``) or modulus (``order="modulus"``).
 
@@ -128,6 +148,7 @@ def eigenpairs(W, *, order: str) -> Eigen:
 def _eigen(W: np.ndarray, order: str, log_s: float = 0.0) -> Eigen:
     """:func:`eigenpairs` of a checked square `W`, in the order of the eigenvalues of s W (see :func:`_key`)."""
     vals, vecs = np.linalg.eig(W)
+    tol = tolerance(W.dtype)
     # Snap numerically real eigenvalues to the real axis and make their vectors real.
     real = is_real(vals)
     vals = np.where(real, vals.real + 0j, vals)
@@ -138,9 +159,20 @@ def _eigen(W: np.ndarray, order: str, log_s: float = 0.0) -> Eigen:
         j = int(np.argmax(np.abs(v)))
         v = v * (abs(v[j]) / v[j])
         v = v.real / np.linalg.norm(v.real)
-        vecs[:, k] = v
+        vecs[:, k] = _fix_sign(v, tol)
     vecs = vecs / np.linalg.norm(vecs, axis=0, keepdims=True)
-    idx = np.lexsort((-vals.imag, -_key(vals, order, log_s)))
+    # descending key; keys within the dtype's tolerance are tied (+lambda and -lambda in modulus order, a repeated
+    # eigenvalue split by rounding), and a tie is ordered by descending imaginary part, then descending real part
+    key = _key(vals, order, log_s)
+    by_key = [int(i) for i in np.lexsort((-vals.real, -vals.imag, -key))]
+    out, i = [], 0
+    while i < len(by_key):
+        j = i + 1
+        while j < len(by_key) and key[by_key[j - 1]] - key[by_key[j]] <= tol * max(1.0, abs(key[by_key[j - 1]])):
+            j += 1
+        out += sorted(by_key[i:j], key=lambda m: (-vals[m].imag, -vals[m].real))
+        i = j
+    idx = np.array(out, dtype=int)
     return Eigen(values=vals[idx], vectors=vecs[:, idx], order=order, log_scale=float(log_s))
 
 
@@ -298,10 +330,8 @@ def head_spectra(heads, *, order: str) -> HeadSpectra:
         v = Oh @ e.vectors
         nrm = np.linalg.norm(v, axis=0, keepdims=True)
         v = v / np.where(nrm > 0, nrm, 1.0)
-        for k in np.flatnonzero(e.values.imag == 0):  # the sign convention of eigenpairs: largest entry positive
-            j = int(np.argmax(np.abs(v[:, k])))
-            if v[j, k].real < 0:
-                v[:, k] = -v[:, k]
+        for k in np.flatnonzero(e.values.imag == 0):  # the sign convention of eigenpairs
+            v[:, k] = _fix_sign(v[:, k].real, tolerance(np.float64))
         vals.append(e.values)
         vecs.append(v)
     return HeadSpectra(values=np.stack(vals), vectors=np.stack(vecs), order=order)
