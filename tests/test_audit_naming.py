@@ -345,3 +345,18 @@ def test_alignment_and_clustering_search_skip_repeated_eigenvalues():
         X = np.asarray(X)
         d = np.abs(X[:, None, :] - X[None, :, :]).max(-1)
         assert len({tuple(np.flatnonzero(row < 1e-6)) for row in d}) == 2
+
+
+def test_certificate_axes_follow_the_classifiers_rule_for_a_float32_model():
+    """The study's certificates looked for equilibria on every real eigenvector simple at float64's tolerance, so a
+    float32 model's double eigenvalue (split by rounding by 3.6e-8 here) gave two axes of its eigenspace: a member
+    certified there would be named 'consensus +v1' while the classifier names the same state 'consensus (off-axis)'.
+    Only the simple eigenvalue 0.5 gives an axis."""
+    from attnflow.analysis.basins.certify import candidate_axes
+
+    q = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))[0]
+    W = (q @ np.diag([1.0, 1.0, 0.5]) @ q.T).astype(np.float32)
+    m = af.SphereFlow(af.SelfAttention(af.Heads.single(W), af.Attention("softmax"), 1.0))
+    axes = candidate_axes(m)
+    assert len(axes) == 1
+    assert abs(abs(float(axes[0] @ q[:, 2])) - 1.0) < 1e-5

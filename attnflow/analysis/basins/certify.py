@@ -43,6 +43,7 @@ from ...model.dynamics import LayerMap, SphereFlow
 from ...model.norms import L2Norm, normalize_rows
 from ..eigen import is_real, is_simple
 from ..equilibria import eigenpairs
+from ..spectral import matrix_dtype
 
 RADII = tuple(2.0**-k for k in range(13))
 """The S-norm radii tried, largest first (1 down to about 2.4e-4)."""
@@ -332,7 +333,9 @@ def candidate_axes(dyn, solver=None) -> list[np.ndarray]:
     if getattr(getattr(dyn, "attn", None), "heads", None) is None:
         return []
     lam, V = eigenpairs(dyn)
-    return [np.real(V[:, k]) / np.linalg.norm(np.real(V[:, k])) for k in range(len(lam)) if is_real(lam[k]) and is_simple(lam)[k]]
+    dt = matrix_dtype(dyn)  # the classifier's rule (docs/model.md section 10), so a certified member is named alike
+    axis = is_real(lam, dtype=dt) & is_simple(lam, dtype=dt)
+    return [np.real(V[:, k]) / np.linalg.norm(np.real(V[:, k])) for k in range(len(lam)) if axis[k]]
 
 
 def layout(dyn, solver, tokens: int, dtype) -> Regions | None:
