@@ -150,8 +150,8 @@ def test_unsupported_ffn_activation(tmp_path, capsys):
     d = tmp_path / "m"
     shutil.copytree(FIX / "bert", d)
     cfg = json.loads((d / "config.json").read_text())
-    cfg["hidden_act"] = "mish"
+    cfg["hidden_act"] = "prelu"
     (d / "config.json").write_text(json.dumps(cfg))
     rc = main(["transformer", str(d), "--ffn", "--tokens", "3", "--samples", "2"])
     err = capsys.readouterr().err
-    assert rc == 2 and "unsupported FFN activation 'mish'" in err and len(err.strip().splitlines()) == 1, err
+    assert rc == 2 and "unsupported FFN activation 'prelu'" in err and len(err.strip().splitlines()) == 1, err

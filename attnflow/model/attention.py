@@ -5,6 +5,8 @@ Formulas: docs/model.md section 2. Row i of the result holds the weights a_ij to
 
 from __future__ import annotations
 
+import numbers
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -74,8 +76,8 @@ class Attention(eqx.Module):
     - `kind`: one of ``softmax``, ``unnormalized`` (exp(s)/n), ``uniform`` (1/|N(i)|, the multi-agent
       Oja flow), ``relu`` (max(s, 0)/n) or ``sinkhorn`` (doubly stochastic scaling of exp(s)).
     - `mask`: ``full``, ``causal`` or ``window`` (|i - j| < window and j <= i).
-    - `window`: the window width W, for ``mask="window"``.
-    - `sinkhorn_iters`: k, the number of row normalisations (k = 1 is softmax).
+    - `window`: the window width W, an integer, for ``mask="window"`` only (None otherwise).
+    - `sinkhorn_iters`: k, an integer >= 1, the number of row normalisations (k = 1 is softmax).
     - `relu_normalize`: divide relu weights by their row sum instead of n.
     """
 
@@ -90,10 +92,15 @@ class Attention(eqx.Module):
             raise ValueError(f"unknown attention kind {self.kind!r}; expected one of {', '.join(KINDS)}")
         if self.mask not in MASKS:
             raise ValueError(f"unknown mask {self.mask!r}; expected one of {', '.join(MASKS)}")
-        if self.mask == "window" and (self.window is None or not 1 <= self.window <= WINDOW_MAX):
-            raise ValueError(f"mask='window' needs 1 <= window <= {WINDOW_MAX}, got {self.window!r}")
-        if self.sinkhorn_iters < 1:
-            raise ValueError(f"sinkhorn_iters must be >= 1, got {self.sinkhorn_iters}")
+        def integer(v):  # 2.5 would pass a range check and then act as 3 (i - j < 2.5); True as 1
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        if self.mask == "window" and not (integer(self.window) and 1 <= self.window <= WINDOW_MAX):
+            raise ValueError(f"mask='window' needs an integer 1 <= window <= {WINDOW_MAX}, got {self.window!r}")
+        if self.mask != "window" and self.window is not None:
+            raise ValueError(f"window={self.window!r} is only for mask='window' (it would be ignored by mask={self.mask!r})")
+        if not (integer(self.sinkhorn_iters) and self.sinkhorn_iters >= 1):
+            raise ValueError(f"sinkhorn_iters must be an integer >= 1, got {self.sinkhorn_iters!r}")
 
     @property
     def streams(self) -> bool:

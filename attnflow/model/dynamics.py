@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from .._types import Array, Float, Int, Tokens
-from .heads import SelfAttention, _as_float_array, check_positive
+from .heads import SelfAttention, _as_float_array, check_positive, check_scalar
 from .norms import AbstractNorm, L2Norm, normalize_rows, sphere_residual
 
 
@@ -29,13 +29,19 @@ def tangent_project(X: Tokens, U: Tokens) -> Tokens:
     return U - (xu / jnp.where(xx > 0, xx, 1.0)) * X
 
 
+def _param(name: str, x):
+    """A new beta or alpha as a float array, refused unless every entry is finite and > 0 (an array of values is
+    for ``jax.vmap`` over the model; evaluated as it is, :func:`check_scalar` refuses it at its use)."""
+    return _as_float_array(check_positive(name, x))
+
+
 def set_attn_params(module, *, beta=None, alpha=None):
     """A copy of a layer with fields ``attn.beta`` and ``alpha`` replaced (arrays, so sweeps compile once)."""
     out = module
     if beta is not None:
-        out = eqx.tree_at(lambda m: m.attn.beta, out, _as_float_array(check_positive("beta", beta)))
+        out = eqx.tree_at(lambda m: m.attn.beta, out, _param("beta", beta))
     if alpha is not None:
-        out = eqx.tree_at(lambda m: m.alpha, out, _as_float_array(check_positive("alpha", alpha)))
+        out = eqx.tree_at(lambda m: m.alpha, out, _param("alpha", alpha))
     return out
 
 
@@ -82,7 +88,7 @@ class AbstractFlow(AbstractDynamics):
             raise ValueError("alpha is a step size of the discrete layer map; a flow has none")
         if beta is None:
             return self
-        return eqx.tree_at(lambda m: m.attn.beta, self, _as_float_array(check_positive("beta", beta)))
+        return eqx.tree_at(lambda m: m.attn.beta, self, _param("beta", beta))
 
 
 class SphereFlow(AbstractFlow):
@@ -156,7 +162,8 @@ class LayerMap(AbstractMap):
 
     def step(self, k, X: Tokens) -> Tokens:
         """x_i <- N(x_i + alpha u_i)."""
-        return self.norm(X + self.alpha.astype(X.dtype) * self.attn(X)).astype(X.dtype)
+        alpha = check_scalar("alpha", self.alpha)  # an alpha (d,) or (n, 1) would scale coordinates or tokens
+        return self.norm(X + alpha.astype(X.dtype) * self.attn(X)).astype(X.dtype)
 
     def with_params(self, *, beta=None, alpha=None):
         """The same map with new beta and/or alpha."""
@@ -221,13 +228,25 @@ class LayerStack(AbstractMap):
         """L, the number of layers."""
         return int(self.group_of.shape[0])
 
+    def _check_layer(self, k):
+        """Refuse a concrete layer index outside [-L, L) (JAX would clamp it to the last layer, silently); a traced
+        index cannot be checked here (``simulate`` refuses more steps than layers)."""
+        if isinstance(k, jax.core.Tracer):
+            return
+        L = self.num_layers
+        i = int(k)
+        if not -L <= i < L:
+            raise IndexError(f"layer {i} does not exist: this stack has {L} layers (0 to {L - 1})")
+
     def layer(self, k: int) -> AbstractMap:
         """The map of layer k (a Python int)."""
+        self._check_layer(k)
         g, j = int(self.group_of[k]), int(self.index_in_group[k])
         return jax.tree.map(lambda a: a[j], self.groups[g])
 
     def step(self, k, X: Tokens) -> Tokens:
         """Layer k of the stack applied to X (one lax.switch over the distinct layer kinds)."""
+        self._check_layer(k)
         g = self.group_of[k]
         j = self.index_in_group[k]
         branches = [
@@ -251,11 +270,11 @@ class LayerStack(AbstractMap):
         """The same stack with new beta and/or alpha in every layer."""
         def set_group(G):
             out = G
-            if beta is not None:
-                b = _as_float_array(check_positive("beta", beta))
+            if beta is not None:  # one value for every layer (an array would be spread over a group's own order)
+                b = _param("beta", check_scalar("beta", beta))
                 out = eqx.tree_at(lambda m: m.attn.beta, out, jnp.broadcast_to(b, G.attn.beta.shape))
             if alpha is not None:
-                a = _as_float_array(check_positive("alpha", alpha))
+                a = _param("alpha", check_scalar("alpha", alpha))
                 out = eqx.tree_at(lambda m: m.alpha, out, jnp.broadcast_to(a, G.alpha.shape))
             return out
 

@@ -52,6 +52,18 @@ def check_positive(name: str, x):
     return x
 
 
+def check_scalar(name: str, x):
+    """Refuse an `x` (concrete or traced) that is not a single number (shape ``()``) where it enters the arithmetic:
+    a beta or alpha of shape (H,), (d,) or (n, 1) would broadcast silently against the per-head, per-coordinate or
+    per-token axes and give a wrong drift or step without an error. A model may hold an array of values to be
+    ``jax.vmap``-ed over (each member then sees one number); sweeps pass one traced scalar per member."""
+    shape = tuple(np.shape(x)) if not isinstance(x, jax.core.Tracer) else tuple(x.shape)
+    if shape != ():
+        raise ValueError(f"{name} must be a single number (shape ()) where it is used, got an array of shape {shape}; "
+                         f"sweep values with attnflow.sweep(..., {name}=[...]) or vmap over the model")
+    return x
+
+
 def _opt(x):
     return None if x is None else _as_float_array(x)
 
@@ -89,6 +101,10 @@ class Heads(eqx.Module):
             b = getattr(self, name)
             if b is not None and b.shape != shape:
                 raise ValueError(f"{name} must have shape {shape}, got {b.shape}")
+        for name in ("Q", "K", "V", "O", "bq", "bk", "bv", "bo"):  # NaN weights: every member 'nonfinite', no reason
+            a = getattr(self, name)
+            if a is not None and not isinstance(a, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(a))):
+                raise ValueError(f"{name} has non-finite entries (NaN or inf): the weights must be finite")
 
     @classmethod
     def single(cls, V, Q=None, K=None) -> "Heads":
@@ -178,7 +194,12 @@ class SelfAttention(eqx.Module):
         """``(q, k, scale)`` with ``s^h_ij = scale <q^h_i, k^h_j>`` (k ``(n, e)`` shared by the heads, or
         ``(h, n, e)``; scale None for 1): the one place the scores' arithmetic is written."""
         hd = self.heads
-        beta = self.beta.astype(X.dtype)
+        if not jnp.issubdtype(X.dtype, jnp.floating):  # beta.astype(int) would truncate beta (and M_h) silently
+            raise TypeError(f"tokens must be floating point, got dtype {X.dtype}: pass X.astype(float)")
+        if X.ndim != 2 or X.shape[-1] != hd.dim:
+            raise ValueError(f"tokens must have shape (n, d) with d = {hd.dim} (one configuration; vmap over a batch), "
+                             f"got shape {tuple(X.shape)}")
+        beta = check_scalar("beta", self.beta).astype(X.dtype)  # beta (H,) would scale the columns of M_h, not heads
         if self._small_d() and hd.bq is None and hd.bk is None:
             XM = jnp.einsum("nd,hde->hne", X, (beta * hd.score_matrices()).astype(X.dtype))  # beta folded into M_h
             return XM, X, None

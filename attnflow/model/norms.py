@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import numbers
 
 import equinox as eqx
 import jax
@@ -64,14 +65,30 @@ class NoNorm(AbstractNorm):
 class LayerNorm(AbstractNorm):
     """Centre each token, divide by its standard deviation, then optional affine gain and bias.
 
-    Without the affine part tokens live on the sphere of radius sqrt(d) in the mean-zero hyperplane.
+    Without the affine part and with ``eps = 0`` (the default) tokens live on the sphere of radius sqrt(d) in the
+    mean-zero hyperplane; ``eps`` must be a finite number >= 0, `gain` and `bias` of shape ``(d,)``.
     """
 
     gain: Float[Array, " d"] | None = None
     bias: Float[Array, " d"] | None = None
     eps: float = eqx.field(static=True, default=0.0)
 
+    def __check_init__(self):
+        # eps < 0 makes var + eps <= 0 for tokens of small spread, which the guard below would then leave centred but
+        # unscaled (a silently wrong token); a gain or bias of another shape than (d,) would broadcast per token
+        if isinstance(self.eps, bool) or not isinstance(self.eps, numbers.Real) or not 0 <= self.eps < float("inf"):
+            raise ValueError(f"LayerNorm eps must be a finite number >= 0, got {self.eps!r}")
+        for name in ("gain", "bias"):
+            v = getattr(self, name)
+            if v is not None and len(jnp.shape(v)) != 1:
+                raise ValueError(f"LayerNorm {name} must have shape (d,), got {tuple(jnp.shape(v))}")
+
     def __call__(self, y: Tokens) -> Tokens:
+        for name in ("gain", "bias"):  # a gain of shape (1,) would broadcast over the d coordinates
+            v = getattr(self, name)
+            if v is not None and tuple(jnp.shape(v)) != tuple(jnp.shape(y))[-1:]:
+                raise ValueError(f"LayerNorm {name} of shape {tuple(jnp.shape(v))} does not fit tokens of d = "
+                                 f"{jnp.shape(y)[-1]}")
         c = y - jnp.mean(y, axis=-1, keepdims=True)
         var = jnp.mean(c * c, axis=-1, keepdims=True) + self.eps
         ok = var > 0
