@@ -487,3 +487,30 @@ def test_non_finite_weights_are_refused():
             heads(bad)
     with pytest.raises(ValueError, match="V has non-finite entries"):
         af.Heads.single(np.array([[1.0, np.nan], [0.0, 1.0]]))
+
+
+def test_transformer_block_alpha_and_local_measures_refuse_what_they_cannot_compute():
+    """A TransformerBlock took any alpha: 0, NaN and arrays (which broadcast over coordinates) without a word, as the
+    layer map did before. critical_shock iterated a LayerStack past its last layer (JAX clamps the index: the last
+    layer repeated) and renormalised a layernorm map's tokens onto the unit sphere; both are refused now."""
+    from attnflow.analysis.basins import critical_shock, local_basin_radius
+    from attnflow.model.transformer import TransformerBlock
+
+    attn = af.SelfAttention(af.Heads.single(np.diag([1.0, 0.5, -0.3])), af.Attention("softmax"), 1.0)
+    norms = dict(norm_in=af.NoNorm(), norm_attn=af.L2Norm(), norm_ffn=af.NoNorm(), norm_out=af.L2Norm(), ffn=None)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="alpha"):
+            TransformerBlock(attn=attn, alpha=bad, **norms)
+    X = np.tile([1.0, 0.0, 0.0], (3, 1))
+    with pytest.raises(ValueError, match="alpha"):
+        TransformerBlock(attn=attn, alpha=np.array([1.0, 2.0, 3.0]), **norms).step(0, jnp.asarray(X))
+    m = af.LayerMap(attn, 0.5)
+    stack = af.LayerStack.from_layers([m, m])
+    key = jax.random.PRNGKey(0)
+    with pytest.raises(TypeError, match="autonomous"):
+        critical_shock(stack, jnp.asarray(X), key, steps=5, iters=1, candidates=2)
+    ln = af.LayerMap(attn, 0.5, norm=af.LayerNorm())
+    with pytest.raises(ValueError, match="unit spheres"):
+        critical_shock(ln, jnp.asarray(X), key, steps=5, iters=1, candidates=2)
+    with pytest.raises(ValueError, match="unit spheres"):
+        local_basin_radius(ln, jnp.asarray(X), key, budget=af.Budget(max_steps=5))

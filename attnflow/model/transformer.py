@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from .._types import Array, Float, Tokens
 from .dynamics import AbstractMap, LayerMap, LayerStack, set_attn_params
-from .heads import Heads, SelfAttention, _as_float_array
+from .heads import Heads, SelfAttention, _as_float_array, check_positive, check_scalar
 from .norms import AbstractNorm, L2Norm, LayerNorm, NoNorm
 
 
@@ -112,9 +112,13 @@ class TransformerBlock(AbstractMap):
         """Whether the block's output norm is :class:`L2Norm` (its states then lie on the unit spheres)."""
         return isinstance(self.norm_out, L2Norm)
 
+    def __check_init__(self):
+        check_positive("alpha", self.alpha)
+
     def step(self, k, X: Tokens) -> Tokens:
         """One block: attention (and FFN, LayerNorm as configured) applied to X ``(n, d)``."""
-        h = self.norm_attn(X + self.alpha.astype(X.dtype) * self.attn(self.norm_in(X)))
+        alpha = check_scalar("alpha", self.alpha)  # an alpha (d,) or (n, 1) would scale coordinates or tokens
+        h = self.norm_attn(X + alpha.astype(X.dtype) * self.attn(self.norm_in(X)))
         if self.ffn is not None:
             h = self.norm_out(h + self.ffn(self.norm_ffn(h)))
         return h.astype(X.dtype)

@@ -96,6 +96,14 @@ class CriticalShock:
         return f"{what} of {self.equilibrium}: {val} (tangent distance)"
 
 
+def _on_spheres(dyn, what: str) -> None:
+    """Refuse a model whose states are not on the unit spheres: these measures perturb along the tangent spaces and
+    renormalise each token onto its sphere, which a flat flow or a layernorm map would not stay on."""
+    if not getattr(dyn, "on_spheres", False):
+        raise ValueError(f"{what} perturbs tokens on the unit spheres; {type(dyn).__name__} does not keep its tokens "
+                         "there (a flat flow, or a map normalised by layernorm or none)")
+
+
 def recovery_probability(dyn, X_eq: Tokens, radius: float, key: Array, *, budget: Budget, solver=None,
                          stop: Stop | None = None, samples: int = 256, cluster_tol: float = 1e-3) -> float:
     """Fraction of perturbations at tangent distance `radius` whose final state has the attractor label of X_eq
@@ -105,6 +113,7 @@ def recovery_probability(dyn, X_eq: Tokens, radius: float, key: Array, *, budget
     marginally stable point the per-step tolerance stops members at a distance of about tol / (1 - rho),
     which a fixed distance threshold would misread as escape.
     """
+    _on_spheres(dyn, "recovery_probability")
     X_eq = jnp.asarray(X_eq)
     x0 = sample.perturb_ball(key, X_eq, radius, samples)
     if stop is None:  # a study's default tol: max(1e-7, 8 x the floor of the dtype)
@@ -126,6 +135,7 @@ def local_basin_radius(dyn, X_eq: Tokens, key: Array, *, budget: Budget, solver=
     """
     if not 0 < q < 1:
         raise ValueError(f"q must lie in (0, 1), got {q}")
+    _on_spheres(dyn, "local_basin_radius")
     kw = dict(budget=budget, solver=solver, stop=stop, samples=samples, cluster_tol=cluster_tol)
     lo, hi = 0.0, float(r_max)
     probs = {}
@@ -156,9 +166,15 @@ def critical_shock(dyn, X_eq: Tokens, key: Array, *, steps: int = 200, candidate
     """
     import optax
 
-    from ...model.dynamics import tangent_project
+    from ...model.dynamics import AbstractMap, tangent_project
     from ...model.norms import normalize_rows
 
+    if not isinstance(dyn, AbstractMap) or dyn.num_layers is not None:
+        # a stack's layer index would be clamped to its last layer past L steps: the basin of a fixed point is
+        # that of one autonomous map iterated
+        raise TypeError(f"critical_shock needs an autonomous map (a LayerMap or a TransformerBlock), got "
+                        f"{type(dyn).__name__}" + (f" of {dyn.num_layers} layers" if getattr(dyn, "num_layers", None) else ""))
+    _on_spheres(dyn, "critical_shock")
     X = jnp.asarray(X_eq)
 
     def final_dist(delta):
