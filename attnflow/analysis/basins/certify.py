@@ -13,7 +13,10 @@ itself, or one fixed step of the flow's solver) to 100 machine epsilons, and G i
 3. A radius r (in the S-norm) such that ``|D(G o N)(Y)|_S <= q1 = (1 + q0) / 2`` for every Y with
    ``|Y - X*|_S <= r``: then G o N maps that ball into itself and contracts it, so every member in it converges to
    X*. The sup is estimated numerically: at points of the ball (random directions, the directions of A's largest
-   singular vectors, at 1/4, 1/2, 3/4 and all of the radius), and r is then halved again for margin. This is a
+   singular vectors, at 1/4, 1/2, 3/4 and all of the radius), and r is then halved again for margin. X* is a fixed
+   point only up to its residual e (rounding, or heads whose drifts leave the axis): the ball is kept only when it
+   still maps into itself around the fixed point it holds, at most min(r/2, :data:`CENTRE_SHIFT`) from X*
+   (:func:`_shift_ok`), so that its members get X*'s name. This is a
    numerical certificate, not an interval-arithmetic proof (the tests check it member by member against runs to
    convergence).
 4. The engine tests the Euclidean ball ``|X - X*|_2 <= r / sqrt(lambda_max(S))``, which lies inside the S-ball, as
@@ -178,17 +181,20 @@ def certificates(dyn, solver=None, dt=None, *, tokens: int, dtype=np.float64, eq
     eps = float(np.finfo(np.dtype(dtype)).eps)
     # only arrangements that are fixed points of the step map themselves (one head, or heads whose drifts stay on
     # the axis: docs/model.md section 4) are certified; the others are left to converge
+    # the residual e = f(X*) (flows) or G(X*) - X* (maps): rounding, or, for heads whose drifts leave the axis, a
+    # small defect; _certify_one checks that the ball still maps into itself around the fixed point near X*
+    res = g if continuous else g - Xr.reshape(len(cands), nd)
     if continuous:  # f(X*) = 0 up to the rounding of its terms
         fixed = np.max(np.abs(g), axis=1) / np.maximum(1.0, np.max(np.abs(A), axis=(1, 2)))
     else:
-        fixed = np.max(np.abs(g - Xr.reshape(len(cands), nd)), axis=1)
+        fixed = np.max(np.abs(res), axis=1)
     ok = fixed <= 100 * eps
     jac = lambda Y: lin(Y)[1]  # noqa: E731
     seed = 20261202 if seed is None else int(seed)
     one = _certify_one_flow if continuous else _certify_one
     out = []
     for j in np.flatnonzero(ok):
-        cert = one(jac, Xr[j], A[j], seed + j, nd, eps, dtype)
+        cert = one(jac, Xr[j], A[j], seed + j, nd, eps, dtype, res[j])
         if cert is not None:
             a, m = where[j]
             out.append(Certificate(a, m, np.asarray(Xr[j]), *cert, continuous=continuous))
@@ -248,8 +254,28 @@ def _largest_radius(worst, bound):
     return None if found is None else (hi, found)
 
 
-def _certify_one(jac, X, A, seed, nd, eps, dtype):
-    """``(q0, lambda_max(S), Euclidean radius, margin)`` of one fixed point, or None when it is not certified."""
+CENTRE_SHIFT = 1e-2
+"""The largest Euclidean distance (over the whole state) allowed between a candidate X* and the fixed point that its
+certified ball holds (X* is a fixed point only up to its residual e): within 1e-2 every token's direction is within
+1e-2 of X*'s, so ``||cos(x_i, v)| - 1| <= 5e-5``, far inside the classifier's default tolerance (1e-3): the members
+get X*'s name (docs/model.md section 9, step 4 of "Early decisions")."""
+
+
+def _shift_ok(half, res, R, rate):
+    """Whether the residual `res` of X* (``G(X*) - X*``, or ``f(X*)`` for a flow) keeps the S-ball of radius R
+    (already halved for margin) invariant around a fixed point near X*: ``|G(Y) - X*|_S <= q1 |Y - X*|_S + |e|_S``
+    (flows: ``d/dt |Y - X*|_S <= mu1 |Y - X*|_S + |e|_S``), so the ball maps into itself when ``|e|_S <= rate R``
+    (rate = 1 - q1, or -mu1) and holds one fixed point, within ``|e|_S / rate`` of X*. Required: that shift at most
+    ``R / 2``, and at most :data:`CENTRE_SHIFT` in the Euclidean norm (``|w|_2 <= |w|_S / sqrt(lambda_min(S))``;
+    a map's S is >= I, a flow's need not be)."""
+    shift = float(np.linalg.norm(half @ np.asarray(res, np.float64))) / rate
+    euclid = shift / float(np.min(np.linalg.eigvalsh(half)))  # half = S^(1/2): its smallest eigenvalue sqrt(lambda_min)
+    return bool(np.isfinite(euclid) and shift <= 0.5 * R and euclid <= CENTRE_SHIFT)
+
+
+def _certify_one(jac, X, A, seed, nd, eps, dtype, res=None):
+    """``(q0, lambda_max(S), Euclidean radius, margin)`` of one fixed point, or None when it is not certified (`res`:
+    the residual ``G(X*) - X*``, see :func:`_shift_ok`)."""
     rho = float(np.max(np.abs(np.linalg.eigvals(A))))
     if not (rho < 1 - 1e3 * eps):
         return None
@@ -270,7 +296,10 @@ def _certify_one(jac, X, A, seed, nd, eps, dtype):
     got = _largest_radius(worst, q1)
     if got is None:
         return None
-    return q0, lmax, 0.5 * RADII[got[0]] / np.sqrt(lmax), got[1]  # half the radius found, for margin
+    R = 0.5 * RADII[got[0]]  # half the radius found, for margin
+    if res is not None and not _shift_ok(half, res, R, 1.0 - q1):
+        return None
+    return q0, lmax, R / np.sqrt(lmax), got[1]
 
 
 def _radial(Y: np.ndarray, d: int) -> np.ndarray:
@@ -288,7 +317,7 @@ def _radial(Y: np.ndarray, d: int) -> np.ndarray:
     return out
 
 
-def _certify_one_flow(jac, X, A0, seed, nd, eps, dtype):
+def _certify_one_flow(jac, X, A0, seed, nd, eps, dtype, res=None):
     """``(mu0, lambda_max(S), Euclidean radius, margin)`` of one equilibrium of a flow (the module doc: the extended
     field ``F(z) = f(N(z)) - c (z - N(z))`` and the log-norm of DF in the metric of ``A^T S + S A = -I``), or None
     when it is not certified."""
@@ -319,7 +348,10 @@ def _certify_one_flow(jac, X, A0, seed, nd, eps, dtype):
     got = _largest_radius(worst, mu1)
     if got is None:
         return None
-    return mu0, lmax, 0.5 * RADII[got[0]] / np.sqrt(lmax), got[1]
+    R = 0.5 * RADII[got[0]]
+    if res is not None and not _shift_ok(half, res, R, -mu1):
+        return None
+    return mu0, lmax, R / np.sqrt(lmax), got[1]
 
 
 def candidate_axes(dyn, solver=None) -> list[np.ndarray]:

@@ -11,7 +11,7 @@ from ..._json import plain
 from ...evolve.outcome import CONVERGED, NOT_CONVERGED, OUTCOMES, SADDLE
 from ..classify import OUTCOME_LABELS, describe
 from .intervals import interval_with_unknown, simultaneous_z, wilson
-from .tally import Tally
+from .tally import Tally, hist_median
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,7 +217,7 @@ def summarize(tally: Tally, verdicts: dict, *, max_steps: int | None = None, tol
         hist = np.zeros(max(len(e.hist) for e in es), np.int64)
         for e in es:
             hist[: len(e.hist)] += e.hist
-        med = float(np.searchsorted(np.cumsum(hist), (c + 1) / 2))
+        med = hist_median(hist, c)
         mem = None
         if code == SADDLE:
             mem = {}

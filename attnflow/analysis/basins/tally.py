@@ -47,8 +47,17 @@ class Entry:
     certified: int = 0
 
     def median(self) -> float:
-        """The median number of steps."""
-        return float(np.searchsorted(np.cumsum(self.hist), (self.count + 1) / 2))
+        """The median number of steps (:func:`hist_median`)."""
+        return hist_median(self.hist, self.count)
+
+
+def hist_median(hist: np.ndarray, count: int) -> float:
+    """The median of `count` values given by their histogram (``hist[s]`` values equal to s), as ``numpy.median``
+    gives it: the middle value, or for an even count the mean of the two middle ones (the k-th smallest value is the
+    first s whose cumulative count reaches k)."""
+    cum = np.cumsum(hist)
+    lo, hi = np.searchsorted(cum, [(count + 1) // 2, count // 2 + 1])
+    return 0.5 * (float(lo) + float(hi))
 
 
 class Tally:
