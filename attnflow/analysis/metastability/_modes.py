@@ -137,9 +137,11 @@ def mode_rates(beta: float, kmax: int = 32, *, kind: str = "softmax") -> np.ndar
     are > 0 except those that underflow; for ``"unnormalized"`` they overflow to inf above beta ~ 700.
     """
     beta, kmax, kind = _check_beta(beta), _check_kmax(kmax), _check_kind(kind)
-    r = _ratios(beta, kmax)
+    r = _ratios(beta, max(kmax, 2))
     # lambda_k = k^2 (r_1 / beta) r_2 ... r_k with r_1 / beta = 1 / (2 + beta r_2): finite and accurate as beta -> 0
-    s1 = 1.0 / (2.0 + beta * r[2]) if kmax >= 2 else r[1] / beta
+    # (also for kmax = 1: r_1 / beta itself is 0 / beta once 2 / beta overflows, beta below ~ 1e-308)
+    s1 = 1.0 / (2.0 + beta * r[2])
+    r = r[: kmax + 1]
     prod = np.ones(kmax + 1)
     prod[1] = s1
     prod[2:] = s1 * np.cumprod(r[2:])
@@ -155,6 +157,46 @@ def mode_rates(beta: float, kmax: int = 32, *, kind: str = "softmax") -> np.ndar
                 rates = np.exp(np.log(rates) + log_scale)
         rates[0] = 0.0
     return rates
+
+
+def circle_scale(dynamics) -> float | None:
+    """The factor c for which `dynamics` is the setting of these rates at inverse temperature c beta, or None when
+    it is not that setting (docs/model.md section 11.5).
+
+    The setting: tokens on the unit circle (d = 2) moved by a :class:`~attnflow.SphereFlow`, or by a
+    :class:`~attnflow.LayerMap` with the l2 normalisation (its mode k is multiplied per step by
+    1 + alpha lambda_k / (1 + alpha C_0), C_0 > 0, which increases with lambda_k: the same k*); ``softmax`` or
+    ``unnormalized`` attention with the full mask; no biases; every head's score matrix M_h = Q_h^T K_h equal to the
+    same c I with c > 0 (the scores are then c beta cos(theta_j - theta_i), and every head has the same weights a_ij);
+    the layer matrix W = sum_h O_h V_h equal to w I with w > 0 (w only rescales time). Any other model (another
+    mask or kernel, a rotation or reflection in V, anisotropic scores, biases, a flat flow, a layer norm) has other
+    linear modes, and the rates and k* of this module do not describe it.
+    """
+    from ...model.dynamics import LayerMap, SphereFlow
+    from ...model.norms import L2Norm
+
+    attn = getattr(dynamics, "attn", None)
+    if attn is None or not (isinstance(dynamics, SphereFlow)
+                            or (isinstance(dynamics, LayerMap) and isinstance(dynamics.norm, L2Norm))):
+        return None
+    if attn.attention.kind not in KINDS or attn.attention.mask != "full":
+        return None
+    H = attn.heads
+    if H.dim != 2:
+        return None
+    for b in (H.bq, H.bk, H.bv, H.bo):
+        if b is not None and np.any(np.asarray(b) != 0):
+            return None
+    eye = np.eye(2)
+    M = np.asarray(H.score_matrices(), dtype=np.float64)
+    W = np.asarray(H.layer_matrix(), dtype=np.float64)
+    c, w = float(np.trace(M[0])) / 2.0, float(np.trace(W)) / 2.0
+    if not (c > 0 and w > 0):
+        return None
+    tol = 1e-6  # relative: float32 weights of the identity are exact; anything further off is another model
+    if np.max(np.abs(M - c * eye)) > tol * c or np.max(np.abs(W - w * eye)) > tol * w:
+        return None
+    return c
 
 
 def fastest_mode(beta: float, *, kind: str = "softmax") -> int:

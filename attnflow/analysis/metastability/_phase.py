@@ -125,8 +125,10 @@ def phase_at_time(dynamics, key, *, over: str, values, betas, members: int, time
         if tokens is None:
             raise ValueError("a (beta, d) diagram needs tokens=")
         H = attn.heads
-        if not (H.num_heads == 1 and all(np.allclose(np.asarray(M), np.eye(H.dim)) for M in (H.Q[0], H.K[0], H.V[0], H.O[0]))):
-            raise ValueError("a (beta, d) diagram rebuilds the weights for each d: it needs Q = K = V = O = I")
+        if not (H.num_heads == 1 and all(np.allclose(np.asarray(M), np.eye(H.dim)) for M in (H.Q[0], H.K[0], H.V[0], H.O[0]))
+                and all(b is None or not np.any(np.asarray(b)) for b in (H.bq, H.bk, H.bv, H.bo))):
+            raise ValueError("a (beta, d) diagram rebuilds the weights for each d: it needs Q = K = V = O = I and no "
+                             "biases")
     pairs, pse, clus, cse = [], [], [], []
     keys = jax.random.split(key, len(values))
     for i, v in enumerate(values):

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from ..basins.intervals import wilson
-from ._modes import fastest_mode
+from ._modes import circle_scale, fastest_mode
 from ._plateaus import Episodes, Plateaus, Series, find_plateaus
 
 BOOTSTRAP = 200
@@ -135,7 +135,9 @@ class Cell:
     """The summary of one (n, beta): `first_counts` maps a cluster count to ``(members, fraction, lo, hi)`` of the
     members whose first plateau has that count; `no_plateau` members had none inside the run; `dwell` maps a count
     to the :class:`Median` dwell time of its episodes; `first_dwell` and `escape` are the first plateau's dwell time
-    and exit time; `k_star` the fastest linear mode on the circle (d = 2; None otherwise)."""
+    and exit time; `k_star` the fastest linear mode on the circle
+    (docs/model.md section 11.5; None for a model outside its setting: see
+    :func:`~attnflow.analysis.metastability._modes.circle_scale`)."""
 
     tokens: int
     beta: float
@@ -328,7 +330,8 @@ def metastability(dynamics, key, *, tokens, betas, members: int, t1: float, dt: 
     d = attn.heads.dim
     dtype = attn.heads.Q.dtype
     rng = np.random.default_rng(seed)
-    circle = d == 2 and attn.attention.kind in ("softmax", "unnormalized")
+    # k* of docs/model.md section 11.5, only for the model it describes (at c x beta when every M_h = c I); None otherwise
+    scale = circle_scale(dynamics)
     cells, rates, episodes, series = [], {}, {}, {}
     keys = jax.random.split(key, len(tokens))
     for i, n in enumerate(tokens):
@@ -344,7 +347,7 @@ def metastability(dynamics, key, *, tokens, betas, members: int, t1: float, dt: 
                 on_done(n, ep, ser)
         per_beta = [jax.tree.map(lambda a, j=j: np.asarray(a)[j], ep) for j in range(len(betas))]
         for j, b in enumerate(betas):
-            ks = fastest_mode(b, kind=attn.attention.kind) if circle else None
+            ks = fastest_mode(scale * b, kind=attn.attention.kind) if scale is not None else None
             cells.append(summarise(per_beta[j], n, b, ks, rng))
         for k in sorted({k for c in cells if c.tokens == n for k in c.dwell}):
             r = fit_rate(per_beta, betas, n, k, rng)
