@@ -55,11 +55,9 @@ def test_flat_flow_spectrum_is_the_extrinsic_one():
     assert stab.measure[0] == pytest.approx(1.0, abs=1e-6)
 
 
-def test_layernorm_map_with_gain_and_bias_spectrum():
-    """A LayerMap normalising with LayerNorm(gain, bias): its tokens are not on unit spheres and x^perp is not the
-    tangent space. At a stable fixed point (reached by iterating the map) the spectral radius must be that of the
-    map's own Jacobian (its image manifold is invariant, so the extrinsic eigenvalues are the intrinsic ones plus
-    zeros); the old analyse reported 0.4628 for 0.5234. Reference: central differences of the NumPy step, 1e-6."""
+def _layernorm_map_fixed_point():
+    """A LayerMap normalising with LayerNorm(gain, bias), its plain NumPy step, a stable fixed point reached by
+    iterating that step (|step(X) - X| < 1e-12), and the generator that drew them."""
     rng = np.random.default_rng(0)
     d = 4
     Q, K = rng.normal(size=(1, d, d)), rng.normal(size=(1, d, d))
@@ -80,6 +78,15 @@ def test_layernorm_map_with_gain_and_bias_spectrum():
     for _ in range(3000):
         X = step(X)
     assert np.abs(step(X) - X).max() < 1e-12
+    return m, step, X, rng
+
+
+def test_layernorm_map_with_gain_and_bias_spectrum():
+    """A LayerMap normalising with LayerNorm(gain, bias): its tokens are not on unit spheres and x^perp is not the
+    tangent space. At a stable fixed point (reached by iterating the map) the spectral radius must be that of the
+    map's own Jacobian (its image manifold is invariant, so the extrinsic eigenvalues are the intrinsic ones plus
+    zeros); the old analyse reported 0.4628 for 0.5234. Reference: central differences of the NumPy step, 1e-6."""
+    m, step, X, rng = _layernorm_map_fixed_point()
     z, h = X.ravel(), 1e-6
     J = np.stack([(step((z + h * e).reshape(X.shape)) - step((z - h * e).reshape(X.shape))).ravel() / (2 * h)
                   for e in np.eye(z.size)], axis=1)
@@ -141,26 +148,7 @@ def test_refine_and_verdict_off_the_unit_spheres():
     from a 1e-3 perturbation must return it to 1e-9."""
     from attnflow.analysis.basins.verify import verify_state
 
-    rng = np.random.default_rng(0)
-    d = 4
-    Q, K = rng.normal(size=(1, d, d)), rng.normal(size=(1, d, d))
-    V, O = rng.normal(size=(1, d, d)) / np.sqrt(d), rng.normal(size=(1, d, d)) / np.sqrt(d)
-    g, b = rng.uniform(0.5, 2, d), rng.normal(size=d) * 0.5
-    m = af.LayerMap(af.SelfAttention(af.Heads(Q, K, V, O), af.Attention("softmax"), 1.0), 1.0,
-                    norm=af.LayerNorm(gain=jnp.asarray(g), bias=jnp.asarray(b)))
-
-    def step(X):
-        s = (X @ Q[0].T) @ (X @ K[0].T).T
-        a = np.exp(s - s.max(1, keepdims=True))
-        a /= a.sum(1, keepdims=True)
-        y = X + a @ X @ (O[0] @ V[0]).T
-        c = y - y.mean(1, keepdims=True)
-        return c / np.sqrt((c * c).mean(1, keepdims=True)) * g + b
-
-    X = rng.normal(size=(3, d))
-    for _ in range(3000):
-        X = step(X)
-    assert np.abs(step(X) - X).max() < 1e-12
+    m, step, X, rng = _layernorm_map_fixed_point()
     X0 = X + 1e-3 * rng.normal(size=X.shape)
     ref = eq.refine(m, jnp.asarray(X0))
     assert bool(ref.success)
