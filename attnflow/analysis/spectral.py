@@ -100,29 +100,29 @@ class Eigen:
         return bool(is_real(self.values[k]))
 
 
-def layer_matrix(model) -> np.ndarray:
-    """W of a dynamics, a :class:`SelfAttention`, a :class:`Heads`, or W itself (host array, float64)."""
+def _held_matrix(model):
+    """W as `model` holds it, in its own dtype: W itself (an array), or its heads' layer matrix."""
     if isinstance(model, (np.ndarray, list)) or hasattr(model, "__array__") and not hasattr(model, "attn"):
-        W = np.asarray(model, dtype=float)
-        if W.ndim != 2 or W.shape[0] != W.shape[1]:
-            raise ValueError(f"W must be a square matrix, got shape {W.shape}")
-        return W
+        return model
     attn = getattr(model, "attn", model)
     heads = getattr(attn, "heads", attn)
     if not hasattr(heads, "layer_matrix"):
         raise TypeError(f"cannot find a layer matrix in {type(model).__name__}")
-    return np.asarray(heads.layer_matrix(), dtype=float)
+    return heads.layer_matrix()
+
+
+def layer_matrix(model) -> np.ndarray:
+    """W of a dynamics, a :class:`SelfAttention`, a :class:`Heads`, or W itself (host array, float64)."""
+    W = np.asarray(_held_matrix(model), dtype=float)
+    if W.ndim != 2 or W.shape[0] != W.shape[1]:
+        raise ValueError(f"W must be a square matrix, got shape {W.shape}")
+    return W
 
 
 def matrix_dtype(model) -> np.dtype:
-    """The dtype the layer matrix W of `model` is computed in (as :func:`~attnflow.analysis.spectral.layer_matrix`
-    finds it; float64 for anything but a float16/float32 array): a float32 model's repeated eigenvalue is split by
-    rounding far beyond float64's tolerance, and must not be called simple."""
-    attn = getattr(model, "attn", model)
-    heads = getattr(attn, "heads", attn)
-    src = heads.layer_matrix() if hasattr(heads, "layer_matrix") else model
-    dt = getattr(src, "dtype", None)
-    dt = np.asarray(src).dtype if dt is None else np.dtype(dt)
+    """The dtype W of `model` is computed in (float64 for anything but float16/float32): a float32 model's repeated
+    eigenvalue is split by rounding far beyond float64's tolerance, and must not be called simple."""
+    dt = np.asarray(_held_matrix(model)).dtype
     return dt if dt in (np.dtype(np.float16), np.dtype(np.float32)) else np.dtype(np.float64)
 
 
