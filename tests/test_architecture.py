@@ -55,9 +55,11 @@ def test_imports_flow_one_way():
     assert not bad, "\n".join(bad)
 
 
-PASSED_ON = {"evolve/workers.py": '        env = dict(os.environ, PJRT_NPROC="1", JAX_PLATFORMS="cpu")'}
-"""The one use of the environment outside the CLI: a study's worker process gets this process's environment as it
-is, plus the two variables XLA reads when it starts (a one-thread pool, the CPU); nothing is read from it."""
+PASSED_ON = {"evolve/workers.py": '        env = dict(os.environ, PJRT_NPROC="1", JAX_PLATFORMS="cpu")',
+             "_cache.py": '    env = sorted((k, v) for k, v in os.environ.items() if k.startswith(("JAX_", "XLA_", "PJRT_", "TF_CPP")))'}
+"""The uses of the environment outside the CLI: a study's worker process gets this process's environment as it
+is, plus the two variables XLA reads when it starts (a one-thread pool, the CPU); and the disk cache's key holds
+the variables JAX and XLA read, so that an entry is never used under other settings. Nothing else is read from it."""
 
 
 def test_the_library_reads_no_environment_variables():

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ... import _cache
 from ..._types import Array, check_tolerance
 from ...evolve.options import Budget, Execution, Stop, check_tol
 from ...evolve.outcome import CERTIFIED, CONVERGED, OUTCOMES, SADDLE
@@ -227,18 +228,45 @@ them: a second study of the same model reuses them)."""
 def _certified(dyn, solver, span, n, dtype, layout):
     """The certified regions of the study (:mod:`.certify`: `layout`'s shapes, None for none). The pool labels a
     certified member by its region's equilibrium (:class:`~attnflow.evolve.pool.Retired`), stable by construction."""
-    from .certify import certificates, regions as make_regions
+    from .certify import regions as make_regions
 
     if layout is None:
         return None
     key = (fingerprint(dyn), fingerprint(solver), span.dt, n, str(jnp.dtype(dtype)))
     certs = _CERTS.get(key)
     if certs is None:
-        certs = certificates(dyn, solver, span.dt, tokens=n, dtype=dtype)
+        certs = _stored_certificates(dyn, solver, span.dt, n, dtype)
         if len(_CERTS) >= 16:
             _CERTS.pop(next(iter(_CERTS)))
         _CERTS[key] = certs
     return make_regions(certs, layout)
+
+
+def _stored_certificates(dyn, solver, dt, n, dtype) -> list:
+    """:func:`~.certify.certificates` of the study, read from attnflow's disk cache where a previous process stored
+    them (:mod:`attnflow._cache`: the same numbers, so the same study), else computed (and stored)."""
+    from .certify import Certificate, certificates
+
+    try:
+        key = _cache.content_key("certificates", dyn, solver, dt, n, str(jnp.dtype(dtype)))
+    except _cache.NotCanonical:
+        key = None
+    stored = None if key is None else _cache.read_arrays("certificates", key)
+    if stored is not None:
+        meta, arrays = stored
+        try:
+            return [Certificate(int(c["axis"]), int(c["m"]), arrays[f"X{i}"], float(c["q0"]), float(c["lyapunov"]),
+                                float(c["radius"]), float(c["margin"]), bool(c["continuous"]))
+                    for i, c in enumerate(meta["certificates"])]
+        except (KeyError, TypeError, ValueError):
+            pass
+    certs = certificates(dyn, solver, dt, tokens=n, dtype=dtype)
+    if key is not None:
+        meta = {"certificates": [{"axis": int(c.axis), "m": int(c.m), "q0": float(c.q0), "lyapunov": float(c.lyapunov),
+                                  "radius": float(c.radius), "margin": float(c.margin), "continuous": bool(c.continuous)}
+                                 for c in certs]}
+        _cache.write_arrays("certificates", key, meta, {f"X{i}": np.asarray(c.X) for i, c in enumerate(certs)})
+    return certs
 
 
 def _queue_size(ex: Execution, samples: int, ci_width) -> int:

@@ -1,0 +1,267 @@
+"""attnflow's own disk cache, next to JAX's persistent compilation cache: results that a new process would otherwise
+compute again before a basin study's first step, although an earlier process computed exactly the same (the study's
+certificates: about 0.25 s of a new process's start for the sphere flow of issue 21's benchmark).
+
+An entry is keyed by what determines it:
+
+- the environment (:func:`environment_key`): attnflow's source code, the versions of JAX, jaxlib and the libraries
+  of :data:`KNOWN`, JAX's configuration, the ``JAX_``/``XLA_``/``PJRT_`` environment, the devices and the CPU;
+- the arguments: arrays by content, everything else in a canonical form (:func:`canonical`), which only attnflow's
+  own types (and those of :data:`KNOWN`), plain containers and plain values have. A model class, a function or an
+  object of the user's own is not identified by its name alone, so nothing that contains one is cached here.
+
+It is on exactly when JAX's persistent cache is (``jax_compilation_cache_dir`` set: the command line's default,
+:func:`attnflow.cli.use_compile_cache`), in the subdirectory :data:`SUBDIR` of it. Entries hold JSON and NumPy
+arrays (no pickles) behind a SHA-256 checksum: an entry that cannot be read or does not match is computed again, and
+a cache that cannot be written is skipped. What is read back is bit for bit what was computed, so a study gives the
+same result with the cache, without it, and from a filled one.
+
+(Compiled programs are left to JAX's own cache. Storing XLA's CPU executables here, to skip the tracing and lowering
+that JAX's cache still needs, was tried and dropped: JAX 0.10's CPU executables loaded that way failed to run or
+crashed unless other programs had been loaded first, "Function wrapped_iota not found".)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import hashlib
+import io
+import json
+import os
+import platform
+import types
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from ._files import tmp_name
+
+SUBDIR = "attnflow-artifacts"
+"""The subdirectory of JAX's cache directory that holds attnflow's entries."""
+
+_MAGIC = b"attnflow-cache-1\n"
+
+
+class NotCanonical(Exception):
+    """An object without a canonical form (see :func:`canonical`)."""
+
+
+def directory() -> Path | None:
+    """This process's cache directory, or None when JAX's persistent cache is off."""
+    base = jax.config.jax_compilation_cache_dir
+    return Path(base) / SUBDIR if base else None
+
+
+@functools.lru_cache(maxsize=1)
+def _source_key() -> str:
+    h = hashlib.sha256()
+    root = Path(__file__).parent
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            first = f.read().split("\n\n", 1)[0]
+        return "\n".join(line for line in first.splitlines()
+                         if line.split(":")[0].strip() in ("vendor_id", "model name", "flags", "cpu family", "model"))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
+@functools.lru_cache(maxsize=1)
+def _fixed_facts() -> tuple[str, ...]:
+    import importlib.metadata
+
+    import jaxlib
+
+    versions = []
+    for pkg in KNOWN[1:]:
+        try:
+            versions.append(f"{pkg} {importlib.metadata.version(pkg)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{pkg} absent")
+    return (_source_key(), *versions, jax.__version__, jaxlib.__version__, _cpu())
+
+
+def environment_key() -> str:
+    """A SHA-256 of everything outside the arguments that a compiled program or a computed result depends on."""
+    devs = jax.devices()
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith(("JAX_", "XLA_", "PJRT_", "TF_CPP")))
+    facts = [*_fixed_facts(), repr(sorted(jax.config.values.items())), repr(env),
+             repr([(d.platform, d.device_kind, d.id, d.process_index) for d in devs]), devs[0].client.platform_version]
+    return hashlib.sha256("\n".join(facts).encode()).hexdigest()
+
+
+KNOWN = ("attnflow", "diffrax", "equinox")
+"""The packages whose classes and functions :func:`canonical` identifies by name: attnflow's source, and the versions
+of the others, are part of :func:`environment_key`."""
+
+
+def _ours(t) -> bool:
+    return getattr(t, "__module__", "").split(".")[0] in KNOWN
+
+
+def canonical(obj) -> str:
+    """A string that determines `obj`, for the static objects of attnflow's programs: None, bools, numbers, strings,
+    dtypes, attnflow's enums, tuples, lists and dicts of these, frozen dataclasses and equinox modules of attnflow's
+    own classes or those of :data:`KNOWN` (field by field), their module-level functions and classes (by name), and pytree structures (``PyTreeDef``) built of these. Raises
+    :class:`NotCanonical` for anything else (arrays included: they are data)."""
+    out: list[str] = []
+    _canon(obj, out)
+    return "".join(out)
+
+
+def _canon(x, out: list[str]) -> None:
+    if x is None or isinstance(x, (bool, str, bytes)):
+        out.append(repr(x))
+    elif isinstance(x, np.generic):  # a NumPy scalar: its dtype counts (a Python number is weakly typed)
+        out.append(f"np:{x.dtype.str}:{x.tobytes().hex()}")
+    elif isinstance(x, int) and not isinstance(x, enum.Enum):
+        out.append(f"i{int(x)}")
+    elif isinstance(x, float):
+        out.append(f"f{x.hex()}")
+    elif isinstance(x, complex):
+        out.append(f"c{x.real.hex()},{x.imag.hex()}")
+    elif isinstance(x, np.dtype) or (isinstance(x, type) and issubclass(x, np.generic)):
+        out.append(f"dtype:{np.dtype(x).str}")
+    elif isinstance(x, enum.Enum) and _ours(type(x)):
+        out.append(f"enum:{type(x).__module__}.{type(x).__qualname__}.{x.name}")
+    elif type(x) in (tuple, list):
+        out.append("(" if type(x) is tuple else "[")
+        for v in x:
+            _canon(v, out)
+            out.append(",")
+        out.append(")")
+    elif type(x) is dict:
+        out.append("{")
+        for k in sorted(x, key=repr):
+            _canon(k, out)
+            out.append(":")
+            _canon(x[k], out)
+            out.append(",")
+        out.append("}")
+    elif isinstance(x, jax.tree_util.PyTreeDef):
+        _canon_treedef(x, out)
+    elif isinstance(x, type):
+        if not _ours(x) or "<locals>" in x.__qualname__:
+            raise NotCanonical(f"class {x.__module__}.{x.__qualname__}")
+        out.append(f"class:{x.__module__}.{x.__qualname__}")
+    elif isinstance(x, types.FunctionType):
+        if not _ours(x) or "<" in x.__qualname__ or x.__closure__:
+            raise NotCanonical(f"function {x.__module__}.{x.__qualname__}")
+        out.append(f"fn:{x.__module__}.{x.__qualname__}")
+    elif type(x).__name__ == "_Missing" and type(x).__module__.startswith("equinox"):
+        out.append("MISSING")
+    elif dataclasses.is_dataclass(x) and _ours(type(x)):  # equinox modules are dataclasses
+        out.append(f"obj:{type(x).__module__}.{type(x).__qualname__}(")
+        for f in dataclasses.fields(x):
+            out.append(f"{f.name}=")
+            _canon(getattr(x, f.name, None), out)
+            out.append(",")
+        out.append(")")
+    else:
+        raise NotCanonical(f"{type(x).__module__}.{type(x).__qualname__}")
+
+
+def _canon_treedef(t, out: list[str]) -> None:
+    data = t.node_data()
+    if data is None:  # a leaf
+        out.append("*")
+        return
+    kind, aux = data
+    if kind not in (tuple, list, dict, type(None)) and not _ours(kind):
+        raise NotCanonical(f"pytree node {kind.__module__}.{kind.__qualname__}")
+    _canon(kind if _ours(kind) else kind.__name__, out)
+    out.append("[")
+    _canon(aux, out)
+    out.append("](")
+    for c in t.children():
+        _canon_treedef(c, out)
+        out.append(",")
+    out.append(")")
+
+
+def content_key(*parts) -> str:
+    """A SHA-256 of `parts` with :func:`environment_key`: pytrees whose arrays count by content and whose other
+    leaves and structure by :func:`canonical`. Raises :class:`NotCanonical` where a part has no canonical form."""
+    h = hashlib.sha256(environment_key().encode())
+    for p in parts:
+        leaves, treedef = jax.tree.flatten(p)
+        h.update(canonical(treedef).encode())
+        for x in leaves:
+            if isinstance(x, (jax.Array, np.ndarray)):
+                a = np.asarray(x)
+                h.update(f"array:{a.dtype.str}{a.shape}".encode())
+                h.update(np.ascontiguousarray(a).tobytes())
+            else:
+                h.update(canonical(x).encode())
+            h.update(b";")
+    return h.hexdigest()
+
+
+def read(kind: str, key: str) -> bytes | None:
+    """The entry `key` of `kind`, or None (no cache, no entry, or a damaged one)."""
+    base = directory()
+    if base is None:
+        return None
+    try:
+        blob = (base / kind / key).read_bytes()
+    except OSError:
+        return None
+    head = len(_MAGIC) + 64
+    if len(blob) < head or not blob.startswith(_MAGIC):
+        return None
+    body = blob[head:]
+    if hashlib.sha256(body).hexdigest().encode() != blob[len(_MAGIC):head]:
+        return None
+    return body
+
+
+def write(kind: str, key: str, body: bytes) -> None:
+    """Store `body` as the entry `key` of `kind` (atomically; nothing when the cache is off or cannot be written)."""
+    base = directory()
+    if base is None:
+        return
+    p = base / kind / key
+    tmp = tmp_name(p)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(_MAGIC + hashlib.sha256(body).hexdigest().encode() + body)
+        os.replace(tmp, p)
+    except OSError:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+
+def read_arrays(kind: str, key: str) -> tuple[dict, dict] | None:
+    """``(meta, arrays)`` of an entry written by :func:`write_arrays`, or None."""
+    body = read(kind, key)
+    if body is None:
+        return None
+    try:
+        n = int.from_bytes(body[:8], "little")
+        meta = json.loads(body[8:8 + n])
+        with np.load(io.BytesIO(body[8 + n:]), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        return meta, arrays
+    except (ValueError, OSError, KeyError):
+        return None
+
+
+def write_arrays(kind: str, key: str, meta: dict, arrays: dict) -> None:
+    """Store JSON `meta` and NumPy `arrays` (no pickles) as the entry `key` of `kind`."""
+    if directory() is None:
+        return
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    m = json.dumps(meta).encode()
+    write(kind, key, len(m).to_bytes(8, "little") + m + buf.getvalue())
+

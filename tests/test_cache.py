@@ -1,0 +1,116 @@
+"""attnflow's disk cache (attnflow._cache): canonical keys only for what attnflow can identify, and a study's
+certificates read back from it give the study it would have computed."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import numpy as np
+import pytest
+
+import attnflow as af
+from attnflow import _cache
+from attnflow.analysis.basins import certify, study
+from attnflow.io.results import read_members
+
+
+def flow(v=(1.0, 0.4, -0.3)):
+    V = np.diag(v).astype(np.float32)
+    return af.SphereFlow(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0))
+
+
+def test_canonical_identifies_attnflow_objects_and_refuses_others():
+    f = flow()
+    _, static = eqx.partition(f, eqx.is_array)
+    assert _cache.canonical(jax.tree.structure(f)) == _cache.canonical(jax.tree.structure(flow((2.0, 1.0, 0.0))))
+    assert _cache.canonical(af.Adaptive()) != _cache.canonical(af.Adaptive(rtol=1e-5))
+    assert _cache.canonical(static) == _cache.canonical(eqx.partition(flow(), eqx.is_array)[1])
+    # a number's type counts (a Python float is weakly typed in JAX, a NumPy float32 is not)
+    assert _cache.canonical(1.0) != _cache.canonical(np.float32(1.0)) != _cache.canonical(np.float64(1.0))
+    assert _cache.canonical(1) != _cache.canonical(True) != _cache.canonical(1.0)
+
+    class UserFlow(af.SphereFlow):  # a user's class: not identified by its name
+        pass
+
+    for bad in (UserFlow(f.attn), jax.tree.structure(UserFlow(f.attn)), lambda x: x, np.zeros(3), object(),
+                jax.numpy.float32, _closure()):
+        with pytest.raises(_cache.NotCanonical):
+            _cache.canonical(bad)
+
+
+def _closure():
+    a = 3
+
+    def f(x):
+        return x + a
+
+    return f
+
+
+def test_content_key_follows_contents_and_environment(monkeypatch):
+    k = _cache.content_key("x", flow(), 8)
+    assert k == _cache.content_key("x", flow(), 8)
+    assert k != _cache.content_key("x", flow((1.0, 0.4, -0.30001)), 8)
+    assert k != _cache.content_key("x", flow(), 9)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    assert k != _cache.content_key("x", flow(), 8)
+    with pytest.raises(_cache.NotCanonical):
+        _cache.content_key("x", lambda x: x)
+
+
+def test_entries_are_checked_and_written_atomically(tmp_path, monkeypatch):
+    monkeypatch.setattr(_cache, "directory", lambda: tmp_path)
+    _cache.write_arrays("k", "a", {"v": 1.5}, {"X": np.arange(6.0).reshape(2, 3)})
+    meta, arrays = _cache.read_arrays("k", "a")
+    assert meta == {"v": 1.5} and np.array_equal(arrays["X"], np.arange(6.0).reshape(2, 3))
+    assert [p.name for p in (tmp_path / "k").iterdir()] == ["a"]  # no temporary file left
+    p = tmp_path / "k" / "a"
+    blob = bytearray(p.read_bytes())
+    blob[-5] ^= 1
+    p.write_bytes(bytes(blob))
+    assert _cache.read_arrays("k", "a") is None  # a damaged entry is not read
+    p.write_bytes(b"junk")
+    assert _cache.read_arrays("k", "a") is None
+    monkeypatch.setattr(_cache, "directory", lambda: tmp_path / "file" / "sub")
+    (tmp_path / "file").write_text("not a directory")
+    _cache.write_arrays("k", "b", {}, {})  # cannot be written: skipped, no error
+    monkeypatch.setattr(_cache, "directory", lambda: None)
+    assert _cache.read_arrays("k", "a") is None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_study_with_stored_certificates_is_the_same_study(tmp_path, monkeypatch, dtype):
+    """A study whose certificates come from the disk cache (a new process: the in-memory ones cleared) names,
+    decides and steps every member as the study that computed them; a damaged entry is recomputed."""
+    if dtype == "float64" and not jax.config.jax_enable_x64:
+        pytest.skip("float64 needs x64")
+    monkeypatch.setattr(_cache, "directory", lambda: tmp_path)
+    V = np.diag([1.0, 0.4, -0.3]).astype(dtype)
+    dyn = af.SphereFlow(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0))
+    key = jax.random.PRNGKey(3)
+
+    runs = iter(range(10))
+
+    def run():
+        study._CERTS.clear()
+        out = tmp_path / f"run{next(runs)}"
+        r = af.basin_fractions(dyn, key, 300, sampler=af.basins.Sphere(5, 3, dtype), run_dir=out)
+        return r, read_members(out)
+
+    calls = []
+    real = certify.certificates
+    monkeypatch.setattr(certify, "certificates", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first, m1 = run()
+    assert calls == [1] and len(list((tmp_path / "certificates").iterdir())) == 1
+    second, m2 = run()
+    assert calls == [1]  # read back, not computed
+    assert set(m1) == set(m2) and "certified" in set(m1["outcome"])
+    for c in m1:
+        assert np.array_equal(m1[c], m2[c], equal_nan=m1[c].dtype.kind == "f"), c
+    assert first.attractors == second.attractors
+    (entry,) = (tmp_path / "certificates").iterdir()
+    entry.write_bytes(entry.read_bytes()[:-3])
+    third, m3 = run()
+    assert calls == [1, 1]  # damaged: computed again
+    for c in m1:
+        assert np.array_equal(m1[c], m3[c], equal_nan=m1[c].dtype.kind == "f"), c
