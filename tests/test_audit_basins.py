@@ -181,3 +181,44 @@ def test_steps_median_is_numpys_median_of_the_members_steps(tmp_path):
     assert res.categories and any(a.count % 2 == 0 for a in res.attractors + res.categories)
     for a in res.attractors + res.categories:
         assert a.steps_median == float(np.median(steps[names == a.name])), (a.name, a.steps_median)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_ball_test_follows_the_euclidean_distance_for_small_radii(dtype):
+    """The engine's region test (attnflow.evolve.regions: the array form of the pools, the per-state form of the
+    adaptive solver, the row form of the Pallas kernel) against the float64 Euclidean distance of the same member to
+    the nearest arrangement: inside at 0.9 r, outside at 1.1 r, for radii down to 1e-4 (the smallest certified balls,
+    section 9). Old code: the distance was sum |x_i|^2 + 1 - 2 |<x_i, v>|, whose float32 cancellation (about 4 n eps)
+    let members at 2.5 r in and kept members at 0.5 r out."""
+    from attnflow.evolve.regions import Regions, test_rows, test_state
+
+    rng = np.random.default_rng(7)
+    n, d = 8, 3
+    v = _unit(rng.standard_normal(d))
+    w = _unit(rng.standard_normal(d))
+    axes = np.stack([v, w])
+    for r in (1e-4, 1e-3, 1e-2):
+        for m in (0, 3, 8):
+            radius2 = np.full((2, n + 1), -1.0)
+            radius2[0, m] = r * r
+            regions = Regions(axes.astype(dtype), radius2, (0, n + 1))
+            X0 = np.where((np.arange(n) < m)[:, None], v, -v)
+            for rho in (0.5, 0.9, 1.1, 1.5, 2.5):
+                U = rng.standard_normal((200, n, d))
+                U -= np.sum(U * X0, -1, keepdims=True) * X0  # tangent
+                U *= rho * r / np.linalg.norm(U, axis=(1, 2), keepdims=True)
+                X = _unit(X0 + U).astype(dtype)
+                Xs = X.astype(np.float64)
+                s = np.where(Xs @ v > 0, 1.0, -1.0)
+                dist = np.sqrt(np.sum((Xs - s[..., None] * v) ** 2, axis=(1, 2)))  # float64, of the stored member
+                plus = np.sum(s > 0, axis=1)
+                want = (dist <= r) & (plus == m)
+                rows = np.moveaxis(X, 0, -1).transpose(1, 0, 2).reshape(d * n, -1)  # row b n + i: coordinate b, token i
+                hit, tag = test_rows(regions, rows, n, d)
+                hit_t, _ = test_rows(regions, tuple(rows), n, d)
+                hit_s = np.array([bool(test_state(regions, x)[0]) for x in X[:20]])
+                sure = np.abs(dist / r - 1.0) > 0.05  # away from the boundary by more than rounding
+                assert np.array_equal(np.asarray(hit)[sure], want[sure]), (dtype, r, m, rho)
+                assert np.array_equal(np.asarray(hit_t)[sure], want[sure]), (dtype, r, m, rho)
+                assert np.array_equal(hit_s[sure[:20]], want[:20][sure[:20]]), (dtype, r, m, rho)
+                assert np.all(np.asarray(tag)[np.asarray(hit)] == m)

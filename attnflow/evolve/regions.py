@@ -7,6 +7,9 @@ region (a, m) when, assigning each token to the nearer of +v_a and -v_a, exactly
 distance to that arrangement, ``sum_i min(|x_i - v_a|^2, |x_i + v_a|^2)``, is at most ``radius2[a, m]``. That is the
 exact Euclidean distance to the nearest arrangement of the equilibrium with m tokens at +v_a (the tokens can be
 permuted: the regions of a study are made for permutation-equivariant models, or, with a mask, for consensus only).
+It is computed from the differences ``x_i -+ v_a`` themselves, so its rounding error is relative (a few eps of the
+distance): expanded as ``|x_i|^2 + 1 - 2 |<x_i, v_a>|`` it would cancel, with an absolute error of about 4 n eps in
+the squared distance, as large in float32 as the squared radius of the smallest balls (1e-8).
 
 The engine (:mod:`attnflow.evolve.pool`) tests every running member after each of its steps and retires a member in
 a region with outcome ``certified`` and the region's index ``a (n + 1) + m``; what makes a region (a ball in which
@@ -50,21 +53,25 @@ class Regions(eqx.Module):
         return int(np.sum(np.asarray(self.radius2) >= 0))
 
 
-def _test(regions: Regions, dot, sq, radius, n: int):
-    """``(hit, tag)``: ``dot(a, i)`` = <x_i, v_a>, ``sq(i)`` = |x_i|^2 as lane vectors (or scalars), ``radius(a, m)`` =
-    radius2[a, m]."""
+def _test(regions: Regions, x, axis, radius, n: int, d: int):
+    """``(hit, tag)``: ``x(b, i)`` = coordinate b of token i as a lane vector (or scalar), ``axis(a, b)`` = v_a[b],
+    ``radius(a, m)`` = radius2[a, m]."""
     hit, tag = None, None
-    norms = [sq(i) for i in range(n)]
     for a, base in enumerate(regions.tags):
-        s = [dot(a, i) for i in range(n)]
-        plus = sum(jnp.where(si > 0, 1, 0) for si in s)
-        dist = sum(q + 1.0 - 2.0 * jnp.abs(si) for q, si in zip(norms, s))
+        pos = [sum(x(b, i) * axis(a, b) for b in range(d)) > 0 for i in range(n)]  # token i nearer +v_a
+        plus = sum(jnp.where(p, 1, 0) for p in pos)
+        dist = 0.0
+        for i in range(n):
+            for b in range(d):
+                e = x(b, i) - jnp.where(pos[i], axis(a, b), -axis(a, b))
+                dist = dist + e * e
         lim = sum(jnp.where(plus == m, radius(a, m), 0.0) for m in range(n + 1))  # radius2[a, plus]
-        h = dist <= lim  # never where radius2 < 0: dist >= 0 up to rounding
+        h = dist <= lim  # never where radius2 < 0
         hit = h if hit is None else hit | h
         tag = jnp.where(h, base + plus, -1) if tag is None else jnp.where(h, base + plus, tag)
     if hit is None:
-        return jnp.zeros_like(norms[0], dtype=bool), jnp.zeros_like(norms[0], dtype=jnp.int32) - 1
+        z = x(0, 0)
+        return jnp.zeros_like(z, dtype=bool), jnp.zeros_like(z, dtype=jnp.int32) - 1
     return hit, tag
 
 
@@ -73,31 +80,26 @@ def test_rows(regions: Regions, X, n: int, d: int, get_axis=None, get_radius=Non
     `get_radius(a, m)` read its axes and radii) or a ``(d n, T)`` array (XLA: whole-array operations, which keep the
     compiled step loop small)."""
     if not isinstance(X, tuple):
-        Y = X.reshape(d, n, X.shape[-1])
-        ax = regions.axes.astype(X.dtype)
-        c = jnp.stack([sum(ax[a, b] * Y[b] for b in range(d)) for a in range(ax.shape[0])])  # <x_i, v_a>, (A, n, T)
-        q = sum(Y[b] * Y[b] for b in range(d))  # |x_i|^2, (n, T)
-        return _test_arrays(regions, c, q)
+        return _test_arrays(regions, X.reshape(d, n, X.shape[-1]))
     rows = X
     axis = get_axis or (lambda a, b: regions.axes[a, b])
     radius = get_radius or (lambda a, m: regions.radius2[a, m])
-
-    def dot(a, i):
-        return sum(rows[b * n + i] * axis(a, b) for b in range(d))
-
-    def sq(i):
-        return sum(rows[b * n + i] * rows[b * n + i] for b in range(d))
-
-    return _test(regions, dot, sq, radius, n)
+    return _test(regions, lambda b, i: rows[b * n + i], axis, radius, n, d)
 
 
-def _test_arrays(regions: Regions, c, q):
-    """:func:`_test` on arrays: ``c`` ``(A, n, T)`` the cosines, ``q`` ``(n, T)`` the squared norms."""
-    plus = jnp.sum(c > 0, axis=1, dtype=jnp.int32)  # (A, T)
-    dist = jnp.sum(q[None] + 1.0 - 2.0 * jnp.abs(c), axis=1)  # (A, T)
+def _test_arrays(regions: Regions, Y):
+    """:func:`_test` on arrays: ``Y`` ``(d, n, T)``, coordinate b of token i of each member."""
+    d = Y.shape[0]
+    ax = regions.axes.astype(Y.dtype)
+    A = ax.shape[0]
+    c = jnp.stack([sum(ax[a, b] * Y[b] for b in range(d)) for a in range(A)])  # <x_i, v_a>, (A, n, T)
+    pos = c > 0
+    plus = jnp.sum(pos, axis=1, dtype=jnp.int32)  # (A, T)
+    near = jnp.where(pos[:, None], ax[:, :, None, None], -ax[:, :, None, None])  # the nearer of +-v_a, (A, d, n, T)
+    dist = jnp.sum(jnp.square(Y[None] - near), axis=(1, 2))  # (A, T): from the differences, no cancellation
     lim = jnp.take_along_axis(regions.radius2.astype(dist.dtype), plus, axis=1)  # radius2[a, plus[a]], (A, T)
-    h = dist <= lim  # never where radius2 < 0: dist >= 0 up to rounding
-    hit, tag = jnp.zeros(q.shape[1:], bool), jnp.full(q.shape[1:], -1, jnp.int32)
+    h = dist <= lim  # never where radius2 < 0
+    hit, tag = jnp.zeros(Y.shape[2:], bool), jnp.full(Y.shape[2:], -1, jnp.int32)
     for a, base in enumerate(regions.tags):  # the last axis that holds the member names it (balls are disjoint)
         hit, tag = hit | h[a], jnp.where(h[a], base + plus[a], tag)
     return hit, tag
@@ -118,7 +120,5 @@ def equilibria(regions: Regions, tag, n: int):
 
 def test_state(regions: Regions, X):
     """``(hit, tag)`` of one member ``(n, d)``."""
-    c = (X @ regions.axes.astype(X.dtype).T).T[:, :, None]  # (A, n, 1)
-    q = jnp.sum(X * X, axis=1)[:, None]
-    hit, tag = _test_arrays(regions, c, q)
+    hit, tag = _test_arrays(regions, X.T[:, :, None])
     return hit[0], tag[0]
