@@ -1,6 +1,7 @@
-"""attnflow's own disk cache, next to JAX's persistent compilation cache: results that a new process would otherwise
-compute again before a basin study's first step, although an earlier process computed exactly the same (the study's
-certificates: about 0.25 s of a new process's start for the sphere flow of issue 21's benchmark).
+"""attnflow's own disk cache, next to JAX's persistent compilation cache: what a new process would otherwise compute
+again before a basin study's first step, although an earlier process computed exactly the same. For the sphere flow
+of issue 21's benchmark (10^4 members, 2-core CPU) a new process with a filled cache started its study in 1.3 s; with
+the certificates stored here 1.1 s, and with the pool program's export too (:class:`ExportedProgram`) 0.8 s.
 
 An entry is keyed by what determines it:
 
@@ -16,9 +17,10 @@ arrays (no pickles) behind a SHA-256 checksum: an entry that cannot be read or d
 a cache that cannot be written is skipped. What is read back is bit for bit what was computed, so a study gives the
 same result with the cache, without it, and from a filled one.
 
-(Compiled programs are left to JAX's own cache. Storing XLA's CPU executables here, to skip the tracing and lowering
-that JAX's cache still needs, was tried and dropped: JAX 0.10's CPU executables loaded that way failed to run or
-crashed unless other programs had been loaded first, "Function wrapped_iota not found".)
+Compiled programs are left to JAX's own cache: what is stored here is a program's export (StableHLO, which JAX
+compiles, or finds in its cache, as it would the traced program). Storing XLA's CPU executables themselves, which
+would skip the lowering too, was tried and dropped: JAX 0.10's CPU executables loaded that way failed to run ("Function
+wrapped_iota not found") or crashed unless other programs had been loaded into the process first.
 """
 
 from __future__ import annotations
@@ -265,3 +267,101 @@ def write_arrays(kind: str, key: str, meta: dict, arrays: dict) -> None:
     m = json.dumps(meta).encode()
     write(kind, key, len(m).to_bytes(8, "little") + m + buf.getvalue())
 
+
+
+# ------------------------------------------------------------------------------------------ exported programs
+
+
+class ExportedProgram:
+    """``impl(*args)`` as a JAX-exported program (:mod:`jax.export`: StableHLO with its input shapes), one per static
+    part and argument shapes (equinox's partition: arrays are the arguments, everything else static). Every process
+    runs the exported program under ``jax.jit`` (compiled, and cached, by JAX's persistent cache); with this cache on,
+    the export itself is stored too, so that a new process skips tracing and lowering ``impl``, which JAX's cache
+    still needs before it can look a program up (for a study's pool: about 0.4 s). A program that cannot be exported
+    is compiled as a plain ``jax.jit`` of ``impl``, in every process alike. `out_structure(*args)` gives the pytree
+    structure of ``impl(*args)`` without tracing ``impl`` (checked against the traced one before an export is
+    stored). The call is dispatched asynchronously, like a jitted one."""
+
+    def __init__(self, impl, name: str, out_structure):
+        import threading
+
+        self.impl, self.name, self.out_structure = impl, name, out_structure
+        self._jit = jax.jit(self._flat, static_argnums=(1, 2, 3))
+        self._memory: dict = {}
+        self._locks: dict = {}
+        self._lock = threading.Lock()
+        self._traced = threading.local()
+
+    def _flat(self, leaves, dyn_def, static_leaves, static_def):
+        import equinox as eqx
+
+        out = self.impl(*eqx.combine(jax.tree.unflatten(dyn_def, leaves), jax.tree.unflatten(static_def, static_leaves)))
+        out_leaves, self._traced.out_def = jax.tree.flatten(out)
+        return out_leaves
+
+    def __call__(self, *args):
+        import threading
+
+        import equinox as eqx
+
+        dynamic, static = eqx.partition(args, eqx.is_array)
+        leaves, dyn_def = jax.tree.flatten(dynamic)
+        static_leaves, static_def = jax.tree.flatten(static)
+        leaves = [x if isinstance(x, jax.Array) else jax.numpy.asarray(x) for x in leaves]
+        avals = tuple(jax.typeof(x) for x in leaves)
+        key = (dyn_def, tuple(static_leaves), static_def, avals)
+        entry = self._memory.get(key)
+        if entry is None:
+            with self._lock:
+                lock = self._locks.setdefault(key, threading.Lock())
+            with lock:
+                entry = self._memory.get(key)
+                if entry is None:
+                    entry = self._memory[key] = self._build(args, leaves, dyn_def, tuple(static_leaves), static_def,
+                                                            avals)
+        call, out_def = entry
+        if call is None:  # not exportable: the plain program
+            return jax.tree.unflatten(out_def, self._jit(leaves, dyn_def, tuple(static_leaves), static_def))
+        return jax.tree.unflatten(out_def, call(leaves))
+
+    def _disk_key(self, dyn_def, static_leaves, static_def, avals) -> str | None:
+        if directory() is None:
+            return None
+        try:
+            parts = [environment_key(), self.name, canonical(dyn_def), canonical(static_def), canonical(static_leaves),
+                     repr([(a.shape, np.dtype(a.dtype).str, a.weak_type) for a in avals])]
+        except NotCanonical:
+            return None
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+    def _build(self, args, leaves, dyn_def, static_leaves, static_def, avals):
+        from jax import export
+
+        disk = self._disk_key(dyn_def, static_leaves, static_def, avals)
+        if disk is not None:
+            body = read("programs", disk)
+            if body is not None:
+                try:
+                    exported = export.deserialize(bytearray(body))
+                    out_def = self.out_structure(*args)
+                    if tuple(exported.in_avals) == avals and out_def.num_leaves == len(exported.out_avals):
+                        return jax.jit(exported.call), out_def
+                except Exception:  # noqa: BLE001 - damaged, or another JAX's: export again
+                    pass
+        self._traced.out_def = None
+        try:
+            exported = export.export(self._jit)(leaves, dyn_def, static_leaves, static_def)
+        except Exception:  # noqa: BLE001 - e.g. a custom call export does not take: the plain program
+            exported = None
+        out_def = self._traced.out_def
+        if out_def is None:  # JAX reused an earlier trace
+            out_def = jax.tree.structure(jax.eval_shape(lambda: self.impl(*args)))
+        if exported is None:
+            return None, out_def
+        if disk is not None:
+            try:
+                if self.out_structure(*args) == out_def:
+                    write("programs", disk, bytes(exported.serialize()))
+            except Exception:  # noqa: BLE001 - not serialisable here (flatbuffers missing): kept in memory only
+                pass
+        return jax.jit(exported.call), out_def

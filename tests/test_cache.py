@@ -114,3 +114,60 @@ def test_study_with_stored_certificates_is_the_same_study(tmp_path, monkeypatch,
     assert calls == [1, 1]  # damaged: computed again
     for c in m1:
         assert np.array_equal(m1[c], m3[c], equal_nan=m1[c].dtype.kind == "f"), c
+
+
+def _members(tmp_path, name, dyn, dtype="float32", samples=300):
+    out = tmp_path / name
+    af.basin_fractions(dyn, jax.random.PRNGKey(5), samples, sampler=af.basins.Sphere(5, 3, dtype), run_dir=out)
+    return read_members(out)
+
+
+def _same(a, b):
+    assert set(a) == set(b)
+    for c in a:
+        assert np.array_equal(a[c], b[c], equal_nan=a[c].dtype.kind == "f"), c
+
+
+def test_pool_program_is_loaded_from_its_export_without_tracing(tmp_path, monkeypatch):
+    """With the disk cache on, a study's pool program is stored as a jax.export; a later process (here: the
+    in-memory programs cleared) loads it without tracing the pool (the traced function raises), and its members are
+    those of the study that exported it; a damaged entry is exported again."""
+    from attnflow.evolve import pool
+
+    monkeypatch.setattr(_cache, "directory", lambda: tmp_path / "cache")
+    monkeypatch.setattr(pool._advance, "_memory", {})
+    dyn = flow((1.0, 0.3, -0.2))
+    first = _members(tmp_path, "a", dyn)
+    (entry,) = (tmp_path / "cache" / "programs").iterdir()
+    monkeypatch.setattr(pool._advance, "_memory", {})
+    real = pool._advance.impl
+
+    def traced(*a):
+        raise AssertionError("the pool was traced")
+
+    monkeypatch.setattr(pool._advance, "impl", traced)
+    _same(first, _members(tmp_path, "b", dyn))
+    entry.write_bytes(entry.read_bytes()[:-10])
+    monkeypatch.setattr(pool._advance, "_memory", {})
+    monkeypatch.setattr(pool._advance, "impl", real)
+    _same(first, _members(tmp_path, "c", dyn))
+    monkeypatch.setattr(_cache, "directory", lambda: None)  # the cache off: the same members
+    monkeypatch.setattr(pool._advance, "_memory", {})
+    _same(first, _members(tmp_path, "d", dyn))
+
+
+def test_a_model_of_the_users_own_is_not_stored(tmp_path, monkeypatch):
+    """A subclass defined by the user is not identified by its name: its program is not stored (it is compiled and
+    runs as any other)."""
+    from attnflow.evolve import pool
+
+    class Mine(af.SphereFlow):
+        pass
+
+    monkeypatch.setattr(_cache, "directory", lambda: tmp_path / "cache")
+    monkeypatch.setattr(pool._advance, "_memory", {})
+    base = flow()
+    mine = _members(tmp_path, "a", Mine(base.attn))
+    assert not (tmp_path / "cache" / "programs").exists()
+    assert not (tmp_path / "cache" / "certificates").exists()
+    _same(mine, _members(tmp_path, "b", base))

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._cache import ExportedProgram
 from .._device import device_array, tile_loop
 from .._types import Array, Float, Int
 from ..model.dynamics import AbstractFlow, AbstractMap
@@ -440,17 +441,19 @@ def _advance_impl(dyn, solver, pool: Pool, queue, qidx, count, drain, dt, cap, r
     return Pool(*slots), Retired(oi, final, os_, on, ot, og, nout, extra)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _advance_jit(dynamic, static_leaves, static_def):
-    return _advance_impl(*eqx.combine(dynamic, jax.tree.unflatten(static_def, static_leaves)))
+def _advance_structure(dyn, solver, pool, queue, qidx, count, drain, dt, cap, regions, spec, then):
+    """The pytree structure of ``_advance_impl``'s result, without tracing it (`then` only, on one state)."""
+    n, d = queue.shape[1:]
+    extra = None if then is None else jax.eval_shape(
+        then, jax.ShapeDtypeStruct((1, n, d), queue.dtype), jax.ShapeDtypeStruct((1,), jnp.int32))
+    return jax.tree.structure((pool, Retired(0, 0, 0, 0, 0, 0, 0, extra)))
 
 
-def _advance(*args):
-    """``_advance_impl`` compiled, dispatched asynchronously (``eqx.filter_jit`` waits for its results, which would
-    keep the host from labelling one call's members while the next call runs)."""
-    dynamic, static = eqx.partition(args, eqx.is_array)
-    leaves, treedef = jax.tree.flatten(static)  # hashable: the structure and the static leaves
-    return _advance_jit(dynamic, tuple(leaves), treedef)
+_advance = ExportedProgram(_advance_impl, "attnflow.evolve.pool._advance", _advance_structure)
+"""``_advance_impl`` compiled once per model structure and shapes, through :mod:`jax.export` (a new process with
+attnflow's disk cache on loads the export instead of tracing and lowering it: :mod:`attnflow._cache`), dispatched
+asynchronously (``eqx.filter_jit`` waits for its results, which would keep the host from labelling one call's members
+while the next call runs)."""
 
 
 # ------------------------------------------------------------------------------------------- the host driver
