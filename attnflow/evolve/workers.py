@@ -209,8 +209,10 @@ class _Worker:
         self.lock = threading.Lock()
         self.dead = False
         self.outbox.put((list(sys.path), settings))
-        threading.Thread(target=self._write, daemon=True, name="attnflow-worker-writer").start()
-        threading.Thread(target=self._read, daemon=True, name="attnflow-worker-reader").start()
+        self.threads = [threading.Thread(target=self._write, daemon=True, name="attnflow-worker-writer"),
+                        threading.Thread(target=self._read, daemon=True, name="attnflow-worker-reader")]
+        for t in self.threads:
+            t.start()
 
     def submit(self, name: str, *args) -> cf.Future:
         """Send the call ``name(*args)`` (:data:`_CALLS`); its future holds the result or the worker's exception."""
@@ -224,9 +226,17 @@ class _Worker:
         return fut
 
     def _write(self) -> None:
+        # a message holds the model's JAX arrays: the thread must not keep the last reference to one while it waits,
+        # since the reference would be dropped here when close() wakes it at exit, while the interpreter finalises,
+        # and a JAX array freed by a daemon thread then aborts the process ("FATAL: exception not rethrown", exit
+        # status 134, seen once in three runs of a 10^5-member study)
         try:
-            while (msg := self.outbox.get()) is not None:
+            while True:
+                msg = self.outbox.get()
+                if msg is None:
+                    break
                 _send(self.proc.stdin, msg)
+                del msg
         except Exception:  # noqa: BLE001 - the worker is gone: the reader fails the pending calls
             pass
         finally:
@@ -355,4 +365,13 @@ def drop_all() -> None:
         _drop(w)
 
 
-atexit.register(drop_all)
+@atexit.register
+def _end_at_exit() -> None:
+    """At exit: end the worker processes and wait (briefly) for their threads, so that nothing they hold is freed
+    by a daemon thread while the interpreter finalises (see :meth:`_Worker._write`)."""
+    w = _LIVE.get("w")
+    drop_all()
+    if w is not None:
+        for p in w.procs:
+            for t in p.threads:
+                t.join(timeout=5)
