@@ -309,7 +309,8 @@ class ExportedProgram:
         static_leaves, static_def = jax.tree.flatten(static)
         leaves = [x if isinstance(x, jax.Array) else jax.numpy.asarray(x) for x in leaves]
         avals = tuple(jax.typeof(x) for x in leaves)
-        key = (dyn_def, tuple(static_leaves), static_def, avals)
+        plat = next(iter(leaves[0].devices())).platform if leaves else jax.default_backend()
+        key = (dyn_def, tuple(static_leaves), static_def, avals, plat)
         entry = self._memory.get(key)
         if entry is None:
             with self._lock:
@@ -318,39 +319,40 @@ class ExportedProgram:
                 entry = self._memory.get(key)
                 if entry is None:
                     entry = self._memory[key] = self._build(args, leaves, dyn_def, tuple(static_leaves), static_def,
-                                                            avals)
+                                                            avals, plat)
         call, out_def = entry
         if call is None:  # not exportable: the plain program
             return jax.tree.unflatten(out_def, self._jit(leaves, dyn_def, tuple(static_leaves), static_def))
         return jax.tree.unflatten(out_def, call(leaves))
 
-    def _disk_key(self, dyn_def, static_leaves, static_def, avals) -> str | None:
+    def _disk_key(self, dyn_def, static_leaves, static_def, avals, plat) -> str | None:
         if directory() is None:
             return None
         try:
-            parts = [environment_key(), self.name, canonical(dyn_def), canonical(static_def), canonical(static_leaves),
-                     repr([(a.shape, np.dtype(a.dtype).str, a.weak_type) for a in avals])]
+            parts = [environment_key(), self.name, plat, canonical(dyn_def), canonical(static_def),
+                     canonical(static_leaves), repr([(a.shape, np.dtype(a.dtype).str, a.weak_type) for a in avals])]
         except NotCanonical:
             return None
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
-    def _build(self, args, leaves, dyn_def, static_leaves, static_def, avals):
+    def _build(self, args, leaves, dyn_def, static_leaves, static_def, avals, plat):
         from jax import export
 
-        disk = self._disk_key(dyn_def, static_leaves, static_def, avals)
+        disk = self._disk_key(dyn_def, static_leaves, static_def, avals, plat)
         if disk is not None:
             body = read("programs", disk)
             if body is not None:
                 try:
                     exported = export.deserialize(bytearray(body))
                     out_def = self.out_structure(*args)
-                    if tuple(exported.in_avals) == avals and out_def.num_leaves == len(exported.out_avals):
+                    if (tuple(exported.in_avals) == avals and out_def.num_leaves == len(exported.out_avals)
+                            and tuple(exported.platforms) == (plat,)):
                         return jax.jit(exported.call), out_def
                 except Exception:  # noqa: BLE001 - damaged, or another JAX's: export again
                     pass
         self._traced.out_def = None
         try:
-            exported = export.export(self._jit)(leaves, dyn_def, static_leaves, static_def)
+            exported = export.export(self._jit, platforms=(plat,))(leaves, dyn_def, static_leaves, static_def)
         except Exception:  # noqa: BLE001 - e.g. a custom call export does not take: the plain program
             exported = None
         out_def = self._traced.out_def

@@ -171,3 +171,29 @@ def test_certificates_are_computed_only_where_they_pay(tmp_path):
     assert "certified" not in out[True]["outcome"].tolist()
     assert out[True]["name"].tolist() == out[False]["name"].tolist()
     np.testing.assert_array_equal(out[True]["steps"], out[False]["steps"])
+
+
+def test_certificate_names_its_eigenvector_as_names_do():
+    """`Certificate.v` is the eigenvector number of the names (v3 for the third eigenvector in eigenpairs order),
+    while `axis` indexes the candidate axes (real simple eigenvectors only). For W = diag(2, 2, 1, -0.5), v1 and v2
+    belong to a repeated eigenvalue and are no axes, so the candidate axes are v3 and v4; for W = diag(2, 0.5, 0.5, -1)
+    they are v1 and v4, and the certified equilibria (on v1 only: a single symmetric head has no other stable ones)
+    are named with v = 1."""
+    from attnflow.analysis.classify import classify
+    from attnflow.analysis.equilibria import eigenpairs
+
+    def flow(diag):
+        V = np.diag(diag)
+        return af.SphereFlow(af.SelfAttention(af.Heads.single(V, K=np.eye(4)), af.Attention("softmax"), 1.0))
+
+    assert [k for k, _ in certify._candidates(flow([2.0, 2.0, 1.0, -0.5]), af.Adaptive())] == [2, 3]
+    f = flow([2.0, 0.5, 0.5, -1.0])
+    assert [k for k, _ in certify._candidates(f, af.Adaptive())] == [0, 3]
+    certs = certify.certificates(f, af.Adaptive(), tokens=3, dtype=np.float64)
+    assert certs and all(c.v == 1 and c.axis == 0 for c in certs)
+    _, vecs = eigenpairs(f)
+    for c in certs:
+        u = np.real(vecs[:, c.v - 1])
+        assert np.allclose(np.abs(c.X @ u), np.linalg.norm(u))  # every token at +-v_{c.v}
+        name = classify(f, c.X[None]).names()[0]
+        assert f"v{c.v}" in name, (name, c.v)

@@ -74,7 +74,9 @@ DIRECTIONS = 32
 
 @dataclasses.dataclass(frozen=True)
 class Certificate:
-    """One certified equilibrium: its axis index `axis` and split `m` (tokens at +v), the equilibrium `X` ``(n, d)``,
+    """One certified equilibrium: its axis index `axis` (into :func:`candidate_axes`, the real simple eigenvectors
+    only; `v` is the axis's eigenvector number as names write it, 1-based: ``v = 3`` is ``v3``) and split `m` (tokens
+    at +v), the equilibrium `X` ``(n, d)``,
     `q0` (the contraction of the linearisation in the Lyapunov metric), `lyapunov` (lambda_max of S), `radius`
     (the Euclidean radius the engine tests, over the whole state) and `margin` (the largest ``|DG|_S`` found in the
     ball of twice the certified radius, at most ``(1 + q0) / 2``). `continuous`: a certificate of the flow itself
@@ -89,6 +91,7 @@ class Certificate:
     radius: float
     margin: float
     continuous: bool = False
+    v: int = 0
 
 
 @brief_jit
@@ -143,7 +146,8 @@ def certificates(dyn, solver=None, dt=None, *, tokens: int, dtype=np.float64, eq
     adaptive solver the certificate is that of the flow itself (its steps have no fixed map)."""
     from ...evolve.pool import check_solver
 
-    vecs = candidate_axes(dyn, solver)
+    numbered = _candidates(dyn, solver)
+    vecs = [vec for _, vec in numbered]
     if not vecs:
         return []
     continuous = isinstance(solver, Adaptive)
@@ -197,7 +201,7 @@ def certificates(dyn, solver=None, dt=None, *, tokens: int, dtype=np.float64, eq
         cert = one(jac, Xr[j], A[j], seed + j, nd, eps, dtype, res[j])
         if cert is not None:
             a, m = where[j]
-            out.append(Certificate(a, m, np.asarray(Xr[j]), *cert, continuous=continuous))
+            out.append(Certificate(a, m, np.asarray(Xr[j]), *cert, continuous=continuous, v=numbered[a][0] + 1))
     return out
 
 
@@ -359,6 +363,12 @@ def candidate_axes(dyn, solver=None) -> list[np.ndarray]:
     matrix, in :func:`~attnflow.analysis.equilibria.eigenpairs` order), or [] for a model that gets none: only models
     on the product of unit spheres with a layer matrix (a :class:`~attnflow.LayerMap` with the l2 norm, a
     :class:`~attnflow.SphereFlow`; with the adaptive solver, a flow)."""
+    return [vec for _, vec in _candidates(dyn, solver)]
+
+
+def _candidates(dyn, solver) -> list[tuple[int, np.ndarray]]:
+    """:func:`candidate_axes` with each axis's 0-based index in :func:`~attnflow.analysis.equilibria.eigenpairs`
+    order (the k of the name v_{k+1})."""
     on_spheres = isinstance(dyn, SphereFlow) or (isinstance(dyn, LayerMap) and isinstance(dyn.norm, L2Norm))
     if not on_spheres or (isinstance(solver, Adaptive) and not isinstance(dyn, SphereFlow)):
         return []
@@ -367,7 +377,7 @@ def candidate_axes(dyn, solver=None) -> list[np.ndarray]:
     lam, V = eigenpairs(dyn)
     dt = matrix_dtype(dyn)  # the classifier's rule (docs/model.md section 10), so a certified member is named alike
     axis = is_real(lam, dtype=dt) & is_simple(lam, dtype=dt)
-    return [np.real(V[:, k]) / np.linalg.norm(np.real(V[:, k])) for k in range(len(lam)) if axis[k]]
+    return [(k, np.real(V[:, k]) / np.linalg.norm(np.real(V[:, k]))) for k in range(len(lam)) if axis[k]]
 
 
 def layout(dyn, solver, tokens: int, dtype) -> Regions | None:

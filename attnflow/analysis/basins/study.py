@@ -256,14 +256,15 @@ def _stored_certificates(dyn, solver, dt, n, dtype) -> list:
         meta, arrays = stored
         try:
             return [Certificate(int(c["axis"]), int(c["m"]), arrays[f"X{i}"], float(c["q0"]), float(c["lyapunov"]),
-                                float(c["radius"]), float(c["margin"]), bool(c["continuous"]))
+                                float(c["radius"]), float(c["margin"]), bool(c["continuous"]), int(c["v"]))
                     for i, c in enumerate(meta["certificates"])]
         except (KeyError, TypeError, ValueError):
             pass
     certs = certificates(dyn, solver, dt, tokens=n, dtype=dtype)
     if key is not None:
         meta = {"certificates": [{"axis": int(c.axis), "m": int(c.m), "q0": float(c.q0), "lyapunov": float(c.lyapunov),
-                                  "radius": float(c.radius), "margin": float(c.margin), "continuous": bool(c.continuous)}
+                                  "radius": float(c.radius), "margin": float(c.margin), "continuous": bool(c.continuous),
+                                  "v": int(c.v)}
                                  for c in certs]}
         _cache.write_arrays("certificates", key, meta, {f"X{i}": np.asarray(c.X) for i, c in enumerate(certs)})
     return certs
