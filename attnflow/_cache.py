@@ -111,9 +111,9 @@ def _ours(t) -> bool:
 
 def canonical(obj) -> str:
     """A string that determines `obj`, for the static objects of attnflow's programs: None, bools, numbers, strings,
-    dtypes, attnflow's enums, tuples, lists and dicts of these, frozen dataclasses and equinox modules of attnflow's
-    own classes or those of :data:`KNOWN` (field by field), their module-level functions and classes (by name), and pytree structures (``PyTreeDef``) built of these. Raises
-    :class:`NotCanonical` for anything else (arrays included: they are data)."""
+    dtypes, attnflow's enums, tuples, lists and dicts of these, dataclasses and equinox modules of the classes of
+    :data:`KNOWN` (field by field), their module-level functions and classes (by name), and pytree structures
+    (``PyTreeDef``) built of these. Raises :class:`NotCanonical` for anything else (arrays included: they are data)."""
     out: list[str] = []
     _canon(obj, out)
     return "".join(out)
