@@ -295,7 +295,8 @@ class ExportedProgram:
     def _flat(self, leaves, dyn_def, static_leaves, static_def):
         import equinox as eqx
 
-        out = self.impl(*eqx.combine(jax.tree.unflatten(dyn_def, leaves), jax.tree.unflatten(static_def, static_leaves)))
+        args = eqx.combine(jax.tree.unflatten(dyn_def, leaves), jax.tree.unflatten(static_def, static_leaves))
+        out = self.impl(*args)
         out_leaves, self._traced.out_def = jax.tree.flatten(out)
         return out_leaves
 
