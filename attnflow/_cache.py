@@ -33,9 +33,11 @@ import io
 import json
 import os
 import platform
+import threading
 import types
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import numpy as np
 
@@ -283,8 +285,6 @@ class ExportedProgram:
     stored). The call is dispatched asynchronously, like a jitted one."""
 
     def __init__(self, impl, name: str, out_structure):
-        import threading
-
         self.impl, self.name, self.out_structure = impl, name, out_structure
         self._jit = jax.jit(self._flat, static_argnums=(1, 2, 3))
         self._memory: dict = {}
@@ -293,25 +293,20 @@ class ExportedProgram:
         self._traced = threading.local()
 
     def _flat(self, leaves, dyn_def, static_leaves, static_def):
-        import equinox as eqx
-
         args = eqx.combine(jax.tree.unflatten(dyn_def, leaves), jax.tree.unflatten(static_def, static_leaves))
         out = self.impl(*args)
         out_leaves, self._traced.out_def = jax.tree.flatten(out)
         return out_leaves
 
     def __call__(self, *args):
-        import threading
-
-        import equinox as eqx
-
         dynamic, static = eqx.partition(args, eqx.is_array)
         leaves, dyn_def = jax.tree.flatten(dynamic)
         static_leaves, static_def = jax.tree.flatten(static)
+        static_leaves = tuple(static_leaves)  # hashable, for the key and as jit's static argument
         leaves = [x if isinstance(x, jax.Array) else jax.numpy.asarray(x) for x in leaves]
         avals = tuple(jax.typeof(x) for x in leaves)
         plat = next(iter(leaves[0].devices())).platform if leaves else jax.default_backend()
-        key = (dyn_def, tuple(static_leaves), static_def, avals, plat)
+        key = (dyn_def, static_leaves, static_def, avals, plat)
         entry = self._memory.get(key)
         if entry is None:
             with self._lock:
@@ -319,11 +314,11 @@ class ExportedProgram:
             with lock:
                 entry = self._memory.get(key)
                 if entry is None:
-                    entry = self._memory[key] = self._build(args, leaves, dyn_def, tuple(static_leaves), static_def,
-                                                            avals, plat)
+                    entry = self._memory[key] = self._build(args, leaves, dyn_def, static_leaves, static_def, avals,
+                                                            plat)
         call, out_def = entry
         if call is None:  # not exportable: the plain program
-            return jax.tree.unflatten(out_def, self._jit(leaves, dyn_def, tuple(static_leaves), static_def))
+            return jax.tree.unflatten(out_def, self._jit(leaves, dyn_def, static_leaves, static_def))
         return jax.tree.unflatten(out_def, call(leaves))
 
     def _disk_key(self, dyn_def, static_leaves, static_def, avals, plat) -> str | None:

@@ -82,8 +82,6 @@ def test_entries_are_checked_and_written_atomically(tmp_path, monkeypatch):
 def test_study_with_stored_certificates_is_the_same_study(tmp_path, monkeypatch, dtype):
     """A study whose certificates come from the disk cache (a new process: the in-memory ones cleared) names,
     decides and steps every member as the study that computed them; a damaged entry is recomputed."""
-    if dtype == "float64" and not jax.config.jax_enable_x64:
-        pytest.skip("float64 needs x64")
     monkeypatch.setattr(_cache, "directory", lambda: tmp_path)
     V = np.diag([1.0, 0.4, -0.3]).astype(dtype)
     dyn = af.SphereFlow(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0))

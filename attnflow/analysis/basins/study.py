@@ -255,18 +255,15 @@ def _stored_certificates(dyn, solver, dt, n, dtype) -> list:
     if stored is not None:
         meta, arrays = stored
         try:
-            return [Certificate(int(c["axis"]), int(c["m"]), arrays[f"X{i}"], float(c["q0"]), float(c["lyapunov"]),
-                                float(c["radius"]), float(c["margin"]), bool(c["continuous"]), int(c["v"]))
-                    for i, c in enumerate(meta["certificates"])]
+            return [Certificate(X=arrays[f"X{i}"], **c) for i, c in enumerate(meta["certificates"])]
         except (KeyError, TypeError, ValueError):
             pass
     certs = certificates(dyn, solver, dt, tokens=n, dtype=dtype)
-    if key is not None:
-        meta = {"certificates": [{"axis": int(c.axis), "m": int(c.m), "q0": float(c.q0), "lyapunov": float(c.lyapunov),
-                                  "radius": float(c.radius), "margin": float(c.margin), "continuous": bool(c.continuous),
-                                  "v": int(c.v)}
-                                 for c in certs]}
-        _cache.write_arrays("certificates", key, meta, {f"X{i}": np.asarray(c.X) for i, c in enumerate(certs)})
+    if key is not None:  # every field but the state X as JSON (Python numbers: floats round-trip exactly)
+        scalars = [{f.name: np.asarray(getattr(c, f.name)).item() for f in dataclasses.fields(c) if f.name != "X"}
+                   for c in certs]
+        _cache.write_arrays("certificates", key, {"certificates": scalars},
+                            {f"X{i}": np.asarray(c.X) for i, c in enumerate(certs)})
     return certs
 
 
