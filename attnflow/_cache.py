@@ -48,6 +48,11 @@ SUBDIR = "attnflow-artifacts"
 
 _MAGIC = b"attnflow-cache-1\n"
 
+MAX_BYTES = 256 * 2**20
+"""The most bytes :data:`SUBDIR` holds: a write that takes it over removes the entries used least recently (a read
+marks an entry used) until it holds at most 3/4 of this. A study's entries take about 0.1 MB (the sphere flow of
+issue 21's benchmark: 4 kB of certificates, 50 kB of program), so this keeps thousands of them."""
+
 
 class NotCanonical(Exception):
     """An object without a canonical form (see :func:`canonical`)."""
@@ -224,6 +229,10 @@ def read(kind: str, key: str) -> bytes | None:
     body = blob[head:]
     if hashlib.sha256(body).hexdigest().encode() != blob[len(_MAGIC):head]:
         return None
+    try:
+        os.utime(base / kind / key)  # used now: the last to be removed (see MAX_BYTES)
+    except OSError:
+        pass
     return body
 
 
@@ -243,6 +252,34 @@ def write(kind: str, key: str, body: bytes) -> None:
             tmp.unlink()
         except OSError:
             pass
+        return
+    _bound(base, keep=p)
+
+
+def _bound(base: Path, keep: Path) -> None:
+    """Remove the entries of `base` used least recently until it holds at most 3/4 of :data:`MAX_BYTES`, when it
+    holds more than that (never `keep`, the entry just written). Another process may remove the same files: a file
+    already gone is skipped."""
+    entries = []
+    for p in base.glob("*/*"):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        entries.append((st.st_mtime_ns, st.st_size, p))
+    total = sum(e[1] for e in entries)
+    if total <= MAX_BYTES:
+        return
+    for _, size, p in sorted(entries, key=lambda e: e[0]):
+        if total <= MAX_BYTES * 3 // 4:
+            break
+        if p == keep:
+            continue
+        try:
+            p.unlink()
+        except OSError:
+            continue
+        total -= size
 
 
 def read_arrays(kind: str, key: str) -> tuple[dict, dict] | None:

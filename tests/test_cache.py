@@ -3,6 +3,8 @@ certificates read back from it give the study it would have computed."""
 
 from __future__ import annotations
 
+import os
+
 import equinox as eqx
 import jax
 import numpy as np
@@ -76,6 +78,44 @@ def test_entries_are_checked_and_written_atomically(tmp_path, monkeypatch):
     _cache.write_arrays("k", "b", {}, {})  # cannot be written: skipped, no error
     monkeypatch.setattr(_cache, "directory", lambda: None)
     assert _cache.read_arrays("k", "a") is None
+
+
+
+def test_the_cache_is_bounded_and_keeps_what_was_used_last(tmp_path, monkeypatch):
+    monkeypatch.setattr(_cache, "directory", lambda: tmp_path)
+    body = bytes(1000)
+    for i, k in enumerate("abcd"):
+        _cache.write("k", k, body)
+        os.utime(tmp_path / "k" / k, ns=(10**18 + i * 10**9,) * 2)  # written in this order, a second apart
+    assert _cache.read("k", "a") == body  # used now: the last to go
+    monkeypatch.setattr(_cache, "MAX_BYTES", 4 * 1200)  # over it once "e" is written
+    _cache.write("k", "e", body)
+    left = sorted(p.name for p in (tmp_path / "k").iterdir())
+    assert left == ["a", "d", "e"]  # b and c, the least recently used, went until 3/4 of the bound was left
+    assert sum(p.stat().st_size for p in (tmp_path / "k").iterdir()) <= 4 * 1200 * 3 // 4
+
+
+def test_the_compile_cache_is_bounded_also_when_an_earlier_run_filled_it(tmp_path):
+    import warnings
+
+    from attnflow import cli
+
+    saved = {n: jax.config.values[n] for n in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                                                "jax_persistent_cache_min_entry_size_bytes",
+                                                "jax_compilation_cache_max_size")}
+    # an unbounded cache of an earlier run: programs without JAX's last-use stamps
+    (tmp_path / "jit_old-0123-cache").write_bytes(b"x" * 10)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # JAX warns when it cannot store a program
+            cli.use_compile_cache(tmp_path)
+            assert jax.config.values["jax_compilation_cache_max_size"] == cli.COMPILE_CACHE_MAX_BYTES
+            assert (tmp_path / "jit_old-0123-atime").exists()
+            jax.jit(lambda x: x * 11.0 + 0.25)(np.ones(3, np.float32)).block_until_ready()
+        assert any(p.name.startswith("jit__lambda") for p in tmp_path.glob("*-cache"))  # stored
+    finally:
+        for n, v in saved.items():
+            jax.config.update(n, v)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -70,11 +70,18 @@ def compile_cache_dir():
     return Path(base) / "attnflow" / "jax"
 
 
+COMPILE_CACHE_MAX_BYTES = 2**30
+"""The most bytes JAX's cache of :func:`use_compile_cache` holds: JAX removes the programs used least recently
+beyond it (a basin study's programs take about 0.3 MB). attnflow's own entries next to them have their own bound
+(:data:`attnflow._cache.MAX_BYTES`)."""
+
+
 def use_compile_cache(path=None) -> None:
     """Turn on JAX's persistent compilation cache in `path` (default :func:`compile_cache_dir`): a program compiled
     once (for the same model structure, shapes, backend and JAX version) is loaded from disk by every later run
     instead of compiled again. Every program is stored, however fast it compiled (a study compiles about 50 small
-    ones besides its main loop: together they took about 0.8 s of a new process's start)."""
+    ones besides its main loop: together they took about 0.8 s of a new process's start); the cache holds at most
+    :data:`COMPILE_CACHE_MAX_BYTES`, the programs used least recently removed first."""
     import jax
 
     path = compile_cache_dir() if path is None else path
@@ -85,6 +92,30 @@ def use_compile_cache(path=None) -> None:
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    _bound_compile_cache(path)
+
+
+def _bound_compile_cache(path) -> None:
+    """Bound JAX's cache in `path` to :data:`COMPILE_CACHE_MAX_BYTES`. JAX's bounded cache keeps a last-use stamp
+    next to each program and fails to store new programs while an older program has none (a cache filled unbounded,
+    e.g. by an earlier attnflow): such programs are stamped with their file's time first. Where this JAX names its
+    files otherwise, the cache is left unbounded."""
+    import jax
+
+    try:
+        from jax._src import lru_cache
+
+        cache_sfx, atime_sfx = lru_cache._CACHE_SUFFIX, lru_cache._ATIME_SUFFIX
+    except (ImportError, AttributeError):
+        return
+    try:
+        for p in path.glob("*" + cache_sfx):
+            stamp = p.with_name(p.name[: -len(cache_sfx)] + atime_sfx)
+            if not stamp.exists():
+                stamp.write_bytes(p.stat().st_mtime_ns.to_bytes(8, "little"))
+    except OSError:  # not ours to fix: JAX skips a cache it cannot write
+        return
+    jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
 
 
 def _dispatch(args) -> int:
