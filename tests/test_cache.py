@@ -209,3 +209,12 @@ def test_a_model_of_the_users_own_is_not_stored(tmp_path, monkeypatch):
     assert not (tmp_path / "cache" / "programs").exists()
     assert not (tmp_path / "cache" / "certificates").exists()
     _same(mine, _members(tmp_path, "b", base))
+
+
+def test_worker_processes_share_the_bound():
+    # a worker storing programs into a bounded cache without JAX's last-use stamps would make this process fail to
+    # store any further program there: workers take the bound with the rest of the cache settings
+    from attnflow.evolve import workers
+
+    assert "jax_compilation_cache_max_size" in workers._settings()
+    assert "jax_compilation_cache_dir" in workers._settings()

@@ -333,7 +333,7 @@ def _settings() -> dict:
     import jax
 
     keys = ("jax_enable_x64", "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes", "jax_default_matmul_precision")
+            "jax_persistent_cache_min_entry_size_bytes", "jax_compilation_cache_max_size", "jax_default_matmul_precision")
     return {k: getattr(jax.config, k) for k in keys}
 
 
