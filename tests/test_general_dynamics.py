@@ -567,3 +567,44 @@ def test_bad_runs_and_states_are_refused_before_any_work():
     for fn in bad:
         with pytest.raises(ValueError):
             fn()
+
+
+# ---- recurrence: an orbit must move, a flow's period is its real one (not a multiple), a settled cycle is an orbit
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_a_member_still_creeping_to_a_fixed_point_is_no_periodic_orbit(dtype):
+    # y' = -0.2 y: one attractor, the node 0 (a 1-D flow has no periodic orbit). Members whose segment drifts just
+    # over tol failed the fixed-point test and used to pass the lag-2..4 test (each sample within tol of an earlier
+    # one), counted as "periodic orbits" of spread 4e-7; now they are unknown
+    fr = g.basin_fractions(g.Flow(lambda t, y: -0.2 * y), np.linspace(0.0, 0.5, 2001, dtype=dtype)[:, None],
+                           g.Run(t1=40.0, dt=0.05))
+    assert [a.kind for a in fr.attractors] == ["fixed point"]
+    assert fr.counts[0] + fr.unknown == 2001 and fr.unknown > 0
+    # the same in a map: y <- 0.995 y
+    fm = g.basin_fractions(g.Map(lambda k, y: 0.995 * y), np.linspace(0.0, 1.0, 801, dtype=dtype)[:, None],
+                           g.Run(steps=1000, tail=64))
+    assert [a.kind for a in fm.attractors] == ["fixed point"]
+
+
+def _hopf(t, y):
+    r2 = y[0] ** 2 + y[1] ** 2
+    return jnp.stack([y[0] * (1 - r2) - y[1], y[1] * (1 - r2) + y[0]])
+
+
+def test_a_flows_orbit_has_its_real_period_not_a_whole_sample_multiple():
+    # the cycle r = 1 of period 2 pi sampled at dt = 0.05: 377 samples (18.85 = 6 pi to 4e-4) return within tol,
+    # 126 do not (126 x 0.05 misses 2 pi by 0.017): the interpolated period comes first
+    y0 = np.random.default_rng(0).uniform(-2, 2, (40, 2))
+    fr = g.basin_fractions(g.Flow(_hopf), y0, g.Run(t1=70.0, dt=0.05, tail=1000, tol=1e-3))
+    assert [a.kind for a in fr.attractors] == ["periodic orbit"]
+    assert abs(fr.attractors[0].period - 2 * np.pi) < 1e-5 and fr.counts[0] == 40
+
+
+def test_a_settled_cycle_sampled_finely_is_an_orbit():
+    # dt = 0.01: the mismatch one and two periods back (4e-8, 9e-8) is what tau's resolution leaves, growing with the
+    # periods (r_2 = 2 r_1); it used to be read as a spiral converging to a limit 0.01 away, and every member unknown
+    y0 = np.random.default_rng(0).uniform(-2, 2, (20, 2))
+    fr = g.basin_fractions(g.Flow(_hopf), y0, g.Run(t1=60.0, dt=0.01, tail=1600, tol=1e-3))
+    assert fr.unknown == 0 and fr.counts[0] == 20
+    assert abs(fr.attractors[0].period - 2 * np.pi) < 1e-5

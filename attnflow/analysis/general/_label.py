@@ -5,7 +5,8 @@ The default labelling recognises fixed points and periodic orbits by recurrence 
 
 - a **fixed point** when every sample is within `tol` of the last one;
 - a **periodic orbit** of p samples (a map's cycle, or a flow sampled in step with its orbit) when the whole segment
-  is p-periodic within `tol`: every sample within `tol` of the sample with the same phase in the first period;
+  is p-periodic within `tol`: every sample within `tol` of the sample with the same phase in the first period, and
+  the orbit moves (some sample of its first period at least `tol` from the first);
 - for a flow, a **periodic orbit** of period tau (any real number of samples) when every sample returns within `tol`
   to the orbit one period earlier *and* to the orbit in its first period in the segment, the orbit between samples
   given by cubic interpolation (so a spiral that loses a little per turn, or a chaotic orbit that nearly recurs once,
@@ -82,8 +83,9 @@ def _interp(u, t):
 def _exact(space, seg, todo, tol):
     """Members of ``seg`` whose whole segment is p-periodic within tol (every sample within tol of the sample of
     the same phase in the first period), p the smallest such lag among the first returns of the last sample;
-    ``(periodic, settled, p)``: settled when p = 1 (a segment that stays within tol of its first sample without
-    being a fixed point by the last-sample rule: still converging)."""
+    ``(periodic, settled, p)``: settled when the first period stays within tol of its first sample (p = 1, or a
+    member creeping towards a fixed point by less than tol per sample, without being one by the last-sample rule:
+    still converging, not an orbit)."""
     b, T, m = seg.shape
     P = T // 2
     prof = _dist(space, seg[:, -2::-1, :], seg[:, -1:, :])[:, :P]  # D(l) = |y_{T-1} - y_{T-1-l}|, l = 1..P
@@ -102,9 +104,13 @@ def _exact(space, seg, todo, tol):
         cand[idx, p - 1] = False
         ref = np.take_along_axis(seg[idx], (k[None, :] % p[:, None])[..., None], axis=1)
         ok = np.max(_dist(space, seg[idx], ref), axis=1) < tol
+        # an orbit must move: one whose samples all lie within tol of its first (a lag of 1, or a member still
+        # creeping towards a fixed point by less than tol per sample) is no orbit resolved at tol
+        first = np.where(k[None, :] < p[:, None], _dist(space, seg[idx], seg[idx, :1]), 0.0)
+        moves = np.max(first, axis=1) >= tol
         hit = idx[ok]
-        per[hit[p[ok] >= 2]] = True
-        settled[hit[p[ok] == 1]] = True
+        per[hit[moves[ok]]] = True
+        settled[hit[~moves[ok]]] = True
         lag[hit] = p[ok]
         active[hit] = False
     return per, settled, lag
@@ -168,6 +174,9 @@ def _flow_period(space, seg, todo, tol):
         f1, f2 = np.where(left, fn, f2), np.where(left, f1, fn)
         x1, x2 = x1n, x2n
     ti = (lo + hi) / 2
+    # what tau's resolution alone leaves: a mismatch of (hi - lo) / 2 samples' worth of the largest step one
+    # period back, growing in proportion to the periods (so r_2 = 2 r_1: no trend, but the edge of the test below)
+    e_tau = (hi - lo) / 2 * h[idx]
     d4 = ui[:, 4:] - 4 * ui[:, 3:-1] + 6 * ui[:, 2:-2] - 4 * ui[:, 1:-3] + ui[:, :-4]
     e_raw = np.max(np.sqrt(np.sum(d4 * d4, -1)), axis=1) / 8
     e = np.minimum(tol, e_raw)
@@ -182,11 +191,12 @@ def _flow_period(space, seg, todo, tol):
     # a trend: over the last samples (k >= 2 tau + 1) the mismatch r_j one and two periods back; converging
     # geometrically by rho per period towards a limit delta away, r_j = delta (rho^-j - 1), so r_2 / r_1 = 1 + 1 / rho
     # > 2 and delta = r_1^2 / (r_2 - 2 r_1): a spiral still delta > tol from where it is going is not an orbit yet.
-    # Only a mismatch well above the interpolation error (10 x max |4th difference| / 8) is read as a trend.
+    # Only a mismatch well above the interpolation error (10 x max |4th difference| / 8) and the period's resolution
+    # (10 x the mismatch two periods back of a tau off by half its final bracket) is read as a trend.
     late = k >= 2 * ti[:, None] + 1
     r1 = np.max(np.where(late, _dist(space, ui, _interp(ui, np.where(late, k - ti[:, None], 2.0))), 0.0), 1)
     r2 = np.max(np.where(late, _dist(space, ui, _interp(ui, np.where(late, k - 2 * ti[:, None], 2.0))), 0.0), 1)
-    trend = (r1 > 10 * e_raw) & (r2 > 2 * r1)
+    trend = (r1 > 10 * np.maximum(e_raw, 2 * e_tau)) & (r2 > 2 * r1)
     rest = np.where(trend, r1 ** 2 / np.maximum(r2 - 2 * r1, 1e-300), 0.0)
     ok &= rest < tol
     per[idx] = ok
@@ -199,14 +209,17 @@ def recurrence(space, seg: np.ndarray, tol: float, *, flow: bool = True):
     is the period of an orbit (0 otherwise).
 
     - **fixed point**: every sample within ``tol`` of the last;
-    - **periodic orbit** (exact): the smallest lag p >= 2 (p <= T / 2) for which every sample is within ``tol`` of
-      the sample of the same phase in the first period (y_k against y_{k mod p}); the lags tried are the first
-      returns of the last sample within 2 tol. A map's cycle, or a flow sampled in step with its orbit;
-    - **periodic orbit** (flows only, ``flow=True``): a real period tau <= (T - 6) / 2 samples found by interpolation
-      (see ``_flow_period``): every sample within ``tol + e`` of the orbit one period earlier and of the orbit in the
-      first period of the segment, e the estimated cubic interpolation error (at most tol), and no trend: a member
-      converging geometrically towards a limit more than tol away (estimated from the mismatches one and two
-      periods back) is not an orbit yet. So a slowly converging spiral or a chaotic member is unknown;
+    - **periodic orbit** (flows only, ``flow=True``, tried first): a real period tau <= (T - 6) / 2 samples found
+      by interpolation (see ``_flow_period``): every sample within ``tol + e`` of the orbit one period earlier and
+      of the orbit in the first period of the segment, e the estimated cubic interpolation error (at most tol), and
+      no trend: a member converging geometrically towards a limit more than tol away (estimated from the mismatches
+      one and two periods back, when they exceed what interpolation and tau's resolution leave) is not an orbit yet.
+      So a slowly converging spiral or a chaotic member is unknown;
+    - **periodic orbit** (exact, the members left): the smallest lag p >= 2 (p <= T / 2) for which every sample is
+      within ``tol`` of the sample of the same phase in the first period (y_k against y_{k mod p}), the lags tried
+      being the first returns of the last sample within 2 tol, and whose first period moves (some sample at least
+      ``tol`` from the first; else the member is still converging). A map's cycle, or a flow sampled in step with
+      its orbit;
     - **unknown** otherwise, and for any member with a non-finite sample."""
     seg = np.asarray(seg, dtype=float)
     b, T, m = seg.shape
@@ -219,14 +232,14 @@ def recurrence(space, seg: np.ndarray, tol: float, *, flow: bool = True):
     fixed = finite & (np.max(_dist(space, safe, safe[:, -1:, :]), axis=1) < tol)
     kind[fixed] = FIXED
     todo = finite & ~fixed
-    per, settled, p = _exact(space, safe, todo, tol)
-    kind[per] = PERIODIC
-    lag[per] = p[per]
-    todo &= ~per & ~settled
-    if flow and todo.any():
+    if flow and todo.any():  # the real period first: a whole-sample lag of a flow's orbit may be a multiple of it
         per, tau = _flow_period(space, safe, todo, tol)
         kind[per] = PERIODIC
         lag[per] = tau[per]
+        todo &= ~per
+    per, _, p = _exact(space, safe, todo, tol)
+    kind[per] = PERIODIC
+    lag[per] = p[per]
     return kind, lag
 
 
