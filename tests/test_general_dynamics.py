@@ -608,3 +608,75 @@ def test_a_settled_cycle_sampled_finely_is_an_orbit():
     fr = g.basin_fractions(g.Flow(_hopf), y0, g.Run(t1=60.0, dt=0.01, tail=1600, tol=1e-3))
     assert fr.unknown == 0 and fr.counts[0] == 20
     assert abs(fr.attractors[0].period - 2 * np.pi) < 1e-5
+
+
+# ---- continuation never reuses a label, an unknown member is no fatal shock, bad arguments are refused
+
+
+def test_continuation_never_gives_a_vanished_attractors_label_to_a_new_one():
+    def make(v):  # value 0: stable points 0, 2, 4; value 1: 4 has vanished; value 2: a new one at 10
+        if v == 0:
+            return g.Flow(lambda t, y: -jnp.sin(jnp.pi * y))
+        if v == 1:
+            return g.Flow(lambda t, y: jnp.where(y < 3, -jnp.sin(jnp.pi * y), -1.0))
+        return g.Flow(lambda t, y: jnp.where(y < 3, -jnp.sin(jnp.pi * y), -(y - 10.0)))
+
+    c = g.continuation(make, [0, 1, 2], np.linspace(-0.9, 4.9, 30)[:, None], g.Run(t1=40.0, dt=0.05, tail=32))
+    where = {}  # label -> the positions it named, over the whole continuation
+    for f in c.fractions:
+        for a in f.attractors:
+            where.setdefault(a.label, set()).add(round(float(a.state[0]), 3) + 0.0)
+    assert where == {0: {0.0}, 1: {2.0}, 2: {4.0}, 3: {10.0}}
+
+
+def test_a_member_that_settles_nowhere_is_no_fatal_shock():
+    # x' = x - x^3, y' = -y from (1, 0): the minimal fatal shock is exactly 1 (along -x). A run too short for the
+    # members near the boundary to settle labels them unknown: they used to count as fatal (upper 0.95)
+    s = g.Flow(lambda t, y: jnp.stack([y[0] - y[0] ** 3, -y[1]]))
+
+    def label(seg):
+        if np.max(np.abs(seg - seg[-1])) > 1e-3:
+            return -1
+        return 0 if seg[-1, 0] > 0 else 1
+
+    fs = g.minimal_fatal_shock(s, [1.0, 0.0], g.Run(t1=6.0, dt=0.05, tail=8), directions=64, radii=20, r_max=2.0,
+                               label=label)
+    assert fs.unknown > 0
+    assert 1.0 <= fs.upper < 1.06 and fs.lower <= 1.0
+    lab, _ = g.label_members(s, np.array([[1.0, 0.0]]) + fs.shock, g.Run(t1=6.0, dt=0.05, tail=8), label=label)
+    assert lab[0] == 1  # the shock reported reaches the other attractor
+
+
+def test_bad_arguments_of_the_geometry_measures_are_refused():
+    s = g.Flow(lambda t, y: y - y ** 3)
+    run = g.Run(t1=10.0, tail=32)
+    for kw in (dict(r_max=-1.0), dict(r_max=math.inf), dict(radii=0), dict(directions=0), dict(refine=-1),
+               dict(radii=2.5)):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            g.minimal_fatal_shock(s, [1.0], run, **kw)
+    img = np.zeros((10, 10), int)
+    img[:, 5:] = 1
+    for box in (0, 2.5, True):
+        with pytest.raises(ValueError, match="box"):
+            g.basin_entropy(img, box)
+    for eps in ([0, 1, 2, 3, 4], [-3, 4, 5, 6, 7], [3, 4, 5, 6, 11], [2.5, 3, 4, 5, 6], []):
+        with pytest.raises(ValueError, match="eps"):
+            g.uncertainty_exponent(img, eps)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default box sizes fit a small image (they ran past it: empty means)
+        ex = g.uncertainty_exponent(np.zeros((3, 3), int))
+    assert math.isnan(ex.alpha) and list(ex.eps) == [3]
+
+
+def test_cli_geometry_refuses_a_tail_below_two_in_one_line(tmp_path, capsys):
+    from attnflow.cli import main
+
+    cfg = tmp_path / "g.toml"
+    cfg.write_text('[model]\nd = 3\nV = [[1.0, 0.0, 0.0], [0.0, 0.4, 0.0], [0.0, 0.0, -0.3]]\n[dynamics]\n'
+                   'time = "discrete"\nalpha = 0.1\ntokens = 3\nsteps = 300\n[geometry]\nresolution = 12\nbox = 4\n'
+                   'tail = 1\n')
+    assert main(["--no-compile-cache", "geometry", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tail" in err[0]

@@ -129,11 +129,11 @@ def _run(args, locks: list) -> int:
     ref = np.asarray(sphere(cfg.key(), (n, d), dtype=cfg.dtype), dtype=float)
     sl = _slice(cfg, g, ref)
     system = ga.attention_system(model, n)
-    if cfg.time == "discrete":
-        run_ = ga.Run(steps=cfg.steps, tail=g.tail, tol=g.tol, match_tol=g.match_tol)
-    else:
-        run_ = ga.Run(t1=cfg.t1, dt=cfg.dt, tail=g.tail, tol=g.tol, match_tol=g.match_tol)
     try:
+        if cfg.time == "discrete":
+            run_ = ga.Run(steps=cfg.steps, tail=g.tail, tol=g.tol, match_tol=g.match_tol)
+        else:
+            run_ = ga.Run(t1=cfg.t1, dt=cfg.dt, tail=g.tail, tol=g.tol, match_tol=g.match_tol)
         run_.total_steps(system)
         if g.tail > run_.total_steps(system):
             raise ValueError(f"tail = {g.tail} exceeds the {run_.total_steps(system)} steps of a member")
@@ -177,7 +177,8 @@ def _run(args, locks: list) -> int:
                 continue
             fs = ga.minimal_fatal_shock(system, a.state, run_, directions=g.directions, radii=g.radii, r_max=g.r_max,
                                         key=jax.random.fold_in(cfg.key(), a.label))
-            shocks.append(dict(attractor=a.label, name=a.name, lower=fs.lower, upper=fs.upper, tested=fs.tested))
+            shocks.append(dict(attractor=a.label, name=a.name, lower=fs.lower, upper=fs.upper, tested=fs.tested,
+                               unknown=fs.unknown))
         summary["fatal_shocks"] = shocks
     if g.tipping_beta is not None:
         after = ga.attention_system(model.with_params(beta=np.asarray(g.tipping_beta, dtype=cfg.dtype)), n)
@@ -231,11 +232,12 @@ def _print(cfg, s) -> None:
         print(f"uncertainty exponent: alpha = {u['alpha']:.3f} [{u['lo']:.3f}, {u['hi']:.3f}]")
     for f in s.get("fatal_shocks", []):
         if f["upper"] is None or not math.isfinite(f["upper"]):
-            print(f"minimal fatal shock of {f['name']}: at least {f['lower']:.4g} (no tested shock up to r_max left; "
-                  f"{f['tested']} tested)")
+            print(f"minimal fatal shock of {f['name']}: at least {f['lower']:.4g} (no tested shock up to r_max reached "
+                  f"another attractor; {f['tested']} tested, {f.get('unknown', 0)} of them unknown)")
         else:
-            print(f"minimal fatal shock of {f['name']}: in [{f['lower']:.4g}, {f['upper']:.4g}] (upper: a leaving shock "
-                  f"found; lower: over the {f['tested']} shocks tested)")
+            print(f"minimal fatal shock of {f['name']}: in [{f['lower']:.4g}, {f['upper']:.4g}] (upper: a shock found "
+                  f"that reaches another attractor; lower: over the {f['tested']} shocks tested, "
+                  f"{f.get('unknown', 0)} of them unknown)")
     if "tipping" in s:
         t = s["tipping"]
         print(f"tipping from beta = {t['beta_before']:g} to {t['beta_after']:g} (rows: before, columns: after): "

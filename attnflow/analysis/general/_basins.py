@@ -214,8 +214,8 @@ def basin_entropy(image: np.ndarray, box: int = 20) -> tuple[float, float]:
     label of their own), S_bb the mean over the boxes with more than one label (NaN when there is none).
     S_bb > ln 2 is a sufficient condition for a fractal boundary."""
     img = np.asarray(image)
-    if img.ndim < 1 or box < 1:
-        raise ValueError(f"need a label image and box >= 1, got shape {img.shape}, box {box}")
+    if isinstance(box, bool) or not isinstance(box, (int, np.integer)) or img.ndim < 1 or box < 1:
+        raise ValueError(f"need a label image and an integer box >= 1, got shape {img.shape}, box {box!r}")
     shape = tuple((s // box) for s in img.shape)
     if min(shape) == 0:
         raise ValueError(f"box = {box} is larger than the image {img.shape}")
@@ -271,11 +271,20 @@ def t975(df: int) -> float:
 def uncertainty_exponent(image: np.ndarray, eps=None) -> Exponent:
     """The uncertainty exponent (Grebogi et al. 1983) of a label image: f(eps) is the fraction of non-overlapping
     boxes of eps pixels per side that hold more than one label, f ~ eps^alpha (default eps = 3, 4, ..., max(7, n /
-    16) pixels, n the shorter side: small boxes, before f saturates at 1). The 95% interval is the least-squares
+    16, n) pixels, n the shorter side: small boxes, before f saturates at 1). The 95% interval is the least-squares
     slope +- t_{0.975, k-2} standard errors over the k box sizes used; with fewer than :data:`MIN_BOXES` of them
     alpha is unknown (NaN)."""
     img = np.asarray(image)
-    eps = np.asarray(eps if eps is not None else np.arange(3, max(7, min(img.shape) // 16) + 1), int)
+    if img.ndim < 1 or img.size == 0:
+        raise ValueError(f"need a label image, got shape {img.shape}")
+    if eps is not None:
+        e = np.asarray(eps)
+        if e.ndim != 1 or e.size == 0 or e.dtype.kind not in "iuf" or not np.all(np.isfinite(e)) \
+                or np.any(e != np.round(e)) or np.any(e < 1) or np.any(e > min(img.shape)):
+            raise ValueError(f"eps must be box sizes in whole pixels, 1 <= eps <= {min(img.shape)} (the image's "
+                             f"shorter side), got {eps!r}")
+    eps = np.asarray(eps if eps is not None else np.arange(3, min(max(7, min(img.shape) // 16), min(img.shape)) + 1),
+                     int)
     f = []
     for e in eps:
         shape = tuple(s // e for s in img.shape)
@@ -302,14 +311,16 @@ def uncertainty_exponent(image: np.ndarray, eps=None) -> Exponent:
 @dataclasses.dataclass(frozen=True)
 class FatalShock:
     """The minimal fatal shock of an attractor, bracketed: `upper` is the norm of a shock found (and simulated) that
-    leaves the basin (`shock`, its vector); `lower` is the largest norm below which none of the `tested` shocks
-    left (a bound over the tested directions and radii, not a proof). `upper` is inf when no shock up to `r_max`
-    left."""
+    leaves the basin for another attractor (`shock`, its vector); `lower` is the largest norm below which every one
+    of the `tested` shocks returned to the attractor (a bound over the tested directions and radii, not a proof).
+    `upper` is inf when no shock up to `r_max` reached another attractor. `unknown` of the tested shocks reached no
+    attractor the run recognised (label unknown): they are not counted as fatal, and `lower` stays below them."""
 
     lower: float
     upper: float
     shock: np.ndarray | None
     tested: int
+    unknown: int = 0
 
 
 def _tangent_basis(space, y) -> np.ndarray:
@@ -345,6 +356,13 @@ def minimal_fatal_shock(system, state, run: Run = Run(), *, directions: int = 25
 
     from ._system import key_of
 
+    for name, v in (("directions", directions), ("radii", radii)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if isinstance(refine, bool) or not isinstance(refine, (int, np.integer)) or refine < 0:
+        raise ValueError(f"refine must be an integer >= 0, got {refine!r}")
+    if not (isinstance(r_max, (int, float, np.floating, np.integer)) and math.isfinite(r_max) and r_max > 0):
+        raise ValueError(f"r_max must be a finite number > 0, got {r_max!r}")
     y = np.asarray(state, float)
     m = y.size
     y = np.asarray(system.space.project(jnp.asarray(y)), float)  # a point of the space (unit sphere blocks)
@@ -372,24 +390,35 @@ def minimal_fatal_shock(system, state, run: Run = Run(), *, directions: int = 25
     labs, _ = label_members(system, y0, run, label=label, matcher=matcher)
     labs = labs.reshape(directions, radii)
     tested = directions * radii
-    leave = labs != home
+    unknown = int(np.sum(labs < 0))
+    leave = (labs >= 0) & (labs != home)  # reached another attractor: fatal
+    away = labs != home  # fatal or unknown: not shown to return
+    first_away = np.where(away.any(1), np.argmax(away, 1), radii)
+    lower = float(np.min(np.where(first_away > 0, rs[np.maximum(first_away - 1, 0)], 0.0)))
     first = np.where(leave.any(1), np.argmax(leave, 1), radii)
-    lower = float(np.min(np.where(first > 0, rs[np.maximum(first - 1, 0)], 0.0)))
     cand = np.nonzero(first < radii)[0]
     if cand.size == 0:
-        return FatalShock(lower=float(r_max), upper=math.inf, shock=None, tested=tested)
-    lo = np.where(first[cand] > 0, rs[np.maximum(first[cand] - 1, 0)], 0.0)
+        return FatalShock(lower=min(lower, float(r_max)), upper=math.inf, shock=None, tested=tested, unknown=unknown)
+    # bisect between the last radius that returned below the first fatal one and the fatal one
+    back = (labs == home) & (np.arange(radii)[None, :] < first[:, None])
+    last_back = np.where(back.any(1), radii - 1 - np.argmax(back[:, ::-1], 1), -1)[cand]
+    lo = np.where(last_back >= 0, rs[np.maximum(last_back, 0)], 0.0)
     hi = rs[first[cand]]
     for _ in range(refine):  # bisect every candidate direction at once
         mid = (lo + hi) / 2
         lab, _ = label_members(system, y[None, :] + mid[:, None] * U[cand], run, label=label, matcher=matcher)
         tested += len(cand)
-        out = lab != home
+        unknown += int(np.sum(lab < 0))
+        out = (lab >= 0) & (lab != home)
+        home_ = lab == home
+        lower = min(lower, float(np.min(np.where(home_ | out, np.inf, mid), initial=np.inf)))  # unknown: not returned
         hi = np.where(out, mid, hi)
-        lo = np.where(out, lo, mid)
+        lo = np.where(home_, mid, lo)
+        # an unknown mid is neither: the bracket stays, so bisect its upper half (towards the fatal shock found)
+        lo = np.where(~out & ~home_, mid, lo)
     best = int(np.argmin(hi))
     return FatalShock(lower=min(lower, float(np.min(lo))), upper=float(hi[best]), shock=hi[best] * U[cand[best]],
-                      tested=tested)
+                      tested=tested, unknown=unknown)
 
 
 # ---------------------------------------------------------------------------------------------- tipping
@@ -409,10 +438,12 @@ class Tipping:
     unknown: int
 
 
-def match_across(before, after, space, max_distance: float = math.inf) -> dict[int, int]:
+def match_across(before, after, space, max_distance: float = math.inf, first_new: int = 0) -> dict[int, int]:
     """One-to-one matching of the attractors `after` to those `before` (same kind, nearest features first, greedy by
     distance, up to `max_distance`), as Attractors.jl's global continuation matches by distance: a dict from an
-    after-label to a before-label; unmatched after-attractors get new labels, numbered after the before ones."""
+    after-label to a before-label; unmatched after-attractors get new labels, numbered after the before ones and
+    from `first_new` on (a continuation passes the labels it ever used, so that an attractor that vanished never
+    lends its label to a new one)."""
     from ._label import _dist
 
     pairs = []
@@ -432,7 +463,7 @@ def match_across(before, after, space, max_distance: float = math.inf) -> dict[i
         if la not in out and lb not in used:
             out[la] = lb
             used.add(lb)
-    nxt = max([b.label for b in before], default=-1) + 1
+    nxt = max(max([b.label for b in before], default=-1) + 1, int(first_new))
     for a in after:
         if a.label not in out:
             out[a.label] = nxt
@@ -504,14 +535,17 @@ class Continuation:
 def continuation(make_system: Callable, values, y0, run: Run = Run(), *, max_distance: float = math.inf,
                  label: Callable | None = None) -> Continuation:
     """Fractions of the same members at each parameter value (``make_system(value)`` gives the system), with the
-    attractors matched from one value to the next (a user's `label` function: its labels are kept as they are)."""
-    out, prev = [], None
+    attractors matched from one value to the next (a user's `label` function: its labels are kept as they are). An
+    attractor that appears gets a label never used before in the continuation, so label k is one attractor (an
+    attractor that vanishes and appears again later is a new one)."""
+    out, prev, used = [], None, 0
     for v in values:
         system = make_system(v)
         labels, m = label_members(system, y0, run, label=label)
         atts = tuple(m.attractors)
         if prev is not None and label is None:
-            labels, atts = _relabel(labels, atts, match_across(prev, atts, system.space, max_distance))
+            labels, atts = _relabel(labels, atts, match_across(prev, atts, system.space, max_distance, used))
         out.append(fractions_of(labels, atts))
+        used = max([used] + [a.label + 1 for a in atts])
         prev = atts
     return Continuation(values=tuple(float(v) for v in values), fractions=tuple(out))

@@ -199,7 +199,7 @@ class GeometryTable:
     token: int = key(0, doc="the token whose two angles span the slice (d = 3: polar and azimuthal; d = 2: the angles of this token and the next)", ge=0, le=INT32_MAX)
     resolution: int = key(100, doc="grid points per side of the slice", ge=2, le=100000)
     box: int = key(6, doc="box size (pixels) of the basin entropy", ge=1, le=100000)
-    tail: int = key(16, doc="final samples per member for the recurrence labels", ge=1, le=INT32_MAX)
+    tail: int = key(16, doc="final samples per member for the recurrence labels", ge=2, le=INT32_MAX)
     tol: float = key(1e-5, doc="recurrence tolerance (a fixed point: the final samples within tol of the last)", gt=0)
     match_tol: float = key(1e-3, doc="two members share an attractor when their invariants are within this", gt=0)
     shock: bool = key(False, doc="also the minimal fatal shock of every attractor found (directions x radii members each)")
