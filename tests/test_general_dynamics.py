@@ -680,3 +680,15 @@ def test_cli_geometry_refuses_a_tail_below_two_in_one_line(tmp_path, capsys):
     assert main(["--no-compile-cache", "geometry", str(cfg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "tail" in err[0]
+
+
+def test_a_fixed_points_verdict_is_exact_on_a_triangular_defective_jacobian():
+    # y' = A y, A block lower bidiagonal: 32 diagonal blocks C (eigenvalues -0.2 +- 0.436 i), coupled to the next:
+    # every eigenvalue is C's, repeated 32 times and defective; eigvals of A has errors of about eps^(1/32) and
+    # called the node 0 unstable (max Re > 0: its members counted unknown, as on a saddle)
+    C = np.array([[-0.3, 0.5], [-0.4, -0.1]])
+    A = np.kron(np.eye(32), C) + np.kron(np.eye(32, k=-1), np.array([[1.0, 0.3], [0.2, 1.0]]))
+    m = 64
+    assert np.linalg.eigvals(A).real.max() > 0  # what NumPy's eigvals of the whole matrix says
+    fr = g.basin_fractions(g.Flow(lambda t, y: jnp.asarray(A) @ y), np.zeros((2, m)), g.Run(t1=1.0, dt=0.1, tail=4))
+    assert [a.verdict for a in fr.attractors] == ["stable"] and fr.counts == {0: 2}

@@ -443,3 +443,45 @@ def test_step_size_threshold_against_an_alpha_scan_with_complex_eigenvalues():
     neg = np.diag([-1.0, -2.0, -3.0])
     assert st.step_size_threshold(neg) == pytest.approx(0.5)
     assert all(np.abs(st.consensus_closed_form(neg, 0, 3, alpha=a)).max() > 1 for a in (0.1, 0.25, 0.5, 0.9))
+
+
+def test_a_window_masks_defective_spectrum_gives_the_exact_verdict():
+    # consensus on v1 under a window of 2 (token i sees i - 1 and i): the intrinsic Jacobian is block lower
+    # triangular, its diagonal blocks nu lambda_j - lambda_1 (nu = 1 for the first token, 1/2 for the others,
+    # docs/model.md section 5), each repeated n - 1 times and defective. eigvals of the whole matrix lost almost all
+    # digits (eps^(1/31) at n = 32) and called this stable state unstable: +0.005 against the exact -0.2245
+    V = np.array([[-0.0913, -0.6131, 0.3246], [0.3971, -1.4652, 2.3869], [0.1896, -0.5093, -0.8940]])
+    K = np.array([[-0.2595, 0.0318, 0.5952], [0.0056, 0.4839, -1.6100], [-0.7524, -1.0066, 0.1646]])
+    lam = np.linalg.eigvals(V)
+    k = int(np.argmax(lam.real))
+    others = np.delete(lam, k)
+    for n in (8, 32, 48):
+        flow = af.SphereFlow(af.SelfAttention(af.Heads.single(V, K=K), af.Attention("uniform", mask="window", window=2),
+                                              beta=1.0))
+        st = af.analyse(flow, np.asarray(af.consensus(flow, k, n))[None])
+        exact = max((nu * others - lam[k].real).real.max() for nu in (1.0, 0.5))
+        assert st.verdict_names[0] == "stable" and abs(st.measure[0] - exact) < 1e-12, (n, st.measure[0], exact)
+
+
+def test_block_eigvals_equal_numpys_on_any_dependency_structure():
+    from scipy.sparse.csgraph import connected_components
+
+    from attnflow.analysis.eigen import _components, block_eigvals
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        g = int(rng.integers(1, 9))
+        sizes = [int(c) for c in rng.integers(1, 4, g)]
+        dep = rng.random((g, g)) < rng.random()
+        np.fill_diagonal(dep, True)
+        count, lab = connected_components(dep, directed=True, connection="strong")  # SciPy's components
+        assert sorted(map(sorted, _components(dep))) == sorted(np.flatnonzero(lab == c).tolist() for c in range(count))
+        st = np.concatenate([[0], np.cumsum(sizes)])
+        J = rng.normal(size=(3, st[-1], st[-1]))
+        for i in range(g):
+            for j in range(g):
+                if not dep[i, j]:
+                    J[:, st[i]:st[i + 1], st[j]:st[j + 1]] = 0.0
+        a, b = block_eigvals(J, sizes), np.linalg.eigvals(J)
+        for x, y in zip(a, b):  # the same multiset of eigenvalues (well conditioned: random blocks)
+            assert np.allclose(np.sort_complex(np.round(x, 8)), np.sort_complex(np.round(y, 8)), atol=1e-7), trial

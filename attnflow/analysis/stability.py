@@ -191,7 +191,8 @@ def analyse(dyn: AbstractDynamics, states, *, tol: float | None = None, beta=Non
     dtype = J.dtype
     tol = _eigen.tolerance(dtype) if tol is None else check_tolerance("tol", tol)
     finite = np.all(np.isfinite(J), axis=(-2, -1))
-    eigs = np.linalg.eigvals(np.where(finite[..., None, None], J, 0.0)).astype(complex)
+    n = np.shape(states)[-2]
+    eigs = _eigen.block_eigvals(np.where(finite[..., None, None], J, 0.0), n).astype(complex)
     eigs = np.where(finite[..., None], eigs, np.nan)
     discrete = isinstance(dyn, AbstractMap)
     key = -np.abs(eigs) if discrete else -eigs.real

@@ -350,28 +350,37 @@ class Matcher:
         import jax
         import jax.numpy as jnp
 
-        from ..eigen import VERDICTS, verdicts
+        from ..eigen import VERDICTS, block_eigvals, verdicts
 
         y = jnp.asarray(state)
         if self.system.time == "continuous":
             J = np.asarray(jax.jacfwd(lambda v: self.system.vf(0.0, v))(y), float)
         else:
             J = np.asarray(jax.jacfwd(lambda v: self.system.step(0, v))(y), float)
+        m = J.shape[0]
+        sizes = [1] * m  # the coordinates' groups: one per sphere block (its tangent directions), else one each
         if self.space.spheres:
-            m = J.shape[0]
-            P = np.eye(m)
             yy = np.asarray(state, float)
-            for block in self.space.spheres:
+            cols, sizes, free = [], [], np.ones(m, bool)
+            for block in self.space.spheres:  # a basis of each block's tangent space, supported on the block
                 b = list(block)
-                u = np.zeros(m)
-                u[b] = yy[b] / max(np.linalg.norm(yy[b]), 1e-300)
-                P -= np.outer(u, u)
-            w, V = np.linalg.eigh(P)
-            T = V[:, w > 0.5]  # the tangent directions
+                free[b] = False
+                u = yy[b] / max(np.linalg.norm(yy[b]), 1e-300)
+                w, V = np.linalg.eigh(np.eye(len(b)) - np.outer(u, u))
+                basis = np.zeros((m, len(b) - 1))
+                basis[b] = V[:, w > 0.5]
+                cols.append(basis)
+                sizes.append(len(b) - 1)
+            for i in np.flatnonzero(free):
+                cols.append(np.eye(m)[:, i:i + 1])
+                sizes.append(1)
+            T = np.concatenate(cols, axis=1)  # the tangent directions
             J = T.T @ J @ T
+            sizes = [c for c in sizes if c > 0]
         if not np.all(np.isfinite(J)):
             return "unknown"
-        lam = np.linalg.eigvals(J) if J.size else np.zeros(0)
+        # block by block where the coordinates' dependencies are triangular (eigen.block_eigvals)
+        lam = block_eigvals(J, sizes) if J.size else np.zeros(0)
         if lam.size == 0:
             return "stable"
         _, v, _, _ = verdicts(lam[None, :], self.system.time == "discrete", dtype=self.dtype)
