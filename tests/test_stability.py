@@ -485,3 +485,63 @@ def test_block_eigvals_equal_numpys_on_any_dependency_structure():
         a, b = block_eigvals(J, sizes), np.linalg.eigvals(J)
         for x, y in zip(a, b):  # the same multiset of eigenvalues (well conditioned: random blocks)
             assert np.allclose(np.sort_complex(np.round(x, 8)), np.sort_complex(np.round(y, 8)), atol=1e-7), trial
+
+
+def test_analyse_refuses_parameters_out_of_range_and_layer_stacks():
+    V = np.array([[1.0, 0.5, 0.0], [0.0, 0.4, 0.3], [0.2, 0.0, -0.3]])
+    fl = af.SphereFlow(af.SelfAttention(af.Heads.single(V), af.Attention("unnormalized"), beta=1.0))
+    mp = af.LayerMap(af.SelfAttention(af.Heads.single(V), af.Attention("softmax"), beta=1.0), alpha=0.1)
+    X = af.consensus(mp, 0, 3)[None]
+    for kw in (dict(beta=[-1.0]), dict(beta=[0.0]), dict(beta=[1.0, np.nan])):
+        with pytest.raises(ValueError, match="beta must be a finite number > 0"):
+            st.analyse(fl, X, **kw)  # was analysed: 'unstable', max Re 1.94 at beta = -1
+    for a in ([-0.5], [0.0]):
+        with pytest.raises(ValueError, match="alpha must be a finite number > 0"):
+            st.analyse(mp, X, alpha=a)
+    with pytest.raises(ValueError, match="a flow has none"):
+        st.analyse(fl, X, alpha=[0.1])
+    assert st.analyse(mp, X, beta=[0.5, 2.0], alpha=[0.1, 0.2]).verdict.shape == (2, 1)
+    with pytest.raises(ValueError, match="same length"):
+        st.analyse(mp, X, beta=[0.5, 2.0], alpha=[0.1])
+    # a stack applies another map at each layer: it used to be analysed as its layer 0 alone
+    L1 = af.LayerMap(af.SelfAttention(af.Heads.single(-3.0 * V), beta=1.0), alpha=0.1)
+    with pytest.raises(TypeError, match="autonomous map"):
+        st.analyse(af.LayerStack.from_layers([mp, L1]), X)
+    with pytest.raises(TypeError, match="autonomous map"):
+        st.analyse(af.LayerStack.from_layers([mp, L1, mp]), X)
+    # equal layers are one map iterated (ALBERT's shared layer; a one-layer stack): analysed as that map
+    one = st.analyse(mp, X)
+    for layers in ([mp], [mp, mp, mp]):
+        assert st.analyse(af.LayerStack.from_layers(layers), X).measure == pytest.approx(one.measure, abs=1e-12)
+
+
+def test_bad_shapes_are_refused_by_name():
+    from attnflow.analysis.classify import classify
+
+    fl = af.SphereFlow(af.SelfAttention(af.Heads.single(np.diag([1.0, 0.4, -0.3])), beta=1.0))
+    with pytest.raises(ValueError, match="d = 3"):
+        classify(fl, np.ones((1, 4, 2)))
+    with pytest.raises(ValueError, match="^Q must"):
+        af.Heads.single(np.eye(3), Q=np.eye(2))
+    with pytest.raises(ValueError, match="^K must"):
+        af.Heads.single(np.eye(3), K=np.eye(2))
+    assert classify(fl, np.array([[[1, 0, 0], [1, 0, 0], [-1, 0, 0]]])).names() == ["bipartite v1 2:1"]
+
+
+def test_cli_stability_names_no_axis_after_a_repeated_eigenvalue(tmp_path, capsys):
+    import json
+
+    from attnflow.cli import main
+
+    cfg = tmp_path / "rep.toml"
+    cfg.write_text('[model]\nd = 3\nV = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.5]]\nbeta = 1.0\n[dynamics]\n'
+                   'time = "discrete"\nalpha = 0.1\ntokens = 3\ndtype = "float64"\n')
+    assert main(["--no-compile-cache", "stability", str(cfg), "--json"]) == 0
+    names = [e["name"] for e in json.loads(capsys.readouterr().out)["equilibria"]]
+    # lambda = 1 is double: its eigenvectors v1, v2 are arbitrary vectors of the plane, no axis (docs/model.md
+    # section 10); the CLI called them "consensus +v1", "bipartite v2 2:1", where every other command says
+    # "consensus (off-axis)" and "clustering 2:1 ..."
+    assert not any(nm.startswith(("consensus +v1", "consensus -v1", "consensus +v2", "bipartite v1", "bipartite v2"))
+                   for nm in names), names
+    assert sum(nm.startswith("consensus (off-axis)") for nm in names) == 4
+    assert {"consensus +v3", "consensus -v3", "bipartite v3 1:2", "bipartite v3 2:1"} <= set(names)

@@ -159,6 +159,12 @@ def classify(model, final: Batch, outcome=None, *, tol: float = 1e-3, decimals: 
     if X.ndim == 2:
         X = X[None]
     c = model if isinstance(model, Classifier) else classifier(model, tol=tol, decimals=decimals)
+    d = c.vecs.shape[-2]
+    if X.ndim != 3 or X.shape[-1] != d or jnp.issubdtype(X.dtype, jnp.complexfloating):
+        raise ValueError(f"final states must be real (b, n, d) or (n, d) with d = {d} (the model's), got "
+                         f"{X.dtype} {tuple(np.shape(final))}")
+    if not jnp.issubdtype(X.dtype, jnp.floating):  # integer or boolean coordinates (e.g. exact +-e_k)
+        X = X.astype(c.vecs.real.dtype if jnp.iscomplexobj(c.vecs) else c.vecs.dtype)
     return _classify(c, X, None if outcome is None else jnp.asarray(outcome, jnp.int32))
 
 

@@ -24,6 +24,7 @@ from .._device import brief_jit
 from .._types import Array, Float, Tokens, check_tolerance
 from ..evolve.simulate import check_states
 from ..model.dynamics import AbstractDynamics, AbstractFlow, AbstractMap, FlatFlow, LayerMap
+from ..model.heads import check_positive
 from ..model.norms import L2Norm
 from . import _results, eigen as _eigen
 from .eigen import VERDICTS as VERDICTS, Verdict as Verdict
@@ -90,12 +91,26 @@ def _jacobians(dyn, Xs, params):
     return jax.vmap(lambda p: batch(dyn.with_params(**p)))(params)
 
 
+def _one_map(stack) -> bool:
+    """Whether every layer of a :class:`~attnflow.LayerStack` is the same map (one layer, or equal layers: an
+    autonomous map iterated, e.g. ALBERT's shared layer)."""
+    if len(stack.groups) != 1:
+        return False
+    return all(bool(np.all(np.asarray(a) == np.asarray(a)[:1])) for a in jax.tree.leaves(eqx.filter(stack.groups[0],
+                                                                                                      eqx.is_array)))
+
+
 def jacobians(dyn: AbstractDynamics, states, *, beta=None, alpha=None):
     """Intrinsic and extrinsic Jacobians and equilibrium residuals of many states in one jitted call.
 
     `states` is ``(b, n, d)``; with `beta` and/or `alpha` arrays of length p, every output gains a leading
     axis p. Returns ``(J_int (.., b, m, m), J_ext (.., b, nd, nd), residual (.., b))``.
     """
+    if isinstance(dyn, AbstractMap) and getattr(dyn, "num_layers", None) is not None and not _one_map(dyn):
+        raise TypeError(f"the stability of an equilibrium needs an autonomous map (a LayerMap or a TransformerBlock) or a "
+                        f"flow; a {type(dyn).__name__} of {dyn.num_layers} layers applies a different map at each "
+                        "layer and has no equilibria of its own (a stack of equal layers is one map: it is analysed): analyse one of its "
+                        "layers")
     Xs = jnp.asarray(states)
     if Xs.ndim == 2:
         Xs = Xs[None]
@@ -104,9 +119,14 @@ def jacobians(dyn: AbstractDynamics, states, *, beta=None, alpha=None):
     check_states(dyn, Xs)
     params = {}
     if beta is not None:
-        params["beta"] = jnp.atleast_1d(jnp.asarray(beta, dtype=Xs.dtype))
+        params["beta"] = jnp.atleast_1d(jnp.asarray(check_positive("beta", beta), dtype=Xs.dtype))
     if alpha is not None:
-        params["alpha"] = jnp.atleast_1d(jnp.asarray(alpha, dtype=Xs.dtype))
+        if not isinstance(dyn, AbstractMap):
+            raise ValueError("alpha is a step size of the discrete layer map; a flow has none")
+        params["alpha"] = jnp.atleast_1d(jnp.asarray(check_positive("alpha", alpha), dtype=Xs.dtype))
+    if len({tuple(p.shape) for p in params.values()}) > 1 or any(p.ndim != 1 for p in params.values()):
+        raise ValueError("beta and alpha must be numbers or 1-d arrays of the same length (one value per parameter "
+                         f"point), got shapes {[tuple(p.shape) for p in params.values()]}")
     return _jacobians(dyn, Xs, params or None)
 
 

@@ -140,17 +140,33 @@ def _candidates(cfg, dyn, *, quiet):
 
     from attnflow.analysis import equilibria as eq
 
+    from attnflow.analysis.classify import classify
+    from attnflow.analysis.eigen import is_real, is_simple
+
     n, S = cfg.tokens, cfg.stability
-    lam = eq.eigenpairs(dyn).values
-    real = [k for k in range(len(lam)) if abs(lam[k].imag) < 1e-12]
+    lam = np.asarray(eq.eigenpairs(dyn).values)
+    real = [k for k in range(len(lam)) if is_real(lam, dtype=cfg.dtype)[k]]
+    simple = is_simple(lam, dtype=cfg.dtype)
     labels, states = [], []
+
+    def named(kind, k, s, split, X):
+        # an eigenvector of a repeated eigenvalue is one arbitrary vector of its eigenspace, and names no axis
+        # (docs/model.md section 10): the state gets the name every command gives it, and the vector it was built on
+        if simple[k]:
+            return _name(kind, k, s, split, n)
+        general = classify(dyn, jnp.asarray(X)[None]).names()[0]
+        return f"{general} [{'+' if s > 0 else '-'}v{k + 1}, {'split ' + str(split) + ', ' if kind == 'bipartite' else ''}" \
+               "a vector of a repeated eigenvalue's eigenspace]"
+
     for k in real:
         for s in (1, -1):
-            labels.append((_name("consensus", k, s, n, n), "consensus", k, s, n))
-            states.append(eq.consensus(dyn, k, n, s))
+            X = eq.consensus(dyn, k, n, s)
+            labels.append((named("consensus", k, s, n, X), "consensus", k, s, n))
+            states.append(X)
         for m in range(1, n):
-            labels.append((_name("bipartite", k, 1, m, n), "bipartite", k, 1, m))
-            states.append(eq.bipartite(dyn, k, m, n))
+            X = eq.bipartite(dyn, k, m, n)
+            labels.append((named("bipartite", k, 1, m, X), "bipartite", k, 1, m))
+            states.append(X)
     if cfg.states_array is not None:  # read, hashed and checked (shape, real, finite) at load
         given = cfg.states_array
         for i, X in enumerate(given):

@@ -115,6 +115,9 @@ class Heads(eqx.Module):
         eye = np.eye(V.shape[0], dtype=V.dtype)
         Q = eye if Q is None else _float(Q)
         K = eye if K is None else _float(K)
+        for name, M in (("Q", Q), ("K", K)):
+            if M.shape != V.shape:
+                raise ValueError(f"{name} must be a (d, d) matrix like V, {V.shape}, got shape {M.shape}")
         return cls(Q=Q[None], K=K[None], V=V[None], O=eye[None])
 
     @property
