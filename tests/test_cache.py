@@ -113,9 +113,17 @@ def test_the_compile_cache_is_bounded_also_when_an_earlier_run_filled_it(tmp_pat
             assert (tmp_path / "jit_old-0123-atime").exists()
             jax.jit(lambda x: x * 11.0 + 0.25)(np.ones(3, np.float32)).block_until_ready()
         assert any(p.name.startswith("jit__lambda") for p in tmp_path.glob("*-cache"))  # stored
+        # JAX opens its cache once per process: a second directory takes effect too
+        other = tmp_path / "other"
+        cli.use_compile_cache(other)
+        jax.jit(lambda x: x * 13.0 - 0.5)(np.ones(3, np.float32)).block_until_ready()
+        assert any(p.name.startswith("jit__lambda") for p in other.glob("*-cache"))
     finally:
+        from jax.experimental.compilation_cache import compilation_cache
+
         for n, v in saved.items():
             jax.config.update(n, v)
+        compilation_cache.reset_cache()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

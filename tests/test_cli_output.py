@@ -457,3 +457,69 @@ def test_time_left_is_measured_from_the_first_block(monkeypatch, capsys):
     clock[0] = 200.0
     report(5000, 100_000)  # said once
     assert capsys.readouterr().err == ""
+
+
+# ---- output directories: bad input writes nothing; a run that starts afresh leaves no earlier result beside its own
+
+_BAD = ('[model]\nd = 3\nV = [[1.0, 0.0, 0.0], [0.0, 0.4, 0.0], [0.0, 0.0, -0.3]]\n[dynamics]\nalpha = 0.1\n'
+        'tokens = 6\nsteps = 200\n[basins]\nsamples = -5\n')
+
+
+@pytest.mark.parametrize("command", ["basins", "simulate", "energy", "stability", "metastability", "geometry"])
+def test_bad_input_writes_nothing_into_out(tmp_path, capsys, command):
+    from attnflow.cli import main
+
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(_BAD.replace("samples = -5", "samples = -5\n[geometry]\nresolution = 1") if command == "geometry"
+                   else _BAD if command == "basins" else _BAD.replace("[basins]\nsamples = -5\n", "[dynamics2]\n"))
+    out = tmp_path / "new" / "out"
+    assert main(["--no-compile-cache", command, str(cfg), "--out", str(out)]) == 2
+    assert not (tmp_path / "new").exists()  # the directories it made are gone (they held the marker, the lock)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert main(["--no-compile-cache", command, str(cfg), "--out", str(mine)]) == 2
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]  # no marker claims it for the command
+    capsys.readouterr()
+
+
+def test_directories_of_metastability_and_geometry_are_known_by_their_files(tmp_path):
+    from attnflow.io.results import RunDirError, claim_dir, clear_outputs
+
+    for command, name in (("metastability", "metastability.json"), ("metastability", "episodes_n8.npz"),
+                          ("geometry", "geometry.json"), ("geometry", "map_partial.npz")):
+        d = tmp_path / f"{command}-{name}"
+        d.mkdir()
+        (d / name).write_text("x")  # no marker: written before markers existed, or the marker lost
+        with pytest.raises(RunDirError, match=command):
+            claim_dir(d, "basins")
+    d = tmp_path / "afresh"
+    d.mkdir()
+    for name in ("metastability.json", "first_plateau.csv", "episodes_n8.npz", "phase_n_beta.json", "dwell_n8.png",
+                 "settings.json", "notes.txt"):
+        (d / name).write_text("x")
+    clear_outputs(d, "metastability", keep={"settings.json"})
+    assert sorted(p.name for p in d.iterdir()) == ["notes.txt", "settings.json"]
+
+
+def test_an_interrupted_geometry_run_with_other_settings_leaves_no_earlier_result(tmp_path, monkeypatch, capsys):
+    from attnflow.cli import geometry, main
+
+    cfg = tmp_path / "g.toml"
+    cfg.write_text('[model]\nd = 3\nV = [[1.0, 0.0, 0.0], [0.0, 0.4, 0.0], [0.0, 0.0, -0.3]]\n[dynamics]\n'
+                   'time = "discrete"\nalpha = 0.5\ntokens = 3\nsteps = 200\n[geometry]\nresolution = 4\nbox = 2\n'
+                   'rows_per_block = 2\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".attnflow").write_text('{"command": "geometry"}\n')
+    for name in ("geometry.json", "basin_map.npz", "basin_map.png"):  # a finished run of other settings
+        (out / name).write_text("an earlier run's")
+
+    def stop(*a, **k):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(geometry, "_save_partial", stop)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        main(["--no-compile-cache", "geometry", str(cfg), "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == []
+    capsys.readouterr()

@@ -246,3 +246,24 @@ def test_the_writer_thread_keeps_no_message_it_has_sent():
             break
         time.sleep(0.01)
     assert ref() is None
+
+
+def test_a_ctrl_c_while_a_worker_starts_leaves_it_to_the_parent():
+    # a terminal's Ctrl-C reaches the whole process group; a worker still importing JAX died of it with a
+    # KeyboardInterrupt traceback. It now ignores SIGINT from its first statement, started with SIGINT blocked
+    import os
+    import signal
+    import time
+
+    from attnflow.evolve import workers as W
+
+    w = W._Worker({})
+    try:
+        for _ in range(12):  # SIGINTs over the worker's first 0.6 s: interpreter start, imports
+            os.kill(w.proc.pid, signal.SIGINT)
+            time.sleep(0.05)
+        time.sleep(2.0)
+        assert w.proc.poll() is None  # alive, waiting for calls
+    finally:
+        w.close()
+    assert w.proc.wait(timeout=30) in (0, -signal.SIGTERM)  # ended by close()

@@ -93,6 +93,12 @@ def use_compile_cache(path=None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     _bound_compile_cache(path)
+    try:  # JAX opens its cache once per process: a cache it opened before (another directory, no bound) is closed
+        from jax.experimental.compilation_cache import compilation_cache
+
+        compilation_cache.reset_cache()
+    except (ImportError, AttributeError):
+        pass
 
 
 def _bound_compile_cache(path) -> None:
@@ -124,13 +130,16 @@ def _dispatch(args) -> int:
     from ..io.results import RunDirError
     from ..evolve.workers import WorkerError
     from ..io.weights import WeightsError
-    from ._common import UsageError
+    from . import _common
+    from ._common import UsageError, undo_out_dirs
 
     if not args.no_compile_cache:
         use_compile_cache()
+    _common._MADE.clear()
     try:
         return int(args._run(args) or 0)
     except (ConfigError, UsageError, RunDirError, WeightsError) as e:
+        undo_out_dirs()  # bad input writes nothing
         return _fail(args.command, str(e))
     except WorkerError as e:  # a worker process of a study was killed: its finished chunks are kept
         return _fail(args.command, f"{e}; continue with --resume")

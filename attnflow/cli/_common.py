@@ -39,6 +39,7 @@ def out_dir(path, command: str | None = None) -> Path | None:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UsageError(f"--out {str(p)!r} exists and is not a directory")
+    made = [q for q in (p, *p.parents) if not q.exists()]  # what this call creates, deepest first
     try:
         p.mkdir(parents=True, exist_ok=True)
         probe = p / f".attnflow-probe.{os.getpid()}.{uuid.uuid4().hex}"
@@ -47,8 +48,9 @@ def out_dir(path, command: str | None = None) -> Path | None:
     except OSError as e:
         raise UsageError(f"--out {str(p)!r} is not writable ({e.strerror or type(e).__name__}); choose another directory") from None
     if command is not None:
-        from ..io.results import RunDirError, claim_dir
+        from ..io.results import MARKER, RunDirError, claim_dir
 
+        _MADE.append((p, made, not (p / MARKER).exists(), {q.name for q in p.iterdir()}))
         try:
             claim_dir(p, command)
         except RunDirError as e:
@@ -56,6 +58,32 @@ def out_dir(path, command: str | None = None) -> Path | None:
         except OSError as e:
             raise UsageError(f"--out {str(p)!r} is not writable ({e.strerror or type(e).__name__}); choose another directory") from None
     return p
+
+
+_MADE: list = []
+"""``(directory, the directories created for it, whether its marker was written, the names it held)`` of every
+:func:`out_dir` of this process's command, for :func:`undo_out_dirs`."""
+
+
+def undo_out_dirs() -> None:
+    """Take back what :func:`out_dir` wrote when the command then refused its input (exit status 2), so that bad input
+    writes nothing: the marker and the lock file it added, where nothing else was written into the directory since,
+    and the directories it created, where they are then empty. A directory the command wrote anything else into is
+    left as it is."""
+    from ..io.results import MARKER
+
+    while _MADE:
+        p, made, marked, before = _MADE.pop()
+        try:
+            new = {q.name for q in p.iterdir()} - before
+            ours = ({MARKER} if marked else set()) | {".lock"}
+            if new <= ours:  # nothing but the marker and the lock was written since
+                for name in new:
+                    (p / name).unlink()
+                for q in made:  # deepest first; a directory that is not empty stays
+                    q.rmdir()
+        except OSError:
+            pass
 
 
 def load_run_config(path):

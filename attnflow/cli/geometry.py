@@ -152,6 +152,10 @@ def _run(args, locks: list) -> int:
         if got is not None:
             image, start, matcher.attractors = got
             info(f"geometry: resuming after row {start} of {res}")
+        else:  # a run with other settings (or none readable): none of its results stays beside this one's
+            from attnflow.io.results import clear_outputs
+
+            clear_outputs(out, "geometry")
     info(f"geometry: basin map {res} x {res} of token {g.token} ({cfg.time}, n = {n}, d = {d})", quiet=args.json)
     for r0 in range(start, res, g.rows_per_block):
         r1 = min(r0 + g.rows_per_block, res)

@@ -76,11 +76,11 @@ def _same_settings(out: Path, settings: dict) -> bool:
         old = None
     if old == json.loads(json.dumps(settings)):
         return True
-    stale = list(out.glob("episodes_n*.npz")) + list(out.glob("phase_*.json"))
-    if stale:  # another run's (or one whose settings are lost): never mixed into this one
+    from attnflow.io.results import clear_outputs
+
+    # another run's files (or those of a run whose settings are lost): never mixed into this one, nor left beside it
+    if clear_outputs(out, "metastability"):
         info(f"metastability: {out} holds a run with other (or unreadable) settings; starting afresh")
-        for f in stale:
-            f.unlink()
     return False
 
 

@@ -201,9 +201,20 @@ class _Worker:
         # this process's environment, passed on, plus what XLA reads when it starts: a one-thread pool, the CPU
         env = dict(os.environ, PJRT_NPROC="1", JAX_PLATFORMS="cpu")
         here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this attnflow's parent
-        code = f"import sys; sys.path.insert(0, {here!r}); from attnflow.evolve.workers import _serve; _serve()"
-        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     env=env)
+        # a Ctrl-C is the parent's to handle (it ends the workers): the worker ignores SIGINT from its first
+        # statement, and is started with SIGINT blocked, so that one arriving before that statement waits and is then
+        # discarded (a SIGINT while it imported JAX printed a KeyboardInterrupt traceback and killed it)
+        code = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                "hasattr(signal, 'pthread_sigmask') and signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+                f"import sys; sys.path.insert(0, {here!r}); from attnflow.evolve.workers import _serve; _serve()")
+        blocked = hasattr(signal, "pthread_sigmask")
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if blocked else None
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         env=env)
+        finally:
+            if blocked:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
         self.pending: collections.deque[cf.Future] = collections.deque()
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.lock = threading.Lock()

@@ -788,8 +788,25 @@ OUTPUTS = {
     "transformer": ("pm.json", "pm.npz", "alignment.png", "alignment_steered.png", "eigenvalues.png", "cumulative.png",
                     "steering.png"),
     "demo": ("*_fractions.png", "*_paths.png"),
+    "metastability": ("metastability.json", "first_plateau.csv", "episodes_n*.npz", "phase_*_beta.json",
+                      "phase_*_beta.png", "first_counts_n*.png", "dwell_n*.png", "staircase_n*.png"),
+    "geometry": ("geometry.json", "map_partial.npz", "basin_map.npz", "basin_map.png"),
 }
 """Names (glob patterns) that only one command writes: they identify a directory written before markers existed."""
+
+
+def clear_outputs(path, command: str, keep=()) -> list[str]:
+    """Remove the files of `command` (:data:`OUTPUTS`) from directory `path`, but those named in `keep`: a run that
+    starts afresh (other settings than the run there) leaves no result of the earlier run beside its own, even when
+    it is interrupted. Returns the names removed."""
+    path = Path(path)
+    gone = []
+    for f in sorted(path.iterdir()) if path.is_dir() else []:
+        if f.name in keep or not f.is_file() or not any(fnmatch(f.name, pat) for pat in OUTPUTS.get(command, ())):
+            continue
+        f.unlink()
+        gone.append(f.name)
+    return gone
 
 
 def _marker_command(path: Path) -> str | None:
