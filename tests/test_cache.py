@@ -226,3 +226,18 @@ def test_worker_processes_share_the_bound():
 
     assert "jax_compilation_cache_max_size" in workers._settings()
     assert "jax_compilation_cache_dir" in workers._settings()
+
+
+def test_a_cache_directory_that_cannot_be_written_is_not_used(tmp_path):
+    from attnflow import cli
+
+    from pathlib import Path
+
+    before = jax.config.values["jax_compilation_cache_dir"]
+    ro = tmp_path / "file"
+    ro.write_text("a file, not a directory")
+    cli.use_compile_cache(ro / "cache")  # cannot be made: no cache
+    assert jax.config.values["jax_compilation_cache_dir"] == before
+    if Path("/proc/self").is_dir():  # a directory nobody can write, root included (a read-only mount behaves so)
+        cli.use_compile_cache(Path("/proc/self"))  # was used: JAX warned at every program it could not store
+        assert jax.config.values["jax_compilation_cache_dir"] == before

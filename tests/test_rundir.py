@@ -519,3 +519,21 @@ def test_a_file_that_cannot_replace_its_path_is_named_not_its_temporary(tmp_path
             w.write_chunk(0, columns(0))
     assert e.value.filename == str(tmp_path / "run" / "chunks" / "00000.parquet")
     assert not list((tmp_path / "run" / "chunks").glob(".*.tmp"))
+
+
+def test_a_file_past_the_runs_last_chunk_is_named_and_removed_by_a_resume(tmp_path):
+    import shutil
+
+    with RunDirWriter(tmp_path / "r") as w:
+        w.open({"samples": 9, "chunk_size": 3})
+        for i in range(3):
+            w.write_chunk(i, columns(3 * i))
+    shutil.copy(tmp_path / "r" / "chunks" / "00001.parquet", tmp_path / "r" / "chunks" / "00099.parquet")
+    # it said: resume to recompute chunk 99, and a resume never touched it (the run has chunks 0-2)
+    with pytest.raises(RunDirError, match="no chunk of this run, which has 3"):
+        read_members(tmp_path / "r")
+    with RunDirWriter(tmp_path / "r", resume=True) as w:
+        w.open({"samples": 9, "chunk_size": 3})
+        assert w.done(0) and w.done(2)
+    assert sorted(p.name for p in (tmp_path / "r" / "chunks").iterdir()) == [f"0000{i}.parquet" for i in range(3)]
+    np.testing.assert_array_equal(read_members(tmp_path / "r")["index"], np.arange(9))

@@ -84,10 +84,16 @@ def use_compile_cache(path=None) -> None:
     :data:`COMPILE_CACHE_MAX_BYTES`, the programs used least recently removed first."""
     import jax
 
+    import os
+    import uuid
+
     path = compile_cache_dir() if path is None else path
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except OSError:  # a read-only home: run without the cache
+        probe = path / f".probe.{os.getpid()}.{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError:  # a read-only home or cache: run without the cache (JAX would warn at every program)
         return
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -196,6 +196,16 @@ def _identity_hash(ident: dict) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
+def _chunk_count(ident: dict) -> int | None:
+    """The number of chunks of a basin study's run (ceil(samples / chunk_size) of its identity), or None when the
+    identity does not say (a run directory of another kind)."""
+    try:
+        n, c = int(ident["samples"]), int(ident["chunk_size"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return -(-n // c) if n > 0 and c > 0 else None
+
+
 def _manifest_identity(path: Path, what: str) -> dict:
     """The identity recorded in ``path/manifest.json``; one-line RunDirError when it is missing or damaged."""
     mpath = path / "manifest.json"
@@ -556,6 +566,14 @@ class RunDir:
             # the run keeps the identity it was started with (its chunks are stamped with it), whatever the settings
             # of speed only it recorded
             self.identity, self.identity_hash = old, _identity_hash(old)
+            count = _chunk_count(old)
+            if count is not None:  # a file past the run's last chunk is none of its chunks, and nothing would replace it
+                for p in self.chunks.iterdir():
+                    if (m := _CHUNK.match(p.name)) and int(m.group(1)) >= count:
+                        try:
+                            p.unlink()
+                        except FileNotFoundError:
+                            pass
         else:
             if resume and any(_CHUNK.match(p.name) for p in self.chunks.iterdir()):
                 raise RunDirError(f"cannot resume {self.path}: its manifest.json is missing; move the directory aside and "
@@ -641,7 +659,8 @@ def read_members(path) -> dict[str, np.ndarray]:
     chunk is written yet; a one-line RunDirError for a missing or damaged manifest, a damaged chunk (resume the run
     to recompute it) or chunks with different columns."""
     path = Path(path)
-    h = _identity_hash(_manifest_identity(path, "read"))
+    ident = _manifest_identity(path, "read")
+    h, count = _identity_hash(ident), _chunk_count(ident)
     try:
         files = sorted((int(m.group(1)), path / "chunks" / e) for e in os.listdir(path / "chunks") if (m := _CHUNK.match(e)))
     except FileNotFoundError:
@@ -650,6 +669,9 @@ def read_members(path) -> dict[str, np.ndarray]:
         raise RunDirError(f"cannot read {path / 'chunks'}: {e.strerror or e}") from None
     parts = []
     for i, p in files:
+        if count is not None and i >= count:
+            raise RunDirError(f"{p} is no chunk of this run, which has {count} (0 to {count - 1}); remove it, or resume "
+                              "the run (--resume), which removes it")
         cols, reason = _load(p, h, i)
         if cols is None:
             raise RunDirError(f"{p} is damaged ({reason}); resume the run (--resume) to recompute chunk {i}")
