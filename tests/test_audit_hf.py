@@ -226,3 +226,44 @@ def test_layer_norm_eps_key_is_the_familys_own(tmp_path, family, key, eps):
     ``layer_norm_eps: 0.5`` got eps 0.5; BERT with only ``layer_norm_epsilon: 0.5`` too, Hugging Face: 1e-12)."""
     d = _edit(tmp_path, family, drop=("layer_norm_eps", "layer_norm_epsilon"), **{key: 0.5})
     assert load_hf(d).eps == eps
+
+
+def test_gpt_neo_attention_layers_decide_whatever_attention_types_says(tmp_path):
+    """With ``attention_layers`` in config.json, Hugging Face never reads the length of ``attention_types``: a
+    config without it (its default expands to 24 layers) or with one too long loads, with the layers
+    attention_layers names; attnflow refused both, naming attention_types."""
+    want = [lay.attention.mask for lay in load_hf(FIX / "gpt_neo_layers").layers]
+    for i, changes in enumerate(({}, {"attention_types": [[["global", "local"], 5]]})):
+        m = load_hf(_edit(tmp_path / str(i), "gpt_neo_layers", drop=("attention_types",), **changes))
+        assert [lay.attention.mask for lay in m.layers] == want
+    with pytest.raises(CheckpointError, match="'attention_types' must be a list"):  # its form is still checked
+        load_hf(_edit(tmp_path / "x", "gpt_neo_layers", attention_types=[["global", 3]]))
+
+
+def test_roberta_pad_token_beyond_the_embeddings_is_refused(tmp_path):
+    # Hugging Face cannot build it (padding_idx within num_embeddings); it loaded with max_tokens = -9
+    with pytest.raises(CheckpointError, match="pad_token_id = 30 must be below"):
+        load_hf(_edit(tmp_path, "roberta", pad_token_id=30))
+
+
+def test_embed_refuses_ids_outside_the_vocabulary_and_computes_in_float64():
+    m = load_hf(FIX / "roberta")
+    r = np.load(FIX / "roberta" / "reference.npz")
+    V = m.embedding["word"].shape[0]
+    for bad in ([-1, 2], [V, 2]):  # -1 was the last word, silently
+        with pytest.raises(ValueError, match="token ids must be in"):
+            m.embed(bad)
+    with pytest.raises(ValueError, match=r"shape \(n,\)"):
+        m.embed([[1, 2, 3], [3, 2, 1]])  # a batch: a bare NumPy broadcasting error
+    x = m.embed(r["embed_ids"])
+    assert x.dtype == np.float64  # computed from the float32 weights in float64, as a float64 model of HF's does
+    np.testing.assert_allclose(x, r["embed_h0"], atol=1e-5, rtol=1e-5)
+
+
+def test_folded_heads_in_float64_are_the_exact_products():
+    m = load_hf(FIX / "bert")
+    g, b = (np.asarray(a, np.float64) for a in m.layers[0].ln_in)
+    h64 = m.heads(0, fold_layernorm=True, dtype=np.float64)
+    Q = np.asarray(m.layers[0].heads.Q, np.float64)
+    assert np.asarray(h64.Q).dtype == np.float64 and np.array_equal(np.asarray(h64.Q), Q * g)
+    assert np.asarray(m.heads(0, fold_layernorm=True).Q).dtype == np.float32

@@ -169,8 +169,9 @@ def power_method_experiment(model, *, key, tokens: int = 10, samples: int = 100,
     if embedding and tokens > model.max_tokens:
         raise ValueError(f"embedding=True places {tokens} tokens, but {model.name} has position embeddings for at "
                          f"most {model.max_tokens}")
-    if heads is None:
-        heads = layer_heads(model, biases=biases, fold_layernorm=fold_layernorm, extra_layers=extra_layers)
+    if heads is None:  # folded heads in the experiment's dtype: a float64 one as exact as with the raw heads
+        heads = layer_heads(model, biases=biases, fold_layernorm=fold_layernorm, extra_layers=extra_layers,
+                            dtype=np.float64 if jnp.dtype(dtype) == jnp.float64 else None)
     stack = build_stack(model, biases=biases, fold_layernorm=fold_layernorm, ffn=ffn, layernorm=layernorm,
                         extra_layers=extra_layers, heads=heads)
     x0 = initial_tokens(model, key, tokens=tokens, samples=samples, embedding=embedding, dtype=dtype)

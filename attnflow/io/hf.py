@@ -125,23 +125,26 @@ class HFModel:
         """``(L, d, d)`` layer matrices W_l = sum_h O_h V_h (raw weights)."""
         return np.stack([np.asarray(l.heads.layer_matrix(), dtype=np.float64) for l in self.layers])
 
-    def heads(self, l: int, *, fold_layernorm: bool = False, biases: bool = True) -> Heads:
+    def heads(self, l: int, *, fold_layernorm: bool = False, biases: bool = True, dtype=None) -> Heads:
         """Layer l's heads; ``fold_layernorm=True`` folds ``ln_in`` = (g, b) into Q, K, V.
 
         Folded heads act on the standardised token x_hat exactly as the raw heads act on
-        g * x_hat + b: Q' = Q diag(g), bq' = bq + Q b (same for K, V); O and bo are unchanged.
+        g * x_hat + b: Q' = Q diag(g), bq' = bq + Q b (same for K, V); O and bo are unchanged. The products are
+        computed in float64 and stored in `dtype` (default float32, the loaded weights'): float64 keeps a float64
+        study as exact as the raw heads, whose float32 weights it computes with exactly.
         """
         lay = self.layers[l]
         h = lay.heads
         if fold_layernorm and lay.ln_in is not None:
-            g, b = (np.asarray(a, np.float32) for a in lay.ln_in)
+            out = np.dtype(np.float32 if dtype is None else dtype)
+            g, b = (np.asarray(a, np.float64) for a in lay.ln_in)
             new = {}
             for m in ("Q", "K", "V"):
-                M = np.asarray(getattr(h, m))
+                M = np.asarray(getattr(h, m), np.float64)
                 bias = getattr(h, "b" + m.lower())
-                bias = np.zeros(M.shape[:2], M.dtype) if bias is None else np.asarray(bias)
-                new[m] = M * g[None, None, :]
-                new["b" + m.lower()] = bias + np.einsum("hed,d->he", M, b)
+                bias = np.zeros(M.shape[:2]) if bias is None else np.asarray(bias, np.float64)
+                new[m] = (M * g[None, None, :]).astype(out)
+                new["b" + m.lower()] = (bias + np.einsum("hed,d->he", M, b)).astype(out)
             h = Heads(Q=new["Q"], K=new["K"], V=new["V"], O=h.O, bq=new["bq"], bk=new["bk"], bv=new["bv"], bo=h.bo)
         if not biases:
             h = Heads(Q=h.Q, K=h.K, V=h.V, O=h.O)
@@ -150,10 +153,18 @@ class HFModel:
     def embed(self, ids, positions=None) -> np.ndarray:
         """Token ids ``(n,)`` -> embedded states ``(n, d)`` entering layer 0 (word + position (+ type 0),
         then the embedding LayerNorm for the BERT-like families and ALBERT, and ALBERT's / ELECTRA's E -> d
-        projection). Without `positions`: 0..n-1, or RoBERTa's (padding tokens at ``pad_token_id``, the others
-        counting from ``pad_token_id + 1``)."""
+        projection), computed and returned in float64 (cast them to the study's dtype). Without `positions`:
+        0..n-1, or RoBERTa's (padding tokens at ``pad_token_id``, the others counting from ``pad_token_id + 1``).
+        Ids outside the vocabulary (negative ones too) are refused, as Hugging Face refuses them."""
         e = self.embedding
         ids = np.asarray(ids)
+        if ids.ndim != 1 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
+            raise ValueError(f"token ids must be integers of shape (n,) (one sequence), got {ids.dtype} {ids.shape}")
+        V = e["word"].shape[0]
+        if ids.size and (ids.min() < 0 or ids.max() >= V):
+            raise ValueError(f"token ids must be in [0, {V}) (the vocabulary of {self.name}), got "
+                             f"{int(ids.min()) if ids.min() < 0 else int(ids.max())}")
+        ids = ids.astype(np.int64)
         pad = e.get("pad")
         if positions is not None:
             pos = np.asarray(positions)
@@ -165,15 +176,16 @@ class HFModel:
         if pos.size and (pos.max() >= e["position"].shape[0] or pos.min() < 0):
             raise ValueError(f"{ids.shape[0]} tokens need position {int(pos.max())}; this checkpoint has "
                              f"{e['position'].shape[0]} position embeddings (at most {self.max_tokens} tokens)")
-        x = e["word"][ids] + e["position"][pos]
+        f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+        x = f64(e["word"])[ids] + f64(e["position"])[pos]
         if e.get("type") is not None:
-            x = x + e["type"][0]
+            x = x + f64(e["type"][0])
         if e.get("ln") is not None:
-            x = _layernorm(x, *e["ln"], self.eps)
+            x = _layernorm(x, *(f64(a) for a in e["ln"]), self.eps)
         if e.get("project") is not None:
             W, b = e["project"]
-            x = x @ W.T + b
-        return x.astype(np.float32)
+            x = x @ f64(W).T + f64(b)
+        return x
 
 
     def final_norm(self, X) -> np.ndarray:
@@ -481,6 +493,10 @@ def _bert(config, tensors, wfile, cfg_path, d, H, dh, L):
         raise CheckpointError(f"{wfile}: has embeddings_project but config.json's embedding_size equals hidden_size")
     if fam in ROBERTA_LIKE:
         emb["pad"] = _cfg_int(config, cfg_path, "pad_token_id", default=1, minimum=0)
+        P, V = emb["position"].shape[0], emb["word"].shape[0]
+        if emb["pad"] >= min(P, V):  # Hugging Face cannot build it either (padding_idx within num_embeddings)
+            raise CheckpointError(f"{cfg_path}: pad_token_id = {emb['pad']} must be below the vocabulary ({V}) and the "
+                                  f"position embeddings ({P}): RoBERTa's positions start after it")
     names = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
              "attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm")
     ln0 = emb["ln"] if emb["project"] is None else None  # a projection sits between the LayerNorm and layer 0
@@ -589,7 +605,8 @@ def _gpt_neo_types(config, cfg_path, L):
 
     ``attention_types`` = [[["global", "local"], repeats], ...] expanded to one kind per layer; but Hugging Face's
     ``GPTNeoConfig`` takes a list ``attention_layers`` stored in config.json (``save_pretrained`` writes both) over
-    that expansion, so when config.json has one, it decides (and must list exactly L kinds)."""
+    that expansion, so when config.json has one, it decides (and must list exactly L kinds), whatever the length of
+    ``attention_types`` (or its default, 12 pairs, when config.json has none)."""
     _, spec = _cfg(config, cfg_path, "attention_types", default=[[["global", "local"], 12]])
     bad = CheckpointError(f"{cfg_path}: 'attention_types' must be a list of [[\"global\"|\"local\", ...], repeats] "
                           f"pairs, got {_show(spec)}")
@@ -604,6 +621,8 @@ def _gpt_neo_types(config, cfg_path, L):
             raise bad
         if isinstance(reps, bool) or not isinstance(reps, int) or reps < 0:
             raise bad
+        if "attention_layers" in config:  # it decides: attention_types' form is checked, its length is not read
+            continue
         if len(out) + len(kinds) * reps > L:
             raise CheckpointError(f"{cfg_path}: 'attention_types' lists more than the {L} layers of config.json")
         out.extend(kinds * reps)

@@ -132,16 +132,18 @@ def _ln(pair, eps):
     return LayerNorm(gain=jnp.asarray(pair[0]), bias=jnp.asarray(pair[1]), eps=eps)
 
 
-def layer_heads(model, *, biases: bool = False, fold_layernorm: bool = False, extra_layers: int = 0) -> list[Heads]:
+def layer_heads(model, *, biases: bool = False, fold_layernorm: bool = False, extra_layers: int = 0,
+                dtype=None) -> list[Heads]:
     """The heads of every layer used by :func:`build_stack` (after the optional extension).
 
-    **Arguments:** `model`: an :class:`attnflow.io.hf.HFModel`; the flags as in :func:`build_stack`.
+    **Arguments:** `model`: an :class:`attnflow.io.hf.HFModel`; the flags as in :func:`build_stack`; `dtype` that
+    of folded heads (:meth:`~attnflow.io.hf.HFModel.heads`; default float32).
 
     **Returns:** one :class:`attnflow.Heads` per layer (the last layer repeated `extra_layers` times).
     """
     L = model.num_layers
     idx = list(range(L)) + [L - 1] * extra_layers
-    return [model.heads(l, fold_layernorm=fold_layernorm, biases=biases) for l in idx]
+    return [model.heads(l, fold_layernorm=fold_layernorm, biases=biases, dtype=dtype) for l in idx]
 
 
 def _input_norm(lay, *, fold: bool, pre_norm: bool, layernorm: bool, eps: float) -> AbstractNorm:
