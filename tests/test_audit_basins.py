@@ -222,3 +222,28 @@ def test_ball_test_follows_the_euclidean_distance_for_small_radii(dtype):
                 assert np.array_equal(np.asarray(hit_t)[sure], want[sure]), (dtype, r, m, rho)
                 assert np.array_equal(hit_s[sure[:20]], want[:20][sure[:20]]), (dtype, r, m, rho)
                 assert np.all(np.asarray(tag)[np.asarray(hit)] == m)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_state_on_a_slow_manifold_gets_no_verdict_and_a_named_axis_gets_its_own(dtype):
+    """W = diag(1, 0.99985, -0.3): a consensus 0.054 rad off v1 in the (v1, v2) plane moves at 8e-6 only (the gap
+    is 1.5e-4): a study stops its members there, and in float32 the refinement (tolerance 1e-5) stayed put, so the
+    row "consensus (off-axis)", no equilibrium, was called stable. One Newton step (8e-6 / 1.5e-4 = 0.054) shows the
+    equilibrium is far: unknown. A row named "consensus +v1" from a member 0.03 rad off the axis (within the
+    classifier's on-axis test) gets the verdict of +v1 (it was unknown: farther than MAX_SHIFT from the
+    representative); a consensus of V = I (a continuum of equilibria) stays neutral."""
+    from attnflow.analysis.basins.verify import newton_distance, verify_state
+
+    def flow(v):
+        return af.SphereFlow(af.SelfAttention(af.Heads.single(np.diag(v).astype(dtype)), af.Attention("softmax"), 1.0))
+
+    def consensus(theta):
+        return np.tile(np.array([np.cos(theta), np.sin(theta), 0.0], dtype), (4, 1))
+
+    slow = flow([1.0, 0.99985, -0.3])
+    assert newton_distance(slow, consensus(0.054)) == pytest.approx(0.054 * np.cos(0.054), rel=0.05)
+    assert verify_state(slow, consensus(0.054)) == "unknown"
+    v1 = np.array([1.0, 0.0, 0.0])
+    assert verify_state(slow, consensus(0.0)) == "stable"
+    assert verify_state(slow, consensus(0.03), axis=v1) == "stable"
+    assert verify_state(flow([1.0, 1.0, 1.0]), consensus(0.7)) == "neutral"
