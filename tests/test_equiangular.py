@@ -192,3 +192,19 @@ def test_clustering_time_is_float64_on_the_host_without_x64():
     ref = solve_ivp(lambda t, r: [rhs_np(r[0], n, 1.0, w, m)], (0.0, 2.0), [rho0], t_eval=np.linspace(0.0, 2.0, 5),
                     rtol=1e-12, atol=1e-14).y[0]
     np.testing.assert_allclose(rho, ref, atol=1e-9)
+
+
+def test_closed_forms_are_float64_and_refuse_a_bad_beta():
+    # float32 rounded them (1e-8 relative) and underflowed e^{-beta m (1 - rho)}: an initial speed of 1.5e-52 was 0
+    kw = dict(n=4, w=[1.0], m=[1.0])
+    v = eq.initial_speed(0.1, beta=120.0, **kw)
+    p = (1 - 0.1) * (1 + 3 * 0.1)
+    assert float(v) == pytest.approx(2 * p / (np.exp(120.0 * 0.9) + 3), rel=1e-12) and float(v) > 0
+    assert eq.rate_near_simplex(beta=2.0, **kw) == pytest.approx(2 * 4 / (np.exp(2.0 * 4 / 3) + 3), rel=1e-14)
+    assert float(eq.reduced_rhs(1 - 1e-9, beta=1.0, **kw)) == pytest.approx(2 * 1e-9 * (1 + 3 * (1 - 1e-9)) / 4 * 1.0,
+                                                                            rel=1e-6)
+    for bad in (-1.0, 0.0, np.nan):
+        with pytest.raises(ValueError, match="beta must be a finite number > 0"):
+            eq.clustering_time(0.01, 0.1, beta=bad, **kw)
+        with pytest.raises(ValueError, match="beta must be a finite number > 0"):
+            eq.initial_speed(0.1, beta=bad, **kw)

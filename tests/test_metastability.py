@@ -536,3 +536,30 @@ def test_energy_is_finite_while_it_is_representable(dtype, beta, rel):
     for got in (read(flow, X, X, 1.0, 1e-2, 4).energy, _pairs_blocked(flow, X, 1e-2, 7)[2],
                 af.head_energies(flow, X)[0]):
         assert float(got) == pytest.approx(want, rel=rel)
+
+
+def test_sweeps_refuse_what_no_diagram_is_made_of(tmp_path, capsys):
+    from attnflow.analysis.metastability import metastability, phase_at_time, phase_t_beta
+    from attnflow.cli import main
+
+    import jax
+
+    flow = af.SphereFlow(af.SelfAttention(af.Heads.single(np.eye(2)), af.Attention("softmax"), 1.0))
+    x0 = np.tile(np.array([[1.0, 0.0], [0.0, 1.0]]), (3, 1, 1))
+    for beta in ([-1.0], [np.nan], []):  # a negative beta was run (one member even got an episode)
+        with pytest.raises(ValueError, match="beta must be finite numbers > 0"):
+            find_plateaus(flow, x0, t1=2.0, beta=beta)
+    key = jax.random.PRNGKey(0)
+    for kw, msg in ((dict(betas=[-1.0], members=2, tokens=4), "betas"), (dict(betas=[1.0], members=0, tokens=4), "members"),
+                    (dict(betas=[1.0], members=2, tokens=1), "tokens")):
+        with pytest.raises(ValueError, match=msg):
+            phase_t_beta(flow, key, t1=1.0, **kw)
+    with pytest.raises(ValueError, match="time must be"):
+        phase_at_time(flow, key, over="tokens", values=[4], betas=[1.0], members=2, time=0.0)
+    with pytest.raises(ValueError, match="each n once"):
+        metastability(flow, key, tokens=[4, 4], betas=[2.0], members=2, t1=1.0)
+    cfg = tmp_path / "c.toml"  # two cells of n = 4 drew different members; the second's file replaced the first's
+    cfg.write_text('[model]\nd = 2\nV = [[1.0, 0.0], [0.0, 1.0]]\n[dynamics]\ntime = "continuous"\n[metastability]\n'
+                   'tokens = [4, 4]\nbetas = [2.0]\nmembers = 6\nt1 = 10.0\nphase = false\n')
+    assert main(["--no-compile-cache", "metastability", str(cfg), "--out", str(tmp_path / "out")]) == 2
+    assert "each value once" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -288,3 +288,32 @@ def test_tolerance_floor_per_dtype_and_model():
     with pytest.raises(ValueError, match="divided by dt = 0.05"):
         af.basin_fractions(flow, jax.random.PRNGKey(0), 4, tokens=5, budget=af.Budget(t1=1.0, dt=0.05), stop=af.Stop(1e-6))
     af.simulate(m, x0, steps=10, tol=2e-7)  # above the floor: runs
+
+
+def test_a_stack_of_different_layers_refuses_an_early_stop():
+    # a member whose change in one layer is below tol is no fixed point of the next layer: tol stopped the run after
+    # layer 1 of 3 and reported it "converged" (token 0 at e1, against 0.986, 0.1665 after the three layers)
+    W0 = np.diag([1.0, 0.4, -0.3])
+    c, s = np.cos(0.7), np.sin(0.7)
+    R = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
+    mk = lambda W: af.LayerMap(af.SelfAttention(af.Heads.single(W), af.Attention("softmax"), beta=1.0), alpha=1.0)  # noqa: E731
+    x0 = np.zeros((1, 4, 3))
+    x0[..., 0] = 1.0
+    with pytest.raises(ValueError, match="runs exactly its layers"):
+        af.simulate(af.LayerStack.from_layers([mk(W0), mk(W0), mk(R @ W0 @ R.T)]), x0, tol=1e-6)
+    same = af.simulate(af.LayerStack.from_layers([mk(W0)] * 3), x0, tol=1e-6)  # equal layers: one map iterated
+    assert int(same.outcome[0]) == CONVERGED
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_a_non_finite_start_is_one_members_outcome_and_costs_nothing(adaptive):
+    flow = af.SphereFlow(af.SelfAttention(af.Heads.single(np.diag([1.0, 0.4, -0.3])), af.Attention("softmax"), 1.0))
+    x0 = np.asarray(af.basins.draw_samples(af.basins.Sphere(4, 3, "float64"), jax.random.PRNGKey(0), np.arange(4)))
+    for bad in (np.nan, np.inf):  # inf refused the whole batch ("off this flow's state space by inf")
+        x = x0.copy()
+        x[1, 0, 0] = bad
+        kw = dict(solver=af.Adaptive(), t1=50.0, tol=1e-6) if adaptive else dict(t1=5.0, dt=0.05)
+        sol = af.simulate(flow, x, **kw)
+        assert list(np.asarray(sol.outcome) == NONFINITE) == [False, True, False, False]
+        if adaptive:  # it was retried to max_steps (100 000 steps, 8 s) while the others took 5-7
+            assert int(sol.steps[1]) == 0

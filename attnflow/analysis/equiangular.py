@@ -49,6 +49,7 @@ Closed forms derived here (each is checked against full simulations in the tests
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import diffrax
 import equinox as eqx
@@ -57,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._types import Array, Float
+from ..model.heads import check_positive
 
 __all__ = [
     "reduced_rhs",
@@ -86,6 +88,25 @@ def _host64():
         yield
 
 
+def _float64(fn):
+    """Run `fn` in float64 on the host (:func:`_host64`), its array results leaving as NumPy float64, after refusing a
+    beta that is not finite and > 0 (section 1). The closed forms are tiny: float32 rounded them (1e-8) and
+    underflowed e^{-beta m (1 - rho)} to 0 (an initial speed of 1.5e-52 reported as 0). Called with traced
+    arguments (inside a user's jit), it runs as it is."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs))):
+            return fn(*args, **kwargs)
+        if kwargs.get("beta") is not None:
+            check_positive("beta", kwargs["beta"])
+        with _host64():
+            out = fn(*args, **kwargs)
+            return jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array) else x, out)
+
+    return call
+
+
 def _check(n, w, m, kind):
     if kind not in KINDS:
         raise ValueError(f"the equiangular reduction is derived for kind 'softmax' or 'relu', got {kind!r}")
@@ -108,6 +129,7 @@ def _rhs(rho, n, beta, w, m, kind):
     return 2 * p * jnp.sum(w * ao)
 
 
+@_float64
 def reduced_rhs(rho, *, n: int, beta, w, m, kind: str = "softmax") -> Float[Array, ""]:
     """F(rho) = d rho/dt of the equiangular reduction (module docstring).
 
@@ -118,6 +140,7 @@ def reduced_rhs(rho, *, n: int, beta, w, m, kind: str = "softmax") -> Float[Arra
     return _rhs(jnp.asarray(rho), n, jnp.asarray(beta), w, m, kind)
 
 
+@_float64
 def solve_reduced(rho0, ts, *, n: int, beta, w, m, kind: str = "softmax", rtol: float = 1e-12, atol: float = 1e-14) -> Float[Array, " s"]:
     """rho(t) at the times `ts` (increasing, ts[0] the start) from rho(ts[0]) = rho0 (diffrax, Dopri8; in float64
     on the host, whatever the default dtype). **Returns:** a NumPy float64 array ``(s,)``."""
@@ -150,6 +173,7 @@ def _time_one(rho0, rho1, beta, w, m, n, kind):
     return jnp.where(ok, sol.ys[-1], jnp.inf)
 
 
+@_float64
 def clustering_time(eps, rho0, *, n: int, beta, w, m, kind: str = "softmax") -> Float[Array, "..."]:
     """T_eps: the time until rho >= 1 - eps, from rho(0) = rho0 (vectorised over an array of `beta`).
 
@@ -178,12 +202,14 @@ def clustering_time(eps, rho0, *, n: int, beta, w, m, kind: str = "softmax") -> 
     return T
 
 
+@_float64
 def self_attention_weight(rho, *, n: int, beta, m) -> Float[Array, "..."]:
     """Softmax weight a_self = 1/(1 + (n-1) e^{-beta m (1 - rho)}) a token gives itself (per head)."""
     m = jnp.asarray(m, float)
     return 1.0 / (1.0 + (n - 1) * jnp.exp(-jnp.asarray(beta, float) * m * (1 - jnp.asarray(rho, float))))
 
 
+@_float64
 def rate_near_consensus(*, beta, w, m, kind: str = "softmax") -> float:
     """lambda_1: d(1 - rho)/dt = -lambda_1 (1 - rho) near rho = 1: 2 sum w_h (softmax), 2 beta sum w_h max(m_h, 0)
     (relu)."""
@@ -192,6 +218,7 @@ def rate_near_consensus(*, beta, w, m, kind: str = "softmax") -> float:
     return float(2 * jnp.sum(w)) if kind == "softmax" else float(2 * beta * jnp.sum(w * jnp.maximum(m, 0.0)))
 
 
+@_float64
 def rate_near_simplex(*, n: int, beta, w, m, kind: str = "softmax") -> float:
     """lambda_0 = F'(rho_*) at the simplex rho_* = -1/(n-1): 2n sum_h w_h/(e^{beta m_h n/(n-1)} + n - 1) (softmax),
     2 beta sum_h w_h max(-m_h, 0)/(n - 1) for relu (0 when every m_h >= 0)."""
@@ -203,6 +230,7 @@ def rate_near_simplex(*, n: int, beta, w, m, kind: str = "softmax") -> float:
     return float(2 * n * jnp.sum(w / (jnp.exp(beta * m * n / (n - 1)) + n - 1)))
 
 
+@_float64
 def initial_speed(rho0, *, n: int, beta, w, m, kind: str = "softmax"):
     """F(rho0), the initial clustering speed d rho/dt at t = 0 (vectorised over `beta`)."""
     w, m = _check(n, w, m, kind)
@@ -215,6 +243,7 @@ def critical_speed_ratio(n: int) -> float:
     return n / (2.0 * (n - 1))
 
 
+@_float64
 def critical_beta(*, n: int, rho0: float, m, w=None) -> float:
     """The critical inverse temperature of the softmax equiangular reduction (module docstring).
 
@@ -243,6 +272,7 @@ def critical_beta(*, n: int, rho0: float, m, w=None) -> float:
     return 0.5 * (lo + hi)
 
 
+@_float64
 def superadditivity_gain(eps, rho0, *, n: int, beta, heads_a, heads_b, kind: str = "softmax") -> float:
     """R_ab / (R_a + R_b) - 1 with R = 1 / T_eps: >= 0 always (harmonic functional), > 0 iff the heads'
     F_a and F_b are not proportional (heterogeneous beta m_h).
@@ -258,6 +288,7 @@ def superadditivity_gain(eps, rho0, *, n: int, beta, heads_a, heads_b, kind: str
     return (1 / Tab) / (1 / Ta + 1 / Tb) - 1
 
 
+@_float64
 def linearised_times(eps, rho0, *, n: int, beta, w, m, delta: float = 0.1) -> dict:
     """Clustering times of the linearised softmax and relu reductions.
 

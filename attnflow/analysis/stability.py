@@ -91,22 +91,13 @@ def _jacobians(dyn, Xs, params):
     return jax.vmap(lambda p: batch(dyn.with_params(**p)))(params)
 
 
-def _one_map(stack) -> bool:
-    """Whether every layer of a :class:`~attnflow.LayerStack` is the same map (one layer, or equal layers: an
-    autonomous map iterated, e.g. ALBERT's shared layer)."""
-    if len(stack.groups) != 1:
-        return False
-    return all(bool(np.all(np.asarray(a) == np.asarray(a)[:1])) for a in jax.tree.leaves(eqx.filter(stack.groups[0],
-                                                                                                      eqx.is_array)))
-
-
 def jacobians(dyn: AbstractDynamics, states, *, beta=None, alpha=None):
     """Intrinsic and extrinsic Jacobians and equilibrium residuals of many states in one jitted call.
 
     `states` is ``(b, n, d)``; with `beta` and/or `alpha` arrays of length p, every output gains a leading
     axis p. Returns ``(J_int (.., b, m, m), J_ext (.., b, nd, nd), residual (.., b))``.
     """
-    if isinstance(dyn, AbstractMap) and getattr(dyn, "num_layers", None) is not None and not _one_map(dyn):
+    if isinstance(dyn, AbstractMap) and getattr(dyn, "num_layers", None) is not None and not dyn.same_layers():
         raise TypeError(f"the stability of an equilibrium needs an autonomous map (a LayerMap or a TransformerBlock) or a "
                         f"flow; a {type(dyn).__name__} of {dyn.num_layers} layers applies a different map at each "
                         "layer and has no equilibria of its own (a stack of equal layers is one map: it is analysed): analyse one of its "

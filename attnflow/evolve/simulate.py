@@ -113,10 +113,13 @@ def _adaptive_one(dyn, solver: Adaptive, x0, dt_save, plan: Plan):
     """Evolve one configuration with an adaptive diffrax solve, saving every ``dt_save``."""
     term = diffrax.ODETerm(lambda t, y, args: dyn.vf(t, y))
     ts = jnp.arange(plan.n_seg + 1, dtype=x0.dtype) * dt_save
-    event = None
+    # a member whose state is not finite stops at once (outcome nonfinite below): diffrax would retry it to max_steps
+    bad = lambda t, y, args, **kw: ~jnp.all(jnp.isfinite(y))  # noqa: E731
     if plan.tol is not None:
-        cond = diffrax.steady_state_event(rtol=0.0, atol=plan.tol, norm=lambda v: jnp.max(jnp.abs(v)))
-        event = diffrax.Event(cond)
+        steady = diffrax.steady_state_event(rtol=0.0, atol=plan.tol, norm=lambda v: jnp.max(jnp.abs(v)))
+        event = diffrax.Event(lambda t, y, args, **kw: steady(t, y, args, **kw) | bad(t, y, args, **kw))
+    else:
+        event = diffrax.Event(bad)
     sol = diffrax.diffeqsolve(
         term,
         solver.solver,
@@ -191,6 +194,10 @@ def _make_plan(dyn, budget: Budget, stop: Stop, solver, saves):
     solver.check(dyn)
     adaptive = isinstance(solver, Adaptive)
     span = budget.resolve(dyn, adaptive)
+    if stop.tol is not None and getattr(dyn, "num_layers", None) is not None and not dyn.same_layers():
+        raise ValueError("tol stops a member whose step changes it by less than tol, as at a fixed point; a LayerStack "
+                         "of different layers runs exactly its layers (a small change in one layer is no fixed point "
+                         "of the next): pass no tol")
     if adaptive:
         steps = saves if saves is not None else 1
         dt = span.t1 / steps
@@ -222,8 +229,10 @@ def check_states(dyn: AbstractDynamics, X) -> None:
     check_shape(dyn, shape, X.dtype)
     if isinstance(dyn, AbstractFlow) and X.size:
         flat = jnp.reshape(jnp.asarray(X), (-1,) + shape)
-        off = float(jnp.max(jax.vmap(dyn.state_residual)(flat)))
-        if off > DEGENERATE_TOL:  # NaN passes: a non-finite start is a per-member outcome, not an error
+        finite = jnp.all(jnp.isfinite(flat), axis=(1, 2))  # a non-finite start is a per-member outcome, not an error
+        off = float(jnp.max(jnp.where(finite, jax.vmap(dyn.state_residual)(jnp.where(finite[:, None, None], flat, 0.0)),
+                                      0.0)))
+        if off > DEGENERATE_TOL:
             raise ValueError(f"the states are off this flow's state space by {off:.3g} (tolerance {DEGENERATE_TOL:g}): "
                              + ("pass tokens of unit norm (X / |X| row by row)" if isinstance(dyn, SphereFlow)
                                 else "pass states on it (see its state_residual)"))
@@ -414,8 +423,9 @@ def sweep(
 ) -> Solution:
     """:func:`simulate` for p parameter values at once, inside one compiled call.
 
-    `beta` and/or `alpha` are arrays of length p (both given: paired element-wise). Every field of
-    the returned :class:`Solution` gains a leading axis p (the trajectory is ``(p, s, b, n, d)``).
+    `beta` and/or `alpha` are arrays of length p (both given: paired element-wise). Every per-member field of
+    the returned :class:`Solution` gains a leading axis p (the trajectory is ``(p, s, b, n, d)``); the save times
+    `ts`, shared, stay ``(s,)``.
     New values of the same length reuse the compiled kernel.
     """
     vals = {}

@@ -16,6 +16,7 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .._types import Array, Float, Int, Tokens
 from .heads import SelfAttention, _as_float_array, check_positive, check_scalar
@@ -227,6 +228,14 @@ class LayerStack(AbstractMap):
     def num_layers(self) -> int:
         """L, the number of layers."""
         return int(self.group_of.shape[0])
+
+    def same_layers(self) -> bool:
+        """Whether every layer is the same map (one layer, or equal layers: ALBERT's shared layer), so that the stack
+        is one autonomous map iterated."""
+        if len(self.groups) != 1:
+            return False
+        return all(bool(np.all(np.asarray(a) == np.asarray(a)[:1]))
+                   for a in jax.tree.leaves(eqx.filter(self.groups[0], eqx.is_array)))
 
     def _check_layer(self, k):
         """Refuse a concrete layer index outside [-L, L) (JAX would clamp it to the last layer, silently); a traced

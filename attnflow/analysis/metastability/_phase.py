@@ -71,6 +71,18 @@ def _means(a, axis):
     return m, se
 
 
+def _check_sweep(betas, members, tokens) -> np.ndarray:
+    """The betas as an array, after refusing what no diagram can be made of, in one line."""
+    b = np.atleast_1d(np.asarray(betas, float))
+    if b.ndim != 1 or b.size == 0 or not np.all(np.isfinite(b) & (b > 0)):
+        raise ValueError(f"betas must list finite numbers > 0, got {np.asarray(betas).tolist()}")
+    if isinstance(members, bool) or not isinstance(members, (int, np.integer)) or members < 1:
+        raise ValueError(f"members must be an integer >= 1, got {members!r}")
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, (int, np.integer)) or tokens < 2):
+        raise ValueError(f"tokens must be an integer >= 2 (one token never clusters), got {tokens!r}")
+    return b
+
+
 def _readings(dynamics, x0, betas, t1, dt, eps, check):
     """Per beta, per member, per check: (t, pairs (p, b, c), clusters (p, b, c))."""
     rule = Plateaus(eps=eps, check=check)
@@ -89,8 +101,8 @@ def phase_t_beta(dynamics, key, *, tokens: int, betas, members: int, t1: float, 
     from ...evolve.sample import sphere
 
     d = dynamics.attn.heads.dim
+    betas = _check_sweep(betas, members if x0 is None else max(1, len(x0)), tokens if x0 is None else None)
     X = np.asarray(x0) if x0 is not None else np.asarray(sphere(key, (members, tokens, d), dtype=dynamics.attn.heads.Q.dtype))
-    betas = np.atleast_1d(np.asarray(betas, float))
     ser = _readings(dynamics, X, betas, t1, dt, eps, check)
     # series arrays are (p, c, m): members on the last axis
     pairs, pse = _means(ser.pairs, -1)
@@ -118,7 +130,11 @@ def phase_at_time(dynamics, key, *, over: str, values, betas, members: int, time
         raise ValueError(f"over must be 'tokens' or 'd', got {over!r}")
     if len(values) == 0:
         raise ValueError("values must list at least one n or d")
-    betas = np.atleast_1d(np.asarray(betas, float))
+    betas = _check_sweep(betas, members, tokens if over == "d" else None)
+    if over == "tokens" and any(int(v) < 2 for v in values):
+        raise ValueError(f"values must list n >= 2 (one token never clusters), got {list(values)}")
+    if not (isinstance(time, (int, float, np.integer, np.floating)) and math.isfinite(time) and time > 0):
+        raise ValueError(f"time must be a finite number > 0, got {time!r}")
     attn = dynamics.attn
     dtype = attn.heads.Q.dtype
     if over == "d":

@@ -445,6 +445,10 @@ def find_plateaus(dynamics: AbstractDynamics, x0: Batch, *, t1: float, dt: float
     trace = int(trace)
     if not 0 <= trace:
         raise ValueError(f"trace must be >= 0, got {trace}")
+    if beta is not None:
+        b = np.atleast_1d(np.asarray(beta, float))
+        if b.ndim != 1 or b.size == 0 or not np.all(np.isfinite(b) & (b > 0)):
+            raise ValueError(f"beta must be finite numbers > 0 (one per run), got {np.asarray(beta).tolist()}")
     betas = None if beta is None else jnp.asarray(np.atleast_1d(np.asarray(beta, float)), x0.dtype)
     st, fin, t_end, out = _run(dynamics, solver, x0, jnp.asarray(dt, x0.dtype), betas, rule, every, total,
                                n_checks, trace, bool(stop_at_one), stop_after)

@@ -320,6 +320,10 @@ def metastability(dynamics, key, *, tokens, betas, members: int, t1: float, dt: 
     betas = tuple(float(b) for b in np.atleast_1d(np.asarray(betas, float)))
     if not tokens or min(tokens) < 2:
         raise ValueError(f"tokens must list integers >= 2, got {tokens}")
+    if len(set(tokens)) != len(tokens):  # each n is one cell, one file of episodes: a second would replace the first
+        raise ValueError(f"tokens must list each n once, got {list(tokens)}")
+    if len(set(betas)) != len(betas):
+        raise ValueError(f"betas must list each beta once, got {list(betas)}")
     if not betas or not all(math.isfinite(b) and b > 0 for b in betas):
         raise ValueError(f"betas must be finite numbers > 0, got {betas}")
     if isinstance(members, bool) or not isinstance(members, (int, np.integer)) or members < 1:

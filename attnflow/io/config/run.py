@@ -489,6 +489,10 @@ def _check_tables(path: Path, f: ConfigFile, dtype: str) -> None:
     ms = f.metastability
     if f.dynamics.time == "continuous" and ms.t1 < ms.dt:
         raise ConfigError(f"{path}: [metastability] t1 = {ms.t1:g} is shorter than one step dt = {ms.dt:g}")
+    for name in ("tokens", "betas"):  # each n (beta) is one cell: a second would replace the first's episodes
+        vals = list(getattr(ms, name))
+        if len(set(vals)) != len(vals):
+            raise ConfigError(f"{path}: [metastability] {name} must list each value once, got {vals}")
     g = f.geometry
     if g.box > g.resolution:
         raise ConfigError(f"{path}: [geometry] box = {g.box} is larger than the image (resolution = {g.resolution})")
