@@ -211,3 +211,15 @@ def test_one_eigenpairs():
     np.testing.assert_allclose(np.sort_complex(lam), np.sort_complex(np.linalg.eigvals(W)), atol=1e-10)
     np.testing.assert_allclose(W @ V, V * lam[None, :], atol=1e-10)
     assert np.all(np.diff(lam.real) <= 1e-12)
+
+
+def test_eigen_bases_count_a_complex_pair_once_when_a_tied_real_eigenvalue_sorts_between():
+    # eigenvalues 1 + i, 1, 1 - i, 0.2 in the real order (ties by descending imaginary part): the pair was counted
+    # twice (4 directions, c_bar 0.5 instead of 1/3)
+    S = np.linalg.qr(np.random.default_rng(0).standard_normal((4, 4)))[0]
+    D = np.array([[1.0, -1.0, 0, 0], [1.0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 0.2]])
+    e = sp.eigenpairs(S @ D @ S.T, order="real")
+    assert np.isclose(e.values[1], 1.0)  # the real one between the pair
+    B = sp.eigen_bases(e)
+    assert B.shape[0] == 3
+    assert sorted(int(np.linalg.matrix_rank(b, tol=1e-8)) for b in B) == [1, 1, 2]

@@ -259,3 +259,28 @@ def test_fold_layernorm_post_norm_variants_are_exact(family):
         for l in range(m.num_layers):
             np.testing.assert_allclose(np.asarray(b.step(jnp.asarray(l), x)), np.asarray(a.step(jnp.asarray(l), x)),
                                        atol=1e-6, rtol=1e-5, err_msg=f"ffn={ffn} layer {l}")
+
+
+@pytest.mark.parametrize("family, extra", [("bert", 0), ("albert_groups", 2)])
+@pytest.mark.parametrize("biases", [False, True])
+def test_folding_with_the_layernorms_changes_no_output(family, extra, biases):
+    """With layernorm=True, fold_layernorm is a change of parametrisation only. Without biases the fold's terms
+    Q b (the LayerNorm's bias) were dropped while the inverse affine still subtracted b: outputs off by 1.2-2.7.
+    An extra ALBERT layer was folded with layer L-1's input LayerNorm instead of the one that feeds it (the last
+    layer's output LayerNorm, of another group)."""
+    from attnflow.model import transformer as MT
+
+    m = load_hf(pathlib.Path(__file__).parent / "fixtures" / "hf" / family)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, m.d)), jnp.float32)
+    outs = []
+    for fold in (False, True):
+        st = MT.build_stack(m, ffn=True, layernorm=True, biases=biases, fold_layernorm=fold, extra_layers=extra)
+        outs.append(np.asarray(simulate(st, x).final))
+    np.testing.assert_allclose(outs[1], outs[0], atol=2e-5, rtol=1e-5)
+    if extra:
+        L = m.num_layers
+        hs = MT.layer_heads(m, fold_layernorm=True, extra_layers=extra)
+        g = np.asarray(m.layers[L - 1].ln_out[0], np.float64)
+        V = np.asarray(m.layers[L - 1].heads.V, np.float64)
+        for h in hs[L:]:
+            np.testing.assert_allclose(np.asarray(h.V, np.float64), V * g[None, None, :], rtol=1e-6, atol=1e-7)

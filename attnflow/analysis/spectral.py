@@ -272,18 +272,24 @@ def eigen_bases(eig: Eigen) -> np.ndarray:
     """
     d = eig.vectors.shape[0]
     out = []
-    k = 0
     vals = eig.values
-    while k < vals.size:
+    used = np.zeros(vals.size, bool)
+    for k in range(vals.size):
+        if used[k]:
+            continue
+        used[k] = True
         B = np.zeros((d, 2))
         if eig.is_real(k):
             B[:, 0] = eig.vectors[:, k].real
-            k += 1
         else:
             Q = real_subspace(eig.vectors[:, k])
             B[:, : Q.shape[1]] = Q
-            # skip the conjugate partner, wherever it is in the order (normally next)
-            k += 2 if (k + 1 < vals.size and np.isclose(vals[k + 1], np.conj(vals[k]))) else 1
+            # skip the conjugate partner, wherever it is in the order (a tied real eigenvalue may sort between them)
+            free = np.flatnonzero(~used)
+            if free.size:
+                j = free[np.argmin(np.abs(vals[free] - np.conj(vals[k])))]
+                if np.isclose(vals[j], np.conj(vals[k])):
+                    used[j] = True
         out.append(B)
     return np.stack(out)
 

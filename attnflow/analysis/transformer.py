@@ -171,7 +171,7 @@ def power_method_experiment(model, *, key, tokens: int = 10, samples: int = 100,
                          f"most {model.max_tokens}")
     if heads is None:  # folded heads in the experiment's dtype: a float64 one as exact as with the raw heads
         heads = layer_heads(model, biases=biases, fold_layernorm=fold_layernorm, extra_layers=extra_layers,
-                            dtype=np.float64 if jnp.dtype(dtype) == jnp.float64 else None)
+                            dtype=np.float64 if jnp.dtype(dtype) == jnp.float64 else None, layernorm=layernorm)
     stack = build_stack(model, biases=biases, fold_layernorm=fold_layernorm, ffn=ffn, layernorm=layernorm,
                         extra_layers=extra_layers, heads=heads)
     x0 = initial_tokens(model, key, tokens=tokens, samples=samples, embedding=embedding, dtype=dtype)
@@ -275,7 +275,8 @@ def steer_experiment(model, u, gamma: float, *, key, tokens: int = 10, samples: 
     **Returns:** the :class:`Steering`, the achieved mean and minimum final |cos(x, u)| over all tokens and samples,
     and the experiment result (whose last-layer c is the alignment with the new principal eigenvector).
     """
-    heads = layer_heads(model, biases=biases, fold_layernorm=kw.get("fold_layernorm", False), extra_layers=kw.get("extra_layers", 0))
+    heads = layer_heads(model, biases=biases, fold_layernorm=kw.get("fold_layernorm", False), extra_layers=kw.get("extra_layers", 0),
+                        layernorm=kw.get("layernorm", False))
     st = steer_heads(heads[-1], u, gamma, order=order, w=w)
     heads = heads[:-1] + [st.heads]
     res = power_method_experiment(model, key=key, tokens=tokens, samples=samples, order=order, biases=biases, heads=heads, **kw)

@@ -125,27 +125,41 @@ class HFModel:
         """``(L, d, d)`` layer matrices W_l = sum_h O_h V_h (raw weights)."""
         return np.stack([np.asarray(l.heads.layer_matrix(), dtype=np.float64) for l in self.layers])
 
-    def heads(self, l: int, *, fold_layernorm: bool = False, biases: bool = True, dtype=None) -> Heads:
-        """Layer l's heads; ``fold_layernorm=True`` folds ``ln_in`` = (g, b) into Q, K, V.
+    def feeding_norm(self, l: int, *, extra: bool = False):
+        """(gain, bias) of the LayerNorm whose output feeds layer l's attention (``ln_in``), or None; `extra`: an
+        extra copy of layer l appended after it (ALBERT's shared layer), fed by layer l's own output LayerNorm."""
+        lay = self.layers[l]
+        return lay.ln_out if extra and not self.pre_norm and lay.ln_out is not None else lay.ln_in
+
+    def heads(self, l: int, *, fold_layernorm: bool = False, biases: bool = True, dtype=None, extra: bool = False,
+              fold_bias: bool = False) -> Heads:
+        """Layer l's heads; ``fold_layernorm=True`` folds the LayerNorm (g, b) that feeds them
+        (:meth:`feeding_norm`; `extra`: of an extra copy of layer l) into Q, K, V.
 
         Folded heads act on the standardised token x_hat exactly as the raw heads act on
         g * x_hat + b: Q' = Q diag(g), bq' = bq + Q b (same for K, V); O and bo are unchanged. The products are
         computed in float64 and stored in `dtype` (default float32, the loaded weights'): float64 keeps a float64
-        study as exact as the raw heads, whose float32 weights it computes with exactly.
+        study as exact as the raw heads, whose float32 weights it computes with exactly. ``biases=False`` drops the
+        checkpoint's biases; the terms Q b of the fold are kept with ``fold_bias=True`` (they are the LayerNorm's
+        bias, which a model with the LayerNorms keeps: then folded and unfolded outputs are equal).
         """
         lay = self.layers[l]
         h = lay.heads
-        if fold_layernorm and lay.ln_in is not None:
+        ln = self.feeding_norm(l, extra=extra)
+        if fold_layernorm and ln is not None:
             out = np.dtype(np.float32 if dtype is None else dtype)
-            g, b = (np.asarray(a, np.float64) for a in lay.ln_in)
+            g, b = (np.asarray(a, np.float64) for a in ln)
             new = {}
             for m in ("Q", "K", "V"):
                 M = np.asarray(getattr(h, m), np.float64)
                 bias = getattr(h, "b" + m.lower())
-                bias = np.zeros(M.shape[:2]) if bias is None else np.asarray(bias, np.float64)
+                bias = np.zeros(M.shape[:2]) if (bias is None or not biases) else np.asarray(bias, np.float64)
                 new[m] = (M * g[None, None, :]).astype(out)
                 new["b" + m.lower()] = (bias + np.einsum("hed,d->he", M, b)).astype(out)
-            h = Heads(Q=new["Q"], K=new["K"], V=new["V"], O=h.O, bq=new["bq"], bk=new["bk"], bv=new["bv"], bo=h.bo)
+            if biases or fold_bias:
+                return Heads(Q=new["Q"], K=new["K"], V=new["V"], O=h.O, bq=new["bq"], bk=new["bk"], bv=new["bv"],
+                             bo=h.bo if biases else None)
+            return Heads(Q=new["Q"], K=new["K"], V=new["V"], O=h.O)
         if not biases:
             h = Heads(Q=h.Q, K=h.K, V=h.V, O=h.O)
         return h

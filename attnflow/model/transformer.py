@@ -10,6 +10,8 @@ nothing here reads files.
 
 from __future__ import annotations
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -133,17 +135,20 @@ def _ln(pair, eps):
 
 
 def layer_heads(model, *, biases: bool = False, fold_layernorm: bool = False, extra_layers: int = 0,
-                dtype=None) -> list[Heads]:
+                dtype=None, layernorm: bool = False) -> list[Heads]:
     """The heads of every layer used by :func:`build_stack` (after the optional extension).
 
     **Arguments:** `model`: an :class:`attnflow.io.hf.HFModel`; the flags as in :func:`build_stack`; `dtype` that
-    of folded heads (:meth:`~attnflow.io.hf.HFModel.heads`; default float32).
+    of folded heads (:meth:`~attnflow.io.hf.HFModel.heads`; default float32). With `layernorm` and
+    `fold_layernorm`, the fold's bias terms are kept even without `biases` (they are the LayerNorm's bias). An
+    extra layer is folded with the LayerNorm that feeds it: the last layer's output LayerNorm.
 
     **Returns:** one :class:`attnflow.Heads` per layer (the last layer repeated `extra_layers` times).
     """
     L = model.num_layers
     idx = list(range(L)) + [L - 1] * extra_layers
-    return [model.heads(l, fold_layernorm=fold_layernorm, biases=biases, dtype=dtype) for l in idx]
+    return [model.heads(l, fold_layernorm=fold_layernorm, biases=biases, dtype=dtype, extra=i >= L,
+                        fold_bias=layernorm) for i, l in enumerate(idx)]
 
 
 def _input_norm(lay, *, fold: bool, pre_norm: bool, layernorm: bool, eps: float) -> AbstractNorm:
@@ -189,12 +194,15 @@ def build_stack(model, *, biases: bool = False, fold_layernorm: bool = False, ff
     L = model.num_layers
     idx = list(range(L)) + [L - 1] * extra_layers
     if heads is None:
-        heads = layer_heads(model, biases=biases, fold_layernorm=fold_layernorm, extra_layers=extra_layers)
+        heads = layer_heads(model, biases=biases, fold_layernorm=fold_layernorm, extra_layers=extra_layers,
+                            layernorm=layernorm)
     if len(heads) != len(idx):
         raise ValueError(f"heads must list {len(idx)} layers, got {len(heads)}")
     maps = []
-    for l, h in zip(idx, heads):
+    for i, (l, h) in enumerate(zip(idx, heads)):
         lay = model.layers[l]
+        if i >= L:  # an extra copy of the last layer is fed by that layer's output LayerNorm
+            lay = dataclasses.replace(lay, ln_in=model.feeding_norm(l, extra=True))
         attn = SelfAttention(h, lay.attention, model.beta)
         if not ffn and not layernorm:
             maps.append(LayerMap(attn, alpha=alpha, norm=L2Norm()))
