@@ -63,7 +63,8 @@ the certificates save (about 40% of a member's) outweigh their cost."""
 def worth_certifying(samples: int, n: int, d: int) -> bool:
     """Whether a study of `samples` members of n tokens in d dimensions computes certificates (:data:`FREE_STATE`,
     :data:`SAMPLES_PER_STATE2`): a choice of speed only, since a certified member gets the name it would get by
-    running to convergence."""
+    running to convergence (where the study without certificates gets there within its cap and tolerances:
+    docs/model.md section 9)."""
     nd = int(n) * int(d)
     return nd <= FREE_STATE or int(samples) >= SAMPLES_PER_STATE2 * nd * nd
 
