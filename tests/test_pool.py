@@ -79,8 +79,8 @@ def test_pool_equals_simulate_for_a_flow_and_a_stack():
         np.testing.assert_allclose(fin, np.asarray(ref.final), atol=1e-12)
     rng = np.random.default_rng(0)
     stack = af.LayerStack.from_layers([mapped(np.diag(rng.uniform(-1, 1, 3)), alpha=0.3) for _ in range(6)])
-    ref = af.simulate(stack, x0, tol=1e-9, backend="xla")
-    fin, st, ns = run_all(stack, x0, pool=16, block=24, cap=6, tol=1e-9, backend="xla")
+    ref = af.simulate(stack, x0, backend="xla")  # (simulate refuses tol on a stack of different layers)
+    fin, st, ns = run_all(stack, x0, pool=16, block=24, cap=6, tol=0.5, backend="xla")  # no early stop in a stack
     assert np.array_equal(st, np.asarray(ref.outcome)) and np.array_equal(ns, np.asarray(ref.steps))
     np.testing.assert_allclose(fin, np.asarray(ref.final), atol=1e-12)
 

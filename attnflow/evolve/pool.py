@@ -258,7 +258,9 @@ def make_spec(dynamics, solver, span: Span, stop: Stop, execution: Execution, ba
     if ctrl is not None and stop.tol is None:
         raise ValueError("the adaptive solver stops a member at steady state: it needs a tol")
     group = default_group(solver) if execution.group is None else int(execution.group)
-    return _Spec(stop.tol, group, isinstance(dynamics, AbstractFlow), backend, ctrl,
+    # a stack of different layers runs exactly its layers: a small change in one layer is no fixed point of the next
+    stack = getattr(dynamics, "num_layers", None) is not None and not dynamics.same_layers()
+    return _Spec(None if stack else stop.tol, group, isinstance(dynamics, AbstractFlow), backend, ctrl,
                  pool_tile(dynamics, solver, backend, n, d, dtype))
 
 
