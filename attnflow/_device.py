@@ -51,3 +51,40 @@ def tile_loop(body, count: int, carry):
     inlined into its surroundings and rounded differently). Used where a result must not depend on how many members
     are computed together (a study's pool, its sampler)."""
     return jax.lax.fori_loop(0, jax.lax.optimization_barrier(jnp.int32(count)), body, carry)
+
+
+_CORES: list = []
+_CORES_LOCK = __import__("threading").Lock()
+
+
+def core_devices(count: int) -> list:
+    """`count` CPU devices of this process, each of its own XLA client with a one-thread pool (``PJRT_NPROC=1`` when
+    the client is made), made once per process and kept.
+
+    **Why.** A study's pool is a loop of small kernels; on JAX's CPU client XLA hands them to a thread pool of one
+    thread per core, and for kernels this small the hand-offs cost more than the second core gives. A client of one
+    thread runs the same program without them, and two such clients run two pools at once, one per core, in this
+    process: no worker process to start. Measured on the 2-core CPU (2026-12-04, the adaptive sphere flow of
+    ``benchmarks/bench_peer_basins.py``, 10^4 members, warm): 0.51 s on JAX's client, 0.37 s on one one-thread
+    client, 0.23 s on two; 10^5 members 1.7 s on two, as in two worker processes. (Two devices of JAX's one client
+    share its thread pool, and their programs, run at once, were seen to deadlock there.) Speed only: a program
+    computes the same bits on any of these clients (a study's pool steps in fixed tiles)."""
+    import os
+
+    from jaxlib import xla_client
+
+    with _CORES_LOCK:
+        while len(_CORES) < count:
+            before = os.environ.get("PJRT_NPROC")
+            os.environ["PJRT_NPROC"] = "1"  # read by XLA's CPU client when it is made
+            try:
+                client = xla_client.make_cpu_client(asynchronous=True)
+            finally:
+                os.environ.pop("PJRT_NPROC") if before is None else os.environ.update(PJRT_NPROC=before)
+            _CORES.append(client.devices()[0])
+        return _CORES[:count]
+
+
+def on_device(tree, device):
+    """`tree` with every JAX array leaf put on `device` (other leaves as they are)."""
+    return jax.tree.map(lambda a: jax.device_put(a, device) if isinstance(a, jax.Array) else a, tree)

@@ -32,7 +32,8 @@ def _study(tmp_path, name, model, dtype, execution, certify=True, **kw):
     return r, (m["name"].tolist(), m["outcome"].tolist(), m["steps"].tolist())
 
 
-@pytest.mark.parametrize("dtype", ["float32", pytest.param("float64", marks=pytest.mark.slow)])
+@pytest.mark.slow  # workers run only when asked for (the default is tests/test_cores.py's one-thread clients)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_members_identical_in_workers_and_in_process(tmp_path, dtype):
     V = np.diag([1.0, 0.5, -0.3]).astype(dtype)
     att = af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0)
@@ -97,20 +98,6 @@ def test_workers_and_several_devices_are_refused(no_compute):
                               execution=af.Execution(workers=2, devices=2))
 
 
-def test_default_workers_rule(monkeypatch):
-    monkeypatch.setattr(W, "cores", lambda: 2)
-    big = W.WORKERS_MIN_SAMPLES
-    assert W.default_workers(big, platform="cpu", local_devices=1, processes=1) == 2
-    assert W.default_workers(big - 1, platform="cpu", local_devices=1, processes=1) == 0
-    assert W.default_workers(big, platform="gpu", local_devices=1, processes=1) == 0
-    assert W.default_workers(big, platform="cpu", local_devices=2, processes=1) == 0
-    assert W.default_workers(big, platform="cpu", local_devices=1, processes=2) == 0
-    monkeypatch.setattr(W, "cores", lambda: 1)
-    assert W.default_workers(big, platform="cpu", local_devices=1, processes=1) == 0
-    monkeypatch.setattr(W, "cores", lambda: 64)
-    assert W.default_workers(big, platform="cpu", local_devices=1, processes=1) == W.MAX_WORKERS
-
-
 class _MainMap(af.LayerMap):
     """A model class as a script or a notebook defines it (in ``__main__``)."""
 
@@ -126,18 +113,17 @@ def test_what_cannot_be_sent_to_a_worker_is_named():
     assert "cannot be pickled" in W.unsent(lambda x: x)
 
 
-def test_a_model_of_main_runs_in_this_process_by_default_and_is_refused_for_workers(monkeypatch):
+def test_a_model_of_main_runs_in_this_process_and_is_refused_for_workers(monkeypatch):
     V = np.diag([1.0, 0.5, -0.3])
     model = _MainMap(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0), 0.1)
     with pytest.raises(ValueError, match="define it in a module, or pass workers=0"):
         af.basin_fractions(model, jax.random.PRNGKey(0), 20, tokens=4, budget=af.Budget(max_steps=50),
                            execution=af.Execution(workers=2))
-    monkeypatch.setattr(W, "WORKERS_MIN_SAMPLES", 10)  # the default would start workers for this study
     monkeypatch.setattr(W, "cores", lambda: 2)
     r = af.basin_fractions(model, jax.random.PRNGKey(0), 20, tokens=4, budget=af.Budget(max_steps=50))
-    assert r.samples == 20 and "w" not in W._LIVE  # run here, no worker started
+    assert r.samples == 20 and "w" not in W._LIVE  # run here, no worker started (workers only when asked for)
     r2 = af.basin_fractions(af.LayerMap(model.attn, 0.1), jax.random.PRNGKey(0), 20, tokens=4,
-                            budget=af.Budget(max_steps=50))
+                            budget=af.Budget(max_steps=50), execution=af.Execution(workers=2))
     assert "w" in W._LIVE and W._LIVE["w"].count == 2  # the same study of an importable model: in workers
     assert [(a.name, a.count) for a in r2.attractors] == [(a.name, a.count) for a in r.attractors]
 

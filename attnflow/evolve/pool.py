@@ -24,6 +24,7 @@ and the stop rule: never on its slot, the pool size, the group, the blocks, the 
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._cache import ExportedProgram
-from .._device import device_array, tile_loop
+from .._device import device_array, on_device, tile_loop
 from .._types import Array, Float, Int
 from ..model.dynamics import AbstractFlow, AbstractMap
 from . import adaptive as _adaptive, backends
@@ -475,11 +476,17 @@ def stream_members(dynamics, stream: Iterator, *, budget: Budget, stop: Stop, so
     ``sink(index, outcome, steps, final, extra, tag)`` while the next calls run. `execution.backend` must be resolved
     (not ``"auto"``), so that every device takes the same path.
     """
-    devices = execution.local_devices() if workers is None else [None] * workers.count
+    devices = execution.pool_devices() if workers is None else [None] * workers.count
     ndev = len(devices)
-    # Several CPU devices share one process's threads: their programs run one at a time (running them at once, each
-    # waiting on the same thread pool, was seen to deadlock); accelerators and worker processes run theirs concurrently.
-    serial = workers is None and ndev > 1 and devices[0].platform == "cpu"
+    # Several CPU devices of one client share its threads: their programs run one at a time (running them at once,
+    # each waiting on the same thread pool, was seen to deadlock); accelerators, clients of their own
+    # (execution.cores) and worker processes run theirs concurrently.
+    serial = workers is None and ndev > 1 and devices[0].platform == "cpu" and len({id(v.client) for v in devices}) < ndev
+    if workers is None and execution.cores:
+        dyns = [on_device(dynamics, dev) for dev in devices]
+        thens = [on_device(then, dev) for dev in devices]
+    else:
+        dyns, thens = [dynamics] * ndev, [then] * ndev
     share, size = _shares(queue_size, pool_size, ndev)
     pools: list[Pool | None] = [None] * ndev
     pending: list = []
@@ -495,8 +502,8 @@ def stream_members(dynamics, stream: Iterator, *, budget: Budget, stop: Stop, so
         """Pool call `j` (dispatched: a Retired, or a worker's future)."""
         if workers is not None:
             return j, workers.block(j, q, qi, count, drain_, regions)
-        pools[j], out = advance_pool(dynamics, pools[j], q, qi, count, budget=budget, stop=stop, solver=solver,
-                                     execution=execution, drain=drain_, then=then, regions=regions)
+        pools[j], out = advance_pool(dyns[j], pools[j], q, qi, count, budget=budget, stop=stop, solver=solver,
+                                     execution=execution, drain=drain_, then=thens[j], regions=regions)
         if serial:
             out.count.block_until_ready()
         return j, out
@@ -561,11 +568,25 @@ def prepare_members(dynamics, n: int, d: int, dtype, *, budget: Budget, stop: St
     it is part of the program) on every device, by a call on an empty queue, which runs nothing (`regions` may hold
     other radii of the same shapes: the radii are data). Meant for a background thread while the caller computes
     what the stream needs (certificates): XLA compiles without holding the GIL."""
-    devices = execution.local_devices()
+    devices = execution.pool_devices()
     share, size = _shares(queue_size, pool_size, len(devices))
-    for dev in devices:
-        compile_pool_call(dynamics, empty_pool(size, n, d, dtype, dev), share, n, d, budget=budget, stop=stop,
-                          solver=solver, execution=execution, then=then, regions=regions)
+
+    def one(dev):
+        dyn, th = (on_device(dynamics, dev), on_device(then, dev)) if execution.cores else (dynamics, then)
+        compile_pool_call(dyn, empty_pool(size, n, d, dtype, dev), share, n, d, budget=budget, stop=stop,
+                          solver=solver, execution=execution, then=th, regions=regions)
+
+    if len(devices) > 1 and execution.cores:
+        # clients of their own compile the program each: with JAX's persistent cache on, the first compiles and
+        # stores it, and the others load it from there; without it, they compile at once (without the GIL)
+        if jax.config.jax_compilation_cache_dir:
+            one(devices[0])
+            devices = devices[1:]
+        with cf.ThreadPoolExecutor(len(devices)) as ex:
+            list(ex.map(one, devices))
+    else:
+        for dev in devices:
+            one(dev)
 
 
 def compile_pool_call(dynamics, pool: Pool, share: int, n: int, d: int, **kw) -> None:

@@ -35,12 +35,6 @@ import subprocess
 import sys
 import threading
 
-WORKERS_MIN_SAMPLES = 50_000
-"""The default study starts worker processes from this many samples on (on a CPU with two or more cores, one
-process, one local device): a worker costs about 1.5-2 s to start (a new interpreter, JAX, the pool's program), paid
-back only by a study of at least a few seconds. Measured on the 2-core CPU (2026-12-03, the sphere flow of the peer
-benchmark, filled compilation cache, new process): see ``benchmarks/README.md``."""
-
 MAX_WORKERS = 8
 CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
 
@@ -66,14 +60,33 @@ def cores() -> int:
     return n
 
 
-def default_workers(samples: int, *, platform: str, local_devices: int, processes: int) -> int:
-    """The worker processes of a study whose execution sets none: one per core (at most :data:`MAX_WORKERS`) for a
-    study of at least :data:`WORKERS_MIN_SAMPLES` samples in one process on one CPU device of a machine with two or
-    more cores; else 0 (the pools run in this process). Speed only: a member's outcome never depends on it."""
-    c = cores()
-    if platform != "cpu" or local_devices != 1 or processes != 1 or c < 2 or samples < WORKERS_MIN_SAMPLES:
+CORES_MIN_SAMPLES = 50_000
+"""Without JAX's persistent compilation cache, a study's default uses more than one one-thread client from this many
+samples on: each client compiles its own copy of the pool program, and the second compile, run alongside the
+certificates, costs a new process about 0.8 s (measured on the 2-core CPU, 2026-12-04, the adaptive sphere flow of
+``benchmarks/bench_peer_basins.py``, first call / warm: 10^4 samples 2.2 / 0.37 s on one client against 3.0 / 0.22 s
+on two; 3 x 10^4 samples 2.7 / 0.96 s against 3.5 / 0.56 s), which a study pays back from a few times 10^4 samples
+on. With the cache on (the CLI's default), the other clients load the first one's program from it, and a study uses
+them all (10^4 samples, filled cache: 0.60-0.76 s on two clients against 0.67-0.68 s on one)."""
+
+
+def default_cores(samples: int, pool: int, *, platform: str, local_devices: int, processes: int,
+                  cached: bool = True) -> int:
+    """The one-thread clients (:func:`attnflow._device.core_devices`) of a study without workers whose execution sets
+    none: for a study in one process on one CPU device, one per core, at most :data:`MAX_WORKERS` and at most one per
+    `pool` samples (one only, below :data:`CORES_MIN_SAMPLES` samples, unless JAX's persistent compilation cache is on:
+    `cached`); else 0 (the pools run on JAX's devices). Speed only: a member's outcome never depends on it.
+
+    They replace worker processes as the default (workers now run only when asked for): as fast warm, and without a
+    worker's start-up. Measured on the 2-core CPU (2026-12-04, ``benchmarks/bench_cores.py``, 10^5 samples, new
+    process without a compilation cache, first call / warm): the adaptive sphere flow 4.4 / 1.7 s on two clients
+    against 5.8 / 1.7 s in two workers and 6.4 / 4.5 s on JAX's client; the RK4 flow 16.6 / 10.2 s against 17.9 / 10.2
+    s and 22.8 / 19.0 s; the toy layer map 4.3 / 1.7 s against 5.5 / 1.8 s and 5.8 / 4.1 s."""
+    if platform != "cpu" or local_devices != 1 or processes != 1:
         return 0
-    return min(c, MAX_WORKERS)
+    if not cached and samples < CORES_MIN_SAMPLES:
+        return 1
+    return max(1, min(cores(), MAX_WORKERS, -(-samples // max(1, pool))))
 
 
 def unsent(obj) -> str | None:

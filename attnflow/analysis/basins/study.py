@@ -358,13 +358,8 @@ def _execution(execution, dyn, solver, samples, n, d, dtype, span, ci_width, sen
     pi, pc = ex.process if ex.process is not None else (jax.process_index(), jax.process_count())
     if pc > 1 and ci_width is not None:
         raise ValueError("the adaptive mode (ci_width) runs in one process; pass samples instead")
-    workers = ex.workers
-    if workers is None:
-        workers = _workers.default_workers(samples, platform=jax.default_backend(),
-                                           local_devices=len(ex.local_devices()), processes=pc)
-        if workers and _workers.unsent(sent) is not None:  # e.g. a model class of a notebook: this process runs it
-            workers = 0
-    elif workers and jax.default_backend() != "cpu":
+    workers = ex.workers or 0  # only when asked for (the default is one-thread clients in this process: cores)
+    if workers and jax.default_backend() != "cpu":
         raise ValueError("worker processes run a study on the CPU; this process's JAX backend is "
                          f"{jax.default_backend()}")
     elif workers and ex.devices is not None and ex.devices > 1:
@@ -372,8 +367,19 @@ def _execution(execution, dyn, solver, samples, n, d, dtype, span, ci_width, sen
     elif workers and (why := _workers.unsent(sent)) is not None:
         raise ValueError(f"workers={workers}: the model cannot be sent to a worker process: {why}; define it in a "
                          "module, or pass workers=0")
+    cores = ex.cores
+    if cores is None:
+        cores = 0 if workers else _workers.default_cores(samples, pool, platform=jax.default_backend(),
+                                                         local_devices=len(ex.local_devices()), processes=pc,
+                                                         cached=bool(jax.config.jax_compilation_cache_dir))
+    elif cores and workers:
+        raise ValueError("pass workers or cores, not both: each runs the study's pools, in processes or in this one")
+    elif cores and jax.default_backend() != "cpu":
+        raise ValueError(f"cores run a study on the CPU; this process's JAX backend is {jax.default_backend()}")
+    elif cores and ex.devices is not None and ex.devices > 1:
+        raise ValueError("pass devices or cores, not both: each core runs one pool on a CPU client of its own")
     ex = Execution(backend=backend, chunk=chunk, pool=pool, group=ex.group, devices=ex.devices, process=(pi, pc),
-                   workers=workers)
+                   workers=workers, cores=cores)
     return ex, pi, pc, distributed
 
 

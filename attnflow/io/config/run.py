@@ -225,12 +225,12 @@ class RunConfig:
 
     def basins_execution(self, *, pool: int | None = None, process: tuple[int, int] | None = None):
         """The :class:`~attnflow.Execution` of a basin study: ``[dynamics] backend``, ``[basins] chunk_size``,
-        ``pool_size`` (or `pool`), ``round_steps`` (the group) and ``workers``."""
+        ``pool_size`` (or `pool`), ``round_steps`` (the group), ``workers`` and ``cores``."""
         from ...evolve.options import Execution
 
         b = self.basins
         return Execution(backend=self.backend, chunk=self.basins_chunk_size, pool=b.pool_size if pool is None else pool,
-                         group=b.round_steps, process=process, workers=b.workers)
+                         group=b.round_steps, process=process, workers=b.workers, cores=b.cores)
 
     def canonical(self) -> dict[str, dict[str, Any]]:
         """The configuration by value, as JSON values: every table of the schema, parsed and typed (floats as
