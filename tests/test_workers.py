@@ -159,6 +159,7 @@ def test_a_call_the_worker_cannot_read_fails_alone(monkeypatch):
     assert w.procs[0].submit("pid").result(timeout=60) == w.procs[0].proc.pid  # the worker lives on
 
 
+@pytest.mark.slow  # workers run only when asked for
 def test_studies_in_threads_share_the_workers_each_on_its_own_model(tmp_path):
     """Two studies at once on the same workers (each names its stream): each gets its own model's members."""
     import threading
