@@ -153,3 +153,23 @@ def test_studies_in_threads_share_the_cores_each_on_its_own_model(tmp_path):
     assert not any(t.is_alive() for t in threads), "a study on the cores hung"
     assert not errors, errors
     assert got == {(k, i): v for k, v in alone.items() for i in range(2)}
+
+
+def test_a_jaxlib_that_cannot_make_a_client_runs_on_jax_client(monkeypatch):
+    """The default is speed only: where no other CPU client can be made, a study runs on JAX's, with the same result."""
+    from attnflow.analysis.basins import study
+
+    V = np.diag([1.0, 0.5, -0.3])
+    model = af.LayerMap(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0), 0.1)
+    kw = dict(tokens=4, budget=af.Budget(max_steps=300))
+    r0 = af.basin_fractions(model, jax.random.PRNGKey(0), 200, execution=af.Execution(cores=0), **kw)
+
+    def fail(count):
+        raise RuntimeError("no client")
+
+    monkeypatch.setattr(study, "core_devices", fail)
+    span = af.Budget(max_steps=300).resolve(model, False, study=True)
+    assert study._execution(None, model, af.Iterate(), 200, 4, 3, np.float64, span, None)[0].cores == 0
+    r = af.basin_fractions(model, jax.random.PRNGKey(0), 200, **kw)
+    assert [(a.name, a.count) for a in r.attractors] == [(a.name, a.count) for a in r0.attractors]
+    np.testing.assert_array_equal(r.members.finals, r0.members.finals)

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ... import _cache
+from ..._device import core_devices
 from ..._types import Array, check_tolerance
 from ...evolve.options import Budget, Execution, Stop, check_tol
 from ...evolve.outcome import CERTIFIED, CONVERGED, OUTCOMES, SADDLE
@@ -372,6 +373,10 @@ def _execution(execution, dyn, solver, samples, n, d, dtype, span, ci_width, sen
         cores = 0 if workers else _workers.default_cores(samples, pool, platform=jax.default_backend(),
                                                          local_devices=len(ex.local_devices()), processes=pc,
                                                          cached=bool(jax.config.jax_compilation_cache_dir))
+        try:
+            core_devices(cores)
+        except Exception:  # noqa: BLE001 - a jaxlib that cannot make another CPU client: JAX's own (speed only)
+            cores = 0
     elif cores and workers:
         raise ValueError("pass workers or cores, not both: each runs the study's pools, in processes or in this one")
     elif cores and jax.default_backend() != "cpu":
