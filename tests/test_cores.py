@@ -23,6 +23,7 @@ def _study(tmp_path, name, model, dtype, execution, certify=True, **kw):
     return r, (m["name"].tolist(), m["outcome"].tolist(), m["steps"].tolist())
 
 
+@pytest.mark.filterwarnings("ignore:cores=3")
 @pytest.mark.parametrize("dtype", ["float32", pytest.param("float64", marks=pytest.mark.slow)])
 def test_members_identical_on_cores_and_on_jax_client(tmp_path, dtype, monkeypatch):
     seen = set()
@@ -61,9 +62,10 @@ def test_core_devices_are_clients_of_their_own():
     assert core_devices(1) == [a]
 
 
-def test_a_model_committed_to_jax_device_runs_on_cores(tmp_path):
-    dev = jax.devices()[0]
-    V = jax.device_put(np.diag([1.0, 0.5, -0.3]), dev)  # committed to JAX's device
+@pytest.mark.parametrize("where", ["jax", "core"])
+def test_a_model_committed_to_a_device_runs_on_any_client(tmp_path, where):
+    dev = jax.devices()[0] if where == "jax" else core_devices(2)[1]
+    V = jax.device_put(np.diag([1.0, 0.5, -0.3]), dev)  # committed to JAX's device, or to a core client's
     model = af.LayerMap(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0), 0.1)
     assert V.committed
     kw = dict(budget=af.Budget(max_steps=300), certify=False)
@@ -71,6 +73,17 @@ def test_a_model_committed_to_jax_device_runs_on_cores(tmp_path):
     r2, two = _study(tmp_path, "cores", model, "float64", af.Execution(cores=2, chunk=40, pool=5), **kw)
     assert two == one
     np.testing.assert_array_equal(r2.members.finals, r0.members.finals)
+
+
+def test_more_cores_than_the_cpu_has_are_named(monkeypatch):
+    from attnflow.analysis.basins.study import _execution
+
+    monkeypatch.setattr(W, "cores", lambda: 2)
+    V = np.diag([1.0, 0.5, -0.3])
+    model = af.LayerMap(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0), 0.1)
+    span = af.Budget(max_steps=10).resolve(model, False, study=True)
+    with pytest.warns(UserWarning, match="cores=3, but this process may run on 2 CPU core"):
+        _execution(af.Execution(cores=3), model, af.Iterate(), 100, 4, 3, np.float64, span, None)
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True, 65, "2"])

@@ -482,7 +482,7 @@ def stream_members(dynamics, stream: Iterator, *, budget: Budget, stop: Stop, so
     # each waiting on the same thread pool, was seen to deadlock); accelerators, clients of their own
     # (execution.cores) and worker processes run theirs concurrently.
     serial = workers is None and ndev > 1 and devices[0].platform == "cpu" and len({id(v.client) for v in devices}) < ndev
-    if workers is None and execution.cores:
+    if workers is None:  # the model's arrays on each pool's device (they may be committed elsewhere: another client)
         dyns = [on_device(dynamics, dev) for dev in devices]
         thens = [on_device(then, dev) for dev in devices]
     else:
@@ -572,7 +572,7 @@ def prepare_members(dynamics, n: int, d: int, dtype, *, budget: Budget, stop: St
     share, size = _shares(queue_size, pool_size, len(devices))
 
     def one(dev):
-        dyn, th = (on_device(dynamics, dev), on_device(then, dev)) if execution.cores else (dynamics, then)
+        dyn, th = on_device(dynamics, dev), on_device(then, dev)
         compile_pool_call(dyn, empty_pool(size, n, d, dtype, dev), share, n, d, budget=budget, stop=stop,
                           solver=solver, execution=execution, then=th, regions=regions)
 

@@ -30,6 +30,7 @@ import hashlib
 import math
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
@@ -383,6 +384,10 @@ def _execution(execution, dyn, solver, samples, n, d, dtype, span, ci_width, sen
         raise ValueError(f"cores run a study on the CPU; this process's JAX backend is {jax.default_backend()}")
     elif cores and ex.devices is not None and ex.devices > 1:
         raise ValueError("pass devices or cores, not both: each core runs one pool on a CPU client of its own")
+    elif cores and cores > _workers.cores():
+        warnings.warn(f"cores={cores}, but this process may run on {_workers.cores()} CPU core(s): each client "
+                      "compiles its own copy of the pool program (about a second and 150 MB each) and they share "
+                      "the cores; the result is the same", stacklevel=3)
     ex = Execution(backend=backend, chunk=chunk, pool=pool, group=ex.group, devices=ex.devices, process=(pi, pc),
                    workers=workers, cores=cores)
     return ex, pi, pc, distributed
