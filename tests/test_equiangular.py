@@ -159,6 +159,7 @@ def test_relu_vs_softmax_linearised():
     # softmax escape stays below delta / F(0) as rho0 -> 0; relu escape grows like log(1/rho0)
     F0 = rhs_np(0.0, n, beta, w, m)
     assert a["escape_softmax"] < b["escape_softmax"] < 0.1 / F0
+    assert a["escape_softmax"] == pytest.approx((0.1 - 1e-2) / F0, rel=1e-12)  # from rho0 to delta at speed F(0)
     assert b["escape_relu"] - a["escape_relu"] == pytest.approx(n * np.log(1e4) / (2 * beta), rel=1e-12)
     assert a["approach_softmax"] / a["approach_relu"] == pytest.approx(beta * m[0])
     # nonlinear relu from rho0 <= 0 never clusters; from rho0 > 0 its T_eps matches quadrature

@@ -292,8 +292,8 @@ def superadditivity_gain(eps, rho0, *, n: int, beta, heads_a, heads_b, kind: str
 def linearised_times(eps, rho0, *, n: int, beta, w, m, delta: float = 0.1) -> dict:
     """Clustering times of the linearised softmax and relu reductions.
 
-    - ``escape_softmax`` = delta / F_softmax(0) and ``escape_relu`` = n log(delta / rho0) / (2 beta sum w m): time to
-      reach rho = delta from near 0 (linearised at rho = 0; relu diverges as rho0 -> 0+).
+    - ``escape_softmax`` = (delta - rho0) / F_softmax(0) and ``escape_relu`` = n log(delta / rho0) / (2 beta sum w m):
+      time to go from rho = rho0 to rho = delta (linearised at rho = 0; relu diverges as rho0 -> 0+).
     - ``approach_softmax`` / ``approach_relu`` = log(delta_1 / eps) / lambda_1 with delta_1 = 1 - delta: time from
       rho = delta to 1 - eps in the dynamics linearised at consensus.
     - ``total_*`` their sums, and ``ratio`` = total_relu / total_softmax.
