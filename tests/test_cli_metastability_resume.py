@@ -63,3 +63,23 @@ def test_cli_metastability_does_not_resume_from_replaced_weights(tmp_path, capsy
     assert resumed == fresh
     again, err = run("--out", str(out))  # unchanged weights: resumed, same answer
     assert "resuming" in err and again == fresh
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("meta, match", [("t1 = 1e15\n", "at most 2^31 - 1"),
+                                         ("t1 = 1.0\n", "min_duration = 2 is longer than t1 = 1")])
+def test_cli_metastability_refuses_a_span_it_cannot_run_in_one_line(tmp_path, capsys, meta, match):
+    """t1 / dt past int32 (was a 66-line OverflowError, exit 1, files left) and min_duration > t1 (every member
+    'no_plateau', exit 0): one line, exit 2, nothing written."""
+    _weights(tmp_path / "w.npz", 1.0)
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('[model]\nd = 2\nweights = "w.npz"\n[dynamics]\ntime = "continuous"\ndtype = "float64"\n'
+                   "tokens = 3\nt1 = 1.0\ndt = 0.1\n"
+                   "[metastability]\ntokens = [6]\nbetas = [3.0]\nmembers = 3\nphase = false\ntrace = 0\n" + meta)
+    out = tmp_path / "out"
+    assert main(["metastability", str(cfg), "--out", str(out)]) == 2
+    err = [s for s in capsys.readouterr().err.splitlines() if s.strip()]
+    assert len(err) == 1 and match in err[0], err
+    assert not out.exists()

@@ -186,3 +186,28 @@ def test_a_jaxlib_that_cannot_make_a_client_runs_on_jax_client(monkeypatch):
     r = af.basin_fractions(model, jax.random.PRNGKey(0), 200, **kw)
     assert [(a.name, a.count) for a in r.attractors] == [(a.name, a.count) for a in r0.attractors]
     np.testing.assert_array_equal(r.members.finals, r0.members.finals)
+
+
+def test_cli_workers_and_cores_together_are_one_line(tmp_path, capsys):
+    """Was a 46-line traceback and exit 1."""
+    from attnflow.cli import main
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[model]\nd = 2\nV = [[1.0, 0.0], [0.0, -0.5]]\n[dynamics]\ntokens = 3\nsteps = 20\n"
+                   "[basins]\nsamples = 4\nworkers = 2\ncores = 2\n")
+    out = tmp_path / "o"
+    assert main(["basins", str(cfg), "--out", str(out), "--no-progress"]) == 2
+    err = [s for s in capsys.readouterr().err.splitlines() if s.strip()]
+    assert len(err) == 1 and "workers and cores" in err[0], err
+    assert not out.exists()
+
+
+def test_cli_demo_refuses_more_samples_than_a_study_numbers(tmp_path, capsys):
+    """Was a traceback, exit 1, and a marker left in --out."""
+    from attnflow.cli import main
+
+    out = tmp_path / "o"
+    assert main(["demo", "--samples", "1000000000000", "--out", str(out)]) == 2
+    err = [s for s in capsys.readouterr().err.splitlines() if s.strip()]
+    assert len(err) == 1 and "--samples" in err[0], err
+    assert not out.exists()

@@ -117,10 +117,10 @@ def run(args) -> int:
 
     from attnflow.analysis.classify import equilibrium_name
 
-    if args.samples < 1:
+    if not 1 <= args.samples <= 2**31 - 1:
         from ._common import UsageError
 
-        raise UsageError(f"--samples must be a positive integer, got {args.samples}")
+        raise UsageError(f"--samples must be an integer in [1, 2^31 - 1], got {args.samples}")
     if not 0 <= args.seed <= 2**32 - 1:
         from ._common import UsageError
 

@@ -119,6 +119,10 @@ def _run(args, locks: list) -> int:
         rule = ms.Plateaus(fraction=m.fraction, min_duration=m.min_duration, eps=m.eps, check=m.check,
                            max_episodes=m.max_episodes)
         rule.check_dtype(cfg.dtype)
+        ms.check_span(m.t1, 1.0 if cfg.time == "discrete" else m.dt)
+        if m.min_duration > m.t1:
+            raise ValueError(f"min_duration = {m.min_duration:g} is longer than t1 = {m.t1:g}: no plateau could be "
+                             "found")
     except ValueError as e:
         raise UsageError(f"{cfg.path}: [metastability] {e}") from None
     if cfg.time != "continuous":

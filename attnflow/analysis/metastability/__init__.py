@@ -4,6 +4,7 @@ from ._plateaus import (
     Episodes as Episodes,
     Plateaus as Plateaus,
     Series as Series,
+    check_span as check_span,
     cluster_labels as cluster_labels,
     find_plateaus as find_plateaus,
 )

@@ -396,6 +396,19 @@ def run_steps(t1: float, dt: float) -> int:
     return int(math.floor(ratio))
 
 
+def check_span(t1: float, dt: float) -> int:
+    """The steps of a run to `t1` with step `dt` (:func:`run_steps`), or a ValueError: t1 and dt finite and > 0, at
+    least one and at most 2^31 - 1 steps (they are counted in int32)."""
+    if not (math.isfinite(float(t1)) and math.isfinite(float(dt)) and t1 > 0 and dt > 0):
+        raise ValueError(f"t1 and dt must be finite numbers > 0, got t1={t1!r}, dt={dt!r}")
+    total = run_steps(t1, dt)
+    if total < 1:
+        raise ValueError(f"t1 = {t1!r} is shorter than one step dt = {dt!r}")
+    if total > 2**31 - 1:
+        raise ValueError(f"t1 / dt = {t1!r} / {dt!r} is {total} steps; at most 2^31 - 1")
+    return total
+
+
 def find_plateaus(dynamics: AbstractDynamics, x0: Batch, *, t1: float, dt: float | None = None,
                   rule: Plateaus = Plateaus(), solver=None, trace: int = 0, stop_at_one: bool = True,
                   stop_after: int | None = None, beta=None) -> tuple[Episodes, Series | None]:
@@ -431,13 +444,9 @@ def find_plateaus(dynamics: AbstractDynamics, x0: Batch, *, t1: float, dt: float
             raise ValueError("a map steps by 1; dt is for flows")
         dt = 1.0
     dt = 0.05 if dt is None else float(dt)
-    if not (math.isfinite(float(t1)) and t1 > 0 and dt > 0):
-        raise ValueError(f"t1 and dt must be finite numbers > 0, got t1={t1!r}, dt={dt!r}")
     rule.check_dtype(x0.dtype)
+    total = check_span(t1, dt)
     every = max(1, int(round(rule.check / dt)))
-    total = run_steps(t1, dt)
-    if total < 1:
-        raise ValueError(f"t1 = {t1!r} is shorter than one step dt = {dt!r}")
     n_checks = -(-total // every)  # every `every` steps, and at step `total` (t1) when that is not one of them
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, (int, np.integer))
                                    or stop_after < 1):

@@ -229,6 +229,9 @@ class RunConfig:
         from ...evolve.options import Execution
 
         b = self.basins
+        if b.workers and b.cores:
+            raise self.error("[basins] workers and cores both run the study's pools (in processes, or in this one): set "
+                             "one of them")
         return Execution(backend=self.backend, chunk=self.basins_chunk_size, pool=b.pool_size if pool is None else pool,
                          group=b.round_steps, process=process, workers=b.workers, cores=b.cores)
 
