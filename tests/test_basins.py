@@ -495,6 +495,18 @@ def test_adaptive_ci_width_adds_blocks_until_narrow_and_equals_a_fixed_run():
     assert all(a.interval[1] - a.interval[0] < 0.25 for a in res.attractors)
     plain = bs.basin_fractions(dyn, key, res.samples, **kw)
     assert plain.to_json() == res.to_json()
+    assert res.warning is None or "ci_width" not in res.warning
+
+
+def test_a_ci_width_not_reached_at_the_cap_is_a_warning():
+    """The adaptive mode stops at 100 x samples; a width not reached there is said (it was reported as a plain
+    result, with nothing to tell it from one that met its width)."""
+    dyn, key = mapped(V3, K=V3), jax.random.PRNGKey(5)
+    kw = dict(tokens=4, budget=af.Budget(steps=2000), execution=af.Execution(chunk=2, backend="xla"))
+    res = bs.basin_fractions(dyn, key, 2, ci_width=1e-6, **kw)
+    assert res.samples == 200
+    assert res.warning is not None and "ci_width = 1e-06 not reached" in res.warning and "200 samples" in res.warning
+    assert any("ci_width" in line for line in res.lines()) and "ci_width" in res.to_json()["warning"]
 
 
 def test_adaptive_flow_study_names_every_member_as_diffrax_does():

@@ -84,6 +84,8 @@ def test_more_cores_than_the_cpu_has_are_named(monkeypatch):
     span = af.Budget(max_steps=10).resolve(model, False, study=True)
     with pytest.warns(UserWarning, match="cores=3, but this process may run on 2 CPU core"):
         _execution(af.Execution(cores=3), model, af.Iterate(), 100, 4, 3, np.float64, span, None)
+    with pytest.warns(UserWarning, match="workers=3, but this process may run on 2 CPU core"):
+        _execution(af.Execution(workers=3), model, af.Iterate(), 100, 4, 3, np.float64, span, None)
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True, 65, "2"])

@@ -218,8 +218,14 @@ def _study(dyn, key, samples, sampler, solver, budget, stop, span, n, d, dtype, 
         raise RuntimeError(f"internal error: blocks {sorted(blocks.open)} incomplete")
     if distributed and pc > 1:
         tally = gather_tally(tally)
-    return summarize(tally, verifier.complete(tally), max_steps=span.cap, tol=stop.tol, backend=ex.backend,
-                     members=blocks.members())
+    res = summarize(tally, verifier.complete(tally), max_steps=span.cap, tol=stop.tol, backend=ex.backend,
+                    members=blocks.members())
+    if adaptive is not None and res.attractors and not adaptive():  # the cap came first: say so, with the widest
+        widest = max(a.interval[1] - a.interval[0] for a in res.attractors)
+        missed = (f"warning: ci_width = {ci_width:g} not reached: the study stopped at its cap of {res.samples} "
+                  f"samples with a 95% interval {widest:.3g} wide")
+        res = dataclasses.replace(res, warning=missed if res.warning is None else f"{res.warning}\n{missed}")
+    return res
 
 
 _CERTS: dict = {}
@@ -384,7 +390,11 @@ def _execution(execution, dyn, solver, samples, n, d, dtype, span, ci_width, sen
         raise ValueError(f"cores run a study on the CPU; this process's JAX backend is {jax.default_backend()}")
     elif cores and ex.devices is not None and ex.devices > 1:
         raise ValueError("pass devices or cores, not both: each core runs one pool on a CPU client of its own")
-    elif cores and cores > _workers.cores():
+    if workers > _workers.cores():
+        warnings.warn(f"workers={workers}, but this process may run on {_workers.cores()} CPU core(s): each worker is "
+                      "a new interpreter that starts JAX and compiles its own pool program (about 2 s each) and they "
+                      "share the cores; the result is the same", stacklevel=3)
+    if cores > _workers.cores():
         warnings.warn(f"cores={cores}, but this process may run on {_workers.cores()} CPU core(s): each client "
                       "compiles its own copy of the pool program (about a second and 150 MB each) and they share "
                       "the cores; the result is the same", stacklevel=3)
