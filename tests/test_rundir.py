@@ -404,6 +404,17 @@ def test_basins_reusing_its_own_directory_needs_resume(tmp_path, capsys, cfg):
     refused(capsys, ["basins", cfg, "--out", run], "already holds a run", "--resume")
 
 
+def test_basins_resume_of_a_directory_without_a_run_says_it_starts_one(tmp_path, capsys, cfg):
+    """--resume where no run is (a mistyped directory) starts one, and says so (it was silent)."""
+    from attnflow.cli import main
+
+    out = tmp_path / "typo"
+    assert main(["basins", str(cfg), "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert f"{out} holds no run yet; starting one" in capsys.readouterr().err
+    assert main(["basins", str(cfg), "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert "holds no run" not in capsys.readouterr().err
+
+
 def test_basins_resumes_with_other_settings_of_speed_only(tmp_path, capsys, cfg, monkeypatch):
     """[basins] workers, pool_size and round_steps change speed only (schema: speed_only): a run resumes with other
     values, to the uninterrupted result. A run whose manifest recorded them (as before they were marked) resumes too,
