@@ -140,6 +140,7 @@ def test_a_study_without_settings_runs_on_cores_and_with_workers_does_not(monkey
     assert ex.cores == 0 and ex.workers == 2
 
 
+@pytest.mark.slow  # 8 s; the cores' member identity runs in the default suite
 def test_studies_in_threads_share_the_cores_each_on_its_own_model(tmp_path):
     """Three studies at once on the same two one-thread clients (their pools' programs run at once there): each gets
     its own model's members, and none hangs."""

@@ -58,6 +58,7 @@ def test_workers_keep_the_parents_settings_and_are_reused():
     assert pid == w.procs[0].proc.pid and pid != os.getpid()
 
 
+@pytest.mark.slow  # workers run only when asked for
 def test_a_dead_worker_is_an_error_and_the_next_study_starts_new_ones(tmp_path):
     w = W.workers(1)
     w.procs[0].submit("pid").result(timeout=60)
@@ -113,6 +114,7 @@ def test_what_cannot_be_sent_to_a_worker_is_named():
     assert "cannot be pickled" in W.unsent(lambda x: x)
 
 
+@pytest.mark.slow  # workers run only when asked for
 def test_a_model_of_main_runs_in_this_process_and_is_refused_for_workers(monkeypatch):
     V = np.diag([1.0, 0.5, -0.3])
     model = _MainMap(af.SelfAttention(af.Heads.single(V, K=V), af.Attention("softmax"), 1.0), 0.1)

@@ -101,13 +101,14 @@ def _run(args):
                          "never move)")
     lead = jax.process_index() == 0
     pool = _pool_size(cfg, cfg.basins, cfg.basins.samples, cfg.basins_chunk_size)
-    if args.resume and out is not None and lead and not (out / "manifest.json").exists():
-        info(f"basins: --resume: {out} holds no run yet; starting one", quiet=args.json)
+    fresh = args.resume and out is not None and lead and not (out / "manifest.json").exists()
     try:  # the run directory's one lock is taken now, before any compile, and released on return
         writer = None if out is None else RunDirWriter(out, resume=args.resume, initial=cfg.basins.initial, manifest={
             "config_path": str(cfg.path), **run_identity(cfg)})
     except RunDirError as e:
         raise UsageError(str(e)) from None
+    if fresh and not any((out / "chunks").glob("*.parquet")):
+        info(f"basins: --resume: {out} holds no run yet; starting one", quiet=args.json)
     with writer if writer is not None else contextlib.nullcontext():
         return _study(args, cfg, pool, writer, out, lead)
 
