@@ -10,17 +10,7 @@ import pytest
 import attnflow as af
 from attnflow._device import core_devices
 from attnflow.evolve import pool as P, workers as W
-from attnflow.io.results import RunDirWriter, read_members
-
-
-def _study(tmp_path, name, model, dtype, execution, certify=True, **kw):
-    d = tmp_path / name
-    sampler = af.basins.Sphere(4, 3, dtype)
-    with RunDirWriter(d) as w:
-        r = af.basin_fractions(model, jax.random.PRNGKey(3), 90, sampler=sampler, stop=af.Stop(1e-6, certify=certify),
-                               run_dir=w, execution=execution, **kw)
-    m = read_members(d)
-    return r, (m["name"].tolist(), m["outcome"].tolist(), m["steps"].tolist())
+from test_workers import _study  # a run-directory study of 90 samples: (result, (names, outcomes, steps))
 
 
 @pytest.mark.filterwarnings("ignore:cores=3")

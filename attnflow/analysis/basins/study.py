@@ -390,14 +390,14 @@ def _execution(execution, dyn, solver, samples, n, d, dtype, span, ci_width, sen
         raise ValueError(f"cores run a study on the CPU; this process's JAX backend is {jax.default_backend()}")
     elif cores and ex.devices is not None and ex.devices > 1:
         raise ValueError("pass devices or cores, not both: each core runs one pool on a CPU client of its own")
-    if workers > _workers.cores():
-        warnings.warn(f"workers={workers}, but this process may run on {_workers.cores()} CPU core(s): each worker is "
-                      "a new interpreter that starts JAX and compiles its own pool program (about 2 s each) and they "
-                      "share the cores; the result is the same", stacklevel=3)
-    if cores > _workers.cores():
-        warnings.warn(f"cores={cores}, but this process may run on {_workers.cores()} CPU core(s): each client "
-                      "compiles its own copy of the pool program (about a second and 150 MB each) and they share "
-                      "the cores; the result is the same", stacklevel=3)
+    cpus = _workers.cores()
+    for name, k, each in (("workers", workers, "worker is a new interpreter that starts JAX and compiles its own pool "
+                                               "program (about 2 s each)"),
+                          ("cores", cores, "client compiles its own copy of the pool program (about a second and "
+                                           "150 MB each)")):
+        if k > cpus:
+            warnings.warn(f"{name}={k}, but this process may run on {cpus} CPU core(s): each {each} and they share "
+                          "the cores; the result is the same", stacklevel=3)
     ex = Execution(backend=backend, chunk=chunk, pool=pool, group=ex.group, devices=ex.devices, process=(pi, pc),
                    workers=workers, cores=cores)
     return ex, pi, pc, distributed
